@@ -1,0 +1,61 @@
+"""Pieces shared by the execution paths: token positions, sparse address decoding, varlen split."""
+
+from __future__ import annotations
+
+import torch
+
+from ..address import beam_topk, cape_shift
+from ..pdma import proxy_decay
+from .spec import RAMSpec
+from .state import RAMState
+
+
+def token_positions(batch: int, seq_len: int, offset: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """Sequence id ``[B, T]`` and absolute position ``[B, T]`` of every token.
+
+    Without ``cu_seqlens`` sequence b is batch row b; with it (B = 1) tokens are packed and each
+    sequence counts positions from its own start, continuing from ``offset``.
+    """
+    t = torch.arange(seq_len, device=offset.device)
+    if cu_seqlens is None:
+        seq = torch.arange(batch, device=offset.device)[:, None].expand(batch, seq_len)
+        return seq, offset[:, None] + t
+    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=offset.device), cu_seqlens.diff())[None]
+    return seq, t - cu_seqlens[seq] + offset[seq]
+
+
+def decode_tokens(q: torch.Tensor, k: torch.Tensor, spec: RAMSpec, positions: torch.Tensor):
+    """Write/read slots and weights of every token, CAPE applied, plus the write decay.
+
+    Returns ``write_idx, write_w, decay, read_idx, read_w``, each ``[B, T, H, K]``.
+    """
+    write_idx, write_w = beam_topk(k, spec.num_partitions, spec.topk, spec.tau)
+    read_idx, read_w = beam_topk(q, spec.num_partitions, spec.topk, spec.tau)
+    write_idx = cape_shift(write_idx, positions, spec.cape, spec.memory_slots)
+    read_idx = cape_shift(read_idx, positions, spec.cape, spec.memory_slots)
+    decay = proxy_decay(write_w, spec.gamma[:, None].to(write_w.dtype), spec.proxy_eps)
+    return write_idx, write_w, decay, read_idx, read_w
+
+
+def run_per_sequence(core, q, k, v, spec: RAMSpec, state: RAMState, cu_seqlens: torch.Tensor | None):
+    """Run ``core(q, k, v, spec, state) -> (o, state)`` on each packed sequence of ``cu_seqlens``
+    in turn (the stepping paths handle varlen input this way)."""
+    if cu_seqlens is None:
+        return core(q, k, v, spec, state)
+    bounds = cu_seqlens.tolist()
+    outputs, finals = [], []
+    for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        o, final = core(q[:, start:end], k[:, start:end], v[:, start:end], spec, state.select(n))
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, dim=1), RAMState(*(torch.cat(parts) for parts in zip(*finals)))
+
+
+def num_sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    return q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+
+
+def empty_state(q: torch.Tensor, v: torch.Tensor, spec: RAMSpec, cu_seqlens) -> RAMState:
+    return RAMState.empty(
+        num_sequences(q, cu_seqlens), q.shape[2], spec.memory_slots, v.shape[-1], dtype=q.dtype, device=q.device
+    )

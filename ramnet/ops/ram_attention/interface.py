@@ -1,0 +1,151 @@
+"""``ram_attention``: validation in one place, then one of the execution paths."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+
+from ..checks import (
+    check_finite,
+    check_float_tensor,
+    check_positive,
+    check_same,
+    check_topk,
+    memory_geometry,
+    per_head,
+)
+from .naive import naive_forward
+from .parallel import parallel_forward
+from .recurrent import recurrent_forward
+from .spec import RAMSpec
+from .state import RAMState
+
+PATHS = {"naive": naive_forward, "recurrent": recurrent_forward, "parallel": parallel_forward}
+DEFAULT_PROXY_EPS = 1e-2
+
+
+def ram_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    num_partitions: int,
+    topk: int,
+    gamma=1.0,
+    tau: float = 1.0,
+    eps: float = 1e-6,
+    proxy_eps: float = DEFAULT_PROXY_EPS,
+    cape=False,
+    initial_state=None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    mode: str | None = None,
+):
+    """RAM attention (RAM-Net, spec sections 2-4).
+
+    Args:
+        q, k: ``[B, T, H, d_k]``; ``d_k`` splits into ``num_partitions`` (U) parts of ``d_p``, giving
+            ``M = d_p ** U`` memory slots.
+        v: ``[B, T, H, d_v]``.
+        topk: slots read and written per token (K).
+        gamma: PDMA decay power, a float or a ``[H]`` tensor, >= 0 (not trained).
+        tau: product-softmax temperature. eps: added to the normaliser z before dividing.
+        proxy_eps: smoothing of the decay's proxy gradient, in (0, 1].
+        cape: CAPE on or off, a bool or a bool ``[H]`` tensor.
+        initial_state: a ``RAMState`` (or ``(S, z, offset)``) with one entry per sequence.
+        output_final_state: return the state after the last token.
+        cu_seqlens: int ``[N+1]`` offsets of N packed sequences (needs B = 1).
+        mode: ``"naive"``, ``"recurrent"``, ``"parallel"`` or None (best for the input).
+
+    Returns:
+        ``(o, final_state)``: ``o [B, T, H, d_v]`` in v's dtype (fp32 accumulation, fp64 for fp64
+        input) and a ``RAMState`` or None. Continuing from ``final_state`` gives exactly what one
+        call on the whole sequence gives.
+    """
+    q, k, v = (check_float_tensor(name, x, ndim=4) for name, x in (("q", q), ("k", k), ("v", v)))
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)} = [B, T, H, d_k], got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, d_v] with B, T, H = {tuple(q.shape[:3])} as in q, got {tuple(v.shape)}")
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    batch, seq_len, heads, d_k = q.shape
+    if seq_len < 1 or heads < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q and v need at least one token, head and value channel, got {tuple(q.shape)}, {tuple(v.shape)}")
+    d_p, memory_slots = memory_geometry(d_k, num_partitions)
+    topk = check_topk(topk, memory_slots)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    gamma_h = per_head("gamma", gamma, heads, compute, q.device)
+    if not bool(torch.isfinite(gamma_h).all()) or bool((gamma_h < 0).any()):
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+    cape_h = per_head("cape", cape, heads, torch.bool, q.device)
+    if isinstance(cape, torch.Tensor) and cape.dtype != torch.bool:
+        raise ValueError(f"cape must be a bool or a bool tensor of shape [H], got dtype {cape.dtype}")
+    spec = RAMSpec(
+        num_partitions=int(num_partitions),
+        partition_dim=d_p,
+        memory_slots=memory_slots,
+        topk=topk,
+        tau=check_positive("tau", tau),
+        eps=check_positive("eps", eps, allow_zero=True),
+        proxy_eps=check_positive("proxy_eps", proxy_eps, upper=1.0),
+        gamma=gamma_h,
+        cape=cape_h,
+    )
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, q)
+    num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
+    state = None if initial_state is None else _check_state(initial_state, num_seqs, heads, memory_slots, v, compute)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    if mode is None:
+        mode = "recurrent" if seq_len == 1 else "parallel"
+    if mode not in PATHS:
+        raise ValueError(f"mode must be one of {sorted(PATHS)} or None, got {mode!r}")
+
+    o, final = PATHS[mode](
+        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state), cu_seqlens
+    )
+    return o.to(v.dtype), final
+
+
+def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be an int32 or int64 tensor [N+1] of sequence offsets")
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; they must match")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at T={q.shape[1]} to cover every token, got {bounds}"
+        )
+
+
+def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute) -> RAMState:
+    if not isinstance(state, tuple) or len(state) != 3:
+        raise ValueError("initial_state must be a RAMState or a tuple (S, z, offset)")
+    S, z, offset = state
+    d_v = v.shape[-1]
+    check_float_tensor("initial_state.S", S)
+    check_float_tensor("initial_state.z", z)
+    if S.shape != (num_seqs, heads, memory_slots, d_v):
+        raise ValueError(
+            f"initial_state.S must be [N, H, M, d_v] = {[num_seqs, heads, memory_slots, d_v]}, got {list(S.shape)}"
+        )
+    if z.shape != (num_seqs, heads, memory_slots):
+        raise ValueError(f"initial_state.z must be [N, H, M] = {[num_seqs, heads, memory_slots]}, got {list(z.shape)}")
+    if not isinstance(offset, torch.Tensor) or offset.dtype != torch.long or offset.shape != (num_seqs,):
+        raise ValueError(f"initial_state.offset must be an int64 tensor of shape [N] = [{num_seqs}]")
+    for name, x in (("initial_state.S", S), ("initial_state.z", z), ("initial_state.offset", offset)):
+        if x.device != v.device:
+            raise ValueError(f"{name} is on {x.device} but v is on {v.device}; they must match")
+    check_finite("initial_state.S", S)
+    check_finite("initial_state.z", z)
+    if bool((offset < 0).any()):
+        raise ValueError("initial_state.offset must be >= 0")
+    return RAMState(S.to(compute), z.to(compute), offset)

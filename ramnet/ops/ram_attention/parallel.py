@@ -1,0 +1,131 @@
+"""The training path: segment-based PDMA (spec section 7), no Python loop over time.
+
+Per (batch row, head), every token makes K write events and K read events. Sorting the events by
+(sequence, slot) with a stable sort keeps them in time order inside each slot, writes before reads
+of the same step (the read at step t sees the write of step t). Each slot's writes then form one
+contiguous segment in which PDMA is a scalar-decay linear recurrence
+``h <- a * h + w * [v, 1]`` (S and z together), run for all segments of all rows at once by one
+segmented scan; a read gathers the state after the last write to its slot at or before its step.
+Memory is O(T * K * d_v): no M-sized vector per token and no M x d_v state, except the final
+state when it is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..pdma import linear_scan
+from .common import decode_tokens, num_sequences, token_positions
+from .spec import RAMSpec
+from .state import RAMState
+
+
+def _by_row(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, ...] -> [B*H, T, ...]``: one row per (batch row, head)."""
+    batch, seq_len, heads = x.shape[:3]
+    return x.transpose(1, 2).reshape(batch * heads, seq_len, *x.shape[3:])
+
+
+def _sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None):
+    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots, the
+    permutation and a flag marking where a new (sequence, slot) segment starts."""
+    sorted_slots, perm = torch.sort(slots, dim=-1, stable=True)
+    boundary = sorted_slots[:, 1:] != sorted_slots[:, :-1]
+    if event_seq is not None:  # a second stable sort makes the sequence the major key
+        sorted_seq, perm_seq = torch.sort(event_seq.gather(1, perm), dim=-1, stable=True)
+        perm = perm.gather(1, perm_seq)
+        sorted_slots = sorted_slots.gather(1, perm_seq)
+        boundary = (sorted_slots[:, 1:] != sorted_slots[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
+    first = torch.ones_like(boundary[:, :1])
+    return sorted_slots, perm, torch.cat([first, boundary], dim=1)
+
+
+def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
+    batch, seq_len, heads, _ = q.shape
+    d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
+    width = d_v + 1  # S and z scanned together
+    rows, events = batch * heads, seq_len * topk
+    device, dtype = q.device, q.dtype
+    num_seqs = num_sequences(q, cu_seqlens)
+    offset = initial_state.offset if initial_state is not None else torch.zeros(num_seqs, dtype=torch.long, device=device)
+
+    seq, positions = token_positions(batch, seq_len, offset, cu_seqlens)
+    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions)
+
+    # Events of row r laid out [T, 2K] (K writes then K reads per step), sorted by (sequence, slot).
+    slots = torch.cat([_by_row(write_idx), _by_row(read_idx)], dim=-1).reshape(rows, 2 * events)
+    event_seq = None
+    if cu_seqlens is not None:
+        event_seq = seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
+    sorted_slots, perm, new_segment = _sort_events(slots, event_seq)
+    segment = new_segment.cumsum(1)
+    step, lane = perm // (2 * topk), perm % (2 * topk)
+    is_write = lane < topk
+
+    # Writes in segment order; `w_src` indexes the flat [T*K] write arrays of the row.
+    w_src = (step * topk + lane)[is_write].view(rows, events)
+    w_segment = segment[is_write].view(rows, events)
+    w_slot = sorted_slots[is_write].view(rows, events)
+    w_step = w_src // topk
+    seg_first = torch.ones_like(w_segment[:, :1], dtype=torch.bool)
+    w_start = torch.cat([seg_first, w_segment[:, 1:] != w_segment[:, :-1]], dim=1)
+
+    # Index of each event's (sequence, head, slot) row in the flat [N*H*M, D] state.
+    row_head = (torch.arange(rows, device=device) % heads)[:, None]
+    row_seq = (torch.arange(rows, device=device) // heads)[:, None]
+
+    def state_row(event_step, event_slot):
+        n = row_seq if cu_seqlens is None else seq[0][event_step]
+        return (n * heads + row_head) * memory_slots + event_slot
+
+    if initial_state is not None:
+        init_flat = torch.cat([initial_state.S, initial_state.z[..., None]], dim=-1).reshape(-1, width)
+
+    w_sorted = _by_row(write_w).reshape(rows, events).gather(1, w_src)
+    a_sorted = _by_row(decay).reshape(rows, events).gather(1, w_src)
+    v_ext = torch.cat([_by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1)
+    b = w_sorted[..., None] * v_ext.gather(1, w_step[..., None].expand(rows, events, width))
+    # A segment starts from its slot's initial content h0: add a * h0 to b and cut the chain there.
+    start_decay = a_sorted * w_start
+    if initial_state is None:  # h0 = [0, ..., 0, 1/M]
+        b[..., d_v] += start_decay / memory_slots
+    else:
+        b = b + start_decay[..., None] * init_flat[state_row(w_step, w_slot)]
+    a_scan = a_sorted.masked_fill(w_start, 0.0)
+    h = linear_scan(a_scan.reshape(-1), b.reshape(-1, width)).view(rows, events, width)
+
+    # Each read takes the state after the last write at or before it in its segment, if any.
+    last_write = (is_write.cumsum(1) - 1)[~is_write].view(rows, events)
+    r_segment = segment[~is_write].view(rows, events)
+    r_dst = (step * topk + lane - topk)[~is_write].view(rows, events)
+    src = last_write.clamp(min=0)
+    hit = (last_write >= 0) & (w_segment.gather(1, src) == r_segment)
+    # Move the read bookkeeping (integers only) back to token order before gathering states.
+    src = torch.empty_like(src).scatter_(1, r_dst, src)
+    hit = torch.empty_like(hit).scatter_(1, r_dst, hit)
+    read_rows = h.gather(1, src[..., None].expand(rows, events, width))
+    if initial_state is not None:  # a read before any write sees the slot's initial content
+        r_slot = _by_row(read_idx).reshape(rows, events)
+        miss_rows = init_flat[state_row(torch.arange(events, device=device) // topk, r_slot)]
+        read_rows = torch.where(hit[..., None], read_rows, miss_rows)
+    else:  # ... which is S = 0: such a read adds nothing
+        read_rows = read_rows * hit[..., None]
+    # o = sum_k r_k S_k / (z_k + eps): a per-read scalar coefficient, then a K-term weighted sum.
+    coef = _by_row(read_w).reshape(rows, events) / (read_rows[..., d_v] + spec.eps)
+    o = torch.einsum("ntk,ntkd->ntd", coef.view(-1, seq_len, topk), read_rows[..., :d_v].view(-1, seq_len, topk, d_v))
+    o = o.view(batch, heads, seq_len, d_v).transpose(1, 2)
+
+    if not output_final_state:
+        return o, None
+    # The last write of each segment holds that slot's final content.
+    seg_last = torch.ones_like(w_start[:, :1])
+    w_end = torch.cat([w_start[:, 1:], seg_last], dim=1)
+    if initial_state is None:
+        empty_row = torch.cat([q.new_zeros(d_v), q.new_full((1,), 1.0 / memory_slots)])
+        base = empty_row.repeat(num_seqs * heads * memory_slots, 1)
+    else:
+        base = init_flat
+    final = base.index_put((state_row(w_step, w_slot)[w_end],), h[w_end])
+    final = final.view(num_seqs, heads, memory_slots, width)
+    lengths = torch.full_like(offset, seq_len) if cu_seqlens is None else cu_seqlens.diff()
+    return o, RAMState(final[..., :d_v].contiguous(), final[..., d_v].contiguous(), offset + lengths)
