@@ -1,0 +1,121 @@
+"""MQAR (multi-query associative recall) data, following Zoology's ``multiquery_ar``.
+
+Reference: Arora, Eyuboglu et al., "Zoology: Measuring and improving recall in
+efficient language models" (HazyResearch/zoology,
+``zoology/data/associative_recall.py``). The distribution of the data is the
+same as Zoology's; the random streams are not (we use a local torch.Generator,
+Zoology seeds numpy's global RNG), so the same seed gives different tokens.
+"""
+
+import math
+import numbers
+
+import torch
+
+IGNORE = -100  # label ignored by cross-entropy (its default ignore_index)
+
+
+def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
+             random_non_queries=True, seed=0):
+    """Generate ``num_examples`` MQAR sequences; returns ``(inputs, labels)``.
+
+    Both are LongTensors of shape ``[num_examples, seq_len]``. With ``N`` pairs,
+    ``L = seq_len``, ``V = vocab_size`` and ``S = (L - 2N) / 2``:
+
+    * keys are drawn from ``[1, V // 2)`` and values from ``[V // 2, V)``, each
+      without replacement within an example (N distinct keys, N distinct
+      values); token 0 is filler;
+    * ``inputs[:, :2N]`` is ``k0 v0 k1 v1 ...``;
+    * N distinct gaps are drawn from ``{0, .., S-1}`` by successive weighted
+      sampling without replacement, weight ``a * (g + 1) ** (a - 1)`` with
+      ``a = power_a`` (``a < 1``: short gaps most likely, ``a = 1``: uniform);
+      the i-th draw is the gap of pair i, exactly like Zoology's
+      ``np.random.choice(..., replace=False, p=p)``. Every key is queried once;
+    * input/label alignment (Zoology's): Zoology builds a length ``L+1``
+      sequence ``seq`` with key i at ``2N + 2*gap_i`` and label row ``lab``
+      with value i at ``2N + 2*gap_i + 1`` (the slot right after the query),
+      then returns ``inputs = seq[:-1]``, ``labels = lab[1:]``. Hence here
+      ``inputs[b, t] == k_i`` and ``labels[b, t] == v_i`` at the same index
+      ``t = 2N + 2*gap_i``: ``labels[t]`` is the next-token target after
+      reading ``inputs[t]``. The value is *not* written into the inputs after
+      the query (that slot is filler). All other labels are -100;
+    * if ``random_non_queries``, every filler 0 of the inputs is replaced by a
+      uniform token from ``[0, V)`` (so filler may be 0 or may repeat a key),
+      as Zoology does. Otherwise filler stays 0.
+
+    Deterministic for a given ``seed`` (uses a local ``torch.Generator``).
+    """
+    _check_int("num_examples", num_examples, 1)
+    _check_int("num_kv_pairs", num_kv_pairs, 1)
+    _check_int("seq_len", seq_len, 1)
+    _check_int("vocab_size", vocab_size, 1)
+    _check_int("seed", seed, None)
+    n, N, L, V = num_examples, num_kv_pairs, seq_len, vocab_size
+    if L % 2:
+        raise ValueError(f"seq_len must be even (as in Zoology), got {L}")
+    if 4 * N > L:
+        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * N} to hold "
+                         f"{N} pairs and {N} query slots, got {L}")
+    if V // 2 - 1 < N:
+        raise ValueError(f"vocab_size must be >= 2 * num_kv_pairs + 2 = {2 * N + 2} "
+                         f"so that keys [1, V/2) hold {N} distinct keys, got {V}")
+    if (isinstance(power_a, bool) or not isinstance(power_a, numbers.Real)
+            or not math.isfinite(power_a) or power_a <= 0):
+        raise ValueError(f"power_a must be a finite number > 0, got {power_a!r}")
+
+    g = torch.Generator().manual_seed(seed)
+    half = V // 2
+    keys = 1 + _distinct(n, N, half - 1, g)       # [n, N] in [1, V/2)
+    values = half + _distinct(n, N, V - half, g)  # [n, N] in [V/2, V)
+
+    # Successive weighted sampling without replacement == sort exponential
+    # clocks E_g / p_g ascending (Efraimidis-Spirakis); the first N in order
+    # are the draws. float64 so ties (which would bias the order) don't occur.
+    S = (L - 2 * N) // 2
+    gap = torch.arange(1, S + 1, dtype=torch.float64)
+    p = power_a * gap ** (power_a - 1)
+    clocks = torch.empty(n, S, dtype=torch.float64).exponential_(generator=g) / p
+    gaps = clocks.topk(N, dim=1, largest=False, sorted=True).indices  # [n, N]
+    query_pos = 2 * N + 2 * gaps
+
+    inputs = torch.zeros(n, L, dtype=torch.long)
+    inputs[:, 0:2 * N:2] = keys
+    inputs[:, 1:2 * N:2] = values
+    inputs.scatter_(1, query_pos, keys)
+    labels = torch.full((n, L), IGNORE, dtype=torch.long)
+    labels.scatter_(1, query_pos, values)
+
+    if random_non_queries:
+        noise = torch.randint(V, (n, L), generator=g)
+        inputs = torch.where(inputs == 0, noise, inputs)
+    return inputs, labels
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _distinct(n, k, m, g):
+    """[n, k] LongTensor: per row, k distinct values uniform from [0, m), in random order."""
+    if 4 * k >= m:
+        # Dense: a random permutation per row costs O(m) = O(k) per row.
+        return torch.rand(n, m, generator=g).argsort(dim=1)[:, :k]
+    # Sparse: draw with replacement, redraw entries that repeat an earlier
+    # entry of their row until none do. The rule only compares values, so it
+    # commutes with relabelling [0, m); hence every ordered k-tuple of distinct
+    # values is equally likely. Expected repeats per row <= k^2 / 2m < k / 8.
+    out = torch.randint(m, (n, k), generator=g)
+    rows = torch.arange(n)
+    while rows.numel():
+        sub = out[rows]
+        srt, order = sub.sort(dim=1, stable=True)
+        dup_sorted = torch.zeros_like(sub, dtype=torch.bool)
+        dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+        dup = torch.zeros_like(dup_sorted).scatter_(1, order, dup_sorted)
+        r, c = dup.nonzero(as_tuple=True)
+        out[rows[r], c] = torch.randint(m, (r.numel(),), generator=g)
+        rows = rows[dup.any(dim=1)]
+    return out
