@@ -104,16 +104,16 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     src = torch.empty_like(src).scatter_(1, r_dst, src)
     hit = torch.empty_like(hit).scatter_(1, r_dst, hit)
     read_rows = h.gather(1, src[..., None].expand(rows, events, width))
+    read_w_rows = _by_row(read_w).reshape(rows, events)
     if initial_state is not None:  # a read before any write sees the slot's initial content
         r_slot = _by_row(read_idx).reshape(rows, events)
         miss_rows = init_flat[state_row(torch.arange(events, device=device) // topk, r_slot)]
         read_rows = torch.where(hit[..., None], read_rows, miss_rows)
     else:  # ... which is S = 0: such a read adds nothing
-        read_rows = read_rows * hit[..., None]
+        read_w_rows = read_w_rows * hit
     # o = sum_k r_k S_k / (z_k + eps): a per-read scalar coefficient, then a K-term weighted sum.
-    coef = _by_row(read_w).reshape(rows, events) / (read_rows[..., d_v] + spec.eps)
-    o = torch.einsum("ntk,ntkd->ntd", coef.view(-1, seq_len, topk), read_rows[..., :d_v].view(-1, seq_len, topk, d_v))
-    o = o.view(batch, heads, seq_len, d_v).transpose(1, 2)
+    coef = read_w_rows / (read_rows[..., d_v] + spec.eps)
+    o = (coef[..., None] * read_rows[..., :d_v]).view(batch, heads, seq_len, topk, d_v).sum(3).transpose(1, 2)
 
     if not output_final_state:
         return o, None
