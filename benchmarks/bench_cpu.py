@@ -1,0 +1,116 @@
+"""CPU benchmark: RAM attention (parallel path) forward+backward against causal SDPA.
+
+RAM-Net in the paper's head shape (H=16, d_v=64, U=5, d_p=4, K=8) and SDPA with head dim 64, same
+B and T, measured side by side in one process. Reports median times, the ratio and the peak
+resident memory each adds while it runs (Linux VmHWM, reset before each case).
+
+    python benchmarks/bench_cpu.py                   # T in 1024, 4096, 16384
+    python benchmarks/bench_cpu.py --seq-lens 1024 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ramnet.ops import ram_attention
+
+HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
+
+
+def _peak_rss_reset() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def ram_step(seq_len: int):
+    q = torch.randn(1, seq_len, HEADS, U * D_P, requires_grad=True)
+    k = torch.randn(1, seq_len, HEADS, U * D_P, requires_grad=True)
+    v = torch.randn(1, seq_len, HEADS, D_V, requires_grad=True)
+
+    def run():
+        o, _ = ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode="parallel")
+        o.sum().backward()
+
+    return run
+
+
+def sdpa_step(seq_len: int):
+    q, k, v = (torch.randn(1, HEADS, seq_len, D_V, requires_grad=True) for _ in range(3))
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return run
+
+
+def measure(make_step, seq_len: int, repeats: int) -> dict:
+    run = make_step(seq_len)
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    peak = None
+    if _peak_rss_reset():
+        before = _rss("VmRSS")
+        run()
+        peak = _rss("VmHWM") - before
+    return {"median_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu.json")
+    args = parser.parse_args()
+
+    rows = []
+    cases = [(t, name, step) for t in args.seq_lens for name, step in (("ram_parallel", ram_step), ("sdpa", sdpa_step))]
+    for seq_len, name, step in tqdm(cases, desc="bench_cpu"):
+        rows.append({"impl": name, "T": seq_len, **measure(step, seq_len, args.repeats)})
+
+    meta = {
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "shape": dict(B=1, H=HEADS, d_v=D_V, U=U, d_p=D_P, K=TOPK, sdpa_head_dim=D_V),
+        "pass": "forward+backward",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+    print(f"\n{meta['machine']}, {meta['cpu_threads']} threads, torch {meta['torch']}; fwd+bwd medians")
+    print("| T | RAM-Net parallel (s) | SDPA causal (s) | ratio RAM/SDPA | RAM peak extra (MiB) | SDPA peak extra (MiB) |")
+    print("|---|---|---|---|---|---|")
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
+    for seq_len in args.seq_lens:
+        ram, sdpa = (next(r for r in rows if r["T"] == seq_len and r["impl"] == n) for n in ("ram_parallel", "sdpa"))
+        print(f"| {seq_len} | {ram['median_s']:.3f} | {sdpa['median_s']:.3f} | {ram['median_s'] / sdpa['median_s']:.2f} "
+              f"| {mib(ram['peak_extra_bytes'])} | {mib(sdpa['peak_extra_bytes'])} |")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

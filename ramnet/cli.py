@@ -1,0 +1,45 @@
+"""The ``ramnet`` command line. Each task adds its own subcommand here."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from . import __version__
+from .ops.ram_attention import PATHS
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import transformers
+
+    print(f"ramnet {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+        print(f"device {device}: {name}")
+    print(f"ram_attention paths: {', '.join(PATHS)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ramnet", description="RAM-Net: Random Access Memory Network")
+    parser.add_argument("--version", action="version", version=f"ramnet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print the version, devices and available execution paths")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
