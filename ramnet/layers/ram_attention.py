@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import ram_attention
-from ..ops.checks import memory_geometry
+from ..ops.checks import check_topk, memory_geometry
 
 
 class RAMAttention(nn.Module):
@@ -39,6 +39,7 @@ class RAMAttention(nn.Module):
         super().__init__()
         head_k_dim = num_partitions * partition_dim
         _, self.memory_slots = memory_geometry(head_k_dim, num_partitions)
+        check_topk(topk, self.memory_slots)
         if isinstance(cape, bool):
             cape = [cape] * num_heads
         if len(cape) != num_heads:
@@ -55,7 +56,8 @@ class RAMAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_v_dim, hidden_size, bias=False)
         self.q_log_scale = nn.Parameter(torch.zeros(num_heads))
         self.k_log_scale = nn.Parameter(torch.zeros(num_heads))
-        self.register_buffer("cape", torch.tensor([bool(c) for c in cape]), persistent=False)
+        # A plain tuple, not a buffer: it is configuration, and checkpoints need not carry it.
+        self.cape_heads = tuple(bool(c) for c in cape)
 
     def forward(
         self,
@@ -88,7 +90,7 @@ class RAMAttention(nn.Module):
         o, new_state = ram_attention(
             q, k, v,
             num_partitions=self.num_partitions, topk=self.topk, gamma=self.gamma, tau=self.tau,
-            eps=self.eps, proxy_eps=self.proxy_eps, cape=self.cape, initial_state=state,
+            eps=self.eps, proxy_eps=self.proxy_eps, cape=self.cape_heads, initial_state=state,
             output_final_state=use_cache, cu_seqlens=cu_seqlens, mode=self.mode,
         )
         if keep is not None:  # padded positions output zeros

@@ -1,0 +1,207 @@
+"""RAM-Net language model in the Hugging Face layout (`RAMNetModel`, `RAMNetForCausalLM`)."""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
+
+from ...layers import RAMAttention
+from ..cache import RAMNetCache
+from .configuration_ramnet import RAMNetConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+class RAMNetMLP(nn.Module):
+    """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: RAMNetConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RAMNetDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + RAMAttention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, config: RAMNetConfig, layer_idx: int):
+        super().__init__()
+        num_cape = config.cape_heads[layer_idx]
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = RAMAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            head_v_dim=config.head_v_dim,
+            num_partitions=config.num_partitions,
+            partition_dim=config.partition_dim,
+            topk=config.topk,
+            gamma=config.gamma,
+            tau=config.tau,
+            eps=config.eps,
+            proxy_eps=config.proxy_eps,
+            cape=[head < num_cape for head in range(config.num_heads)],
+            mode=config.attn_mode,
+            layer_idx=layer_idx,
+        )
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = RAMNetMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RAMNetCache | None = None,
+        use_cache: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_out, _, _ = self.attn(
+            self.attn_norm(hidden_states),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class RAMNetPreTrainedModel(PreTrainedModel):
+    config: RAMNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RAMNetDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # The state cannot be rolled back, so assisted/speculative decoding is refused up front.
+    _is_stateful = True
+    _can_record_outputs = {"hidden_states": RAMNetDecoderLayer}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Linear/Embedding: normal(0, initializer_range), biases zero; RMSNorm weights one.
+        super()._init_weights(module)
+        if isinstance(module, RAMAttention):
+            # e^0 = 1: the learnable per-head q/k temperatures start neutral.
+            init.zeros_(module.q_log_scale)
+            init.zeros_(module.k_log_scale)
+
+
+class RAMNetModel(RAMNetPreTrainedModel):
+    def __init__(self, config: RAMNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(RAMNetDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RAMNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`attention_mask` is `[batch, past + new tokens]`, 1 for real tokens and 0 for padding (left
+        padding or anywhere); padded tokens are skipped by the memory. `past_key_values` is a
+        `RAMNetCache` holding the state after the earlier tokens."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if past_key_values is not None and not isinstance(past_key_values, RAMNetCache):
+            raise TypeError(
+                f"RAM-Net keeps a recurrent state, not keys and values: pass a RAMNetCache, got "
+                f"{type(past_key_values).__name__}"
+            )
+
+        # Training forwards do not build the final state unless asked: it is M * d_v per head and sequence.
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and self.gradient_checkpointing and self.training:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = RAMNetCache()
+
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if attention_mask is not None and bool(attention_mask[:, -hidden_states.shape[1] :].all()):
+            attention_mask = None  # no padding among the new tokens: spare every layer the check
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RAMNetConfig):
+        super().__init__(config)
+        self.model = RAMNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # `generate` would otherwise pre-build a key/value DynamicCache; returning False leaves the
+        # cache to the first forward, which creates a RAMNetCache (as with use_cache outside generate).
+        return False
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: RAMNetCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` are the input ids themselves (shifted inside the loss), -100 where ignored.
+        `logits_to_keep` computes logits only for the last positions (an int) or the given ones."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["RAMNetForCausalLM", "RAMNetModel", "RAMNetPreTrainedModel"]

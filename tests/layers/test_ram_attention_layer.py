@@ -1,0 +1,73 @@
+"""The RAMAttention token mixer."""
+
+import pytest
+import torch
+
+from ramnet.layers import RAMAttention
+from ramnet.models import RAMNetCache
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    args = dict(hidden_size=24, num_heads=2, head_v_dim=6, num_partitions=2, partition_dim=4, topk=3,
+                cape=[True, False])
+    args.update(kw)
+    return RAMAttention(**args).double()
+
+
+def test_forward_backward_shapes_and_gradients():
+    layer = _layer()
+    x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
+    o, attn, cache = layer(x)
+    assert o.shape == x.shape and attn is None and cache is None
+    o.square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_log_scales_scale_q_and_k_per_head():
+    # e^alpha multiplies the head's q (and k) logits: a doubled alpha-scale equals doubled weights.
+    layer, scaled = _layer(), _layer()
+    with torch.no_grad():
+        scaled.q_log_scale[1] = torch.log(torch.tensor(2.0))
+        layer.q_proj.weight[8:] *= 2.0  # head 1's rows (d_k = 8)
+    x = torch.randn(1, 7, 24, dtype=torch.float64)
+    torch.testing.assert_close(scaled(x)[0], layer(x)[0])
+
+
+def test_padding_is_skipped():
+    layer = _layer()
+    x = torch.randn(2, 8, 24, dtype=torch.float64)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    mask[0, 5] = 0  # a hole in the middle
+    o, _, _ = layer(x, attention_mask=mask)
+    alone1, _, _ = layer(x[1:, 3:])
+    alone0, _, _ = layer(x[:1, mask[0].bool()])
+    torch.testing.assert_close(o[1, 3:], alone1[0])
+    torch.testing.assert_close(o[0, mask[0].bool()], alone0[0])
+    assert torch.equal(o[1, :3], torch.zeros_like(o[1, :3]))
+
+
+def test_cache_continues_the_sequence():
+    layer = _layer(mode="parallel", layer_idx=0)
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    full, _, _ = layer(x)
+    cache = RAMNetCache()
+    first, _, cache = layer(x[:, :6], past_key_values=cache, use_cache=True)
+    steps = [layer(x[:, t : t + 1], past_key_values=cache, use_cache=True)[0] for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat([first, *steps], 1), full)
+    assert cache.get_seq_length() == 10
+    assert cache.get_state(0).offset.tolist() == [10, 10]
+
+
+def test_bad_configuration_and_input():
+    with pytest.raises(ValueError, match="cape must be a bool or one bool per head"):
+        _layer(cape=[True])
+    with pytest.raises(ValueError, match="topk"):
+        _layer(topk=17)  # M = 16
+    layer = _layer()
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        layer(torch.randn(1, 3, 25, dtype=torch.float64))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        layer(torch.randn(2, 3, 24, dtype=torch.float64), attention_mask=torch.ones(2, 2))
