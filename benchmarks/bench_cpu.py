@@ -1,11 +1,12 @@
-"""CPU benchmark: RAM attention (parallel path) forward+backward against causal SDPA.
+"""RAM attention (parallel path) forward+backward against causal SDPA, on the CPU by default.
 
 RAM-Net in the paper's head shape (H=16, d_v=64, U=5, d_p=4, K=8) and SDPA with head dim 64, same
-B and T, measured side by side in one process. Reports median times, the ratio and the peak
-resident memory each adds while it runs (Linux VmHWM, reset before each case).
+B and T, measured side by side in one process. Reports median times, the ratio and the peak memory
+each adds while it runs (CPU: Linux VmHWM, reset before each case; CUDA: the allocator's peak).
 
     python benchmarks/bench_cpu.py                   # T in 1024, 4096, 16384
     python benchmarks/bench_cpu.py --seq-lens 1024 --repeats 3
+    python benchmarks/bench_cpu.py --device cuda     # the same torch code on a GPU (fp32)
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def ram_step(seq_len: int):
-    q = torch.randn(1, seq_len, HEADS, U * D_P, requires_grad=True)
-    k = torch.randn(1, seq_len, HEADS, U * D_P, requires_grad=True)
-    v = torch.randn(1, seq_len, HEADS, D_V, requires_grad=True)
+def ram_step(seq_len: int, device: str):
+    q = torch.randn(1, seq_len, HEADS, U * D_P, device=device, requires_grad=True)
+    k = torch.randn(1, seq_len, HEADS, U * D_P, device=device, requires_grad=True)
+    v = torch.randn(1, seq_len, HEADS, D_V, device=device, requires_grad=True)
 
     def run():
         o, _ = ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode="parallel")
@@ -53,8 +54,8 @@ def ram_step(seq_len: int):
     return run
 
 
-def sdpa_step(seq_len: int):
-    q, k, v = (torch.randn(1, HEADS, seq_len, D_V, requires_grad=True) for _ in range(3))
+def sdpa_step(seq_len: int, device: str):
+    q, k, v = (torch.randn(1, HEADS, seq_len, D_V, device=device, requires_grad=True) for _ in range(3))
 
     def run():
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
@@ -62,16 +63,24 @@ def sdpa_step(seq_len: int):
     return run
 
 
-def measure(make_step, seq_len: int, repeats: int) -> dict:
-    run = make_step(seq_len)
+def measure(make_step, seq_len: int, repeats: int, device: str) -> dict:
+    run = make_step(seq_len, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - start)
     peak = None
-    if _peak_rss_reset():
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        peak = torch.cuda.max_memory_allocated() - before
+    elif _peak_rss_reset():
         before = _rss("VmRSS")
         run()
         peak = _rss("VmHWM") - before
@@ -82,16 +91,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", type=Path, help="JSON results (default: benchmarks/results/<device>_op.json)")
     args = parser.parse_args()
+    args.out = args.out or Path(__file__).parent / "results" / f"{args.device}_op.json"
 
     rows = []
     cases = [(t, name, step) for t in args.seq_lens for name, step in (("ram_parallel", ram_step), ("sdpa", sdpa_step))]
     for seq_len, name, step in tqdm(cases, desc="bench_cpu"):
-        rows.append({"impl": name, "T": seq_len, **measure(step, seq_len, args.repeats)})
+        rows.append({"impl": name, "T": seq_len, **measure(step, seq_len, args.repeats, args.device)})
 
+    machine = f"{platform.machine()} {platform.processor()}".strip()
     meta = {
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "machine": machine,
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -101,7 +114,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
-    print(f"\n{meta['machine']}, {meta['cpu_threads']} threads, torch {meta['torch']}; fwd+bwd medians")
+    print(f"\n{meta['device']} ({machine}, {meta['cpu_threads']} threads), torch {meta['torch']}; fwd+bwd medians")
     print("| T | RAM-Net parallel (s) | SDPA causal (s) | ratio RAM/SDPA | RAM peak extra (MiB) | SDPA peak extra (MiB) |")
     print("|---|---|---|---|---|---|")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
