@@ -16,13 +16,14 @@ pytestmark = [
 
 
 def _problem(dtype, device, seed=0):
+    # Drawn in fp64 and then cast, so that every dtype sees the same numbers.
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 64, 4, 12, dtype=dtype, generator=gen) * 1.5
-    k = torch.randn(2, 64, 4, 12, dtype=dtype, generator=gen) * 1.5
-    v = torch.randn(2, 64, 4, 16, dtype=dtype, generator=gen)
-    state = RAMState(torch.randn(2, 4, 64, 16, dtype=dtype, generator=gen),
-                     torch.rand(2, 4, 64, dtype=dtype, generator=gen) + 0.1, torch.tensor([0, 9]))
-    move = lambda x: x.to(device).requires_grad_(x.is_floating_point())  # noqa: E731
+    q = torch.randn(2, 64, 4, 12, dtype=torch.float64, generator=gen) * 1.5
+    k = torch.randn(2, 64, 4, 12, dtype=torch.float64, generator=gen) * 1.5
+    v = torch.randn(2, 64, 4, 16, dtype=torch.float64, generator=gen)
+    state = RAMState(torch.randn(2, 4, 64, 16, dtype=torch.float64, generator=gen),
+                     torch.rand(2, 4, 64, dtype=torch.float64, generator=gen) + 0.1, torch.tensor([0, 9]))
+    move = lambda x: (x.to(device, dtype) if x.is_floating_point() else x.to(device)).requires_grad_(x.is_floating_point())  # noqa: E731
     return [move(x) for x in (q, k, v)], RAMState(*(move(x) for x in state))
 
 
