@@ -15,9 +15,10 @@ import torch
 CHUNK = 32  # measured on CPU: 16-256 perform alike, the scan being memory bound
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """``a [N]``, ``b [N, D]`` -> ``h [N, D]`` with ``h_{-1} = 0`` (``h_N = 0`` and the recurrence run
-    from the end when ``reverse``). No autograd."""
+def linear_scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """``a [N]``, ``b [N, D]`` -> ``h [N, D]`` with ``h_{-1} = 0`` (with ``reverse``:
+    ``h_j = a_j * h_{j+1} + b_j``, ``h_N = 0``). Autograd through it works but is slow; the fused
+    segment op writes its own backward with the reverse scan."""
     n, d = b.shape
     num_chunks = -(-n // CHUNK)
     pad = num_chunks * CHUNK - n
@@ -37,33 +38,8 @@ def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tens
     if num_chunks > 1:
         # True state at the exit of each chunk, then carried into the following one.
         exit_ = 0 if reverse else -1
-        ends = _scan(decay_c[:, exit_].contiguous(), h_c[:, exit_].contiguous(), reverse)
+        ends = linear_scan(decay_c[:, exit_].contiguous(), h_c[:, exit_].contiguous(), reverse)
         none = ends.new_zeros(1, d)
         carry = torch.cat([ends[1:], none]) if reverse else torch.cat([none, ends[:-1]])
         h_c.addcmul_(decay_c[:, :, None], carry[:, None])
     return h_c.view(num_chunks * CHUNK, d)[:n]
-
-
-class _LinearScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        h = _scan(a, b)
-        ctx.save_for_backward(a, h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
-        a, h = ctx.saved_tensors
-        # dL/dh_j accumulates a_{j+1} * dL/dh_{j+1}: the same recurrence run backwards in time.
-        a_next = torch.cat([a[1:], a.new_zeros(1)])
-        grad_b = _scan(a_next, grad_h.contiguous(), reverse=True)
-        h_prev = torch.cat([h.new_zeros(1, h.shape[1]), h[:-1]])
-        grad_a = (grad_b * h_prev).sum(-1)
-        return grad_a, grad_b
-
-
-def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``h_j = a_j * h_{j-1} + b_j`` with ``h_{-1} = 0``; ``a [N]``, ``b [N, D]``, differentiable."""
-    if a.shape[0] == 0:
-        return b.clone()
-    return _LinearScan.apply(a.contiguous(), b.contiguous())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..pdma import linear_scan
+from ..pdma import segment_pdma
 from .common import decode_tokens, num_sequences, token_positions
 from .spec import RAMSpec
 from .state import RAMState
@@ -45,7 +45,7 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
     width = d_v + 1  # S and z scanned together
     rows, events = batch * heads, seq_len * topk
-    device, dtype = q.device, q.dtype
+    device = q.device
     num_seqs = num_sequences(q, cu_seqlens)
     offset = initial_state.offset if initial_state is not None else torch.zeros(num_seqs, dtype=torch.long, device=device)
 
@@ -78,21 +78,9 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
         n = row_seq if cu_seqlens is None else seq[0][event_step]
         return (n * heads + row_head) * memory_slots + event_slot
 
+    init_flat = None
     if initial_state is not None:
         init_flat = torch.cat([initial_state.S, initial_state.z[..., None]], dim=-1).reshape(-1, width)
-
-    w_sorted = _by_row(write_w).reshape(rows, events).gather(1, w_src)
-    a_sorted = _by_row(decay).reshape(rows, events).gather(1, w_src)
-    v_ext = torch.cat([_by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1)
-    b = w_sorted[..., None] * v_ext.gather(1, w_step[..., None].expand(rows, events, width))
-    # A segment starts from its slot's initial content h0: add a * h0 to b and cut the chain there.
-    start_decay = a_sorted * w_start
-    if initial_state is None:  # h0 = [0, ..., 0, 1/M]
-        b[..., d_v] += start_decay / memory_slots
-    else:
-        b = b + start_decay[..., None] * init_flat[state_row(w_step, w_slot)]
-    a_scan = a_sorted.masked_fill(w_start, 0.0)
-    h = linear_scan(a_scan.reshape(-1), b.reshape(-1, width)).view(rows, events, width)
 
     # Each read takes the state after the last write at or before it in its segment, if any.
     last_write = (is_write.cumsum(1) - 1)[~is_write].view(rows, events)
@@ -100,20 +88,34 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     r_dst = (step * topk + lane - topk)[~is_write].view(rows, events)
     src = last_write.clamp(min=0)
     hit = (last_write >= 0) & (w_segment.gather(1, src) == r_segment)
-    # Move the read bookkeeping (integers only) back to token order before gathering states.
-    src = torch.empty_like(src).scatter_(1, r_dst, src)
+    # Back to token order, and to indices into all rows' writes flattened.
+    row_base = torch.arange(rows, device=device)[:, None] * events
+    src = torch.empty_like(src).scatter_(1, r_dst, src) + row_base
     hit = torch.empty_like(hit).scatter_(1, r_dst, hit)
-    read_rows = h.gather(1, src[..., None].expand(rows, events, width))
-    read_w_rows = _by_row(read_w).reshape(rows, events)
-    if initial_state is not None:  # a read before any write sees the slot's initial content
+
+    h0 = miss_rows = None
+    if initial_state is not None:
+        h0 = init_flat[state_row(w_step, w_slot)].view(-1, width)
         r_slot = _by_row(read_idx).reshape(rows, events)
-        miss_rows = init_flat[state_row(torch.arange(events, device=device) // topk, r_slot)]
-        read_rows = torch.where(hit[..., None], read_rows, miss_rows)
-    else:  # ... which is S = 0: such a read adds nothing
-        read_w_rows = read_w_rows * hit
-    # o = sum_k r_k S_k / (z_k + eps): a per-read scalar coefficient, then a K-term weighted sum.
-    coef = read_w_rows / (read_rows[..., d_v] + spec.eps)
-    o = (coef[..., None] * read_rows[..., :d_v]).view(batch, heads, seq_len, topk, d_v).sum(3).transpose(1, 2)
+        miss_rows = init_flat[state_row(torch.arange(events, device=device) // topk, r_slot)].view(-1, width)
+    v_ext = torch.cat([_by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1).view(rows * seq_len, width)
+    o, h = segment_pdma(
+        _by_row(decay).reshape(rows, events).gather(1, w_src).view(-1),
+        _by_row(write_w).reshape(rows, events).gather(1, w_src).view(-1),
+        v_ext,
+        _by_row(read_w).reshape(-1),
+        write_token=(w_step + torch.arange(rows, device=device)[:, None] * seq_len).view(-1),
+        seg_start=w_start.view(-1),
+        read_src=src.view(-1),
+        hit=hit.view(-1),
+        topk=topk,
+        eps=spec.eps,
+        empty_z=1.0 / memory_slots,
+        h0=h0,
+        miss_rows=miss_rows,
+    )
+    o = o.view(batch, heads, seq_len, d_v).transpose(1, 2)
+    h = h.view(rows, events, width)
 
     if not output_final_state:
         return o, None
