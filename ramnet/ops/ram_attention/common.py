@@ -29,10 +29,10 @@ def decode_tokens(q: torch.Tensor, k: torch.Tensor, spec: RAMSpec, positions: to
 
     Returns ``write_idx, write_w, decay, read_idx, read_w``, each ``[B, T, H, K]``.
     """
-    write_idx, write_w = beam_topk(k, spec.num_partitions, spec.topk, spec.tau)
-    read_idx, read_w = beam_topk(q, spec.num_partitions, spec.topk, spec.tau)
-    write_idx = cape_shift(write_idx, positions, spec.cape, spec.memory_slots)
-    read_idx = cape_shift(read_idx, positions, spec.cape, spec.memory_slots)
+    # Keys and queries decoded in one batch: half the (many, small) kernel launches.
+    index, weight = beam_topk(torch.stack([k, q]), spec.num_partitions, spec.topk, spec.tau)
+    index = cape_shift(index.flatten(0, 1), positions.repeat(2, 1), spec.cape, spec.memory_slots).view(index.shape)
+    (write_idx, read_idx), (write_w, read_w) = index.unbind(0), weight.unbind(0)
     decay = proxy_decay(write_w, spec.gamma[:, None].to(write_w.dtype), spec.proxy_eps)
     return write_idx, write_w, decay, read_idx, read_w
 
