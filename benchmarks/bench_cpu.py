@@ -12,6 +12,7 @@ each adds while it runs (CPU: Linux VmHWM, reset before each case; CUDA: the all
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -25,6 +26,25 @@ from tqdm import tqdm
 from ramnet.ops import ram_attention
 
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _track_big_allocations() -> None:
+    """Make glibc map every allocation over 1 MiB on its own (M_MMAP_THRESHOLD), so that freeing a
+    tensor returns its pages and resident memory follows live tensors, not the allocator's pool."""
+    if (libc := _libc()) is not None:
+        libc.mallopt(-3, 1 << 20)
+
+
+def _release_free_memory() -> None:
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
 
 
 def _peak_rss_reset() -> bool:
@@ -63,8 +83,7 @@ def sdpa_step(seq_len: int, device: str):
     return run
 
 
-def measure(make_step, seq_len: int, repeats: int, device: str) -> dict:
-    run = make_step(seq_len, device)
+def time_case(run, repeats: int, device: str) -> list[float]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run()  # warm-up
     sync()
@@ -74,17 +93,22 @@ def measure(make_step, seq_len: int, repeats: int, device: str) -> dict:
         run()
         sync()
         times.append(time.perf_counter() - start)
-    peak = None
+    return times
+
+
+def peak_memory(run, device: str) -> int | None:
+    """Bytes the case adds at its peak, over what was allocated before it ran."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         run()
-        peak = torch.cuda.max_memory_allocated() - before
-    elif _peak_rss_reset():
-        before = _rss("VmRSS")
-        run()
-        peak = _rss("VmHWM") - before
-    return {"median_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
+        return torch.cuda.max_memory_allocated() - before
+    _release_free_memory()
+    if not _peak_rss_reset():
+        return None
+    before = _rss("VmRSS")
+    run()
+    return _rss("VmHWM") - before
 
 
 def main() -> None:
@@ -96,10 +120,16 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or Path(__file__).parent / "results" / f"{args.device}_op.json"
 
-    rows = []
     cases = [(t, name, step) for t in args.seq_lens for name, step in (("ram_parallel", ram_step), ("sdpa", sdpa_step))]
-    for seq_len, name, step in tqdm(cases, desc="bench_cpu"):
-        rows.append({"impl": name, "T": seq_len, **measure(step, seq_len, args.repeats, args.device)})
+    rows = []
+    for seq_len, name, step in tqdm(cases, desc="timing"):
+        times = time_case(step(seq_len, args.device), args.repeats, args.device)
+        rows.append({"impl": name, "T": seq_len, "median_s": statistics.median(times), "times_s": times})
+    # Memory after all timings: the allocator setting it needs would slow the timed runs.
+    if args.device == "cpu":
+        _track_big_allocations()
+    for row, (seq_len, _, step) in zip(rows, tqdm(cases, desc="peak memory")):
+        row["peak_extra_bytes"] = peak_memory(step(seq_len, args.device), args.device)
 
     machine = f"{platform.machine()} {platform.processor()}".strip()
     meta = {
