@@ -18,6 +18,8 @@ class RAMAttention(nn.Module):
     W_q and W_k are re-parameterised per head as ``e^alpha * W'`` (``q_log_scale``,
     ``k_log_scale``): a learnable softmax temperature of the address decoder. ``cape`` switches
     CAPE on for all heads (True), none (False) or per head (a sequence of bools).
+
+    With a cache, a one-token step under ``torch.no_grad()`` updates the cached state in place.
     """
 
     def __init__(
@@ -92,6 +94,8 @@ class RAMAttention(nn.Module):
             num_partitions=self.num_partitions, topk=self.topk, gamma=self.gamma, tau=self.tau,
             eps=self.eps, proxy_eps=self.proxy_eps, cape=self.cape_heads, initial_state=state,
             output_final_state=use_cache, cu_seqlens=cu_seqlens, mode=self.mode,
+            # Decoding: update the K touched rows of the cached state instead of copying all M.
+            inplace_state=state is not None and seq_len == 1 and not torch.is_grad_enabled(),
         )
         if keep is not None:  # padded positions output zeros
             o = o.new_zeros(batch, seq_len, self.num_heads, self.head_v_dim).index_put((keep,), o[0])

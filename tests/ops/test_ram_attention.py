@@ -189,3 +189,34 @@ def test_default_mode_decodes_one_token_with_recurrent_and_trains_with_parallel(
     _, state = ram_attention(q[:, :9], k[:, :9], v[:, :9], **kw)
     o_last, _ = ram_attention(q[:, 9:], k[:, 9:], v[:, 9:], initial_state=state, **kw)
     torch.testing.assert_close(o_last, o_full[:, 9:], rtol=1e-12, atol=1e-12)
+
+
+def test_inplace_decoding_updates_the_state_tensors_and_matches_one_call():
+    q, k, v = _inputs(12, 2, 9, 2, 2, 3, 4, torch.float64)
+    kw = dict(num_partitions=2, topk=3, cape=torch.tensor([True, False]))
+    full, full_state = ram_attention(q, k, v, output_final_state=True, **kw)
+    state = RAMState.empty(2, 2, 9, 4, dtype=torch.float64, device="cpu")
+    outs = []
+    with torch.no_grad():
+        for t in range(9):
+            o, new = ram_attention(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], initial_state=state,
+                                   inplace_state=True, **kw)
+            assert new.S is state.S and new.z is state.z and new.offset is state.offset
+            outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.S, full_state.S, rtol=1e-12, atol=1e-12)
+    assert state.offset.tolist() == [9, 9]
+
+
+def test_inplace_decoding_errors():
+    q, k, v = _inputs(13, 1, 1, 1, 2, 3, 4, torch.float32)
+    kw = dict(num_partitions=2, topk=3, inplace_state=True)
+    with pytest.raises(ValueError, match="needs an initial_state"):
+        ram_attention(q, k, v, **kw)
+    state = RAMState.empty(1, 1, 9, 4, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="runs the recurrent path"):
+        ram_attention(q, k, v, initial_state=state, mode="parallel", **kw)
+    with pytest.raises(ValueError, match="without autograd"):
+        ram_attention(q.requires_grad_(), k, v, initial_state=state, **kw)
+    with pytest.raises(ValueError, match="compute dtype"):
+        ram_attention(q.detach(), k, v, initial_state=RAMState(state.S.double(), state.z.double(), state.offset), **kw)

@@ -41,6 +41,7 @@ def ram_attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     mode: str | None = None,
+    inplace_state: bool = False,
 ):
     """RAM attention (RAM-Net, spec sections 2-4).
 
@@ -57,6 +58,10 @@ def ram_attention(
         output_final_state: return the state after the last token.
         cu_seqlens: int ``[N+1]`` offsets of N packed sequences (needs B = 1).
         mode: ``"naive"``, ``"recurrent"``, ``"parallel"`` or None (best for the input).
+        inplace_state: decoding without autograd: update ``initial_state``'s tensors in place
+            (K rows per token instead of a copy of the whole state) and return it as the final
+            state. Runs the recurrent path; the state must be in the compute dtype (fp32, or
+            fp64 for fp64 inputs).
 
     Returns:
         ``(o, final_state)``: ``o [B, T, H, d_v]`` in v's dtype (fp32 accumulation, fp64 for fp64
@@ -92,6 +97,7 @@ def ram_attention(
         proxy_eps=check_positive("proxy_eps", proxy_eps, upper=1.0),
         gamma=gamma_h,
         cape=cape_h,
+        inplace_state=bool(inplace_state),
     )
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, q)
@@ -99,13 +105,15 @@ def ram_attention(
     state = None if initial_state is None else _check_state(initial_state, num_seqs, heads, memory_slots, v, compute)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
+    if inplace_state:
+        mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
         mode = "recurrent" if seq_len == 1 else "parallel"
     if mode not in PATHS:
         raise ValueError(f"mode must be one of {sorted(PATHS)} or None, got {mode!r}")
 
     o, final = PATHS[mode](
-        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state), cu_seqlens
+        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or inplace_state), cu_seqlens
     )
     return o.to(v.dtype), final
 
@@ -149,3 +157,18 @@ def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.T
     if bool((offset < 0).any()):
         raise ValueError("initial_state.offset must be >= 0")
     return RAMState(S.to(compute), z.to(compute), offset)
+
+
+def _check_inplace(initial_state, mode, compute, inputs) -> str:
+    if initial_state is None:
+        raise ValueError("inplace_state=True needs an initial_state to update")
+    if mode not in (None, "recurrent"):
+        raise ValueError(f"inplace_state=True runs the recurrent path; got mode={mode!r}")
+    tensors = (*inputs, initial_state[0], initial_state[1])
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        raise ValueError("inplace_state=True is for decoding without autograd: use torch.no_grad() or inputs "
+                         "that do not require grad")
+    if initial_state[0].dtype != compute or initial_state[1].dtype != compute:
+        raise ValueError(f"inplace_state=True needs initial_state.S and .z in the compute dtype {compute}, got "
+                         f"{initial_state[0].dtype} and {initial_state[1].dtype}")
+    return "recurrent"

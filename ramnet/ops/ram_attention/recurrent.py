@@ -37,7 +37,7 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
     inputs = (q, k, v, state.S, state.z)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     S, z = state.S, state.z
-    if not needs_grad:  # one copy, then every step updates K rows in place
+    if not needs_grad and not spec.inplace_state:  # one copy, then every step updates K rows in place
         S, z = S.clone(), z.clone()
     outputs = []
     for t in range(seq_len):
@@ -53,4 +53,7 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
 def recurrent_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     state = initial_state if initial_state is not None else empty_state(q, v, spec, cu_seqlens)
     o, final = run_per_sequence(_recurrent_core, q, k, v, spec, state, cu_seqlens)
+    if spec.inplace_state:  # S and z were updated in place (per-sequence views included)
+        state.offset.copy_(final.offset)
+        return o, state
     return o, (final if output_final_state else None)

@@ -18,3 +18,4 @@ class RAMSpec:
     proxy_eps: float
     gamma: torch.Tensor  # [H], compute dtype
     cape: torch.Tensor  # [H], bool
+    inplace_state: bool = False  # recurrent path: update the initial state's tensors in place
