@@ -1,6 +1,6 @@
 """Token mixers with flash-linear-attention's layer signature."""
 
-from .hybrid_attention import HybridRAMAttention, SlidingWindowAttention
+from .hybrid import HybridRAMAttention, SlidingWindowAttention
 from .ram_attention import RAMAttention
 
 __all__ = ["HybridRAMAttention", "RAMAttention", "SlidingWindowAttention"]

@@ -1,4 +1,4 @@
-"""Argument validation shared by every public op.
+"""Argument validation shared by every public op (and by the layers and the config built on them).
 
 Each check raises ``ValueError`` naming the argument and what is allowed, so that bad input
 never turns into a silent broadcast or a wrong answer deeper down.
@@ -14,6 +14,11 @@ import torch
 # Slot indices are int64 and CAPE subtracts positions from them: keep M well inside that range.
 MAX_MEMORY_SLOTS = 2**62
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate in, and keep states in, for inputs of ``dtype``: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def memory_geometry(d_k: int, num_partitions) -> tuple[int, int]:
@@ -38,6 +43,18 @@ def check_topk(topk, memory_slots: int) -> int:
     if isinstance(topk, bool) or not isinstance(topk, Integral) or not 1 <= topk <= memory_slots:
         raise ValueError(f"topk must be an int in [1, M={memory_slots}], got {topk!r}")
     return int(topk)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, allowed: tuple):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False, upper: float | None = None) -> float:

@@ -61,6 +61,22 @@ def test_cache_continues_the_sequence():
     assert cache.get_state(0).offset.tolist() == [10, 10]
 
 
+@pytest.mark.parametrize("mode", [None, "recurrent", "parallel", "naive"])
+@torch.no_grad()
+def test_decoding_without_grad_in_every_mode(mode):
+    # One-token steps update the cached state in place where the op allows it (its recurrent
+    # path); a layer pinned to another path decodes with a copy instead of raising.
+    layer = _layer(mode=mode, layer_idx=0)
+    x = torch.randn(2, 8, 24, dtype=torch.float64)
+    full, _, _ = layer(x)
+    cache = RAMNetCache()
+    first, _, cache = layer(x[:, :5], past_key_values=cache, use_cache=True)
+    S = cache.get_state(0).S
+    steps = [layer(x[:, t : t + 1], past_key_values=cache, use_cache=True)[0] for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat([first, *steps], 1), full)
+    assert (cache.get_state(0).S is S) == (mode in (None, "recurrent"))
+
+
 def test_bad_configuration_and_input():
     with pytest.raises(ValueError, match="cape must be a bool or one bool per head"):
         _layer(cape=[True])

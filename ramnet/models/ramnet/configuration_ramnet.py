@@ -1,11 +1,14 @@
 """RAM-Net model configuration."""
 
-import math
-
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from ...layers.hybrid import BLENDS, FAST_WEIGHTS, MIXES
+from ...ops.checks import check_choice, check_int, check_positive, check_topk, memory_geometry
 from ...ops.ram_attention import PATHS
+
+# Transformers' own names (its config validator accepts no others for `layer_types`).
+LAYER_TYPES = ("linear_attention", "hybrid", "full_attention", "sliding_attention")
 
 
 def default_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
@@ -41,6 +44,18 @@ class RAMNetConfig(PreTrainedConfig):
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
         cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
             `None` gives the paper's schedule (see `default_cape_heads`); the resolved list is stored.
+        layer_types (`list[str]`, *optional*): the token mixer of each layer: `"linear_attention"`
+            (RAM-Net), `"hybrid"` (`HybridRAMAttention`: sliding-window softmax attention plus a
+            fast-weight memory), `"full_attention"` or `"sliding_attention"` (softmax attention with
+            RoPE, `num_heads` heads of width `head_v_dim`). `None` makes every layer RAM-Net; the
+            resolved list is stored.
+        window_size (`int`): the window S of hybrid and sliding-attention layers (the chunk size of
+            the delayed-chunk blend); 0 turns off the KV memory of a delayed-stream or synchronous
+            hybrid.
+        hybrid_blend (`str`): `"synchronous"`, `"delayed_stream"` or `"delayed_chunk"`.
+        hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate), `"scalar"` (per head) or `"sum"`.
+        hybrid_fw (`str`): the fast-weight memory of hybrid layers, `"ramnet"` or `"deltanet"`.
+        rope_theta (`float`): RoPE base of the softmax attention (hybrid and attention layers).
     """
 
     model_type = "ramnet"
@@ -67,6 +82,12 @@ class RAMNetConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     attn_mode: str | None = None
     cape_heads: list[int] | None = None
+    layer_types: list[str] | None = None
+    window_size: int = 64
+    hybrid_blend: str = "synchronous"
+    hybrid_mix: str = "vector"
+    hybrid_fw: str = "ramnet"
+    rope_theta: float | int = 10000.0
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -74,6 +95,8 @@ class RAMNetConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.cape_heads is None:
             self.cape_heads = default_cape_heads(self.num_hidden_layers, self.num_heads)
+        if self.layer_types is None:
+            self.layer_types = ["linear_attention"] * self.num_hidden_layers
         # Checked here rather than in a `validate_*` method so that a bad value raises a plain
         # ValueError that names the field (strict wraps class validators in its own error type).
         self._check_values()
@@ -82,48 +105,51 @@ class RAMNetConfig(PreTrainedConfig):
     @property
     def memory_slots(self) -> int:
         """Slots per head, `M = partition_dim ** num_partitions`."""
-        return self.partition_dim**self.num_partitions
+        return memory_geometry(self.num_partitions * self.partition_dim, self.num_partitions)[1]
 
     def _check_values(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_heads",
-            "head_v_dim",
-            "num_partitions",
-            "partition_dim",
-            "topk",
-            "intermediate_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)}")
-        if self.topk > self.memory_slots:
-            raise ValueError(
-                f"`topk` ({self.topk}) must not exceed the memory slots partition_dim ** num_partitions "
-                f"({self.memory_slots})"
-            )
-        # The op's ranges, checked here too so that a bad config fails when built.
-        ranges = {
-            "gamma": (lambda x: x >= 0, ">= 0"),
-            "tau": (lambda x: x > 0, "> 0"),
-            "eps": (lambda x: x >= 0, ">= 0"),
-            "proxy_eps": (lambda x: 0 < x <= 1, "in (0, 1]"),
-            "norm_eps": (lambda x: x > 0, "> 0"),
-            "initializer_range": (lambda x: x > 0, "> 0"),
-        }
-        for name, (ok, bound) in ranges.items():
-            value = getattr(self, name)
-            if not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"`{name}` must be finite and {bound}, got {value}")
-        if self.attn_mode is not None and self.attn_mode not in PATHS:
-            raise ValueError(f"`attn_mode` must be None or one of {sorted(PATHS)}, got {self.attn_mode!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_v_dim", "partition_dim",
+                     "intermediate_size"):
+            check_int(name, getattr(self, name), 1)
+        # The op's rules (`ramnet.ops.checks`, which name the field), applied here too so that a bad
+        # config fails when built.
+        memory_geometry(self.num_partitions * self.partition_dim, self.num_partitions)
+        check_topk(self.topk, self.memory_slots)
+        check_positive("gamma", self.gamma, allow_zero=True)
+        check_positive("tau", self.tau)
+        check_positive("eps", self.eps, allow_zero=True)
+        check_positive("proxy_eps", self.proxy_eps, upper=1.0)
+        check_choice("attn_mode", self.attn_mode, (None, *sorted(PATHS)))
+        for name in ("norm_eps", "initializer_range", "rope_theta"):
+            check_positive(name, getattr(self, name))
         if len(self.cape_heads) != self.num_hidden_layers:
             raise ValueError(
                 f"`cape_heads` needs one entry per layer ({self.num_hidden_layers}), got {len(self.cape_heads)}"
             )
         if not all(0 <= n <= self.num_heads for n in self.cape_heads):
             raise ValueError(f"`cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.cape_heads}")
+        self._check_layer_types()
+
+    def _check_layer_types(self):
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layer_types` needs one entry per layer ({self.num_hidden_layers}), got {len(self.layer_types)}"
+            )
+        if not set(self.layer_types) <= set(LAYER_TYPES):
+            raise ValueError(f"`layer_types` entries must be in {list(LAYER_TYPES)}, got {self.layer_types}")
+        for name, allowed in (("hybrid_blend", BLENDS), ("hybrid_mix", MIXES), ("hybrid_fw", FAST_WEIGHTS)):
+            check_choice(name, getattr(self, name), allowed)
+        # Sliding attention and the delayed chunk need a window of at least one token; the other
+        # blends accept 0 (no KV memory).
+        needs_window = "sliding_attention" in self.layer_types or (
+            "hybrid" in self.layer_types and self.hybrid_blend == "delayed_chunk"
+        )
+        minimum = 1 if needs_window else 0
+        if self.window_size < minimum:
+            raise ValueError(
+                f"`window_size` must be >= {minimum} with layer_types {sorted(set(self.layer_types))} and "
+                f"hybrid_blend {self.hybrid_blend!r}, got {self.window_size}"
+            )
 
 
-__all__ = ["RAMNetConfig", "default_cape_heads"]
+__all__ = ["LAYER_TYPES", "RAMNetConfig", "default_cape_heads"]

@@ -10,7 +10,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
-from ...layers import RAMAttention
+from ...layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
+from ...layers.ram_attention import RAMProjections
 from ..cache import RAMNetCache
 from .configuration_ramnet import RAMNetConfig
 
@@ -32,28 +33,55 @@ class RAMNetMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
+    """The token mixer that `config.layer_types[layer_idx]` names."""
+    layer_type = config.layer_types[layer_idx]
+    if layer_type in ("full_attention", "sliding_attention"):
+        return SlidingWindowAttention(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            head_dim=config.head_v_dim,
+            window_size=config.window_size if layer_type == "sliding_attention" else None,
+            rope_theta=config.rope_theta,
+            layer_idx=layer_idx,
+        )
+    num_cape = config.cape_heads[layer_idx]
+    ram = dict(
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        head_v_dim=config.head_v_dim,
+        num_partitions=config.num_partitions,
+        partition_dim=config.partition_dim,
+        topk=config.topk,
+        gamma=config.gamma,
+        tau=config.tau,
+        eps=config.eps,
+        proxy_eps=config.proxy_eps,
+        cape=[head < num_cape for head in range(config.num_heads)],
+        mode=config.attn_mode,
+        layer_idx=layer_idx,
+    )
+    if layer_type == "linear_attention":
+        return RAMAttention(**ram)
+    return HybridRAMAttention(
+        **ram,
+        window_size=config.window_size,
+        blend=config.hybrid_blend,
+        mix=config.hybrid_mix,
+        fast_weight=config.hybrid_fw,
+        rope_theta=config.rope_theta,
+        norm_eps=config.norm_eps,
+    )
+
+
 class RAMNetDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + RAMAttention(norm(x)), then x + MLP(norm(x))."""
+    """Pre-norm block: x + mixer(norm(x)), then x + MLP(norm(x)); the mixer is RAM attention, a
+    hybrid or softmax attention, as `config.layer_types` says."""
 
     def __init__(self, config: RAMNetConfig, layer_idx: int):
         super().__init__()
-        num_cape = config.cape_heads[layer_idx]
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        self.attn = RAMAttention(
-            hidden_size=config.hidden_size,
-            num_heads=config.num_heads,
-            head_v_dim=config.head_v_dim,
-            num_partitions=config.num_partitions,
-            partition_dim=config.partition_dim,
-            topk=config.topk,
-            gamma=config.gamma,
-            tau=config.tau,
-            eps=config.eps,
-            proxy_eps=config.proxy_eps,
-            cape=[head < num_cape for head in range(config.num_heads)],
-            mode=config.attn_mode,
-            layer_idx=layer_idx,
-        )
+        self.attn = token_mixer(config, layer_idx)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = RAMNetMLP(config)
 
@@ -90,10 +118,12 @@ class RAMNetPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # Linear/Embedding: normal(0, initializer_range), biases zero; RMSNorm weights one.
         super()._init_weights(module)
-        if isinstance(module, RAMAttention):
+        if isinstance(module, RAMProjections):  # RAMAttention and HybridRAMAttention
             # e^0 = 1: the learnable per-head q/k temperatures start neutral.
             init.zeros_(module.q_log_scale)
             init.zeros_(module.k_log_scale)
+        if isinstance(module, HybridRAMAttention) and module.mix == "scalar":
+            init.zeros_(module.mix_logit)  # both memories weighted 1/2
 
 
 class RAMNetModel(RAMNetPreTrainedModel):
@@ -116,13 +146,13 @@ class RAMNetModel(RAMNetPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`attention_mask` is `[batch, past + new tokens]`, 1 for real tokens and 0 for padding (left
-        padding or anywhere); padded tokens are skipped by the memory. `past_key_values` is a
-        `RAMNetCache` holding the state after the earlier tokens."""
+        padding or anywhere); padded tokens are skipped by every memory and get no position. `past_key_values`
+        is a `RAMNetCache` holding the states and key/value windows after the earlier tokens."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, RAMNetCache):
             raise TypeError(
-                f"RAM-Net keeps a recurrent state, not keys and values: pass a RAMNetCache, got "
+                f"RAM-Net layers keep recurrent states and their own key/value windows: pass a RAMNetCache, got "
                 f"{type(past_key_values).__name__}"
             )
 

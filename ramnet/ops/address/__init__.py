@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_finite, check_float_tensor, check_positive, check_topk, memory_geometry
+from ..checks import check_finite, check_float_tensor, check_positive, check_topk, compute_dtype, memory_geometry
 from .beam import beam_topk
 from .cape import cape_shift
 from .dense import cape_dense, dense_product_softmax, dense_topk_address
@@ -27,6 +27,6 @@ def address_decode(x: torch.Tensor, *, num_partitions: int, topk: int, tau: floa
     topk = check_topk(topk, memory_slots)
     tau = check_positive("tau", tau)
     check_finite("x", x)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x.dtype)
     indices, weights = beam_topk(x.to(compute), int(num_partitions), topk, tau)
     return indices, weights.to(x.dtype)

@@ -7,11 +7,13 @@ from numbers import Integral
 import torch
 
 from ..checks import (
+    check_choice,
     check_finite,
     check_float_tensor,
     check_positive,
     check_same,
     check_topk,
+    compute_dtype,
     memory_geometry,
     per_head,
 )
@@ -80,7 +82,7 @@ def ram_attention(
         raise ValueError(f"q and v need at least one token, head and value channel, got {tuple(q.shape)}, {tuple(v.shape)}")
     d_p, memory_slots = memory_geometry(d_k, num_partitions)
     topk = check_topk(topk, memory_slots)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     gamma_h = per_head("gamma", gamma, heads, compute, q.device)
     if not bool(torch.isfinite(gamma_h).all()) or bool((gamma_h < 0).any()):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
@@ -109,8 +111,7 @@ def ram_attention(
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
         mode = "recurrent" if seq_len == 1 else "parallel"
-    if mode not in PATHS:
-        raise ValueError(f"mode must be one of {sorted(PATHS)} or None, got {mode!r}")
+    check_choice("mode", mode, (None, *sorted(PATHS)))
 
     o, final = PATHS[mode](
         q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or inplace_state), cu_seqlens

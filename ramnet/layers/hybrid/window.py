@@ -1,0 +1,114 @@
+"""The KV memory of the hybrid and attention layers: a window of recent keys and values, RoPE, and
+causal softmax attention over the window.
+
+Every layer here keeps its recent keys and values in a ``KVWindow``: the cached tokens followed by
+the new ones, each with its absolute position (real tokens only, so padding never counts) and a
+validity flag. Masks are built from positions, so the same code serves training, chunked prefill,
+decoding and left-padded batches whose rows sit at different positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ...ops.checks import compute_dtype
+
+
+class KVWindow(NamedTuple):
+    """Keys and values a layer keeps for later tokens, one row per sequence.
+
+    ``keys [B, W, H, d_k]`` (before RoPE: rotated on use, at their ``positions``), ``values
+    [B, W, H, d_v]``, ``betas [B, W, H]`` (DeltaNet's write strengths, else None), ``positions
+    [B, W]`` (int64, absolute position among the sequence's real tokens), ``valid [B, W]`` (False
+    on empty slots: rows hold different numbers of tokens) and ``seen [B]`` (real tokens consumed).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    betas: torch.Tensor | None
+    positions: torch.Tensor
+    valid: torch.Tensor
+    seen: torch.Tensor
+
+    @classmethod
+    def empty(cls, keys: torch.Tensor, values: torch.Tensor, betas: torch.Tensor | None) -> "KVWindow":
+        """A window with no tokens, shaped like the given ``[B, T, ...]`` inputs."""
+        batch, device = keys.shape[0], keys.device
+        return cls(
+            keys[:, :0], values[:, :0], None if betas is None else betas[:, :0],
+            torch.zeros(batch, 0, dtype=torch.long, device=device),
+            torch.zeros(batch, 0, dtype=torch.bool, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    @classmethod
+    def continued(cls, cached: "KVWindow | None", keys, values, betas, keep: torch.Tensor) -> "KVWindow":
+        """The ``cached`` window (None: an empty one) followed by the new tokens, as ``extend``."""
+        return (cached if cached is not None else cls.empty(keys, values, betas)).extend(keys, values, betas, keep)
+
+    def extend(self, keys, values, betas, keep: torch.Tensor) -> "KVWindow":
+        """Append T new tokens (``keep [B, T]`` marks the real ones; padding gets no position)."""
+        positions = self.seen[:, None] + keep.long().cumsum(-1) - 1
+        return KVWindow(
+            torch.cat([self.keys, keys], 1),
+            torch.cat([self.values, values], 1),
+            None if betas is None else torch.cat([self.betas, betas], 1),
+            torch.cat([self.positions, positions], 1),
+            torch.cat([self.valid, keep], 1),
+            self.seen + keep.sum(-1),
+        )
+
+    def retain(self, start: torch.Tensor) -> "KVWindow":
+        """Keep each row's real tokens at positions >= ``start [B]``, right-aligned in time order,
+        in as few columns as the fullest row needs."""
+        kept = self.valid & (self.positions >= start[:, None])
+        order = torch.argsort(kept.to(torch.uint8), dim=1, stable=True)  # dropped first, kept last, in order
+        order = order[:, order.shape[1] - int(kept.sum(-1).max()) :]
+        fields = (self.keys, self.values, self.betas, self.positions, kept)
+        return KVWindow(*(take(x, order) for x in fields), self.seen)
+
+
+def take(x: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor | None:
+    """``x [B, L, ...]`` at ``columns [B, L']`` of each row (None stays None)."""
+    if x is None:
+        return None
+    return x.gather(1, columns.view(*columns.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """RoPE on ``x [B, T, H, d]`` at ``positions [B, T]``: channel pairs (i, i + d//2) rotate by
+    ``position * theta ** (-i / (d//2))``; with an odd d the last channel is left alone. Angles in
+    fp32 (fp64 for fp64 input), output in x's dtype."""
+    half = x.shape[-1] // 2
+    compute = compute_dtype(x.dtype)
+    inv_freq = theta ** (-torch.arange(half, dtype=compute, device=x.device) / max(half, 1))
+    angle = positions[..., None].to(compute) * inv_freq  # [B, T, half]
+    cos, sin = angle.cos()[:, :, None], angle.sin()[:, :, None]
+    x1, x2, rest = x[..., :half].to(compute), x[..., half : 2 * half].to(compute), x[..., 2 * half :]
+    return torch.cat([(x1 * cos - x2 * sin).to(x.dtype), (x2 * cos + x1 * sin).to(x.dtype), rest], -1)
+
+
+def window_attention(q, q_pos, keep, ctx: KVWindow, lower: torch.Tensor, theta: float) -> torch.Tensor:
+    """Causal softmax attention of the T new queries ``q [B, T, H, d]`` over the window ``ctx``
+    (whose last T columns are the new tokens): query i sees the real keys at positions
+    ``lower[i] <= p <= q_pos[i]``. RoPE on both sides; returns ``[B, T, H, d_v]``.
+
+    The boolean mask costs O(T * (W + T)) per row: a CPU reference, not a windowed kernel.
+    """
+    seq_len = q.shape[1]
+    pos = ctx.positions[:, None, :]
+    allowed = ctx.valid[:, None, :] & (pos <= q_pos[:, :, None]) & (pos >= lower[:, :, None])
+    # A padding query sees only itself: no mask row is empty, which SDPA kernels treat differently
+    # (zeros on CPU, arbitrary values on CUDA). Its output is dropped anyway.
+    own = torch.eye(seq_len, dtype=torch.bool, device=q.device)
+    allowed[:, :, -seq_len:] |= own & ~keep[:, :, None]
+    q = rotary(q, q_pos, theta).transpose(1, 2)
+    k = rotary(ctx.keys, ctx.positions, theta).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k, ctx.values.transpose(1, 2), attn_mask=allowed[:, None])
+    return o.transpose(1, 2)
+
+
+__all__ = ["KVWindow", "rotary", "take", "window_attention"]

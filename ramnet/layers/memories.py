@@ -1,0 +1,151 @@
+"""The fast-weight memories of the token mixers: RAM-Net (``RAMAttention``'s memory, and the hybrid's
+by default) and DeltaNet (the hybrid paper's choice).
+
+Both have the same three methods: ``empty`` (the state before any token), ``run`` (write every
+pair and read after the write, for ``[B, T]`` sequences or packed variable-length ones) and
+``read`` (read a state without writing).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import RAMState, address_decode, ram_attention
+from ..ops.address import cape_shift
+from ..ops.checks import check_topk, compute_dtype, memory_geometry
+
+
+class RAMMemory:
+    """RAM-Net as the fast-weight memory: ``ram_attention`` to write (and read what was just
+    written), plus a read-only access to a state, which the op has no way to express (every
+    step of the op writes).
+
+    Built from a layer's hyperparameters, and checks them: keys of ``d_k = num_partitions *
+    partition_dim`` address ``M = partition_dim ** num_partitions`` slots, ``topk`` in [1, M],
+    ``cape`` a bool for all heads or one per head (kept as ``cape``, a tuple of bools).
+    """
+
+    def __init__(self, num_heads: int, head_v_dim: int, num_partitions: int, partition_dim: int, topk: int,
+                 gamma, tau, eps, proxy_eps, cape: bool | Sequence[bool], mode: str | None):
+        self.head_k_dim = num_partitions * partition_dim
+        _, self.memory_slots = memory_geometry(self.head_k_dim, num_partitions)
+        check_topk(topk, self.memory_slots)
+        if isinstance(cape, bool):
+            cape = [cape] * num_heads
+        if len(cape) != num_heads:
+            raise ValueError(f"cape must be a bool or one bool per head ({num_heads}), got {len(cape)} entries")
+        self.num_heads, self.head_v_dim = num_heads, head_v_dim
+        self.num_partitions, self.topk = num_partitions, topk
+        self.gamma, self.tau, self.eps, self.proxy_eps, self.mode = gamma, tau, eps, proxy_eps, mode
+        self.cape = tuple(bool(c) for c in cape)
+
+    def empty(self, batch: int, like: torch.Tensor) -> RAMState:
+        return RAMState.empty(
+            batch, self.num_heads, self.memory_slots, self.head_v_dim, dtype=compute_dtype(like.dtype),
+            device=like.device,
+        )
+
+    def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
+        """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused)."""
+        return ram_attention(
+            q, k, v,
+            num_partitions=self.num_partitions, topk=self.topk, gamma=self.gamma, tau=self.tau, eps=self.eps,
+            proxy_eps=self.proxy_eps, cape=self.cape, initial_state=state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, mode=self.mode,
+            # Decoding: update the K touched rows of the cached state instead of copying all M
+            # (the op's recurrent path only, without autograd).
+            inplace_state=state is not None and q.shape[1] == 1 and cu_seqlens is None
+            and self.mode in (None, "recurrent") and not torch.is_grad_enabled(),
+        )
+
+    def read(self, q: torch.Tensor, positions: torch.Tensor, state: RAMState, rows: torch.Tensor) -> torch.Tensor:
+        """Read ``q [N, H, d_k]`` (CAPE at ``positions [N]``) from the states of ``rows [N]``:
+        ``sum_k r_k S[i_k] / (z[i_k] + eps)``, touching only the K slots read."""
+        compute = state.S.dtype
+        index, weight = address_decode(q.to(compute), num_partitions=self.num_partitions, topk=self.topk, tau=self.tau)
+        cape = torch.tensor(self.cape, device=q.device)
+        index = cape_shift(index[None], positions[None], cape, self.memory_slots)[0]  # [N, H, K]
+        heads = torch.arange(self.num_heads, device=q.device)
+        flat = (rows[:, None, None] * self.num_heads + heads[None, :, None]) * self.memory_slots + index
+        values = state.S.reshape(-1, self.head_v_dim)[flat]
+        norms = state.z.reshape(-1)[flat]
+        return (weight[..., None] * values / (norms[..., None] + self.eps)).sum(-2).to(q.dtype)
+
+
+class DeltaState(NamedTuple):
+    """DeltaNet's fast weights ``S [N, H, d_k, d_v]`` (fp32, fp64 for fp64 input), fla's layout."""
+
+    S: torch.Tensor
+
+
+@cache
+def _fla_chunk_delta_rule():
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+    except ImportError:
+        return None
+    return chunk_delta_rule
+
+
+def delta_rule(q, k, v, beta, scale: float, S: torch.Tensor):
+    """The delta rule, one step at a time: ``S <- S + k_t (beta_t (v_t - S^T k_t))^T``, then
+    ``o_t = scale * S^T q_t`` (the read sees the write). ``q, k [B, T, H, d_k]`` (normalised by the
+    caller), ``v [B, T, H, d_v]``, ``beta [B, T, H]``, ``S [B, H, d_k, d_v]``; all in S's dtype."""
+    outputs = []
+    for t in range(q.shape[1]):
+        error = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], beta[:, t, :, None] * error)
+        outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outputs, 1), S
+
+
+class DeltaRuleMemory:
+    """DeltaNet as the fast-weight memory (the hybrid paper's choice): L2-normalised q and k, a
+    write strength beta per token and head, scale ``d_k ** -0.5`` as in fla. fla's
+    ``chunk_delta_rule`` on CUDA when fla is installed, the step-by-step torch rule otherwise."""
+
+    def __init__(self, num_heads: int, head_k_dim: int, head_v_dim: int):
+        self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_k_dim, head_v_dim
+        self.scale = head_k_dim**-0.5
+
+    def empty(self, batch: int, like: torch.Tensor) -> DeltaState:
+        shape = (batch, self.num_heads, self.head_k_dim, self.head_v_dim)
+        return DeltaState(torch.zeros(shape, dtype=compute_dtype(like.dtype), device=like.device))
+
+    def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
+        dtype = v.dtype
+        compute = compute_dtype(dtype)
+        q, k = (F.normalize(x.to(compute), dim=-1) for x in (q, k))
+        num_seqs = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+        S0 = (state if state is not None else self.empty(num_seqs, v)).S
+        kernel = _fla_chunk_delta_rule() if q.is_cuda else None
+        if kernel is not None:
+            o, final = kernel(
+                q.to(dtype), k.to(dtype), v, beta.to(dtype), scale=self.scale, initial_state=S0,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+            )
+            return o.to(dtype), (DeltaState(final) if output_final_state else None)
+        v, beta = v.to(compute), beta.to(compute)
+        if cu_seqlens is None:
+            o, final = delta_rule(q, k, v, beta, self.scale, S0)
+        else:  # one sequence at a time, each from its own state
+            bounds = cu_seqlens.tolist()
+            parts = [
+                delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], self.scale, S0[n : n + 1])
+                if b > a else (v[:, :0], S0[n : n + 1])
+                for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+            ]
+            o, final = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts])
+        return o.to(dtype), (DeltaState(final) if output_final_state else None)
+
+    def read(self, q: torch.Tensor, positions: torch.Tensor, state: DeltaState, rows: torch.Tensor) -> torch.Tensor:
+        """``scale * S^T q`` for ``q [N, H, d_k]`` from the states of ``rows [N]`` (positions unused)."""
+        unit = F.normalize(q.to(state.S.dtype), dim=-1)
+        return (self.scale * torch.einsum("nhk,nhkv->nhv", unit, state.S[rows])).to(q.dtype)
+
+
+__all__ = ["DeltaRuleMemory", "DeltaState", "RAMMemory", "delta_rule"]

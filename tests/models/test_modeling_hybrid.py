@@ -1,0 +1,143 @@
+"""RAM-Net models with hybrid and softmax-attention layers (`layer_types`)."""
+
+import pytest
+import torch
+
+from ramnet.layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
+from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
+
+VOCAB = 97
+MIXED = ["hybrid", "sliding_attention", "full_attention", "linear_attention"]
+
+
+def tiny_config(**overrides):
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_heads=4, head_v_dim=8, num_partitions=3,
+        partition_dim=3, topk=4, intermediate_size=48, cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    return RAMNetConfig(**(kwargs | overrides))
+
+
+def tiny_model(dtype=torch.float64, **overrides):
+    torch.manual_seed(0)
+    return RAMNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
+
+
+def random_ids(batch, length, seed=1):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_layer_types_pick_the_mixers():
+    model = tiny_model(hybrid_blend="delayed_chunk", hybrid_mix="scalar", hybrid_fw="deltanet")
+    mixers = [layer.attn for layer in model.model.layers]
+    expected = [HybridRAMAttention, SlidingWindowAttention, SlidingWindowAttention, RAMAttention]
+    assert [type(m) for m in mixers] == expected
+    assert (mixers[0].blend, mixers[0].mix, mixers[0].fast_weight, mixers[0].window_size) == (
+        "delayed_chunk", "scalar", "deltanet", 3,
+    )
+    assert mixers[0].cape_heads == (True,) * 4 and mixers[3].cape_heads == (True, True, False, False)
+    assert (mixers[1].window_size, mixers[2].window_size) == (3, None)
+    assert torch.equal(mixers[0].mix_logit, torch.zeros(4))
+    # the default keeps every layer RAM-Net
+    default = RAMNetConfig(num_hidden_layers=3, num_heads=4)
+    assert default.layer_types == ["linear_attention"] * 3
+
+
+def test_forward_backward_gives_finite_gradients_everywhere():
+    model = tiny_model(torch.float32).train()
+    ids = random_ids(2, 10)
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "blend, fast_weight",
+    [
+        ("synchronous", "ramnet"),
+        ("delayed_stream", "ramnet"),
+        ("delayed_chunk", "ramnet"),
+        ("delayed_stream", "deltanet"),
+    ],
+)
+@torch.no_grad()
+def test_cached_generation_matches_full_forwards(blend, fast_weight):
+    model = tiny_model(hybrid_blend=blend, hybrid_fw=fast_weight)
+    ids = random_ids(2, 11)
+    full = model(ids, use_cache=False).logits
+    first = model(ids[:, :5], use_cache=True)
+    second = model(ids[:, 5:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full)
+    assert isinstance(second.past_key_values, RAMNetCache) and second.past_key_values.get_seq_length() == 11
+
+    prompt = ids[:, :4]
+    generated = model.generate(prompt, max_new_tokens=7, do_sample=False)
+    expected = prompt
+    for _ in range(7):
+        expected = torch.cat([expected, model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, expected)
+
+
+@torch.no_grad()
+def test_beam_search_with_cache_matches_without():
+    model = tiny_model(hybrid_blend="delayed_stream")
+    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
+    prompt = random_ids(2, 5)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("blend", ["synchronous", "delayed_chunk"])
+@torch.no_grad()
+def test_left_padded_batch_matches_sequences_alone(blend):
+    model = tiny_model(hybrid_blend=blend)
+    sequences = [random_ids(1, 8, seed=2)[0], random_ids(1, 4, seed=3)[0]]
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, 8 - len(seq) :], mask[row, 8 - len(seq) :] = seq, 1
+    batch_logits = model(ids, attention_mask=mask).logits
+    batch_generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, 8:]
+    for row, seq in enumerate(sequences):
+        torch.testing.assert_close(batch_logits[row, 8 - len(seq) :], model(seq[None]).logits[0])
+        alone = model.generate(seq[None], max_new_tokens=6, do_sample=False)[0, len(seq) :]
+        assert torch.equal(batch_generated[row], alone)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(torch.float32, hybrid_blend="delayed_stream", hybrid_mix="scalar", rope_theta=500.0)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = RAMNetForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.layer_types == MIXED and loaded.config.hybrid_blend == "delayed_stream"
+    assert loaded.model.layers[0].attn.rope_theta == 500.0
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "field, value, extra",
+    [
+        ("layer_types", ["hybrid"] * 3, {}),  # one per layer needed
+        ("layer_types", ["ram"] * 4, {}),
+        ("layer_types", ["attention"] * 4, {}),  # transformers' names only: "full_attention"
+        ("hybrid_blend", "delayed", {}),
+        ("hybrid_mix", "gate", {}),
+        ("hybrid_fw", "gla", {}),
+        ("window_size", -1, {}),
+        ("window_size", 0, {}),  # a sliding_attention layer needs a window
+        ("window_size", 0, dict(layer_types=["hybrid"] * 4, hybrid_blend="delayed_chunk")),
+        ("rope_theta", 0.0, {}),
+    ],
+)
+def test_config_rejects_bad_values(field, value, extra):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value}, **extra)
+
+
+def test_window_zero_is_allowed_without_a_windowed_layer():
+    config = tiny_config(layer_types=["hybrid"] * 4, hybrid_blend="delayed_stream", window_size=0)
+    assert config.window_size == 0
