@@ -48,6 +48,7 @@ class _SegmentPDMA(torch.autograd.Function):
         a, h, decay, write_w, v_ext, h0, miss_rows, write_token, seg_start, read_src, hit, denom, coef = ctx.saved_tensors
         topk = ctx.topk
         d_v = v_ext.shape[1] - 1
+        grad_o = grad_o.contiguous()  # it arrives transposed; bmm would loop over the batch
         num_reads = read_src.shape[0]
 
         # Reads: o_t = sum_k coef_k * S_k with coef_k = r_k / (z_k + eps).
