@@ -1,0 +1,2 @@
+"""Language modelling with RAM-Net: data preparation, training (one process, DDP or FSDP2),
+checkpoints, perplexity, generation and an lm-evaluation-harness adapter (`ramnet data|train|eval|generate`)."""

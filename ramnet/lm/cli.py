@@ -1,0 +1,184 @@
+"""`ramnet data prepare`, `ramnet train`, `ramnet eval ppl|harness` and `ramnet generate`."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+from .config import PRESETS
+
+
+def _reports_errors(name: str):
+    """Bad arguments (ValueError) end the command with a one-line message instead of a traceback."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except ValueError as err:
+                print(f"ramnet {name}: error: {err}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+@_reports_errors("data prepare")
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    out = args.out or f"data/{args.source.replace('/', '_').replace(':', '_')}-{'bpe' if args.tokenizer == 'bpe' else 'tok'}"
+    meta = prepare(
+        out, source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=args.split,
+        text_column=args.text_column, val_every=args.val_every, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+    )
+    splits = ", ".join(f"{s} {info['tokens']:,} tokens / {info['documents']:,} documents" for s, info in meta["splits"].items())
+    print(f"{out}: {splits}; vocabulary {meta['vocab_size']}; unigram entropy {meta['unigram_entropy']:.3f} nats")
+    return 0
+
+
+@_reports_errors("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.preset, args.config, args.overrides)
+    if args.dump_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    start = time.perf_counter()
+    result = train(config, progress=not args.quiet)
+    if result["history"]:
+        last = result["history"][-1]
+        print(
+            f"done in {time.perf_counter() - start:.0f} s: step {last['step']}, train loss {last['train/loss']:.4f} "
+            f"(unigram entropy of the data {result['unigram_entropy']:.4f}); checkpoint {result['checkpoint']}"
+        )
+    return 0
+
+
+@_reports_errors("eval ppl")
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+
+    result = perplexity(
+        args.model, source=args.data, split=args.split, text_column=args.text_column, held_out_every=args.held_out,
+        context=args.context, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens, device=args.device,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['tokens']:,} tokens (context {result['context']}, stride {result['stride']}): loss {result['loss']:.4f}, "
+            f"ppl {result['ppl']:.2f}, word ppl {result['word_ppl']:.2f}, bits/byte {result['bits_per_byte']:.4f}"
+        )
+    return 0
+
+
+@_reports_errors("eval harness")
+def cmd_harness(args: argparse.Namespace) -> int:
+    try:
+        from .lm_eval_adapter import run_cli
+    except ImportError as err:
+        raise ValueError(f"lm-evaluation-harness is not installed (pip install 'ramnet[eval]'): {err}") from err
+    run_cli(args.lm_eval_args)
+    return 0
+
+
+@_reports_errors("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..models import RAMNetCache
+    from .evaluate import load, resolve_device
+    from .generate import state_bytes, stream_text
+
+    model, tok = load(args.model, resolve_device(args.device))
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    cache = RAMNetCache()
+    sizes = set()  # the state's size after every token: one value, whatever the context length
+    start, count = time.perf_counter(), 0  # count: new tokens
+    print(prompt, end="", flush=True)
+    for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos, cache=cache,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+        sizes.add(state_bytes(cache))
+        count += 1
+    elapsed = time.perf_counter() - start
+    print()
+    print(
+        f"[{count} tokens in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.1f} tokens/s); recurrent state {', '.join(f'{s / 2**20:.2f} MiB' for s in sorted(sizes)) or 'n/a'} "
+        f"at every step, whatever the context]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_lm_commands(sub) -> None:
+    """Adds the language-modelling subcommands to the `ramnet` parser's subparsers."""
+    data = sub.add_parser("data", help="prepare token shards for language-model training")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="tokenise a corpus into memory-mapped shards with EOS separators")
+    prep.add_argument("--source", default="python-docs",
+                      help="python-docs (built in, offline; default), a text file or directory (.txt/.md/.rst/.jsonl), "
+                           "fineweb-edu, wikitext-103, wikitext-2, or hf:NAME[:CONFIG] (streamed)")
+    prep.add_argument("--out", help="output directory (default: data/SOURCE-bpe or data/SOURCE-tok)")
+    prep.add_argument("--tokenizer", default="bpe",
+                      help="'bpe' (train a byte-level BPE on the corpus; default) or a Hugging Face tokenizer: "
+                           "hub name, directory or tokenizer.json")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--split", default="train", help="dataset split of a Hugging Face source (default train)")
+    prep.add_argument("--text-column", help="text field of a Hugging Face dataset or .jsonl file (default: text)")
+    prep.add_argument("--val-every", type=int, default=20, help="every N-th document goes to the held-out split (default 20; 0: none)")
+    prep.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
+    prep.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file (default 2**28)")
+    prep.set_defaults(func=cmd_prepare)
+
+    train = sub.add_parser("train", help="train a RAM-Net language model (torchrun for several GPUs or nodes)",
+                           description="Config: dataclass defaults < --preset < --config file < key=value overrides "
+                                       "(nested as model.hidden_size=256).")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="tiny (CPU, minutes), small (one GPU), paper-340m (8 GPUs)")
+    train.add_argument("--config", help="YAML or JSON file of config keys (it may name a preset)")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides after the options, e.g. max_steps=100 lr=1e-3 model.hidden_size=256")
+    train.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    ppl = ev_sub.add_parser("ppl", help="strided perplexity on any text")
+    ppl.add_argument("--model", required=True, help="checkpoint or save_pretrained directory")
+    ppl.add_argument("--data", default="python-docs", help="text source, as for `data prepare --source` (default python-docs)")
+    ppl.add_argument("--split", default="train", help="dataset split of a Hugging Face source (e.g. test)")
+    ppl.add_argument("--text-column", help="text field of a Hugging Face dataset or .jsonl file")
+    ppl.add_argument("--held-out", type=int, default=0, metavar="N",
+                     help="score only the documents that `data prepare --val-every N` held out (default 0: all)")
+    ppl.add_argument("--context", type=int, help="window length (default: the checkpoint's training length)")
+    ppl.add_argument("--stride", type=int, help="window step (default: half the context)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    ppl.add_argument("--device", default="auto")
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(func=cmd_ppl)
+    # prefix_chars="+": every argument, --options included, goes to lm-eval untouched (lm-eval's own -h works).
+    harness = ev_sub.add_parser("harness", help="lm-evaluation-harness with the `ramnet` model registered",
+                                description="Runs lm-eval's command line, e.g. --model ramnet --model_args pretrained=DIR --tasks wikitext",
+                                prefix_chars="+", add_help=False)
+    harness.add_argument("lm_eval_args", nargs="*", help="lm-eval arguments")
+    harness.set_defaults(func=cmd_harness)
+
+    gen = sub.add_parser("generate", help="stream text from a checkpoint")
+    gen.add_argument("--model", required=True, help="checkpoint or save_pretrained directory")
+    gen.add_argument("--prompt", default="", help="prompt text ('-' reads standard input)")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=50, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(func=cmd_generate)

@@ -1,0 +1,199 @@
+"""Training configuration: one dataclass, presets as data, config files (YAML or JSON) and
+``key=value`` overrides from the command line.
+
+Precedence: the dataclass defaults, then the preset, then the file, then the overrides. A file may
+name a preset itself (``preset: small``). Nested model fields are addressed as ``model.hidden_size``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+TINY_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_heads=4, head_v_dim=32, num_partitions=3,
+                  partition_dim=4, topk=4, intermediate_size=352)
+
+
+@dataclass
+class TrainConfig:
+    """The defaults are the `tiny` preset: a CPU run on the built-in corpus."""
+
+    # Where checkpoints, logs and TensorBoard events go.
+    out_dir: str = "runs/tiny"
+    # A directory written by `ramnet data prepare`. When it does not exist yet and `prepare` is set,
+    # rank 0 prepares it first (so that a preset runs from nothing).
+    data: str = "data/python-docs-bpe4k"
+    prepare: dict | None = field(default_factory=lambda: dict(source="python-docs", tokenizer="bpe", vocab_size=4096))
+    # Keyword arguments of RAMNetConfig; vocab_size and the special token ids come from the data's tokenizer.
+    model: dict = field(default_factory=lambda: dict(TINY_MODEL))
+
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation steps
+    micro_batch_size: int = 8  # sequences per forward pass on one process
+    max_steps: int = 400
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 40
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    eval_interval: int = 100  # steps between held-out evaluations (0: only at the end)
+    eval_batches: int = 8  # held-out batches of `batch_size` sequences per evaluation
+    save_interval: int = 200  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK when there is a GPU), "cpu", "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
+    parallel: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2, `fully_shard`)
+    gradient_checkpointing: bool = False
+    # "auto": continue from the newest checkpoint in out_dir if there is one; "none": start afresh
+    # (fails if out_dir has checkpoints); or a checkpoint directory.
+    resume: str = "auto"
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])  # each when installed
+    wandb_project: str = "ramnet"
+
+    def __post_init__(self):
+        # YAML 1.1 reads "1e-3" as a string (it wants "1.0e-3"), so the float fields accept number strings.
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip"):
+            setattr(self, name, _as_float(name, getattr(self, name)))
+        self.betas = tuple(_as_float("betas", b) for b in self.betas)
+        self.report_to = list(self.report_to)
+        positive = ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints", "log_interval")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_interval", "save_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be an int >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"`min_lr` must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
+        choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        unknown = set(self.report_to) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"`report_to` entries must be 'tensorboard' or 'wandb', got {sorted(unknown)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _as_float(name: str, value) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a number, got {value!r}") from None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU, a few minutes: the TrainConfig defaults. 1.8M parameters (1.2M without the input embedding),
+    # a 4096-token BPE trained on the built-in offline corpus (python-docs, ~0.5M tokens), 400 steps
+    # of 8 x 256 tokens.
+    "tiny": {},
+    # One GPU: 8 layers of width 512, 39M parameters without the input embedding (55M in all), on
+    # FineWeb-Edu with the Llama-2 tokenizer (the paper's vocabulary; this ungated copy loads without a
+    # hub login). 64k tokens a step, 10k steps: 655M tokens, about 17 per parameter.
+    "small": dict(
+        out_dir="runs/small", data="data/fineweb-edu-llama2",
+        prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=700_000_000),
+        model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, num_partitions=4,
+                   partition_dim=4, topk=8, intermediate_size=1408),
+        seq_len=2048, batch_size=32, micro_batch_size=16, max_steps=10_000, lr=1e-3, min_lr=1e-4,
+        warmup_steps=500, eval_interval=500, eval_batches=16, save_interval=1000,
+    ),
+    # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
+    # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
+    # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's
+    # (RAMNetConfig's defaults, CAPE schedule included). Launch with `torchrun --nproc_per_node 8 -m ramnet.cli train --preset paper-340m`.
+    "paper-340m": dict(
+        out_dir="runs/paper-340m", data="data/fineweb-edu-10b-llama2",
+        prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=10_000_000_000),
+        model=dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, num_partitions=5,
+                   partition_dim=4, topk=8, intermediate_size=2816),
+        seq_len=4096, batch_size=128, micro_batch_size=4, max_steps=19_073, lr=1e-3, min_lr=1e-4,
+        warmup_steps=954, eval_interval=1000, eval_batches=4, save_interval=500, parallel="fsdp",
+    ),
+}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value). The value is read as JSON when it is JSON (numbers such as
+    1e-3, true, null, lists), else as YAML (bare strings, [a, b]); a path stays a string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. lr=1e-3 or model.hidden_size=256)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: cannot read the value: {err}") from err
+    return key.split("."), value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        # `prepare` is replaced whole: a BPE's vocab_size has no meaning next to another tokenizer.
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "prepare":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"--config: cannot read {path}: {err}") from err
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"--config: cannot parse {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of config keys")
+    return data
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    values = TrainConfig().to_dict()  # `model` is merged key by key
+    from_file = read_config_file(file) if file else {}
+    preset = preset or from_file.pop("preset", None)
+    from_file.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        values = _merge(values, PRESETS[preset])
+    values = _merge(values, from_file)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a mapping")
+        node[keys[-1]] = value
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+    return TrainConfig(**values)

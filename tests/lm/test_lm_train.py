@@ -1,0 +1,147 @@
+"""The trainer: exact resume, DDP and FSDP2 over 2 CPU processes against 1, checkpoints, schedule,
+weight-decay groups."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from lm_helpers import TINY_MODEL, one_thread, prepared_data, tiny_config  # noqa: F401  (autouse fixture)
+
+from ramnet.lm import checkpoint
+from ramnet.lm.train import lr_schedule, param_groups, train
+from ramnet.models import RAMNetConfig, RAMNetForCausalLM
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_data(tmp_path_factory)
+
+
+def losses(result):
+    return [h["train/loss"] for h in result["history"]]
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
+    straight = train(tiny_config(data, tmp_path / "a"), progress=False)  # checkpoints at steps 3 and 6
+    # A run killed after its step-3 checkpoint: only that one is in its out_dir.
+    shutil.copytree(tmp_path / "a" / "checkpoint-000003", tmp_path / "b" / "checkpoint-000003")
+    resumed = train(tiny_config(data, tmp_path / "b"), progress=False)
+    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
+    assert losses(resumed) == losses(straight)[3:]  # bitwise
+    assert [h["train/grad_norm"] for h in resumed["history"]] == [h["train/grad_norm"] for h in straight["history"][3:]]
+    assert resumed["evals"] == straight["evals"][1:]
+    weights = [RAMNetForCausalLM.from_pretrained(r["checkpoint"]).state_dict() for r in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_resume_follows_a_changed_schedule(data, tmp_path):
+    """Extending a finished run: the schedule of the new max_steps applies from the saved step."""
+    train(tiny_config(data, tmp_path, "max_steps=3"), progress=False)
+    longer = train(tiny_config(data, tmp_path, "max_steps=8", "eval_interval=0", "save_interval=0"), progress=False)
+    f = lr_schedule(tiny_config(data, tmp_path, "max_steps=8"))
+    assert [h["train/lr"] for h in longer["history"]] == pytest.approx([1e-2 * f(s) for s in range(3, 8)])
+
+
+def test_checkpoints_are_loadable_and_pruned(data, tmp_path):
+    result = train(tiny_config(data, tmp_path, "keep_checkpoints=1"), progress=False)
+    out = tmp_path
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-000006"]
+    assert (out / "latest").read_text().strip() == "checkpoint-000006" == result["checkpoint"].name
+    assert not list(out.glob("*.tmp"))
+    ckpt = result["checkpoint"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "trainer_state.pt"):
+        assert (ckpt / name).exists(), name
+    state = checkpoint.load_trainer_state(ckpt)
+    assert state["step"] == 6 and state["samples"] == 24 and len(state["rng"]) == 1
+    model = RAMNetForCausalLM.from_pretrained(ckpt)
+    assert model.config.vocab_size == 512 and model.config.eos_token_id == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 7)) and "val/loss" in lines[2]
+    with pytest.raises(ValueError, match="resume"):
+        train(tiny_config(data, tmp_path, "resume=none"), progress=False)
+
+
+def test_loss_falls_below_the_unigram_entropy(data, tmp_path):
+    result = train(tiny_config(data, tmp_path, "max_steps=60", "eval_interval=0", "save_interval=0",
+                               "batch_size=8", "micro_batch_size=8", "lr=1e-2"), progress=False)
+    assert result["history"][0]["train/loss"] > result["unigram_entropy"]
+    assert result["evals"][-1]["loss"] < result["unigram_entropy"]
+
+
+def _torchrun(data, out_dir, parallel, steps):
+    """2 gloo processes, micro-batch 2, no accumulation: the same global batch of 4 as one process
+    with 2 accumulation steps."""
+    args = [f"data={data}", f"out_dir={out_dir}", "seq_len=32", "batch_size=4", "micro_batch_size=2", f"max_steps={steps}",
+            "warmup_steps=2", "lr=1e-2", "min_lr=1e-3", "eval_interval=3", "eval_batches=2", "save_interval=3",
+            "log_interval=1", "report_to=[]", "device=cpu", f"parallel={parallel}"]
+    args += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "ramnet.cli", "train", "--quiet", *args], check=True, env=env, capture_output=True, timeout=240)
+    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_close(single, multi):
+    assert [a["step"] for a in single] == [b["step"] for b in multi]
+    for a, b in zip(single, multi):
+        assert a.keys() == b.keys()
+        for key in {"train/loss", "train/grad_norm", "val/loss"} & a.keys():
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_at_the_same_global_batch(data, tmp_path, parallel):
+    steps = 5 if parallel == "fsdp" else 3
+    single = train(tiny_config(data, tmp_path / "one", f"max_steps={steps}"), progress=False)["history"]
+    multi = _torchrun(data, tmp_path / "two", parallel, steps)
+    _assert_close(single, multi)
+    # the checkpoints hold full (unsharded) weights
+    last = f"checkpoint-{steps:06d}"
+    one = RAMNetForCausalLM.from_pretrained(tmp_path / "one" / last).state_dict()
+    two = RAMNetForCausalLM.from_pretrained(tmp_path / "two" / last).state_dict()
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    if parallel == "fsdp":  # resume the sharded run from its step-3 checkpoint: steps 4 and 5 again
+        shutil.rmtree(tmp_path / "two" / last)
+        (tmp_path / "two" / "metrics.jsonl").unlink()
+        _assert_close(single[3:], _torchrun(data, tmp_path / "two", parallel, steps))
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr(data, tmp_path):
+    config = tiny_config(data, tmp_path, "max_steps=100", "warmup_steps=10", "lr=1e-3", "min_lr=1e-4")
+    f = lr_schedule(config)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx((1e-4 + 0.9e-3 * 0.5) / 1e-3)
+    assert f(100) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_weight_decay_skips_norms_biases_and_the_alpha_scalars():
+    model = RAMNetForCausalLM(RAMNetConfig(vocab_size=64, **TINY_MODEL))
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(64))  # a bias, to see where it goes
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert "lm_head.bias" in skipped and "model.norm.weight" in skipped
+    assert "model.layers.0.attn.q_log_scale" in skipped and "model.layers.1.attn.k_log_scale" in skipped
+    assert "model.layers.0.attn_norm.weight" in skipped and "model.layers.0.mlp_norm.weight" in skipped
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "model.embed_tokens.weight" in decayed and "model.layers.0.attn.q_proj.weight" in decayed
+    assert len(skipped) + len(decayed) == len(names)
+
+
+def test_config_errors_name_the_argument(data, tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        train(tiny_config(data, tmp_path, "batch_size=6", "micro_batch_size=4"), progress=False)
+    with pytest.raises(ValueError, match="`data`"):
+        train(tiny_config(tmp_path / "missing", tmp_path), progress=False)
+    with pytest.raises(ValueError, match="hidden_sise"):
+        train(tiny_config(data, tmp_path, "model.hidden_sise=64"), progress=False)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(tiny_config(data, tmp_path, "model.vocab_size=100"), progress=False)
+    assert math.isfinite(train(tiny_config(data, tmp_path, "max_steps=1"), progress=False)["history"][0]["train/loss"])
