@@ -9,6 +9,8 @@ import sys
 import torch
 
 from . import __version__
+from .lm.cli import add_lm_commands
+from .mqar.cli import add_mqar_commands
 from .ops.ram_attention import PATHS
 
 
@@ -33,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the version, devices and available execution paths")
     info.set_defaults(func=cmd_info)
+
+    add_mqar_commands(sub)
+    add_lm_commands(sub)
     return parser
 
 

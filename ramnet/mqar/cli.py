@@ -1,0 +1,119 @@
+"""``ramnet mqar`` (train, evaluate, table, plot) and ``ramnet mqar plot`` (redraw from the JSONL)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .train import PRESETS, check_preset, describe_cuts, format_table, get_preset, load_rows, run_preset
+
+
+def add_mqar_commands(sub) -> None:
+    """Add the ``mqar`` subcommand to the ``ramnet`` parser's subparsers."""
+    mqar = sub.add_parser(
+        "mqar", help="train and evaluate models on MQAR (multi-query associative recall)",
+        description="Train the synthetic-task LM with each token mixer of a preset, sweep the lr, print "
+                    "the best-lr table and plot accuracy vs state size. `ramnet mqar plot` redraws the "
+                    "figures from the results file.")
+    mqar.add_argument("--preset", default="quick", choices=list(PRESETS),
+                      help="quick (default): a few CPU minutes; paper: the spec protocol; ablation-u / "
+                           "ablation-m: RAM-Net at fixed M over U, and over M at fixed U")
+    mqar.add_argument("--config", help="a JSON preset file instead of --preset (see --dump-config)")
+    mqar.add_argument("--models", type=_csv(str), help="run only these models of the preset (comma-separated)")
+    mqar.add_argument("--d-models", dest="d_models", type=_csv(int), help="override the d_model sweep")
+    mqar.add_argument("--lrs", type=_csv(float), help="override the lr sweep (comma-separated)")
+    mqar.add_argument("--epochs", type=int, help="override the number of epochs")
+    mqar.add_argument("--seed", type=int, help="override the seed (model init and data)")
+    mqar.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    mqar.add_argument("--out", default="mqar_results", help="results folder (default: mqar_results)")
+    mqar.add_argument("--dump-config", action="store_true", help="print the preset as JSON and exit")
+    mqar_sub = mqar.add_subparsers(dest="mqar_command")
+    plot = mqar_sub.add_parser("plot", help="draw the PNG figures from OUT/results.jsonl")
+    # SUPPRESS: without --out here, `ramnet mqar --out DIR plot` keeps DIR.
+    plot.add_argument("--out", default=argparse.SUPPRESS, help="results folder (default: mqar_results)")
+    mqar.set_defaults(func=cmd_mqar)
+
+
+def _csv(kind):
+    """argparse type: a comma-separated list of ``kind``."""
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def preset_from_args(args: argparse.Namespace) -> dict:
+    """The preset to run: a named one or a JSON file, with the command line's overrides."""
+    if args.config:
+        path = Path(args.config)
+        try:
+            preset = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read the preset file {path}: {err}") from err
+        if not isinstance(preset, dict):
+            raise ValueError(f"the preset file {path} must hold a JSON object")
+        preset.setdefault("name", path.stem)
+    else:
+        preset = get_preset(args.preset)
+    if args.models:
+        unknown = [m for m in args.models if m not in preset.get("models", {})]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; this preset has: {', '.join(preset.get('models', {}))}")
+        preset["models"] = {m: preset["models"][m] for m in args.models}
+    for key in ("d_models", "lrs", "epochs", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            preset[key] = value
+    if args.lrs is not None and isinstance(preset.get("models"), dict):  # an explicit sweep replaces per-model ones
+        for entry in preset["models"].values():
+            if isinstance(entry, dict):
+                entry.pop("lrs", None)
+    return check_preset(preset)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"bad --device {name!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def cmd_mqar(args: argparse.Namespace) -> int:
+    from .plot import plot_results  # matplotlib loads only when a figure is drawn
+
+    out = Path(args.out)
+    try:
+        if args.mqar_command == "plot":
+            rows = load_rows(out / "results.jsonl")
+        else:
+            preset = preset_from_args(args)
+            if args.dump_config:
+                print(json.dumps(preset, indent=1))
+                return 0
+            device = _device(args.device)
+            print(f"MQAR preset {preset['name']}: {preset.get('description', '')}")
+            print(f"device {device}, results appended to {out / 'results.jsonl'}")
+            cuts = describe_cuts(preset)
+            if cuts:
+                print("cut or changed from the paper protocol (spec section 8):")
+            for line in cuts:
+                print(f"  {line}")
+            rows = run_preset(preset, out, device)
+    except (ValueError, ImportError, FileNotFoundError) as err:
+        print(f"ramnet mqar: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    for path in plot_results(rows, out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,76 @@
+"""Figures from the JSONL results: accuracy vs state size, and the two RAM-Net ablations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .train import best_runs
+
+
+def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Write one PNG per kind of result present in ``rows``; return their paths.
+
+    - ``mqar_accuracy_vs_state.png``: for every non-ablation preset, one panel of the best-lr
+      average accuracy of each (model, d_model) against its total state size (floats, log x),
+      one line per model through its d_models (the RAM-Net paper's MQAR figure).
+    - ``mqar_ablation_u.png`` / ``mqar_ablation_m.png``: accuracy against U at fixed M, and
+      against M at fixed U (the paper's Fig. 4), one line per d_model.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    best = best_runs(rows)
+    written = []
+    main = [r for r in best if not r.get("ablation") and r["state_size"] is not None]
+    if main:
+        presets = list(dict.fromkeys(r["preset"] for r in main))
+        fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
+        for ax, preset in zip(axes[0], presets):
+            for model in dict.fromkeys(r["model"] for r in main if r["preset"] == preset):
+                pts = sorted((r["state_size"], r["avg_accuracy"], r["d_model"]) for r in main
+                             if r["preset"] == preset and r["model"] == model)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+                for x, y, d in pts:
+                    ax.annotate(f"d={d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=line.get_color())
+            ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="state size (floats, all layers)",
+                   ylabel="average accuracy (7 test settings)", title=f"MQAR: {preset}")
+            ax.margins(x=0.12)  # room for the labels of the outermost points
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / "mqar_accuracy_vs_state.png"))
+    for kind, xlabel in (("U", "U (partitions) at M = d_p^U fixed"), ("M", "M = d_p^U memory slots at U fixed")):
+        abl = [r for r in best if r.get("ablation") == kind]
+        if not abl:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for d_model in sorted({r["d_model"] for r in abl}):
+            pts = sorted((_ram_x(r, kind), r["avg_accuracy"]) for r in abl if r["d_model"] == d_model)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"d_model {d_model}")
+        ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel=xlabel, ylabel="average accuracy (7 test settings)",
+               title=f"RAM-Net ablation over {kind}")
+        if kind == "U":
+            xs = sorted({_ram_x(r, kind) for r in abl})
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out_dir / f"mqar_ablation_{kind.lower()}.png"))
+    return written
+
+
+def _ram_x(row: dict, kind: str) -> int:
+    kwargs = row["mixer"]["kwargs"]
+    return kwargs["num_partitions"] if kind == "U" else kwargs["partition_dim"] ** kwargs["num_partitions"]
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

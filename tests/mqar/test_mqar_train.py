@@ -1,0 +1,144 @@
+"""MQAR trainer, presets and the `ramnet mqar` command, end to end on a tiny quick preset."""
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ramnet.cli import main
+from ramnet.mqar.train import (PAPER, PRESETS, best_runs, check_preset, describe_cuts, evaluate, format_table,
+                               get_preset)
+
+
+def test_paper_preset_is_the_spec_protocol():
+    assert PAPER["vocab_size"] == 8192
+    assert PAPER["train"] == [[64, 4, 100_000], [128, 8, 20_000], [256, 16, 20_000], [256, 32, 20_000],
+                              [256, 64, 20_000]]
+    assert PAPER["test"] == [[64, 4, 1000], [64, 8, 1000], [64, 16, 1000], [128, 32, 1000], [256, 64, 1000],
+                             [512, 128, 1000], [1024, 256, 1000]]
+    assert PAPER["batch_size"] == 256 and PAPER["epochs"] == 32 and PAPER["early_stop"] == 0.99
+    assert PAPER["weight_decay"] == 0.1 and PAPER["d_models"] == [64, 128, 256]
+    torch.testing.assert_close(torch.tensor(PAPER["lrs"], dtype=torch.float64), torch.logspace(-3, -1.5, 4, dtype=torch.float64))
+    assert PAPER["model"]["n_layers"] == 2 and PAPER["model"]["short_conv"] == 3
+    assert describe_cuts(PAPER) == []
+
+
+def test_presets_are_valid_and_quick_says_what_it_cuts():
+    for name in PRESETS:
+        check_preset(get_preset(name))
+    quick = get_preset("quick")
+    assert set(quick["models"]) == {"ramnet", "attention", "sliding_window", "linear_attention"}
+    assert quick["d_models"] == [64]
+    assert [L for L, _, _ in quick["test"]] == [L for L, _, _ in PAPER["test"]]  # all seven settings
+    cuts = "\n".join(describe_cuts(quick))
+    assert "vocab_size: 1024 instead of 8192" in cuts and "epochs" in cuts and "(L=256, N=64): 0 examples" in cuts
+    m = {(e["mixer"]["kwargs"]["num_partitions"], e["mixer"]["kwargs"]["partition_dim"])
+         for e in get_preset("ablation-u")["models"].values()}
+    assert m == {(1, 4096), (2, 64), (3, 16), (4, 8), (6, 4), (12, 2)}  # all M = 4096
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda p: p.pop("epochs"), "missing keys"),
+    (lambda p: p.update(bogus=1), "unknown keys"),
+    (lambda p: p.update(train=[[64, 4]]), "seq_len, kv_pairs, examples"),
+    (lambda p: p.update(test=[[63, 4, 10]]), "must be even"),
+    (lambda p: p.update(lrs=[]), "lrs"),
+    (lambda p: p.update(lrs=[-1e-3]), "lrs"),
+    (lambda p: p.update(d_models=[64.0]), "d_models"),
+    (lambda p: p.update(batch_size=0), "batch_size"),
+    (lambda p: p.update(models={"x": {"mixer": {"name": "attention"}, "extra": 1}}), "an entry is"),
+    (lambda p: p.update(models={"x": {"mixer": {"name": "attention"}, "lrs": "1e-3"}}), "lrs"),
+    (lambda p: p.update(model={"n_layer": 2}), "keys among"),
+    (lambda p: p.update(models={"x": {"mixer": {"name": "attention"}, "model": {"conv": 0}}}), "keys among"),
+    (lambda p: p.update(early_stop="0.99"), "early_stop"),
+])
+def test_bad_presets_raise(change, match):
+    preset = get_preset("quick")
+    change(preset)
+    with pytest.raises(ValueError, match=match):
+        check_preset(preset)
+
+
+class CopyInput(nn.Module):
+    """Predicts the input token at each selected position."""
+
+    def forward(self, x, select):
+        return nn.functional.one_hot(x[select], 16).float()
+
+
+def test_accuracy_is_a_mean_over_examples_of_per_example_means():
+    x = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    y = torch.full_like(x, -100)
+    y[0, 0] = 1  # row 0: 1 label, right        -> 1.0
+    y[1, :3] = torch.tensor([5, 0, 0])  # row 1: 3 labels, 1 right -> 1/3
+    acc = evaluate(CopyInput(), [{"seq_len": 4, "kv_pairs": 9, "inputs": x, "labels": y}], batch_size=1)
+    assert acc == {"L4/N9": pytest.approx((1.0 + 1 / 3) / 2)}  # a pooled mean would give 2/4
+
+
+def test_best_lr_selection_and_table():
+    rows = [{"preset": "p", "model": "a", "d_model": 64, "lr": lr, "avg_accuracy": acc, "state_size": 10,
+             "accuracy": {"L64/N4": acc}} for lr, acc in ((1e-3, 0.5), (1e-2, 0.9), (3e-2, 0.7))]
+    rows.append({**rows[0], "model": "b", "state_size": None})
+    best = best_runs(rows)
+    assert [(r["model"], r["lr"]) for r in best] == [("a", 1e-2), ("b", 1e-3)]
+    table = format_table(rows)
+    assert "0.900" in table and "0.01" in table and "?" in table and "preset" not in table
+
+
+def _tiny_quick():
+    """The quick preset, same models and protocol, with every size shrunk to seconds."""
+    preset = copy.deepcopy(PRESETS["quick"])
+    preset.update(vocab_size=64, train=[[16, 2, 64], [32, 4, 32]], test=[[16, 2, 16], [32, 4, 16]],
+                  batch_size=16, test_batch_size=8, epochs=2, d_models=[16], name="tiny-quick")
+    return preset
+
+
+def test_quick_preset_end_to_end_on_a_tiny_size(tmp_path, capsys):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(_tiny_quick()))
+    out = tmp_path / "res"
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "vocab_size: 64 instead of 8192" in printed
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["ramnet", "attention", "sliding_window", "linear_attention"]
+    for r in rows:
+        assert set(r["accuracy"]) == {"L16/N2", "L32/N4"}
+        assert 0.0 <= r["avg_accuracy"] <= 1.0 and r["state_size"] > 0 and r["device"].startswith("cpu")
+        assert {"mixer", "lr", "wall_time_s", "git_rev", "d_model", "epochs_run"} <= set(r)
+    assert rows[0]["state_size"] == 16 * 3 + 2 * 16 ** 2 * (8 + 1)
+    for r in rows:
+        assert f"{r['model']}" in printed
+    png = out / "mqar_accuracy_vs_state.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # same seed, same results; the plot subcommand redraws from the JSONL (now 8 rows)
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--models", "attention"]) == 0
+    rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows2[-1]["accuracy"] == rows[1]["accuracy"]
+    png.unlink()
+    assert main(["mqar", "--out", str(out), "plot"]) == 0
+    assert png.exists()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["mqar", "--models", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model(s) ['nope']" in capsys.readouterr().err
+    assert main(["mqar", "--preset", "paper", "--models", "gla", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["mqar", "--config", str(bad)]) == 2
+    assert "cannot read the preset file" in capsys.readouterr().err
+    assert main(["mqar", "plot", "--out", str(tmp_path / "none")]) == 2
+    assert "no results" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["mqar", "--preset", "nope"])
+
+
+def test_dump_config_round_trips(tmp_path, capsys):
+    assert main(["mqar", "--preset", "ablation-m", "--lrs", "0.001,0.01", "--epochs", "3", "--dump-config"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert dumped["lrs"] == [0.001, 0.01] and dumped["epochs"] == 3 and dumped["ablation"] == "M"
+    assert check_preset(dumped) == dumped
