@@ -35,7 +35,7 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
                 for x, y, d in pts:
                     ax.annotate(f"d={d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=line.get_color())
-            ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="state size (floats, all layers)",
+            ax.set(xscale="log", ylim=(-0.02, 1.06), xlabel="state size (floats, all layers)",
                    ylabel="average accuracy (7 test settings)", title=f"MQAR: {preset}")
             ax.margins(x=0.12)  # room for the labels of the outermost points
             ax.grid(True, which="both", alpha=0.3)
