@@ -93,7 +93,8 @@ def cmd_harness(args: argparse.Namespace) -> int:
 @_reports_errors("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..models import RAMNetCache
-    from .evaluate import load, resolve_device
+    from ..devices import resolve_device
+    from .evaluate import load
     from .generate import state_bytes, stream_text
 
     model, tok = load(args.model, resolve_device(args.device))

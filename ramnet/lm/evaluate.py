@@ -18,20 +18,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import models  # noqa: F401  (registers RAM-Net with the Auto classes)
+from ..devices import resolve_device
 from .corpus import documents, held_out
 from .tokenizer import encode_batch
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was asked for, but torch sees no CUDA GPU")
-    return device
 
 
 def load(model_dir: str | Path, device: torch.device):

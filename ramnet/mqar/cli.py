@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
+from ..devices import resolve_device
 from .train import PRESETS, check_preset, describe_cuts, format_table, get_preset, load_rows, run_preset
 
 
@@ -77,18 +77,6 @@ def preset_from_args(args: argparse.Namespace) -> dict:
     return check_preset(preset)
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"bad --device {name!r}: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def cmd_mqar(args: argparse.Namespace) -> int:
     from .plot import plot_results  # matplotlib loads only when a figure is drawn
 
@@ -101,7 +89,7 @@ def cmd_mqar(args: argparse.Namespace) -> int:
             if args.dump_config:
                 print(json.dumps(preset, indent=1))
                 return 0
-            device = _device(args.device)
+            device = resolve_device(args.device)
             print(f"MQAR preset {preset['name']}: {preset.get('description', '')}")
             print(f"device {device}, results appended to {out / 'results.jsonl'}")
             cuts = describe_cuts(preset)
