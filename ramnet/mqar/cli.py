@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from ..devices import resolve_device
 from .train import PRESETS, check_preset, describe_cuts, format_table, get_preset, load_rows, run_preset
 
