@@ -6,7 +6,9 @@ from .ram_attention import (
     naive_ram_attention,
     parallel_ram_attention,
     ram_attention,
+    ram_decode_step,
     recurrent_ram_attention,
+    triton_ram_attention,
 )
 
 __all__ = [
@@ -15,5 +17,7 @@ __all__ = [
     "naive_ram_attention",
     "recurrent_ram_attention",
     "parallel_ram_attention",
+    "triton_ram_attention",
+    "ram_decode_step",
     "RAMState",
 ]

@@ -24,14 +24,24 @@ def token_positions(batch: int, seq_len: int, offset: torch.Tensor, cu_seqlens: 
     return seq, t - cu_seqlens[seq] + offset[seq]
 
 
-def decode_tokens(q: torch.Tensor, k: torch.Tensor, spec: RAMSpec, positions: torch.Tensor):
+def decode_tokens(q: torch.Tensor, k: torch.Tensor, spec: RAMSpec, positions: torch.Tensor, use_triton: bool = False):
     """Write/read slots and weights of every token, CAPE applied, plus the write decay.
 
-    Returns ``write_idx, write_w, decay, read_idx, read_w``, each ``[B, T, H, K]``.
+    Returns ``write_idx, write_w, decay, read_idx, read_w``, each ``[B, T, H, K]``; with
+    ``use_triton`` the fused Triton decoder computes the addresses (weights in fp32).
     """
     # Keys and queries decoded in one batch: half the (many, small) kernel launches.
-    index, weight = beam_topk(torch.stack([k, q]), spec.num_partitions, spec.topk, spec.tau)
-    index = cape_shift(index.flatten(0, 1), positions.repeat(2, 1), spec.cape, spec.memory_slots).view(index.shape)
+    x = torch.stack([k, q])
+    if use_triton:
+        from ..address.triton import triton_beam_topk  # imports triton
+
+        shift = (positions[:, :, None] * spec.cape.to(positions.dtype)).expand(2, *x.shape[1:4])
+        index, weight = triton_beam_topk(x.reshape(-1, x.shape[-1]), spec.num_partitions, spec.topk, spec.tau,
+                                         shift=shift.reshape(-1))
+        index, weight = index.view(*x.shape[:4], -1), weight.view(*x.shape[:4], -1)
+    else:
+        index, weight = beam_topk(x, spec.num_partitions, spec.topk, spec.tau)
+        index = cape_shift(index.flatten(0, 1), positions.repeat(2, 1), spec.cape, spec.memory_slots).view(index.shape)
     (write_idx, read_idx), (write_w, read_w) = index.unbind(0), weight.unbind(0)
     decay = proxy_decay(write_w, spec.gamma[:, None].to(write_w.dtype), spec.proxy_eps)
     return write_idx, write_w, decay, read_idx, read_w
@@ -59,3 +69,23 @@ def empty_state(q: torch.Tensor, v: torch.Tensor, spec: RAMSpec, cu_seqlens) -> 
     return RAMState.empty(
         num_sequences(q, cu_seqlens), q.shape[2], spec.memory_slots, v.shape[-1], dtype=q.dtype, device=q.device
     )
+
+
+def by_row(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, ...] -> [B*H, T, ...]``: one row per (batch row, head)."""
+    batch, seq_len, heads = x.shape[:3]
+    return x.transpose(1, 2).reshape(batch * heads, seq_len, *x.shape[3:])
+
+
+def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None):
+    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots, the
+    permutation and a flag marking where a new (sequence, slot) segment starts."""
+    sorted_slots, perm = torch.sort(slots, dim=-1, stable=True)
+    boundary = sorted_slots[:, 1:] != sorted_slots[:, :-1]
+    if event_seq is not None:  # a second stable sort makes the sequence the major key
+        sorted_seq, perm_seq = torch.sort(event_seq.gather(1, perm), dim=-1, stable=True)
+        perm = perm.gather(1, perm_seq)
+        sorted_slots = sorted_slots.gather(1, perm_seq)
+        boundary = (sorted_slots[:, 1:] != sorted_slots[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
+    first = torch.ones_like(boundary[:, :1])
+    return sorted_slots, perm, torch.cat([first, boundary], dim=1)

@@ -6,25 +6,16 @@ from numbers import Integral
 
 import torch
 
-from ..checks import (
-    check_choice,
-    check_finite,
-    check_float_tensor,
-    check_positive,
-    check_same,
-    check_topk,
-    compute_dtype,
-    memory_geometry,
-    per_head,
-)
+from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
+from ..triton_support import HAS_TRITON
 from .naive import naive_forward
 from .parallel import parallel_forward
 from .recurrent import recurrent_forward
-from .spec import RAMSpec
+from .spec import DEFAULT_PROXY_EPS, build_spec
 from .state import RAMState
+from .triton import triton_forward
 
-PATHS = {"naive": naive_forward, "recurrent": recurrent_forward, "parallel": parallel_forward}
-DEFAULT_PROXY_EPS = 1e-2
+PATHS = {"naive": naive_forward, "recurrent": recurrent_forward, "parallel": parallel_forward, "triton": triton_forward}
 
 
 def ram_attention(
@@ -59,7 +50,8 @@ def ram_attention(
         initial_state: a ``RAMState`` (or ``(S, z, offset)``) with one entry per sequence.
         output_final_state: return the state after the last token.
         cu_seqlens: int ``[N+1]`` offsets of N packed sequences (needs B = 1).
-        mode: ``"naive"``, ``"recurrent"``, ``"parallel"`` or None (best for the input).
+        mode: ``"naive"``, ``"recurrent"``, ``"parallel"``, ``"triton"`` or None (best for the
+            input, see ``default_mode``).
         inplace_state: decoding without autograd: update ``initial_state``'s tensors in place
             (K rows per token instead of a copy of the whole state) and return it as the final
             state. Runs the recurrent path; the state must be in the compute dtype (fp32, or
@@ -80,27 +72,10 @@ def ram_attention(
     batch, seq_len, heads, d_k = q.shape
     if seq_len < 1 or heads < 1 or v.shape[-1] < 1:
         raise ValueError(f"q and v need at least one token, head and value channel, got {tuple(q.shape)}, {tuple(v.shape)}")
-    d_p, memory_slots = memory_geometry(d_k, num_partitions)
-    topk = check_topk(topk, memory_slots)
     compute = compute_dtype(q.dtype)
-    gamma_h = per_head("gamma", gamma, heads, compute, q.device)
-    if not bool(torch.isfinite(gamma_h).all()) or bool((gamma_h < 0).any()):
-        raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    cape_h = per_head("cape", cape, heads, torch.bool, q.device)
-    if isinstance(cape, torch.Tensor) and cape.dtype != torch.bool:
-        raise ValueError(f"cape must be a bool or a bool tensor of shape [H], got dtype {cape.dtype}")
-    spec = RAMSpec(
-        num_partitions=int(num_partitions),
-        partition_dim=d_p,
-        memory_slots=memory_slots,
-        topk=topk,
-        tau=check_positive("tau", tau),
-        eps=check_positive("eps", eps, allow_zero=True),
-        proxy_eps=check_positive("proxy_eps", proxy_eps, upper=1.0),
-        gamma=gamma_h,
-        cape=cape_h,
-        inplace_state=bool(inplace_state),
-    )
+    spec = build_spec(heads, d_k, num_partitions=num_partitions, topk=topk, gamma=gamma, tau=tau, eps=eps,
+                      proxy_eps=proxy_eps, cape=cape, dtype=compute, device=q.device, inplace_state=inplace_state)
+    memory_slots = spec.memory_slots
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, q)
     num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
@@ -110,13 +85,21 @@ def ram_attention(
     if inplace_state:
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
-        mode = "recurrent" if seq_len == 1 else "parallel"
+        mode = default_mode(q, seq_len)
     check_choice("mode", mode, (None, *sorted(PATHS)))
 
     o, final = PATHS[mode](
         q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or inplace_state), cu_seqlens
     )
     return o.to(v.dtype), final
+
+
+def default_mode(q: torch.Tensor, seq_len: int) -> str:
+    """One token: the recurrent step (a Triton kernel on CUDA without autograd). Otherwise the
+    Triton kernels on CUDA when Triton is installed, else the torch parallel path."""
+    if seq_len == 1:
+        return "recurrent"
+    return "triton" if q.device.type == "cuda" and HAS_TRITON else "parallel"
 
 
 def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:

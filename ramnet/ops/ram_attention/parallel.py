@@ -15,29 +15,9 @@ from __future__ import annotations
 import torch
 
 from ..pdma import segment_pdma
-from .common import decode_tokens, num_sequences, token_positions
+from .common import by_row, decode_tokens, num_sequences, sort_events, token_positions
 from .spec import RAMSpec
 from .state import RAMState
-
-
-def _by_row(x: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H, ...] -> [B*H, T, ...]``: one row per (batch row, head)."""
-    batch, seq_len, heads = x.shape[:3]
-    return x.transpose(1, 2).reshape(batch * heads, seq_len, *x.shape[3:])
-
-
-def _sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None):
-    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots, the
-    permutation and a flag marking where a new (sequence, slot) segment starts."""
-    sorted_slots, perm = torch.sort(slots, dim=-1, stable=True)
-    boundary = sorted_slots[:, 1:] != sorted_slots[:, :-1]
-    if event_seq is not None:  # a second stable sort makes the sequence the major key
-        sorted_seq, perm_seq = torch.sort(event_seq.gather(1, perm), dim=-1, stable=True)
-        perm = perm.gather(1, perm_seq)
-        sorted_slots = sorted_slots.gather(1, perm_seq)
-        boundary = (sorted_slots[:, 1:] != sorted_slots[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
-    first = torch.ones_like(boundary[:, :1])
-    return sorted_slots, perm, torch.cat([first, boundary], dim=1)
 
 
 def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
@@ -53,11 +33,11 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions)
 
     # Events of row r laid out [T, 2K] (K writes then K reads per step), sorted by (sequence, slot).
-    slots = torch.cat([_by_row(write_idx), _by_row(read_idx)], dim=-1).reshape(rows, 2 * events)
+    slots = torch.cat([by_row(write_idx), by_row(read_idx)], dim=-1).reshape(rows, 2 * events)
     event_seq = None
     if cu_seqlens is not None:
         event_seq = seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
-    sorted_slots, perm, new_segment = _sort_events(slots, event_seq)
+    sorted_slots, perm, new_segment = sort_events(slots, event_seq)
     segment = new_segment.cumsum(1)
     step, lane = perm // (2 * topk), perm % (2 * topk)
     is_write = lane < topk
@@ -96,14 +76,14 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     h0 = miss_rows = None
     if initial_state is not None:
         h0 = init_flat[state_row(w_step, w_slot)].view(-1, width)
-        r_slot = _by_row(read_idx).reshape(rows, events)
+        r_slot = by_row(read_idx).reshape(rows, events)
         miss_rows = init_flat[state_row(torch.arange(events, device=device) // topk, r_slot)].view(-1, width)
-    v_ext = torch.cat([_by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1).view(rows * seq_len, width)
+    v_ext = torch.cat([by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1).view(rows * seq_len, width)
     o, h = segment_pdma(
-        _by_row(decay).reshape(rows, events).gather(1, w_src).view(-1),
-        _by_row(write_w).reshape(rows, events).gather(1, w_src).view(-1),
+        by_row(decay).reshape(rows, events).gather(1, w_src).view(-1),
+        by_row(write_w).reshape(rows, events).gather(1, w_src).view(-1),
         v_ext,
-        _by_row(read_w).reshape(-1),
+        by_row(read_w).reshape(-1),
         write_token=(w_step + torch.arange(rows, device=device)[:, None] * seq_len).view(-1),
         seg_start=w_start.view(-1),
         read_src=src.view(-1),

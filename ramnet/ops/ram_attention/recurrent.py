@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..triton_support import HAS_TRITON
 from .common import empty_state, decode_tokens, run_per_sequence
 from .spec import RAMSpec
 from .state import RAMState
@@ -39,12 +40,16 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
     S, z = state.S, state.z
     if not needs_grad and not spec.inplace_state:  # one copy, then every step updates K rows in place
         S, z = S.clone(), z.clone()
+    kernel = None
+    if not needs_grad and S.device.type == "cuda" and HAS_TRITON:  # one launch per step
+        from .triton_step import pdma_step_triton as kernel
     outputs = []
     for t in range(seq_len):
-        S, z, o = pdma_step(
-            S, z, write_idx[:, t], write_w[:, t], decay[:, t], v[:, t], read_idx[:, t], read_w[:, t],
-            spec.eps, inplace=not needs_grad,
-        )
+        step = (write_idx[:, t], write_w[:, t], decay[:, t], v[:, t], read_idx[:, t], read_w[:, t])
+        if kernel is not None:
+            outputs.append(kernel(S, z, *step, spec.eps))
+            continue
+        S, z, o = pdma_step(S, z, *step, spec.eps, inplace=not needs_grad)
         outputs.append(o)
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape)
     return o, RAMState(S, z, state.offset + seq_len)

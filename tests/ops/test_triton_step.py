@@ -1,0 +1,159 @@
+"""The Triton decoding step against the torch step (``pdma_step``) and the recurrent path.
+
+On CPU the kernel runs under Triton's interpreter:
+    TRITON_INTERPRET=1 python -m pytest -q tests/ops/test_triton_step.py
+"""
+
+import inspect
+from functools import partial
+
+import pytest
+import torch
+
+from ramnet.ops import RAMState, ram_attention
+from ramnet.ops.ram_attention import pdma_step
+from ramnet.ops.ram_attention.common import decode_tokens
+from ramnet.ops.triton_support import triton_runs_on
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not triton_runs_on(DEVICE), reason="Triton cannot run here (on CPU it needs TRITON_INTERPRET=1)"
+)
+
+if triton_runs_on(DEVICE):
+    from ramnet.ops.ram_attention.triton_step import decode_spec, pdma_step_triton, ram_decode_step
+
+
+def _addresses(batch, heads, slots, topk, overlap, gen):
+    """Distinct write slots per row; read slots disjoint from them ("none"), the same slots in
+    another order ("all"), or about half of them shared ("partial")."""
+    write, read = [], []
+    for _ in range(batch * heads):
+        perm = torch.randperm(slots, generator=gen)
+        w = perm[:topk]
+        if overlap == "none":
+            r = perm[topk : 2 * topk]
+        elif overlap == "all":
+            r = w[torch.randperm(topk, generator=gen)]
+        else:
+            shared = (topk + 1) // 2
+            r = torch.cat([w[:shared], perm[topk : 2 * topk - shared]])[torch.randperm(topk, generator=gen)]
+        write.append(w)
+        read.append(r)
+    shape = (batch, heads, topk)
+    return torch.stack(write).view(shape), torch.stack(read).view(shape)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, slots, d_v, topk, overlap, v_dtype, strided",
+    [
+        (2, 3, 64, 16, 4, "none", torch.float32, False),
+        (2, 3, 64, 20, 5, "partial", torch.float32, False),  # d_v, K not powers of two
+        (1, 4, 32, 7, 8, "all", torch.bfloat16, False),
+        (3, 2, 16, 12, 1, "all", torch.float32, True),  # K = 1; S and z views of larger tensors
+        (1, 2, 64, 600, 8, "partial", torch.float32, False),  # several d_v tiles
+    ],
+)
+def test_kernel_matches_pdma_step(batch, heads, slots, d_v, topk, overlap, v_dtype, strided):
+    gen = torch.Generator().manual_seed(slots + d_v + topk)
+    S0 = torch.randn(batch, heads, slots, d_v + 3, generator=gen)[..., :d_v]
+    z0 = (torch.rand(batch, heads, slots, 2, generator=gen) + 0.1)[..., 0]
+    if not strided:
+        S0, z0 = S0.contiguous(), z0.contiguous()
+    write_idx, read_idx = _addresses(batch, heads, slots, topk, overlap, gen)
+    write_w, decay, read_w = (torch.rand(batch, heads, topk, generator=gen) for _ in range(3))
+    v = torch.randn(batch, heads, d_v, generator=gen).to(v_dtype)
+    moved = [x.to(DEVICE) for x in (write_idx, write_w, decay, v, read_idx, read_w)]
+
+    S_ref, z_ref = S0.clone().to(DEVICE), z0.clone().to(DEVICE)
+    _, _, o_ref = pdma_step(S_ref, z_ref, *moved[:3], moved[3].float(), *moved[4:], 1e-6, inplace=True)
+    S = torch.randn(batch, heads, slots, d_v + 3)[..., :d_v].copy_(S0).to(DEVICE) if strided else S0.clone().to(DEVICE)
+    z = torch.rand(batch, heads, slots, 2)[..., 0].copy_(z0).to(DEVICE) if strided else z0.clone().to(DEVICE)
+    if strided and DEVICE == "cpu":
+        assert not S.is_contiguous() and not z.is_contiguous()
+    o = pdma_step_triton(S, z, *moved, 1e-6)
+
+    assert o.dtype == torch.float32 and o.shape == (batch, heads, d_v)
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(S, S_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-6)
+    written = torch.zeros(batch, heads, slots, dtype=torch.bool).scatter_(2, write_idx, True).to(DEVICE)
+    assert torch.equal(S[~written], S0.to(DEVICE)[~written])  # untouched rows: bit for bit
+    assert torch.equal(z[~written], z0.to(DEVICE)[~written])
+
+
+def _decode_problem(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, steps, heads, d_k, d_v = 2, 6, 4, 12, 10
+    q, k = (torch.randn(batch, steps, heads, d_k, generator=gen) * 1.5 for _ in range(2))
+    v = torch.randn(batch, steps, heads, d_v, generator=gen)
+    state = RAMState(torch.randn(batch, heads, 64, d_v, generator=gen),
+                     torch.rand(batch, heads, 64, generator=gen) + 0.1, torch.tensor([0, 9]))
+    return [x.to(DEVICE, dtype) for x in (q, k, v)], RAMState(*(x.to(DEVICE) for x in state))
+
+
+HYPER = dict(num_partitions=3, topk=5, gamma=torch.tensor([0.0, 0.5, 1.0, 2.0]),
+             cape=torch.tensor([True, False, True, False]))
+
+
+@pytest.mark.parametrize("triton_decode", [False, True], ids=["torch_decode", "triton_decode"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_match_recurrent_path(dtype, triton_decode):
+    if triton_decode and "use_triton" not in inspect.signature(decode_tokens).parameters:
+        pytest.skip("decode_tokens has no Triton address decoder")
+    (q, k, v), state = _decode_problem(dtype)
+    o_ref, final = ram_attention(q, k, v, initial_state=state, output_final_state=True, mode="recurrent", **HYPER)
+
+    spec = decode_spec(4, 12, device=DEVICE, **HYPER)
+    live = RAMState(*(x.clone() for x in state))
+    o = torch.stack([ram_decode_step(q[:, t], k[:, t], v[:, t], live, spec, triton_decode=triton_decode)
+                     for t in range(q.shape[1])], dim=1)
+
+    assert o.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(o, o_ref, **tol)
+    torch.testing.assert_close(live.S, final.S, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(live.z, final.z, rtol=1e-5, atol=1e-6)
+    assert torch.equal(live.offset, state.offset + q.shape[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("triton_decode", [False, True], ids=["torch_decode", "triton_decode"])
+def test_cuda_graph_replay_matches_eager_steps(triton_decode):
+    if triton_decode and "use_triton" not in inspect.signature(decode_tokens).parameters:
+        pytest.skip("decode_tokens has no Triton address decoder")
+    (q, k, v), state = _decode_problem(torch.bfloat16)
+    spec = decode_spec(4, 12, device="cuda", **HYPER)
+    step = partial(ram_decode_step, spec=spec, triton_decode=triton_decode)
+    eager_state = RAMState(*(x.clone() for x in state))
+    eager = [step(q[:, t], k[:, t], v[:, t], eager_state) for t in range(q.shape[1])]
+
+    graph_state = RAMState(*(x.clone() for x in state))
+    q_in, k_in, v_in = q[:, 0].clone(), k[:, 0].clone(), v[:, 0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernel) off the capturing stream
+        for _ in range(2):
+            step(q_in, k_in, v_in, graph_state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_out = step(q_in, k_in, v_in, graph_state)
+    for dst, src in zip(graph_state, state):  # warm-up and capture may have run the step: start over
+        dst.copy_(src)
+
+    replayed = []
+    for t in range(q.shape[1]):
+        q_in.copy_(q[:, t])
+        k_in.copy_(k[:, t])
+        v_in.copy_(v[:, t])
+        graph.replay()
+        replayed.append(o_out.clone())
+    torch.cuda.synchronize()
+    # The same kernels on the same numbers (up to the inputs' memory layout, and bf16 rounding of o).
+    for got, want in zip(replayed, eager):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(graph_state.S, eager_state.S, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(graph_state.z, eager_state.z, rtol=1e-6, atol=1e-6)
+    assert torch.equal(graph_state.offset, state.offset + q.shape[1])
