@@ -55,7 +55,7 @@ def _unit_shift(shift_ptr, rows, row_mask, M: tl.constexpr):
 @triton.jit
 def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                   KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                   KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -64,12 +64,12 @@ def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, ta
     score, index = _select_best(logp, entry, DP_PAD, KP, KB, BLOCK_N)
     for u in tl.static_range(1, U):
         logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD)
-        part, part_index = _select_best(logp, entry, DP_PAD, KP, KB, BLOCK_N)
+        part, part_index = _select_best(logp, entry, DP_PAD, KP, KPB, BLOCK_N)
         # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
         # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
-        cand = tl.reshape(score[:, :, None] + part[:, None, :], [BLOCK_N, KB * KB])
-        cand_index = tl.reshape(index[:, :, None] * DP + part_index[:, None, :], [BLOCK_N, KB * KB])
-        score, index = _select_best(cand, cand_index, KB * KB, K, KB, BLOCK_N)
+        cand = tl.reshape(score[:, :, None] + part[:, None, :], [BLOCK_N, KB * KPB])
+        cand_index = tl.reshape(index[:, :, None] * DP + part_index[:, None, :], [BLOCK_N, KB * KPB])
+        score, index = _select_best(cand, cand_index, KB * KPB, K, KB, BLOCK_N)
     if HAS_SHIFT:
         # (m - s) mod M without leaving [0, 2M): M <= 2**62 keeps this inside int64.
         index = (index - _unit_shift(shift_ptr, rows, row_mask, M)[:, None] + M) % M
@@ -110,6 +110,11 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
         tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < DP))
 
 
+# Launch shape: rows per program and warps (tuned on an H100 with benchmarks/tune_kernels.py).
+ROWS_PER_PROGRAM = None  # None: about 8K fp32 per tile
+NUM_WARPS = 4
+
+
 def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
     d_p = d_k // num_partitions
     memory_slots = d_p**num_partitions  # exact Python int: M may be 2**62
@@ -117,8 +122,10 @@ def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
     kb = max(2, triton.next_power_of_2(topk))  # >= 2: no size-1 tiles
     # About 8K fp32 per tile (the d_p row or the K*K candidates), so U=1 with d_p=4096 still fits.
     block_n = max(2, min(32, 8192 // max(dp_pad, kb * kb)))
+    if ROWS_PER_PROGRAM is not None:
+        block_n = min(block_n, ROWS_PER_PROGRAM)
     return dict(U=num_partitions, DP=d_p, DP_PAD=dp_pad, KB=kb, K_OUT=min(topk, memory_slots),
-                M=memory_slots, HAS_SHIFT=has_shift, BLOCK_N=block_n)
+                M=memory_slots, HAS_SHIFT=has_shift, BLOCK_N=block_n, num_warps=NUM_WARPS)
 
 
 class _BeamTopK(torch.autograd.Function):
@@ -131,7 +138,8 @@ class _BeamTopK(torch.autograd.Function):
         shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
         _beam_topk_fwd[grid](x, shift_arg, index, weight, n, x.stride(0), tau,
-                             K=topk, KP=min(topk, meta["DP"]), **meta)
+                             K=topk, KP=min(topk, meta["DP"]), KPB=max(2, triton.next_power_of_2(min(topk, meta["DP"]))),
+                             **meta)
         ctx.mark_non_differentiable(index)
         ctx.save_for_backward(x, shift, index, weight)
         ctx.meta, ctx.tau = meta, tau

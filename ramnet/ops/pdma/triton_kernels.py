@@ -4,7 +4,8 @@ Each (batch row, head) has a stream of 2K events per token, sorted by (sequence,
 time order inside each slot, writes of step t before its reads. Every event is one element of a
 segmented linear recurrence ``h_e = a_e * h_{e-1} + b_e`` over ``h = [S, z]``: a write has
 ``a = (1 - w)^gamma`` and ``b = w [v, 1]``, a read ``a = 1, b = 0``; the first event of a slot's
-segment folds the slot's initial content into ``b`` and cuts the chain (flag ``f``).
+segment folds the slot's initial content into ``b`` and gets ``a = 0``, which cuts the chain with
+no flag to carry through the scans.
 
 The stream of a row is cut into chunks (one program each) of blocks (one associative scan each):
 pass 1 reduces every chunk to its aggregate, pass 2 carries the aggregates across the chunks of a
@@ -20,26 +21,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _fwd_combine(a1, b1, f1, a2, b2, f2):
-    # Element 1 then element 2; a reset in 2 cuts what came before.
-    a = tl.where(f2 != 0, a2, a1 * a2)
-    b = tl.where(f2 != 0, b2, a2 * b1 + b2)
-    return a, b, f1 | f2
+def _fwd_combine(a1, b1, a2, b2):
+    # Element 1 then element 2. A segment start has a = 0, which cuts the chain by itself.
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
-def _bwd_combine(a1, b1, f1, a2, b2, f2):
-    # Adjoints run right to left: element 1 (earlier) receives what element 2 (later) passes on,
-    # unless 1 cuts the chain.
-    a = tl.where(f1 != 0, a1, a1 * a2)
-    b = tl.where(f1 != 0, b1, b1 + a1 * b2)
-    return a, b, f1 | f2
+def _bwd_combine(a1, b1, a2, b2):
+    # Adjoints run right to left: element 1 (earlier) receives what element 2 (later) passes on.
+    return a1 * a2, b1 + a1 * b2
 
 
 @triton.jit
-def _bwd_combine_reversed(a2, b2, f2, a1, b1, f1):
+def _bwd_combine_reversed(a2, b2, a1, b1):
     # associative_scan(reverse=True) passes (accumulated later part, earlier element).
-    return _bwd_combine(a1, b1, f1, a2, b2, f2)
+    return _bwd_combine(a1, b1, a2, b2)
 
 
 @triton.jit
@@ -60,6 +56,7 @@ def _events(offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_p
     a = tl.load(decay_ptr + w_idx, mask=is_write, other=1.0)
     w = tl.load(write_w_ptr + w_idx, mask=is_write, other=0.0)
     start = tl.load(start_ptr + ev, mask=inside, other=0) != 0
+    a_rec = tl.where(start, 0.0, a)
     cols = tl.arange(0, DV)
     cmask = cols[None, :] < D
     v = tl.load(v_ptr + tok[:, None] * D + cols[None, :], mask=is_write[:, None] & cmask, other=0.0)
@@ -72,18 +69,15 @@ def _events(offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_p
         h0z = tl.where(start, empty_z, 0.0)
     bS = w[:, None] * v + a[:, None] * h0S
     bz = w + a * h0z
-    return a, bS, bz, start.to(tl.int32), tok, w_idx, r_idx, is_write, is_read, w, v, h0S, h0z
+    return a, a_rec, bS, bz, start, tok, w_idx, r_idx, is_write, is_read, w, v, h0S, h0z
 
 
 @triton.jit
-def _scan_fwd(a, bS, bz, f, carryS, carryz, BLOCK: tl.constexpr, DV: tl.constexpr):
-    """Inclusive states of a block given the state before it."""
-    AS, hS, FS = tl.associative_scan((tl.broadcast_to(a[:, None], (BLOCK, DV)), bS,
-                                      tl.broadcast_to(f[:, None], (BLOCK, DV))), 0, _fwd_combine)
-    Az, hz, Fz = tl.associative_scan((a, bz, f), 0, _fwd_combine)
-    hS = hS + tl.where(FS == 0, AS * carryS[None, :], 0.0)
-    hz = hz + tl.where(Fz == 0, Az * carryz, 0.0)
-    return hS, hz
+def _scan_fwd(a, bS, bz, carryS, carryz, BLOCK: tl.constexpr, DV: tl.constexpr):
+    """Inclusive states of a block given the state before it (``a`` is 0 at segment starts)."""
+    AS, hS = tl.associative_scan((tl.broadcast_to(a[:, None], (BLOCK, DV)), bS), 0, _fwd_combine)
+    Az, hz = tl.associative_scan((a, bz), 0, _fwd_combine)
+    return hS + AS * carryS[None, :], hz + Az * carryz
 
 
 @triton.jit
@@ -94,40 +88,52 @@ def _pick(xS, xz, i, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _pick_scalar(x, i, BLOCK: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == i, x, tl.zeros_like(x)), 0)
+
+
+@triton.jit
 def fwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, agg_ptr,
                          E, T, D, NC, empty_z,
                          K: tl.constexpr, DV: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
                          HAS_H0: tl.constexpr):
-    """Pass 1: each chunk's aggregate [a, S (D), z, f] as if the state before it were zero."""
+    """Pass 1: each chunk's aggregate (a, z, S) as if the state before it were zero."""
     row, c = tl.program_id(0), tl.program_id(1)
     A = 1.0
-    F = 0
     BS = tl.zeros((DV,), tl.float32)
     Bz = 0.0
     for j in range(BLOCKS):
         offs = (c * BLOCKS + j) * BLOCK + tl.arange(0, BLOCK)
-        a, bS, bz, f, _, _, _, _, _, _, _, _, _ = _events(
+        _, a, bS, bz, _, _, _, _, _, _, _, _, _, _ = _events(
             offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, empty_z,
             K, DV, HAS_H0)
-        _, rS, _ = tl.reduce((tl.broadcast_to(a[:, None], (BLOCK, DV)), bS,
-                              tl.broadcast_to(f[:, None], (BLOCK, DV))), 0, _fwd_combine)
-        ra, rz, rf = tl.reduce((a, bz, f), 0, _fwd_combine)
-        BS = tl.where(rf != 0, rS, ra * BS + rS)
-        Bz = tl.where(rf != 0, rz, ra * Bz + rz)
-        A = tl.where(rf != 0, ra, A * ra)
-        F = F | rf
-    _store_aggregate(agg_ptr, row * NC + c, A, BS, Bz, F, D, DV)
+        # The block's aggregate is the last element of its inclusive scan (tl.reduce would need
+        # a commutative combine: on the GPU it combines lanes out of order).
+        _, rS = tl.associative_scan((tl.broadcast_to(a[:, None], (BLOCK, DV)), bS), 0, _fwd_combine)
+        ra, rz = tl.associative_scan((a, bz), 0, _fwd_combine)
+        rS, rz = _pick(rS, rz, BLOCK - 1, BLOCK)
+        ra = _pick_scalar(ra, BLOCK - 1, BLOCK)
+        BS = ra * BS + rS
+        Bz = ra * Bz + rz
+        A = A * ra
+    _store_aggregate(agg_ptr, row * NC + c, A, BS, Bz, D, DV)
 
 
 @triton.jit
-def _store_aggregate(agg_ptr, i, A, BS, Bz, F, D, DV: tl.constexpr):
-    # An aggregate row is [a, f, z, S_0 .. S_{D-1}].
-    base = agg_ptr + i.to(tl.int64) * (D + 3)
+def _store_aggregate(agg_ptr, i, A, BS, Bz, D, DV: tl.constexpr):
+    # An aggregate row is [a, z, S_0 .. S_{D-1}].
+    base = agg_ptr + i.to(tl.int64) * (D + 2)
     cols = tl.arange(0, DV)
     tl.store(base, A)
-    tl.store(base + 1, F.to(tl.float32))
-    tl.store(base + 2, Bz)
-    tl.store(base + 3 + cols, BS, mask=cols < D)
+    tl.store(base + 1, Bz)
+    tl.store(base + 2 + cols, BS, mask=cols < D)
+
+
+@triton.jit
+def _load_aggregate(agg_ptr, i, D, DV: tl.constexpr):
+    base = agg_ptr + i * (D + 2)
+    cols = tl.arange(0, DV)
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2 + cols, mask=cols < D, other=0.0)
 
 
 @triton.jit
@@ -141,13 +147,9 @@ def fwd_carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr):
         i = row.to(tl.int64) * NC + c
         tl.store(carry_ptr + i * (D + 1), cz)
         tl.store(carry_ptr + i * (D + 1) + 1 + cols, cS, mask=cols < D)
-        base = agg_ptr + i * (D + 3)
-        A = tl.load(base)
-        F = tl.load(base + 1)
-        Bz = tl.load(base + 2)
-        BS = tl.load(base + 3 + cols, mask=cols < D, other=0.0)
-        cS = tl.where(F != 0, BS, A * cS + BS)
-        cz = tl.where(F != 0, Bz, A * cz + Bz)
+        A, Bz, BS = _load_aggregate(agg_ptr, i, D, DV)
+        cS = A * cS + BS
+        cz = A * cz + Bz
 
 
 @triton.jit
@@ -161,13 +163,9 @@ def bwd_carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr):
         i = row.to(tl.int64) * NC + (NC - 1 - cc)
         tl.store(carry_ptr + i * (D + 1), gz)
         tl.store(carry_ptr + i * (D + 1) + 1 + cols, gS, mask=cols < D)
-        base = agg_ptr + i * (D + 3)
-        A = tl.load(base)
-        F = tl.load(base + 1)
-        Bz = tl.load(base + 2)
-        BS = tl.load(base + 3 + cols, mask=cols < D, other=0.0)
-        gS = tl.where(F != 0, BS, BS + A * gS)
-        gz = tl.where(F != 0, Bz, Bz + A * gz)
+        A, Bz, BS = _load_aggregate(agg_ptr, i, D, DV)
+        gS = BS + A * gS
+        gz = Bz + A * gz
 
 
 @triton.jit
@@ -201,10 +199,10 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
         blk = c * BLOCKS + j
         _store_carry(block_carry_ptr, row * NC * BLOCKS + blk, cS, cz, D, DV)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
-        a, bS, bz, f, tok, w_idx, r_idx, is_write, is_read, _, _, _, _ = _events(
+        _, a, bS, bz, _, tok, w_idx, r_idx, is_write, is_read, _, _, _, _ = _events(
             offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, empty_z,
             K, DV, HAS_H0)
-        hS, hz = _scan_fwd(a, bS, bz, f, cS, cz, BLOCK, DV)
+        hS, hz = _scan_fwd(a, bS, bz, cS, cz, BLOCK, DV)
         r = tl.load(read_w_ptr + r_idx, mask=is_read, other=0.0)
         coef = r / (hz + eps)
         tl.store(out_ptr + r_idx[:, None] * D + cols[None, :], coef[:, None] * hS, mask=is_read[:, None] & cmask)
@@ -220,8 +218,8 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
 
 @triton.jit
 def _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K: tl.constexpr):
-    """For the adjoint recurrence: the decay of the next event and whether the chain is cut
-    after this one (the next event starts a segment, or this is the row's last event)."""
+    """For the adjoint recurrence: the decay of the next event, 0 where the chain is cut after
+    this one (the next event starts a segment, or this is the row's last event)."""
     nxt = offs + 1
     inside = nxt < E
     ev = row.to(tl.int64) * E + nxt
@@ -230,7 +228,7 @@ def _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K: tl.constexp
     is_write = inside & (lane < K)
     a_next = tl.load(decay_ptr + (row.to(tl.int64) * T + p // (2 * K)) * K + lane, mask=is_write, other=1.0)
     cut = (~inside) | (tl.load(start_ptr + ev, mask=inside, other=1) != 0)
-    return a_next, cut.to(tl.int32)
+    return tl.where(cut, 0.0, a_next)
 
 
 @triton.jit
@@ -265,29 +263,28 @@ def bwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
     """Backward pass 1: each chunk's adjoint aggregate, as if nothing came from its right."""
     row, c = tl.program_id(0), tl.program_id(1)
     A = 1.0
-    F = 0
     BS = tl.zeros((DV,), tl.float32)
     Bz = 0.0
     for jj in range(BLOCKS):
         blk = c * BLOCKS + (BLOCKS - 1 - jj)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
-        a, bS, bz, f, tok, _, r_idx, _, is_read, _, _, _, _ = _events(
+        _, a, bS, bz, _, tok, _, r_idx, _, is_read, _, _, _, _ = _events(
             offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, empty_z,
             K, DV, HAS_H0)
         cS, cz = _load_carry(block_carry_ptr, row * NC * BLOCKS + blk, D, DV)
-        hS, hz = _scan_fwd(a, bS, bz, f, cS, cz, BLOCK, DV)
+        hS, hz = _scan_fwd(a, bS, bz, cS, cz, BLOCK, DV)
         dS, dz, _ = _direct_adjoint(hS, hz, tok, r_idx, is_read, offs, row, E, start_ptr, sidx_ptr, grad_o_ptr,
                                     grad_final_ptr, read_w_ptr, eps, D, DV, HAS_GRAD_FINAL)
-        a_next, cut = _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K)
-        _, rS, _ = tl.reduce((tl.broadcast_to(a_next[:, None], (BLOCK, DV)), dS,
-                              tl.broadcast_to(cut[:, None], (BLOCK, DV))), 0, _bwd_combine)
-        ra, rz, rf = tl.reduce((a_next, dz, cut), 0, _bwd_combine)
+        alpha = _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K)
+        _, rS = tl.associative_scan((tl.broadcast_to(alpha[:, None], (BLOCK, DV)), dS), 0, _bwd_combine)
+        ra, rz = tl.associative_scan((alpha, dz), 0, _bwd_combine)
+        rS, rz = _pick(rS, rz, BLOCK - 1, BLOCK)
+        ra = _pick_scalar(ra, BLOCK - 1, BLOCK)
         # this block is earlier than what was folded so far
-        BS = tl.where(rf != 0, rS, rS + ra * BS)
-        Bz = tl.where(rf != 0, rz, rz + ra * Bz)
-        A = tl.where(rf != 0, ra, ra * A)
-        F = F | rf
-    _store_aggregate(agg_ptr, row * NC + c, A, BS, Bz, F, D, DV)
+        BS = rS + ra * BS
+        Bz = rz + ra * Bz
+        A = ra * A
+    _store_aggregate(agg_ptr, row * NC + c, A, BS, Bz, D, DV)
 
 
 @triton.jit
@@ -307,35 +304,32 @@ def bwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
     for jj in range(BLOCKS):
         blk = c * BLOCKS + (BLOCKS - 1 - jj)
         offs = blk * BLOCK + idx
-        a, bS, bz, f, tok, w_idx, r_idx, is_write, is_read, w, v, h0S, h0z = _events(
+        a, a_rec, bS, bz, start, tok, w_idx, r_idx, is_write, is_read, w, v, h0S, h0z = _events(
             offs, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, empty_z,
             K, DV, HAS_H0)
         cS, cz = _load_carry(block_carry_ptr, row * NC * BLOCKS + blk, D, DV)
-        hS, hz = _scan_fwd(a, bS, bz, f, cS, cz, BLOCK, DV)
+        hS, hz = _scan_fwd(a_rec, bS, bz, cS, cz, BLOCK, DV)
         # The state before each event: the same scan over the events shifted by one, the first
         # replaced by the identity so that it yields the carry.
-        pa, pS, pz, pf, _, _, _, _, _, _, _, _, _ = _events(
+        _, pa, pS, pz, _, _, _, _, _, _, _, _, _, _ = _events(
             offs - 1, row, E, T, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, v_ptr, h0_ptr, sidx_ptr, empty_z,
             K, DV, HAS_H0)
         first = idx == 0
         pa = tl.where(first, 1.0, pa)
         pS = tl.where(first[:, None], 0.0, pS)
         pz = tl.where(first, 0.0, pz)
-        pf = tl.where(first, 0, pf)
-        prevS, prevz = _scan_fwd(pa, pS, pz, pf, cS, cz, BLOCK, DV)
-        start = f != 0
+        prevS, prevz = _scan_fwd(pa, pS, pz, cS, cz, BLOCK, DV)
         prevS = tl.where(start[:, None], h0S, prevS)
         prevz = tl.where(start, h0z, prevz)
 
         dS, dz, dot = _direct_adjoint(hS, hz, tok, r_idx, is_read, offs, row, E, start_ptr, sidx_ptr, grad_o_ptr,
                                       grad_final_ptr, read_w_ptr, eps, D, DV, HAS_GRAD_FINAL)
-        a_next, cut = _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K)
-        GA, GS, GF = tl.associative_scan((tl.broadcast_to(a_next[:, None], (BLOCK, DV)), dS,
-                                          tl.broadcast_to(cut[:, None], (BLOCK, DV))), 0, _bwd_combine_reversed,
-                                         reverse=True)
-        Ga, Gz, Gf = tl.associative_scan((a_next, dz, cut), 0, _bwd_combine_reversed, reverse=True)
-        GS = GS + tl.where(GF == 0, GA * gS[None, :], 0.0)
-        Gz = Gz + tl.where(Gf == 0, Ga * gz, 0.0)
+        alpha = _next_events(offs, row, E, T, perm_ptr, start_ptr, decay_ptr, K)
+        GA, GS = tl.associative_scan((tl.broadcast_to(alpha[:, None], (BLOCK, DV)), dS), 0, _bwd_combine_reversed,
+                                     reverse=True)
+        Ga, Gz = tl.associative_scan((alpha, dz), 0, _bwd_combine_reversed, reverse=True)
+        GS = GS + GA * gS[None, :]
+        Gz = Gz + Ga * gz
 
         tl.store(grad_read_w_ptr + r_idx, dot, mask=is_read)
         tl.store(grad_write_w_ptr + w_idx, tl.sum(GS * v, 1) + Gz, mask=is_write)

@@ -11,8 +11,10 @@ import triton
 
 from . import triton_kernels as kernels
 
+# Launch shape (tuned on an H100 with benchmarks/tune_kernels.py).
 BLOCK = 32  # events per associative scan
 MAX_BLOCKS_PER_CHUNK = 32
+NUM_WARPS = 4
 
 
 def _layout(events: int) -> tuple[int, int]:
@@ -32,7 +34,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         per_chunk, chunks = _layout(events)
         dv_pad = triton.next_power_of_2(d_v)
         dev = v.device
-        agg = torch.empty(rows, chunks, d_v + 3, dtype=torch.float32, device=dev)
+        agg = torch.empty(rows, chunks, d_v + 2, dtype=torch.float32, device=dev)
         chunk_carry = torch.empty(rows, chunks, d_v + 1, dtype=torch.float32, device=dev)
         block_carry = torch.empty(rows, chunks * per_chunk, d_v + 1, dtype=torch.float32, device=dev)
         out = torch.zeros(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
@@ -41,7 +43,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
             final = h0.clone() if h0 is not None else _empty_rows(final_rows, d_v, empty_z, dev)
         h0_arg = h0 if h0 is not None else agg  # never read without HAS_H0
         sidx_arg = sidx if sidx is not None else perm
-        common = dict(K=topk, DV=dv_pad, BLOCK=BLOCK, BLOCKS=per_chunk, HAS_H0=h0 is not None)
+        common = dict(K=topk, DV=dv_pad, BLOCK=BLOCK, BLOCKS=per_chunk, HAS_H0=h0 is not None, num_warps=NUM_WARPS)
         kernels.fwd_aggregate_kernel[(rows, chunks)](
             perm, start, decay, write_w, v, h0_arg, sidx_arg, agg, events, seq_len, d_v, chunks, empty_z, **common)
         kernels.fwd_carry_kernel[(rows,)](agg, chunk_carry, chunks, d_v, DV=dv_pad)
@@ -51,13 +53,13 @@ class _TritonSegmentPDMA(torch.autograd.Function):
             STORE_FINAL=final is not None, **common)
         o = out.view(rows, seq_len, topk, d_v).sum(2)
         ctx.save_for_backward(decay, write_w, read_w, v, h0, perm, start, sidx, block_carry)
-        ctx.layout = (per_chunk, chunks, empty_z, eps)
+        ctx.layout = (per_chunk, chunks, empty_z, eps, BLOCK)
         return o, final
 
     @staticmethod
     def backward(ctx, grad_o, grad_final):
         decay, write_w, read_w, v, h0, perm, start, sidx, block_carry = ctx.saved_tensors
-        per_chunk, chunks, empty_z, eps = ctx.layout
+        per_chunk, chunks, empty_z, eps, block = ctx.layout
         rows, seq_len, topk = decay.shape
         d_v = v.shape[-1]
         events = perm.shape[1]
@@ -67,7 +69,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         has_grad_final = grad_final is not None
         if has_grad_final:
             grad_final = grad_final.contiguous().float()
-        agg = torch.empty(rows, chunks, d_v + 3, dtype=torch.float32, device=dev)
+        agg = torch.empty(rows, chunks, d_v + 2, dtype=torch.float32, device=dev)
         grad_carry = torch.empty(rows, chunks, d_v + 1, dtype=torch.float32, device=dev)
         grad_decay = torch.zeros_like(decay)
         grad_write_w = torch.zeros_like(write_w)
@@ -79,8 +81,8 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         h0_arg = h0 if h0 is not None else agg
         sidx_arg = sidx if sidx is not None else perm
         grad_final_arg = grad_final if has_grad_final else agg
-        common = dict(K=topk, DV=dv_pad, BLOCK=BLOCK, BLOCKS=per_chunk, HAS_H0=h0 is not None,
-                      HAS_GRAD_FINAL=has_grad_final)
+        common = dict(K=topk, DV=dv_pad, BLOCK=block, BLOCKS=per_chunk, HAS_H0=h0 is not None,
+                      HAS_GRAD_FINAL=has_grad_final, num_warps=NUM_WARPS)
         kernels.bwd_aggregate_kernel[(rows, chunks)](
             perm, start, decay, write_w, read_w, v, h0_arg, sidx_arg, block_carry, grad_o, grad_final_arg, agg,
             events, seq_len, d_v, chunks, empty_z, eps, **common)
