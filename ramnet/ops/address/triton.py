@@ -111,8 +111,8 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
 
 
 # Launch shape: rows per program and warps (tuned on an H100 with benchmarks/tune_kernels.py).
-ROWS_PER_PROGRAM = None  # None: about 8K fp32 per tile
-NUM_WARPS = 4
+ROWS_PER_PROGRAM = 8  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
+NUM_WARPS = 1
 
 
 def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:

@@ -13,8 +13,8 @@ from . import triton_kernels as kernels
 
 # Launch shape (tuned on an H100 with benchmarks/tune_kernels.py).
 BLOCK = 32  # events per associative scan
-MAX_BLOCKS_PER_CHUNK = 32
-NUM_WARPS = 4
+MAX_BLOCKS_PER_CHUNK = 8
+NUM_WARPS = 2
 
 
 def _layout(events: int) -> tuple[int, int]:
