@@ -12,6 +12,7 @@ from . import __version__
 from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
 from .ops.ram_attention import PATHS
+from .ops.triton_support import HAS_TRITON, interpreting
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -26,6 +27,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
         print(f"device {device}: {name}")
     print(f"ram_attention paths: {', '.join(PATHS)}")
+    if HAS_TRITON:
+        import triton
+
+        where = "CUDA" if torch.cuda.is_available() else ("CPU, interpreted" if interpreting() else
+                                                          "none here (no CUDA; TRITON_INTERPRET=1 runs them on CPU)")
+        print(f"triton {triton.__version__}: kernels run on {where}")
+    else:
+        print("triton not installed: the triton path is unavailable (pip install 'ramnet[triton]')")
     return 0
 
 

@@ -43,7 +43,7 @@ def ramnet_mixer(num_partitions: int, partition_dim: int, topk: int = 8, num_hea
     CAPE a key written at t and queried at t' lands on slots shifted by t' - t)."""
     return {"name": "ramnet", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
                                          "num_partitions": num_partitions, "partition_dim": partition_dim,
-                                         "topk": topk, "mode": "parallel"}}
+                                         "topk": topk}}  # mode None: the Triton kernels on CUDA
 
 
 # The CPU baselines as in Zoology's MQAR configs (attention: 1 head, attention dropout 0.1;
