@@ -52,13 +52,14 @@ def state_size(config, seq_len: int | None = None) -> dict[str, int]:
         )
     total = active = 0
     for kind in layer_types:
-        layer_total, layer_active = _layer_state(config, kind, seq_len)
+        layer_total, layer_active = layer_state(config, kind, seq_len)
         total, active = total + layer_total, active + layer_active
     return {"total": total, "active_per_token": active}
 
 
-def _layer_state(config, kind: str, seq_len: int | None) -> tuple[int, int]:
-    """``(total, active_per_token)`` of one layer of type ``kind``."""
+def layer_state(config, kind: str, seq_len: int | None) -> tuple[int, int]:
+    """``(total, active_per_token)`` of one layer of type ``kind`` (``config`` needs the fields
+    that type uses)."""
     heads, d_v, window = config.num_heads, config.head_v_dim, getattr(config, "window_size", 0)
     if kind == "linear_attention":
         return _ram(config)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
 
@@ -63,7 +64,7 @@ class RAMAttention(RAMProjections):
         gamma: float = 1.0,
         tau: float = 1.0,
         eps: float = 1e-6,
-        proxy_eps: float = 1e-2,
+        proxy_eps: float = DEFAULT_PROXY_EPS,
         cape: bool | Sequence[bool] = False,
         mode: str | None = None,
         layer_idx: int | None = None,

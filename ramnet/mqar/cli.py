@@ -20,7 +20,8 @@ def add_mqar_commands(sub) -> None:
                     "figures from the results file.")
     mqar.add_argument("--preset", default="quick", choices=list(PRESETS),
                       help="quick (default): a few CPU minutes; paper: the spec protocol; ablation-u / "
-                           "ablation-m: RAM-Net at fixed M over U, and over M at fixed U")
+                           "ablation-m: RAM-Net at fixed M over U, and over M at fixed U; hybrid: the "
+                           "RAM-Net + sliding-window hybrid against its parts")
     mqar.add_argument("--config", help="a JSON preset file instead of --preset (see --dump-config)")
     mqar.add_argument("--models", type=_csv(str), help="run only these models of the preset (comma-separated)")
     mqar.add_argument("--d-models", dest="d_models", type=_csv(int), help="override the d_model sweep")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 # convolution and output gating: H3's successor line).
 MIXERS = {
     "ramnet": "ramnet.layers.RAMAttention",
+    "hybrid": "ramnet.layers.HybridRAMAttention",
     "attention": "ramnet.mqar.mixers.Attention",
     "sliding_window": "ramnet.mqar.mixers.SlidingWindowAttention",
     "linear_attention": "ramnet.mqar.mixers.LinearAttention",

@@ -120,7 +120,29 @@ ABLATION_M = {
     "models": {f"ramnet U=2 d_p={dp}": {"mixer": ramnet_mixer(2, dp)} for dp in (8, 16, 32, 64, 128)},
 }
 
-PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m": ABLATION_M}
+
+
+def hybrid_mixer(partition_dim: int, window: int = 64, num_heads: int = 2) -> dict:
+    """The synchronous hybrid (spec section 9): sliding-window attention over ``window`` tokens and
+    RAM-Net (U = 2, K = 8) on shared projections, mixed by a per-channel gate."""
+    return {"name": "hybrid", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
+                                         "num_partitions": 2, "partition_dim": partition_dim, "topk": 8,
+                                         "window_size": window, "blend": "synchronous", "mix": "vector"}}
+
+
+# Issue 6's MQAR comparison: does the synchronous hybrid reach 0.99 at a smaller state than RAM-Net
+# alone? The paper protocol at d_model 64 and 128, the hybrid at M = 64 and 256 against RAM-Net at
+# M = 256 and 4096, sliding window 64 and full attention.
+HYBRID = {
+    **PAPER,
+    "description": "the synchronous RAM-Net + sliding-window hybrid (window 64) against its parts",
+    "d_models": [64, 128],
+    "models": {"hybrid M=64": {"mixer": hybrid_mixer(8)}, "hybrid M=256": {"mixer": hybrid_mixer(16)},
+               "ramnet": {"mixer": ramnet_mixer(2, 16)}, "ramnet M=4096": {"mixer": ramnet_mixer(3, 16)},
+               "sliding_window": BASELINES["sliding_window"], "attention": BASELINES["attention"]},
+}
+
+PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m": ABLATION_M, "hybrid": HYBRID}
 PRESET_KEYS = set(PAPER) | {"ablation", "name"}
 OPTIONAL_KEYS = {"description", "ablation", "name"}
 MODEL_ENTRY_KEYS = {"mixer", "model", "lrs"}

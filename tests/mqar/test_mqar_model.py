@@ -15,6 +15,8 @@ CPU_MIXERS = {name: spec for name, spec in (
     ("attention", {"name": "attention", "kwargs": {"num_heads": 2}}),
     ("sliding_window", {"name": "sliding_window", "kwargs": {"window": 4}}),
     ("linear_attention", {"name": "linear_attention", "kwargs": {"feature_dim": 4}}),
+    ("hybrid", {"name": "hybrid", "kwargs": {"num_heads": 2, "head_v_dim": "d_model/2", "num_partitions": 2,
+                                             "partition_dim": 4, "topk": 2, "window_size": 4}}),
 )}
 
 
@@ -62,6 +64,8 @@ def test_state_size_sums_layers_with_zoology_formulas():
     assert sizes["attention"] == conv + 2 * d * L
     assert sizes["sliding_window"] == conv + 2 * 4 * d
     assert sizes["linear_attention"] == conv + 1 * (d + 1) * (4 * 5 // 2 + 4 + 1)
+    # the hybrid: RAM-Net's memory plus a window of 4 keys (d_k 8) and values (d_v 8) per head
+    assert sizes["hybrid"] == sizes["ramnet"] + 4 * 2 * (8 + 8)
     # without the convolution both layers are RAM-Net
     two = MQARModel(64, d, CPU_MIXERS["ramnet"], short_conv=0)
     assert two.state_size(L) == 2 * (2 * 16 * 9)

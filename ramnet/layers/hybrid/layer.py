@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
+from ...accounting import layer_state
 from ...ops.checks import check_choice, check_int, check_positive
+from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
 from ..memories import DeltaRuleMemory, RAMMemory
 from ..padding import pack, real_token_mask, unpack
 from ..ram_attention import RAMProjections
@@ -59,7 +62,7 @@ class HybridRAMAttention(RAMProjections):
         gamma: float = 1.0,
         tau: float = 1.0,
         eps: float = 1e-6,
-        proxy_eps: float = 1e-2,
+        proxy_eps: float = DEFAULT_PROXY_EPS,
         cape: bool | Sequence[bool] = False,
         window_size: int = 64,
         blend: str = "synchronous",
@@ -82,6 +85,7 @@ class HybridRAMAttention(RAMProjections):
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
         self.cape_heads = ram.cape
+        self.num_partitions, self.partition_dim, self.topk = num_partitions, partition_dim, topk
 
         if fast_weight == "deltanet":
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
@@ -93,6 +97,14 @@ class HybridRAMAttention(RAMProjections):
         elif mix == "vector":
             self.g_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=True)
         self.o_norm = nn.RMSNorm(head_v_dim, eps=norm_eps)
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of state per sequence: the fast weights plus the key/value window
+        (``ramnet.accounting``'s formula for a hybrid layer)."""
+        config = SimpleNamespace(num_heads=self.num_heads, head_v_dim=self.head_v_dim, window_size=self.window_size,
+                                 num_partitions=self.num_partitions, partition_dim=self.partition_dim,
+                                 topk=self.topk, hybrid_fw=self.fast_weight, hybrid_blend=self.blend)
+        return layer_state(config, "hybrid", seq_len)[0]
 
     def forward(
         self,

@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 from ...layers.hybrid import BLENDS, FAST_WEIGHTS, MIXES
 from ...ops.checks import check_choice, check_int, check_positive, check_topk, memory_geometry
 from ...ops.ram_attention import PATHS
+from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
 
 # Transformers' own names (its config validator accepts no others for `layer_types`).
 LAYER_TYPES = ("linear_attention", "hybrid", "full_attention", "sliding_attention")
@@ -73,7 +74,7 @@ class RAMNetConfig(PreTrainedConfig):
     gamma: float | int = 1.0
     tau: float | int = 1.0
     eps: float | int = 1e-6
-    proxy_eps: float = 1e-2
+    proxy_eps: float = DEFAULT_PROXY_EPS
     intermediate_size: int = 2816
     hidden_act: str = "silu"
     norm_eps: float = 1e-6
