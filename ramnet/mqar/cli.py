@@ -29,6 +29,8 @@ def add_mqar_commands(sub) -> None:
     mqar.add_argument("--epochs", type=int, help="override the number of epochs")
     mqar.add_argument("--seed", type=int, help="override the seed (model init and data)")
     mqar.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    mqar.add_argument("--jobs", type=int, default=1,
+                      help="runs trained at once, each in its own process on the device (default 1)")
     mqar.add_argument("--out", default="mqar_results", help="results folder (default: mqar_results)")
     mqar.add_argument("--dump-config", action="store_true", help="print the preset as JSON and exit")
     mqar_sub = mqar.add_subparsers(dest="mqar_command")
@@ -97,7 +99,7 @@ def cmd_mqar(args: argparse.Namespace) -> int:
                 print("cut or changed from the paper protocol (spec section 8):")
             for line in cuts:
                 print(f"  {line}")
-            rows = run_preset(preset, out, device)
+            rows = run_preset(preset, out, device, jobs=args.jobs)
     except (ValueError, ImportError, FileNotFoundError) as err:
         print(f"ramnet mqar: error: {err}", file=sys.stderr)
         return 2

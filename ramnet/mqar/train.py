@@ -18,16 +18,19 @@ import copy
 import functools
 import json
 import math
+import multiprocessing
 import platform
 import random
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..ops.checks import check_int
 from .data import IGNORE, generate
 from .model import MQARModel, needs_cuda, resolve_mixer
 
@@ -261,7 +264,8 @@ def evaluate(model, segments: list[dict], batch_size: int) -> dict[str, float]:
     return result
 
 
-def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test_data, device) -> dict:
+def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test_data, device,
+              progress: bool = True) -> dict:
     """Train one (model, d_model, lr) and return its JSONL row."""
     entry = preset["models"][name]
     model_cfg = {**preset["model"], **entry.get("model", {})}
@@ -271,7 +275,8 @@ def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset["epochs"], eta_min=0.0)
     batches = [(seg, start) for seg in train_data for start in range(0, len(seg["inputs"]), preset["batch_size"])]
     start_time = time.perf_counter()
-    bar = tqdm(total=preset["epochs"] * len(batches), desc=f"{name} d={d_model} lr={lr:.2g}", leave=False, mininterval=1.0)
+    bar = tqdm(total=preset["epochs"] * len(batches), desc=f"{name} d={d_model} lr={lr:.2g}", leave=False,
+               mininterval=1.0, disable=not progress)
     accuracy, epochs_run = {}, 0
     for epoch in range(preset["epochs"]):
         model.train()
@@ -337,26 +342,62 @@ def check_models_runnable(preset: dict, device):
         resolve_mixer(entry["mixer"])
 
 
-def run_preset(preset: dict, out_dir: Path, device, log=print) -> list[dict]:
-    """Run every (d_model, model, lr) of a preset, appending each row to ``out_dir/results.jsonl``."""
+def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) -> list[dict]:
+    """Run every (d_model, model, lr) of a preset, appending each row to ``out_dir/results.jsonl``.
+
+    ``jobs > 1`` trains that many runs at once, each in its own process on ``device``: the small
+    MQAR models leave most of a GPU idle, so concurrent runs finish a sweep several times sooner.
+    Every run is seeded on its own, so its row does not depend on ``jobs``."""
     check_preset(preset)
+    check_int("jobs", jobs, 1)
     check_models_runnable(preset, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = preset["seed"]
-    # Train and test seeds are disjoint ranges, so no test sequence comes from a train stream.
-    train_data = make_data(preset["train"], preset["vocab_size"], 1000 * seed, device)
-    test_data = make_data(preset["test"], preset["vocab_size"], 1000 * seed + 500, device)
-    rows = []
     runs = [(d, name, lr) for d in preset["d_models"] for name, entry in preset["models"].items()
             for lr in entry.get("lrs", preset["lrs"])]
-    for d_model, name, lr in tqdm(runs, desc="runs", disable=len(runs) == 1):
-        row = train_run(preset, name, d_model, lr, train_data, test_data, device)
+    rows = []
+
+    def record(row):
         rows.append(row)
         with open(out_dir / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        log(f"{name} d_model={d_model} lr={lr:.2g}: avg accuracy {row['avg_accuracy']:.3f} after "
-            f"{row['epochs_run']} epochs, {row['wall_time_s']:.0f} s")
+        log(f"{row['model']} d_model={row['d_model']} lr={row['lr']:.2g}: avg accuracy {row['avg_accuracy']:.3f} "
+            f"after {row['epochs_run']} epochs, {row['wall_time_s']:.0f} s")
+
+    if jobs == 1 or len(runs) == 1:
+        _load_data(preset, str(device))
+        for run in tqdm(runs, desc="runs", disable=len(runs) == 1):
+            record(_train_one(preset, str(device), run))
+        return rows
+    # spawn: CUDA cannot be re-initialised in a forked child.
+    context = multiprocessing.get_context("spawn")
+    workers = min(jobs, len(runs))
+    threads = max(1, torch.get_num_threads() // workers)  # on a CPU device, share the cores
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(_train_one, preset, str(device), run, False) for run in runs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({jobs} at a time)"):
+            record(future.result())
     return rows
+
+
+@functools.lru_cache(maxsize=1)
+def _data_for(preset_json: str, device: str):
+    preset = json.loads(preset_json)
+    seed = preset["seed"]
+    # Train and test seeds are disjoint ranges, so no test sequence comes from a train stream.
+    return (make_data(preset["train"], preset["vocab_size"], 1000 * seed, device),
+            make_data(preset["test"], preset["vocab_size"], 1000 * seed + 500, device))
+
+
+def _load_data(preset: dict, device: str):
+    """The preset's train and test data, generated once per process."""
+    return _data_for(json.dumps({k: preset[k] for k in ("seed", "train", "test", "vocab_size")}), device)
+
+
+def _train_one(preset: dict, device: str, run: tuple, progress: bool = True) -> dict:
+    d_model, name, lr = run
+    train_data, test_data = _load_data(preset, device)
+    return train_run(preset, name, d_model, lr, train_data, test_data, device, progress)
 
 
 def best_runs(rows: list[dict]) -> list[dict]:

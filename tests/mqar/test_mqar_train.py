@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ramnet.cli import main
 from ramnet.mqar.train import (PAPER, PRESETS, best_runs, check_preset, describe_cuts, evaluate, format_table,
-                               get_preset)
+                               get_preset, run_preset)
 
 
 def test_paper_preset_is_the_spec_protocol():
@@ -120,6 +120,24 @@ def test_quick_preset_end_to_end_on_a_tiny_size(tmp_path, capsys):
     png.unlink()
     assert main(["mqar", "--out", str(out), "plot"]) == 0
     assert png.exists()
+
+
+def test_concurrent_runs_give_the_rows_of_sequential_runs(tmp_path):
+    preset = _tiny_quick()
+    preset["models"] = {m: preset["models"][m] for m in ("ramnet", "attention")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get one thread each: the same arithmetic
+    try:
+        sequential = run_preset(preset, tmp_path / "seq", "cpu", log=lambda _: None)
+        concurrent = run_preset(preset, tmp_path / "par", "cpu", log=lambda _: None, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    key = lambda r: r["model"]  # noqa: E731  (completion order may differ)
+    for a, b in zip(sorted(sequential, key=key), sorted(concurrent, key=key)):
+        assert (a["model"], a["accuracy"], a["epochs_run"]) == (b["model"], b["accuracy"], b["epochs_run"])
+    assert len((tmp_path / "par" / "results.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="jobs"):
+        run_preset(preset, tmp_path / "bad", "cpu", jobs=0)
 
 
 def test_cli_errors(tmp_path, capsys):
