@@ -137,35 +137,18 @@ def _load_aggregate(agg_ptr, i, D, DV: tl.constexpr):
 
 
 @triton.jit
-def fwd_carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr):
-    """Pass 2: the state entering each chunk of a row, [z, S] per chunk."""
+def carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr, REVERSE: tl.constexpr):
+    """Pass 2: what enters each chunk of a row, [z, S] per chunk: the state from the left, or
+    (``REVERSE``) the adjoint from the right. Both fold the aggregates as ``c <- A c + B``."""
     row = tl.program_id(0)
-    cols = tl.arange(0, DV)
     cS = tl.zeros((DV,), tl.float32)
     cz = 0.0
-    for c in range(NC):
-        i = row.to(tl.int64) * NC + c
-        tl.store(carry_ptr + i * (D + 1), cz)
-        tl.store(carry_ptr + i * (D + 1) + 1 + cols, cS, mask=cols < D)
+    for j in range(NC):
+        i = row.to(tl.int64) * NC + (NC - 1 - j if REVERSE else j)
+        _store_carry(carry_ptr, i, cS, cz, D, DV)
         A, Bz, BS = _load_aggregate(agg_ptr, i, D, DV)
         cS = A * cS + BS
         cz = A * cz + Bz
-
-
-@triton.jit
-def bwd_carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr):
-    """Backward pass 2: the adjoint entering each chunk of a row from its right, [z, S]."""
-    row = tl.program_id(0)
-    cols = tl.arange(0, DV)
-    gS = tl.zeros((DV,), tl.float32)
-    gz = 0.0
-    for cc in range(NC):
-        i = row.to(tl.int64) * NC + (NC - 1 - cc)
-        tl.store(carry_ptr + i * (D + 1), gz)
-        tl.store(carry_ptr + i * (D + 1) + 1 + cols, gS, mask=cols < D)
-        A, Bz, BS = _load_aggregate(agg_ptr, i, D, DV)
-        gS = BS + A * gS
-        gz = Bz + A * gz
 
 
 @triton.jit

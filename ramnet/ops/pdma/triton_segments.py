@@ -46,7 +46,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         common = dict(K=topk, DV=dv_pad, BLOCK=BLOCK, BLOCKS=per_chunk, HAS_H0=h0 is not None, num_warps=NUM_WARPS)
         kernels.fwd_aggregate_kernel[(rows, chunks)](
             perm, start, decay, write_w, v, h0_arg, sidx_arg, agg, events, seq_len, d_v, chunks, empty_z, **common)
-        kernels.fwd_carry_kernel[(rows,)](agg, chunk_carry, chunks, d_v, DV=dv_pad)
+        kernels.carry_kernel[(rows,)](agg, chunk_carry, chunks, d_v, DV=dv_pad, REVERSE=False)
         kernels.fwd_output_kernel[(rows, chunks)](
             perm, start, decay, write_w, read_w, v, h0_arg, sidx_arg, chunk_carry, block_carry, out,
             final if final is not None else out, events, seq_len, d_v, chunks, empty_z, eps,
@@ -86,7 +86,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         kernels.bwd_aggregate_kernel[(rows, chunks)](
             perm, start, decay, write_w, read_w, v, h0_arg, sidx_arg, block_carry, grad_o, grad_final_arg, agg,
             events, seq_len, d_v, chunks, empty_z, eps, **common)
-        kernels.bwd_carry_kernel[(rows,)](agg, grad_carry, chunks, d_v, DV=dv_pad)
+        kernels.carry_kernel[(rows,)](agg, grad_carry, chunks, d_v, DV=dv_pad, REVERSE=True)
         kernels.bwd_output_kernel[(rows, chunks)](
             perm, start, decay, write_w, read_w, v, h0_arg, sidx_arg, block_carry, grad_carry, grad_o,
             grad_final_arg, grad_decay, grad_write_w, grad_read_w, grad_v_events,
