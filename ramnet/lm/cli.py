@@ -92,15 +92,14 @@ def cmd_harness(args: argparse.Namespace) -> int:
 
 @_reports_errors("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..models import RAMNetCache
     from ..devices import resolve_device
     from .evaluate import load
-    from .generate import state_bytes, stream_text
+    from .generate import new_cache, state_bytes, stream_text
 
     model, tok = load(args.model, resolve_device(args.device))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    cache = RAMNetCache()
-    sizes = set()  # the state's size after every token: one value, whatever the context length
+    cache = new_cache(model)
+    sizes = set()  # the state's size after every token: one value for a recurrent state, whatever the context
     start, count = time.perf_counter(), 0  # count: new tokens
     print(prompt, end="", flush=True)
     for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop_at_eos=not args.ignore_eos, cache=cache,
@@ -110,11 +109,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         count += 1
     elapsed = time.perf_counter() - start
     print()
-    print(
-        f"[{count} tokens in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.1f} tokens/s); recurrent state {', '.join(f'{s / 2**20:.2f} MiB' for s in sorted(sizes)) or 'n/a'} "
-        f"at every step, whatever the context]",
-        file=sys.stderr,
-    )
+    if len(sizes) > 1:  # a KV cache
+        state = f"the cache grew from {min(sizes) / 2**20:.2f} to {max(sizes) / 2**20:.2f} MiB with the context"
+    else:
+        state = f"recurrent state {', '.join(f'{s / 2**20:.2f} MiB' for s in sizes) or 'n/a'} at every step, whatever the context"
+    print(f"[{count} tokens in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.1f} tokens/s); {state}]", file=sys.stderr)
     return 0
 
 
@@ -124,7 +123,8 @@ def add_lm_commands(sub) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="tokenise a corpus into memory-mapped shards with EOS separators")
     prep.add_argument("--source", default="python-docs",
-                      help="python-docs (built in, offline; default), a text file or directory (.txt/.md/.rst/.jsonl), "
+                      help="python-docs (built in, offline; default), python-stdlib (built in: the standard "
+                           "library's source code), a text file or directory (.txt/.md/.rst/.jsonl), "
                            "fineweb-edu, wikitext-103, wikitext-2, or hf:NAME[:CONFIG] (streamed)")
     prep.add_argument("--out", help="output directory (default: data/SOURCE-bpe or data/SOURCE-tok)")
     prep.add_argument("--tokenizer", default="bpe",
@@ -138,10 +138,13 @@ def add_lm_commands(sub) -> None:
     prep.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file (default 2**28)")
     prep.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="train a RAM-Net language model (torchrun for several GPUs or nodes)",
+    train = sub.add_parser("train", help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
                            description="Config: dataclass defaults < --preset < --config file < key=value overrides "
-                                       "(nested as model.hidden_size=256).")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="tiny (CPU, minutes), small (one GPU), paper-340m (8 GPUs)")
+                                       "(nested as model.hidden_size=256). model_type=ramnet|transformer++|fla.gated_deltanet|"
+                                       "fla.gla|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
+    train.add_argument("--preset", choices=sorted(PRESETS),
+                       help="tiny (CPU, minutes), small (one GPU) and its baselines small-transformer and "
+                            "small-gated-deltanet, paper-340m (8 GPUs)")
     train.add_argument("--config", help="YAML or JSON file of config keys (it may name a preset)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides after the options, e.g. max_steps=100 lr=1e-3 model.hidden_size=256")

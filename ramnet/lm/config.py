@@ -3,6 +3,8 @@
 
 Precedence: the dataclass defaults, then the preset, then the file, then the overrides. A file may
 name a preset itself (``preset: small``). Nested model fields are addressed as ``model.hidden_size``.
+A step that changes ``model_type`` starts ``model`` afresh from that family's tiny shape (``TINY_MODELS``),
+whatever the order of the overrides: ``model`` holds the arguments of one family's config class.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ from typing import Any
 import yaml
 
 
-TINY_MODEL = dict(hidden_size=128, num_hidden_layers=4, num_heads=4, head_v_dim=32, num_partitions=3,
-                  partition_dim=4, topk=4, intermediate_size=352)
+MODEL_TYPES = ("ramnet", "transformer++", "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2")
+# The `model` a family starts from (the `tiny` preset's width and depth); fla's start from their config
+# classes' defaults (1.3B-class models), so give their shape.
+TINY_MODELS = {
+    "ramnet": dict(hidden_size=128, num_hidden_layers=4, num_heads=4, head_v_dim=32, num_partitions=3,
+                   partition_dim=4, topk=4, intermediate_size=352),
+    "transformer++": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),
+}
 
 
 @dataclass
@@ -31,8 +39,12 @@ class TrainConfig:
     # rank 0 prepares it first (so that a preset runs from nothing).
     data: str = "data/python-docs-bpe4k"
     prepare: dict | None = field(default_factory=lambda: dict(source="python-docs", tokenizer="bpe", vocab_size=4096))
-    # Keyword arguments of RAMNetConfig; vocab_size and the special token ids come from the data's tokenizer.
-    model: dict = field(default_factory=lambda: dict(TINY_MODEL))
+    # The model family (see ramnet/lm/families.py): "ramnet", "transformer++" (Hugging Face's Llama) or,
+    # with flash-linear-attention on a GPU, "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2".
+    model_type: str = "ramnet"
+    # Keyword arguments of the family's config class (RAMNetConfig, LlamaConfig, fla's GatedDeltaNetConfig,
+    # ...); vocab_size and the special token ids come from the data's tokenizer.
+    model: dict = field(default_factory=lambda: dict(TINY_MODELS["ramnet"]))
 
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation steps
@@ -80,10 +92,12 @@ class TrainConfig:
             raise ValueError(f"`min_lr` must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
-        choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp")}
+        choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"`model` must be a mapping of config arguments, got {self.model!r}")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"`report_to` entries must be 'tensorboard' or 'wandb', got {sorted(unknown)}")
@@ -101,21 +115,46 @@ def _as_float(name: str, value) -> float:
         raise ValueError(f"`{name}` must be a number, got {value!r}") from None
 
 
+# The data, batch and schedule of `small`, shared by its baselines.
+_SMALL_RUN = dict(
+    data="data/fineweb-edu-llama2",
+    prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=700_000_000),
+    seq_len=2048, batch_size=32, micro_batch_size=16, max_steps=10_000, lr=1e-3, min_lr=1e-4,
+    warmup_steps=500, eval_interval=500, eval_batches=16, save_interval=1000,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, a few minutes: the TrainConfig defaults. 1.8M parameters (1.2M without the input embedding),
     # a 4096-token BPE trained on the built-in offline corpus (python-docs, ~0.5M tokens), 400 steps
     # of 8 x 256 tokens.
     "tiny": {},
-    # One GPU: 8 layers of width 512, 39M parameters without the input embedding (55M in all), on
-    # FineWeb-Edu with the Llama-2 tokenizer (the paper's vocabulary; this ungated copy loads without a
-    # hub login). 64k tokens a step, 10k steps: 655M tokens, about 17 per parameter.
+    # One GPU: 8 layers of width 512, 39M parameters without the input embedding (38,937,216, the LM
+    # head included; 55M in all), on FineWeb-Edu with the Llama-2 tokenizer (the paper's vocabulary; this
+    # ungated copy loads without a hub login). 64k tokens a step, 10k steps: 655M tokens, about 17 per parameter.
     "small": dict(
-        out_dir="runs/small", data="data/fineweb-edu-llama2",
-        prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=700_000_000),
+        _SMALL_RUN, out_dir="runs/small",
         model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, num_partitions=4,
                    partition_dim=4, topk=8, intermediate_size=1408),
-        seq_len=2048, batch_size=32, micro_batch_size=16, max_steps=10_000, lr=1e-3, min_lr=1e-4,
-        warmup_steps=500, eval_interval=500, eval_batches=16, save_interval=1000,
+    ),
+    # The baselines of `small` at the same data, tokens and schedule, and the same width and SwiGLU;
+    # depth sets the parameter count, as in the paper's Table 2 (Transformer++ 24 and GDN 21 layers
+    # against RAM-Net's 27). Transformer++: a layer has 4 x 512^2 (attention, 8 heads of 64) + 3 x 512 x 1408
+    # (MLP) + 2 x 512 (norms) = 3,212,288 parameters; 7 layers: 38,870,528 in all (0.998 x small; a test).
+    "small-transformer": dict(
+        _SMALL_RUN, out_dir="runs/small-transformer", model_type="transformer++",
+        model=dict(hidden_size=512, num_hidden_layers=7, num_attention_heads=8, intermediate_size=1408),
+    ),
+    # Gated DeltaNet in the paper's proportions (3 heads, key dim 0.75 x width, value dim twice the key
+    # dim, short convolutions of 4), at width 512: head_dim 128, key dim Dk = 384, value dim Dv = 768.
+    # A layer (fla's GatedDeltaNet and GatedDeltaNetBlock, no biases): q, k 2 x 512 x 384 = 393,216;
+    # v, g 2 x 512 x 768 = 786,432; o 768 x 512 = 393,216; a, b 2 x 512 x 3 = 3,072; A_log, dt_bias 6;
+    # depthwise convs 4 x (384 + 384 + 768) = 6,144; gated output norm 256; MLP 3 x 512 x 1408 = 2,162,688;
+    # block norms 1,024: 3,746,054. 6 layers: 38,860,836 in all (0.998 x small; estimated, fla needs a
+    # GPU; tests/lm/test_lm_baselines.py checks the formula, and the real count where fla is installed).
+    "small-gated-deltanet": dict(
+        _SMALL_RUN, out_dir="runs/small-gated-deltanet", model_type="fla.gated_deltanet",
+        model=dict(hidden_size=512, num_hidden_layers=6, num_heads=3, head_dim=128, expand_v=2, conv_size=4,
+                   intermediate_size=1408),
     ),
     # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
@@ -146,6 +185,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         except yaml.YAMLError as err:
             raise ValueError(f"override {item!r}: cannot read the value: {err}") from err
     return key.split("."), value
+
+
+def _apply(values: dict, layer: dict) -> dict:
+    """`layer` (a preset, file or override) over `values`; a new `model_type` starts `model` afresh."""
+    if layer.get("model_type", values["model_type"]) != values["model_type"]:
+        values = dict(values, model=copy.deepcopy(TINY_MODELS.get(layer["model_type"], {})))
+    return _merge(values, layer)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -182,10 +228,14 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        values = _merge(values, PRESETS[preset])
-    values = _merge(values, from_file)
-    for item in overrides:
-        keys, value = parse_override(item)
+        values = _apply(values, PRESETS[preset])
+    values = _apply(values, from_file)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    # model_type first: it may start `model` afresh, which must not drop the model.* overrides.
+    for item, keys, value in sorted(parsed, key=lambda p: p[1] != ["model_type"]):
+        if keys == ["model_type"]:
+            values = _apply(values, {"model_type": value})
+            continue
         node = values
         for key in keys[:-1]:
             node = node.setdefault(key, {})

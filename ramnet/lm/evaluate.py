@@ -20,14 +20,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .. import models  # noqa: F401  (registers RAM-Net with the Auto classes)
 from ..devices import resolve_device
 from .corpus import documents, held_out
+from .families import register_checkpoint
 from .tokenizer import encode_batch
 
 
 def load(model_dir: str | Path, device: torch.device):
-    """Model (eval mode) and tokenizer of a checkpoint or `save_pretrained` directory."""
+    """Model (eval mode) and tokenizer of a checkpoint or `save_pretrained` directory, of any family."""
     path = Path(model_dir)
     if not (path / "config.json").exists():
         raise ValueError(f"--model: {path} is not a model directory (no config.json)")
+    register_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 

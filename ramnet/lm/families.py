@@ -72,7 +72,7 @@ def build(model_type: str, kwargs: dict):
     model = AutoModelForCausalLM.from_config(config, **extra)
     # Llama's and fla's embeddings take `padding_idx=pad_token_id`: that row starts at zero and never
     # learns. Nothing is padded in training, and the pad token is often the EOS/BOS that separates
-    # every document (the BPE's <|endoftext|>), so it must learn like any other token.
+    # every document (the BPE's <|endoftext|>), so it must learn like any other token (from its zero start).
     model.get_input_embeddings().padding_idx = None
     return model
 

@@ -1,6 +1,7 @@
-"""Streaming generation. The prompt is read in one parallel pass; then each new token is one
-recurrent step that reads and writes K slots per head of a fixed-size state (`RAMNetCache`), so the
-memory and the time per token do not grow with the context, unlike a Transformer's KV cache."""
+"""Streaming generation, for any family of `ramnet train`. The prompt is read in one parallel pass;
+then each new token is one step. For RAM-Net that step reads and writes K slots per head of a
+fixed-size state (`RAMNetCache`), so the memory and the time per token do not grow with the context,
+unlike a Transformer's KV cache (fla's models keep a fixed-size state too)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,35 @@ from collections.abc import Iterator
 
 import torch
 from tokenizers.decoders import DecodeStream
+from transformers import Cache, DynamicCache
 
-from ..models import RAMNetCache
+from ..models import RAMNetCache, RAMNetConfig
 
 
-def state_bytes(cache: RAMNetCache) -> int:
-    """Bytes held by the recurrent states of all layers (S, z and the position offsets)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.state is not None for t in layer.state)
+def new_cache(model) -> Cache:
+    """An empty cache of the kind `model` makes for itself: RAM-Net's `RAMNetCache`, fla's `Cache`, or
+    transformers' `DynamicCache` (Transformer++)."""
+    if model.config.model_type == RAMNetConfig.model_type:
+        return RAMNetCache()
+    if type(model).__module__.startswith("fla."):
+        from fla.models.utils import Cache as FLACache
+
+        return FLACache()
+    return DynamicCache(config=model.config)
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(_tensor_bytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
+
+def state_bytes(cache: Cache) -> int:
+    """Bytes of the tensors that the layers of `cache` hold: a recurrent state (RAM-Net's S, z and
+    position offsets; fla's states), or a Transformer's keys and values."""
+    return sum(_tensor_bytes(list(vars(layer).values())) for layer in getattr(cache, "layers", []))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
@@ -43,17 +66,17 @@ def generate_ids(
     top_p: float = 0.95,
     seed: int | None = None,
     eos_token_id: int | None = None,
-    cache: RAMNetCache | None = None,
+    cache: Cache | None = None,
 ) -> Iterator[int]:
     """Yields new token ids one at a time (stops after `max_new_tokens` or at `eos_token_id`).
-    Pass a `cache` to inspect the state while generating."""
+    Pass a `cache` (`new_cache(model)`) to inspect the state while generating."""
     if not prompt_ids:
         raise ValueError("the prompt must have at least one token")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = RAMNetCache() if cache is None else cache
+    cache = new_cache(model) if cache is None else cache
     ids = torch.tensor([prompt_ids], device=device)
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
@@ -64,7 +87,7 @@ def generate_ids(
         ids = torch.tensor([[token]], device=device)
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop_at_eos: bool = True, cache: RAMNetCache | None = None, **sampling) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop_at_eos: bool = True, cache: Cache | None = None, **sampling) -> Iterator[str]:
     """Yields, for every new token, the text that it completes ('' while it ends inside a character).
 
     The prompt is preceded by the BOS token when the tokenizer has one: in training data every

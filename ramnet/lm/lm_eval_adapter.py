@@ -17,13 +17,17 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import models  # noqa: F401  (registers RAM-Net with the Auto classes)
+from .families import register_checkpoint
 
 
 @register_model("ramnet")
 class RAMNetLM(HFLM):
-    """`HFLM` for RAM-Net checkpoints (`pretrained=DIR`, any other HFLM argument as usual)."""
+    """`HFLM` for the checkpoints of `ramnet train`, of any family (`pretrained=DIR`, any other HFLM
+    argument as usual)."""
 
     def __init__(self, pretrained, **kwargs):
+        if isinstance(pretrained, str):
+            register_checkpoint(pretrained)  # fla's models, if it is one
         kwargs.setdefault("backend", "causal")
         super().__init__(pretrained=pretrained, **kwargs)
 

@@ -10,7 +10,6 @@ position (samples seen) is a pure function of the step, which makes resuming exa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import math
@@ -32,13 +31,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from ..models import RAMNetConfig, RAMNetForCausalLM
-from . import checkpoint
+from . import checkpoint, families
 from .config import TrainConfig
 from .data import TokenData, Windows, prepare
 
-# Excluded from weight decay besides the 1-D parameters (norm weights, biases): the per-head
-# e^alpha temperatures of the address decoder (spec section 5).
+# Excluded from weight decay besides the 1-D parameters (norm weights, biases, fla's and Mamba's
+# A_log, D, dt_bias) and those marked `_no_weight_decay` (as fla marks those): the per-head e^alpha
+# temperatures of RAM-Net's address decoder (spec section 5).
 NO_DECAY_SUFFIXES = ("q_log_scale", "k_log_scale")
 
 
@@ -93,11 +92,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+            skip = p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) or getattr(p, "_no_weight_decay", False)
+            (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(config: TrainConfig, data: TokenData) -> RAMNetForCausalLM:
+def build_model(config: TrainConfig, data: TokenData):
+    """The `model_type` family's causal LM, with the data's vocabulary and special tokens."""
     tok = data.tokenizer()
     kwargs = dict(config.model)
     kwargs.setdefault("vocab_size", data.vocab_size)
@@ -105,13 +106,8 @@ def build_model(config: TrainConfig, data: TokenData) -> RAMNetForCausalLM:
         raise ValueError(f"`model.vocab_size` ({kwargs['vocab_size']}) is smaller than the tokenizer's ({data.vocab_size})")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         kwargs.setdefault(key, getattr(tok, key))
-    # RAMNetConfig would keep an unknown key as a plain attribute: a typo would go unnoticed.
-    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(RAMNetConfig)})
-    if unknown:
-        raise ValueError(f"`model`: unknown RAMNetConfig key(s) {unknown}")
-    model_config = RAMNetConfig(**kwargs)
     torch.manual_seed(config.seed)  # the same initial weights on every process
-    return RAMNetForCausalLM(model_config)
+    return families.build(config.model_type, kwargs)
 
 
 class Reporter:
@@ -180,6 +176,15 @@ def evaluate(model, windows: Windows, config: TrainConfig, d: Dist, autocast) ->
     return (totals[0] / totals[1]).item()
 
 
+def _tie(raw, weights: dict) -> dict:
+    """`save_pretrained` stores a tied weight once: give the LM head the input embedding's."""
+    if raw.config.tie_word_embeddings:
+        names = {module: name for name, module in raw.named_modules()}
+        embed, head = (names[m] + ".weight" for m in (raw.get_input_embeddings(), raw.get_output_embeddings()))
+        weights.setdefault(head, weights[embed])
+    return weights
+
+
 def _resume_path(config: TrainConfig, out_dir: Path) -> Path | None:
     if config.resume == "auto":
         return checkpoint.latest(out_dir)
@@ -232,9 +237,9 @@ def _train(config: TrainConfig, d: Dist, progress: bool) -> dict:
     val_windows = Windows(data, "val", config.seq_len, shuffle=False) if data.meta["splits"]["val"]["tokens"] > config.seq_len else None
 
     model = build_model(config, data)
-    raw = model  # the RAMNetForCausalLM (FSDP2 shards it in place; DDP wraps it)
+    raw = model  # the PreTrainedModel (FSDP2 shards it in place; DDP wraps it)
     n_params = sum(p.numel() for p in raw.parameters())
-    n_embed = raw.model.embed_tokens.weight.numel()
+    n_embed = raw.get_input_embeddings().weight.numel()
     model.to(d.device)
     if config.gradient_checkpointing:
         raw.gradient_checkpointing_enable()
@@ -243,7 +248,7 @@ def _train(config: TrainConfig, d: Dist, progress: bool) -> dict:
     elif d.world > 1:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in raw.model.layers:  # one all-gather per block, overlapped with the previous one
+        for layer in raw.base_model.layers:  # one all-gather per block, overlapped with the previous one
             fully_shard(layer)
         fully_shard(raw)
     # Built after sharding: fully_shard replaces the parameters with sharded ones.
@@ -260,9 +265,7 @@ def _train(config: TrainConfig, d: Dist, progress: bool) -> dict:
     if resume_from is not None:
         state = checkpoint.load_trainer_state(resume_from)
         full = StateDictOptions(full_state_dict=True)
-        weights = load_file(resume_from / "model.safetensors")
-        if raw.config.tie_word_embeddings:  # save_pretrained stores a tied weight once
-            weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+        weights = _tie(raw, load_file(resume_from / "model.safetensors"))
         set_model_state_dict(model, weights, options=full)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
         scheduler.load_state_dict(state["scheduler"])
@@ -323,7 +326,7 @@ def _train(config: TrainConfig, d: Dist, progress: bool) -> dict:
                 raw.set_requires_gradient_sync(last)
             with sync:
                 with autocast:
-                    logits = model(input_ids=batch[:, :-1]).logits
+                    logits = model(input_ids=batch[:, :-1], use_cache=False).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                 (loss / accum).backward()
             loss_sum += loss.detach()

@@ -1,17 +1,20 @@
 """Corpus sources, data preparation (shards, EOS separators, held-out split, unigram entropy),
 training windows, and the training config (presets, files, overrides)."""
 
+import importlib.util
 import json
 import math
 import sys
+import sysconfig
 import types
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
 from lm_helpers import one_thread, prepared_data, write_corpus  # noqa: F401  (autouse fixture)
 
-from ramnet.lm.config import PRESETS, TINY_MODEL, TrainConfig, load_config, parse_override
+from ramnet.lm.config import PRESETS, TINY_MODELS, TrainConfig, load_config, parse_override
 from ramnet.lm.corpus import documents, held_out, python_docs
 from ramnet.lm.data import TokenData, Windows, prepare
 from ramnet.lm.tokenizer import train_bpe
@@ -30,6 +33,13 @@ def test_builtin_corpus_is_real_text_shipped_with_python():
     assert first == [topics[k] for k in sorted(topics)[:3]] and all(len(d.split()) > 20 for d in first)
     module_doc = next(islice(docs, len(topics) - 3, None))  # then the first module's docstrings
     assert len(module_doc.split()) >= 20 and module_doc not in topics.values()
+
+
+def test_builtin_code_corpus_is_the_standard_library_source():
+    docs = list(documents("python-stdlib"))
+    assert len(docs) > 500 and sum(map(len, docs)) > 5_000_000  # big enough for a GPU-sized run
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "__init__.py").read_text()
+    assert source in docs and json.__doc__ in source
 
 
 def test_prepare_writes_shards_with_eos_separators_and_a_held_out_split(data, tmp_path):
@@ -118,7 +128,7 @@ def test_config_precedence_preset_file_overrides(tmp_path):
     config = load_config(file=file, overrides=["model.hidden_size=64", "betas=[0.9, 0.99]", "out_dir=runs/x", "max_steps=7"])
     assert config.lr == 1e-3 and config.min_lr == TrainConfig().min_lr and config.max_steps == 7
     assert config.model["num_hidden_layers"] == 2 and config.model["hidden_size"] == 64
-    assert config.model["num_partitions"] == TINY_MODEL["num_partitions"]  # the rest of the model: merged
+    assert config.model["num_partitions"] == TINY_MODELS["ramnet"]["num_partitions"]  # the rest of the model: merged
     assert config.betas == (0.9, 0.99) and config.out_dir == "runs/x"
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"seq_len": 64}))
@@ -130,12 +140,14 @@ def test_config_precedence_preset_file_overrides(tmp_path):
 
 
 def test_presets_are_valid_and_sized_as_documented():
+    from ramnet.lm.families import make_config
     from ramnet.models import RAMNetConfig
 
     for name, values in PRESETS.items():
         config = load_config(name)
         assert config.batch_size % config.micro_batch_size == 0, name
-        RAMNetConfig(vocab_size=32000, **config.model)
+        if not config.model_type.startswith("fla.") or importlib.util.find_spec("fla"):
+            make_config(config.model_type, dict(config.model, vocab_size=32000))
     small = RAMNetConfig(vocab_size=32000, **PRESETS["small"]["model"])
     per_layer = (2 * small.num_heads * small.num_partitions * small.partition_dim + 2 * small.num_heads * small.head_v_dim
                  ) * small.hidden_size + 3 * small.hidden_size * small.intermediate_size

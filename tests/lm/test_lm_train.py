@@ -3,14 +3,12 @@ weight-decay groups."""
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from lm_helpers import TINY_MODEL, one_thread, prepared_data, tiny_config  # noqa: F401  (autouse fixture)
+from lm_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
+    TINY_MODEL, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_config,
+)
 
 from ramnet.lm import checkpoint
 from ramnet.lm.train import lr_schedule, param_groups, train
@@ -22,21 +20,8 @@ def data(tmp_path_factory):
     return prepared_data(tmp_path_factory)
 
 
-def losses(result):
-    return [h["train/loss"] for h in result["history"]]
-
-
 def test_resume_reproduces_the_uninterrupted_run_exactly(data, tmp_path):
-    straight = train(tiny_config(data, tmp_path / "a"), progress=False)  # checkpoints at steps 3 and 6
-    # A run killed after its step-3 checkpoint: only that one is in its out_dir.
-    shutil.copytree(tmp_path / "a" / "checkpoint-000003", tmp_path / "b" / "checkpoint-000003")
-    resumed = train(tiny_config(data, tmp_path / "b"), progress=False)
-    assert [h["step"] for h in resumed["history"]] == [4, 5, 6]
-    assert losses(resumed) == losses(straight)[3:]  # bitwise
-    assert [h["train/grad_norm"] for h in resumed["history"]] == [h["train/grad_norm"] for h in straight["history"][3:]]
-    assert resumed["evals"] == straight["evals"][1:]
-    weights = [RAMNetForCausalLM.from_pretrained(r["checkpoint"]).state_dict() for r in (straight, resumed)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    check_resume_is_exact(data, tmp_path)
 
 
 def test_resume_follows_a_changed_schedule(data, tmp_path):
@@ -73,42 +58,9 @@ def test_loss_falls_below_the_unigram_entropy(data, tmp_path):
     assert result["evals"][-1]["loss"] < result["unigram_entropy"]
 
 
-def _torchrun(data, out_dir, parallel, steps):
-    """2 gloo processes, micro-batch 2, no accumulation: the same global batch of 4 as one process
-    with 2 accumulation steps."""
-    args = [f"data={data}", f"out_dir={out_dir}", "seq_len=32", "batch_size=4", "micro_batch_size=2", f"max_steps={steps}",
-            "warmup_steps=2", "lr=1e-2", "min_lr=1e-3", "eval_interval=3", "eval_batches=2", "save_interval=3",
-            "log_interval=1", "report_to=[]", "device=cpu", f"parallel={parallel}"]
-    args += [f"model.{k}={v}" for k, v in TINY_MODEL.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "ramnet.cli", "train", "--quiet", *args], check=True, env=env, capture_output=True, timeout=240)
-    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_close(single, multi):
-    assert [a["step"] for a in single] == [b["step"] for b in multi]
-    for a, b in zip(single, multi):
-        assert a.keys() == b.keys()
-        for key in {"train/loss", "train/grad_norm", "val/loss"} & a.keys():
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_at_the_same_global_batch(data, tmp_path, parallel):
-    steps = 5 if parallel == "fsdp" else 3
-    single = train(tiny_config(data, tmp_path / "one", f"max_steps={steps}"), progress=False)["history"]
-    multi = _torchrun(data, tmp_path / "two", parallel, steps)
-    _assert_close(single, multi)
-    # the checkpoints hold full (unsharded) weights
-    last = f"checkpoint-{steps:06d}"
-    one = RAMNetForCausalLM.from_pretrained(tmp_path / "one" / last).state_dict()
-    two = RAMNetForCausalLM.from_pretrained(tmp_path / "two" / last).state_dict()
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    if parallel == "fsdp":  # resume the sharded run from its step-3 checkpoint: steps 4 and 5 again
-        shutil.rmtree(tmp_path / "two" / last)
-        (tmp_path / "two" / "metrics.jsonl").unlink()
-        _assert_close(single[3:], _torchrun(data, tmp_path / "two", parallel, steps))
+    check_two_processes_match_one(data, tmp_path, parallel, 5 if parallel == "fsdp" else 3)
 
 
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr(data, tmp_path):

@@ -1,0 +1,163 @@
+"""Baselines through the same trainer: Transformer++ (Hugging Face's Llama) trains, resumes exactly,
+shards with FSDP2, reloads through the Auto classes and works with `eval ppl` and `generate`; fla's families fail
+clearly without fla; the `small` baselines match `small`'s parameter count."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from lm_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
+    TINY_LLAMA, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_args, tiny_config,
+    write_corpus,
+)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from ramnet.cli import main
+from ramnet.lm import families
+from ramnet.lm.config import load_config
+from ramnet.lm.evaluate import load
+from ramnet.lm.generate import generate_ids, new_cache, state_bytes
+from ramnet.lm.train import param_groups, train
+
+LLAMA = ("model_type=transformer++",)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama_run(data, tmp_path_factory):
+    """100 steps of a tiny Transformer++ through the command line; its out_dir."""
+    out = tmp_path_factory.mktemp("llama_run")
+    args = tiny_args(data, out, *LLAMA, "batch_size=8", "micro_batch_size=4", "max_steps=100", "warmup_steps=3",
+                     "eval_interval=0", "save_interval=0", model=TINY_LLAMA)
+    assert main(["train", "--quiet", *args]) == 0
+    return out
+
+
+def test_transformer_trains_through_the_trainer(llama_run, data):
+    metrics = [json.loads(x) for x in (llama_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train/loss"] for m in metrics]
+    assert len(losses) == 100 and sum(losses[-5:]) / 5 < losses[0] - 1.0
+    entropy = json.loads((data / "meta.json").read_text())["unigram_entropy"]
+    assert losses[0] > entropy > metrics[-1]["val/loss"]
+    saved = json.loads((llama_run / "checkpoint-000100" / "train_config.json").read_text())
+    assert saved["model_type"] == "transformer++" and saved["model"] == TINY_LLAMA
+
+
+def test_transformer_checkpoint_loads_evaluates_and_generates(llama_run, tmp_path, capsys):
+    ckpt = llama_run / "checkpoint-000100"
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert isinstance(model, LlamaForCausalLM) and model.config.vocab_size == 512
+    assert not model.config.tie_word_embeddings and model.config.num_hidden_layers == 2
+    model, tok = load(ckpt, torch.device("cpu"))
+    prompt = tok("The for statement", add_special_tokens=False).input_ids
+    cache = new_cache(model)
+    ours, sizes = [], []
+    for token in generate_ids(model, prompt, 12, temperature=0, cache=cache):
+        ours.append(token)
+        sizes.append(state_bytes(cache))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # a KV cache grows with the context
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert hf[0, len(prompt):].tolist() == ours
+    corpus = write_corpus(tmp_path / "corpus", 5)
+    assert main(["eval", "ppl", "--model", str(ckpt), "--data", str(corpus), "--max-tokens", "300", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == 299 and result["context"] == 32 and 1 < result["ppl"] < 512
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Return", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Return") and "the cache grew" in captured.err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_transformer_resume_is_exact(data, tmp_path, tied):
+    check_resume_is_exact(data, tmp_path, *LLAMA, model=dict(TINY_LLAMA, tie_word_embeddings=tied))
+
+
+def test_transformer_fsdp_matches_one_process(data, tmp_path):
+    check_two_processes_match_one(data, tmp_path, "fsdp", 3, *LLAMA, model=TINY_LLAMA)
+
+
+def test_weight_decay_groups_by_shape_and_marks_for_any_family():
+    model = families.build("transformer++", dict(TINY_LLAMA, vocab_size=64))
+    model.model.layers[0].self_attn.q_proj.weight._no_weight_decay = True  # as fla marks A_log and dt_bias
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert skipped == {"model.norm.weight", "model.layers.0.self_attn.q_proj.weight"} | {
+        f"model.layers.{i}.{norm}.weight" for i in range(2) for norm in ("input_layernorm", "post_attention_layernorm")}
+    assert len(decay["params"]) + len(skipped) == len(names)
+
+
+def test_the_pad_token_learns():
+    """Llama's embedding would freeze its pad row, and the BPE's pad is the BOS/EOS between documents."""
+    model = families.build("transformer++", dict(TINY_LLAMA, vocab_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    assert model.config.pad_token_id == 0
+    model(input_ids=torch.tensor([[0, 5, 0, 7]]), use_cache=False).logits.square().sum().backward()
+    assert model.get_input_embeddings().weight.grad[0].abs().sum() > 0
+
+
+def test_unknown_model_keys_are_named(data, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown LlamaConfig key\(s\) \['num_heads'\]"):
+        train(tiny_config(data, tmp_path, *LLAMA, model=dict(TINY_LLAMA, num_heads=2)), progress=False)
+    with pytest.raises(ValueError, match="model_type"):
+        load_config("tiny", overrides=["model_type=mamba"])
+
+
+def test_fla_families_need_fla(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fla", None)  # as if not installed: `import fla` raises ImportError
+    gdn = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match=r"pip install 'ramnet\[baselines\]' \(fla's kernels need a CUDA GPU\)"):
+        train(tiny_config(data, tmp_path, "model_type=fla.gated_deltanet", model=gdn), progress=False)
+    assert main(["train", "--preset", "small-gated-deltanet", f"data={data}", f"out_dir={tmp_path}", "prepare=null"]) == 2
+    assert "flash-linear-attention" in capsys.readouterr().err
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "gated_deltanet"}))
+    with pytest.raises(ValueError, match="ramnet\\[baselines\\]"):
+        load(tmp_path / "ckpt", torch.device("cpu"))
+
+
+def test_model_type_starts_model_afresh_whatever_the_override_order():
+    a = load_config("tiny", overrides=["model.hidden_size=64", "model_type=transformer++"])
+    b = load_config("small", overrides=["model_type=transformer++", "model.hidden_size=64"])
+    assert a.model == b.model == dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352)
+    c = load_config("small-transformer", overrides=["model.num_hidden_layers=2"])
+    assert c.model_type == "transformer++" and c.model["num_hidden_layers"] == 2 and c.model["hidden_size"] == 512
+    small = load_config("small")
+    for name in ("small-transformer", "small-gated-deltanet"):
+        other = load_config(name)
+        assert {k: v for k, v in other.to_dict().items() if k not in ("out_dir", "model_type", "model")} == \
+               {k: v for k, v in small.to_dict().items() if k not in ("out_dir", "model_type", "model")}
+
+
+def non_embedding_parameters(preset: str) -> int:
+    config = load_config(preset)
+    with torch.device("meta"):
+        return families.build(config.model_type, dict(config.model, vocab_size=32000)).num_parameters(exclude_embeddings=True)
+
+
+def gated_deltanet_parameters(m: dict, vocab_size: int = 32000) -> int:
+    """fla's GatedDeltaNetForCausalLM without the input embedding (use_gate, short convs, no biases)."""
+    h, heads = m["hidden_size"], m["num_heads"]
+    dk = heads * m["head_dim"]
+    dv = int(dk * m["expand_v"])
+    layer = (2 * h * dk + 2 * h * dv + dv * h + 2 * h * heads + 2 * heads + m["conv_size"] * (2 * dk + dv)
+             + int(m["head_dim"] * m["expand_v"]) + 3 * h * m["intermediate_size"] + 2 * h)
+    return m["num_hidden_layers"] * layer + h + vocab_size * h
+
+
+def test_small_baselines_match_small_in_parameters():
+    small = non_embedding_parameters("small")
+    transformer = non_embedding_parameters("small-transformer")
+    assert small == 38_937_216 and transformer == 38_870_528
+    assert abs(transformer / small - 1) < 0.05
+    gdn = load_config("small-gated-deltanet")
+    estimate = gated_deltanet_parameters(gdn.model)
+    assert estimate == 38_860_836 and abs(estimate / small - 1) < 0.05
+    if importlib.util.find_spec("fla"):  # the estimate against fla's own model
+        model = families.build(gdn.model_type, dict(gdn.model, vocab_size=32000))
+        assert model.num_parameters(exclude_embeddings=True) == estimate
