@@ -133,5 +133,18 @@ def test_non_finite_state_and_address_input():
         address_decode(torch.tensor([[0.0, float("inf"), 1.0, 2.0]]), num_partitions=2, topk=1)
 
 
+def test_decoding_steps_do_not_scan_the_whole_state():
+    """inplace_state trusts the state's values: a NaN in a slot the step neither writes nor reads
+    is not searched for (that would cost O(M) per token), and the step's output stays finite."""
+    q, k, v = (x[:, :1] for x in _qkv())
+    state = RAMState.empty(B, H, D_P**U, D_V, dtype=torch.float32, device="cpu")
+    index, _ = address_decode(torch.stack([k, q])[:, :, 0], num_partitions=U, topk=2)
+    untouched = sorted(set(range(D_P**U)) - set(index.flatten().tolist()))[0]
+    state.S[:, :, untouched] = float("nan")
+    with torch.no_grad():
+        o, _ = ram_attention(q, k, v, num_partitions=U, topk=2, initial_state=state, inplace_state=True)
+    assert torch.isfinite(o).all() and torch.isnan(state.S[:, :, untouched]).all()
+
+
 def test_unknown_mode():
     _expect("mode must be one of", mode="fast")
