@@ -101,10 +101,12 @@ def ram_attention(
 
 def default_mode(q: torch.Tensor, seq_len: int) -> str:
     """One token: the recurrent step (a Triton kernel on CUDA without autograd). Otherwise the
-    Triton kernels on CUDA when Triton is installed, else the torch parallel path."""
+    Triton kernels on CUDA when Triton is installed, else the torch parallel path. fp64 input
+    stays on the torch paths, which compute in fp64 (the kernels compute in fp32)."""
     if seq_len == 1:
         return "recurrent"
-    return "triton" if q.device.type == "cuda" and HAS_TRITON else "parallel"
+    triton_ok = q.device.type == "cuda" and HAS_TRITON and q.dtype != torch.float64
+    return "triton" if triton_ok else "parallel"
 
 
 def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:
