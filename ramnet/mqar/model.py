@@ -19,6 +19,7 @@ signature; the first element of its output is the mixed sequence.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 
@@ -203,9 +204,15 @@ class MQARModel(nn.Module):
         mixers = [ShortConv(d_model, short_conv)] if short_conv else []
         # layer_idx counts the mixer layers only: fla layers use it to find their cache slot, and
         # RWKV-7 treats layer 0 as the one that provides v_first.
+        # Layers that initialise by depth (fla's RWKV-7 divides by num_hidden_layers - 1) learn the
+        # model's depth unless the spec sets it.
+        knows_depth = "num_hidden_layers" in inspect.signature(cls.__init__).parameters
         for i in range(num_mixers):
+            kwargs = _mixer_kwargs(mixer, i, num_mixers, d_model)
+            if knows_depth:
+                kwargs.setdefault("num_hidden_layers", n_layers)
             try:
-                mixers.append(cls(hidden_size=d_model, layer_idx=i, **_mixer_kwargs(mixer, i, num_mixers, d_model)))
+                mixers.append(cls(hidden_size=d_model, layer_idx=i, **kwargs))
             except TypeError as err:
                 raise ValueError(f"cannot build mixer {cls.__module__}.{cls.__qualname__} with kwargs "
                                  f"{mixer.get('kwargs', {})}: {err}") from err

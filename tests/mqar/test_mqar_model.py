@@ -113,6 +113,21 @@ def test_user_layer_by_path_per_layer_kwargs_and_unknown_state():
     assert model.state_size(5) is None
 
 
+class DepthMixer(RecordingMixer):
+    """Mimics fla's RWKV-7, which initialises by depth and fails without num_hidden_layers."""
+
+    def __init__(self, hidden_size, layer_idx=None, num_hidden_layers=None):
+        super().__init__(hidden_size, layer_idx)
+        self.depth = layer_idx / (num_hidden_layers - 1)
+
+
+def test_depth_aware_layers_learn_the_model_depth():
+    model = MQARModel(32, 8, {"path": f"{__name__}.DepthMixer"}, n_layers=2, short_conv=3)
+    assert [m.depth for m in model.mixers()[1:]] == [0.0]  # one mixer layer after the convolution, of 2 layers
+    model = MQARModel(32, 8, {"path": f"{__name__}.DepthMixer", "kwargs": {"num_hidden_layers": 5}}, short_conv=0)
+    assert [m.depth for m in model.mixers()] == [0.0, 0.25]  # the spec's value wins
+
+
 def test_v_first_reaches_later_layers():
     model = MQARModel(32, 8, {"path": f"{__name__}.VFirstMixer"}, n_layers=3, short_conv=0)
     model(torch.randint(0, 32, (1, 5)))
