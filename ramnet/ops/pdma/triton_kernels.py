@@ -167,6 +167,15 @@ def _store_carry(carry_ptr, i, cS, cz, D, DV: tl.constexpr):
 
 
 @triton.jit
+def _segment_ends(offs, row, E, start_ptr, sidx_ptr):
+    """Which events end their slot's segment (the next one starts another, or the row ends), and
+    their slot's state row."""
+    nxt = offs + 1
+    ends = (offs < E) & ((nxt >= E) | (tl.load(start_ptr + row.to(tl.int64) * E + nxt, mask=nxt < E, other=1) != 0))
+    return ends, tl.load(sidx_ptr + row.to(tl.int64) * E + offs, mask=ends, other=0)
+
+
+@triton.jit
 def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v_ptr, h0_ptr, sidx_ptr,
                       chunk_carry_ptr, block_carry_ptr, out_ptr, final_ptr,
                       E, T, D, NC, empty_z, eps,
@@ -190,10 +199,7 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
         coef = r / (hz + eps)
         tl.store(out_ptr + r_idx[:, None] * D + cols[None, :], coef[:, None] * hS, mask=is_read[:, None] & cmask)
         if STORE_FINAL:  # the last event of a segment holds the slot's final content
-            nxt = offs + 1
-            ends = (offs < E) & ((nxt >= E) | (tl.load(start_ptr + row.to(tl.int64) * E + nxt, mask=nxt < E,
-                                                        other=1) != 0))
-            si = tl.load(sidx_ptr + row.to(tl.int64) * E + offs, mask=ends, other=0)
+            ends, si = _segment_ends(offs, row, E, start_ptr, sidx_ptr)
             tl.store(final_ptr + si[:, None] * (D + 1) + cols[None, :], hS, mask=ends[:, None] & cmask)
             tl.store(final_ptr + si * (D + 1) + D, hz, mask=ends)
         cS, cz = _pick(hS, hz, BLOCK - 1, BLOCK)
@@ -228,10 +234,7 @@ def _direct_adjoint(hS, hz, tok, r_idx, is_read, offs, row, E, start_ptr, sidx_p
     dS = (r * inv)[:, None] * do
     dz = -r * dot * inv
     if HAS_GRAD_FINAL:
-        nxt = offs + 1
-        ends = (offs < E) & ((nxt >= E) | (tl.load(start_ptr + row.to(tl.int64) * E + nxt, mask=nxt < E,
-                                                    other=1) != 0))
-        si = tl.load(sidx_ptr + row.to(tl.int64) * E + offs, mask=ends, other=0)
+        ends, si = _segment_ends(offs, row, E, start_ptr, sidx_ptr)
         dS += tl.load(grad_final_ptr + si[:, None] * (D + 1) + cols[None, :], mask=ends[:, None] & cmask, other=0.0)
         dz += tl.load(grad_final_ptr + si * (D + 1) + D, mask=ends, other=0.0)
     return dS, dz, dot
