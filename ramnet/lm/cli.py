@@ -144,7 +144,7 @@ def add_lm_commands(sub) -> None:
                                        "fla.gla|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
     train.add_argument("--preset", choices=sorted(PRESETS),
                        help="tiny (CPU, minutes), small (one GPU) and its baselines small-transformer and "
-                            "small-gated-deltanet, paper-340m (8 GPUs)")
+                            "small-gated-deltanet, the hybrid small-hybrid, paper-340m (8 GPUs)")
     train.add_argument("--config", help="YAML or JSON file of config keys (it may name a preset)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides after the options, e.g. max_steps=100 lr=1e-3 model.hidden_size=256")

@@ -156,6 +156,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=512, num_hidden_layers=6, num_heads=3, head_dim=128, expand_v=2, conv_size=4,
                    intermediate_size=1408),
     ),
+    # Issue 6's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
+    # over 64 tokens on shared projections, per-channel gate). The gate (512 x 512 + bias) and the
+    # per-head output norm add 262,720 parameters a layer, so the MLP is 1236 wide instead of 1408:
+    # 38,925,440 in all (0.9997 x small; a test).
+    "small-hybrid": dict(
+        _SMALL_RUN, out_dir="runs/small-hybrid",
+        model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, num_partitions=4,
+                   partition_dim=4, topk=8, intermediate_size=1236, layer_types=["hybrid"] * 8, window_size=64,
+                   hybrid_blend="synchronous", hybrid_mix="vector"),
+    ),
     # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
     # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's
