@@ -61,27 +61,32 @@ def layer_state(config, kind: str, seq_len: int | None) -> tuple[int, int]:
     """``(total, active_per_token)`` of one layer of type ``kind`` (``config`` needs the fields
     that type uses)."""
     heads, d_v, window = config.num_heads, config.head_v_dim, getattr(config, "window_size", 0)
-    if kind == "linear_attention":
-        return _ram(config)
     if kind == "sliding_attention":  # keys and values of width d_v (head_dim = head_v_dim)
         return (window - 1) * heads * 2 * d_v, window * heads * 2 * d_v
     if kind == "full_attention":
         return seq_len * heads * 2 * d_v, seq_len * heads * 2 * d_v
-    if kind != "hybrid":
+    if kind not in ("linear_attention", "hybrid"):
         raise ValueError(f"unknown layer type {kind!r}")
     d_k = config.num_partitions * config.partition_dim
-    deltanet = config.hybrid_fw == "deltanet"
+    _, memory_slots = memory_geometry(d_k, config.num_partitions)
+    if kind == "linear_attention":
+        return ram_state(heads, d_v, memory_slots, config.topk)
+    return hybrid_state(heads, d_k, d_v, memory_slots, config.topk, window, config.hybrid_blend, config.hybrid_fw)
+
+
+def ram_state(heads: int, d_v: int, memory_slots: int, topk: int) -> tuple[int, int]:
+    """RAM-Net's memory: ``(H * M * (d_v + 1), H * 2K * (d_v + 1))``."""
+    return heads * memory_slots * (d_v + 1), heads * 2 * topk * (d_v + 1)
+
+
+def hybrid_state(heads: int, d_k: int, d_v: int, memory_slots: int, topk: int, window: int, blend: str,
+                 fast_weight: str) -> tuple[int, int]:
+    """A hybrid layer: its fast weights plus its key/value window (module docstring)."""
+    deltanet = fast_weight == "deltanet"
     if deltanet:
         fw_total = fw_active = heads * d_k * d_v
     else:
-        fw_total, fw_active = _ram(config)
-    cached_tokens = max(window - 1, 0) if config.hybrid_blend == "delayed_chunk" else window
+        fw_total, fw_active = ram_state(heads, d_v, memory_slots, topk)
+    cached_tokens = max(window - 1, 0) if blend == "delayed_chunk" else window
     per_token = heads * (d_k + d_v + (1 if deltanet else 0))
     return fw_total + cached_tokens * per_token, fw_active + window * heads * (d_k + d_v)
-
-
-def _ram(config) -> tuple[int, int]:
-    """RAM-Net's memory: ``(H * M * (d_v + 1), H * 2K * (d_v + 1))``."""
-    _, memory_slots = memory_geometry(config.num_partitions * config.partition_dim, config.num_partitions)
-    per_slot = config.head_v_dim + 1
-    return config.num_heads * memory_slots * per_slot, config.num_heads * 2 * config.topk * per_slot

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..accounting import ram_state
 from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
@@ -75,6 +76,10 @@ class RAMAttention(RAMProjections):
         self.memory, self.memory_slots, self.layer_idx = memory, memory.memory_slots, layer_idx
         # A plain tuple, not a buffer: it is configuration, and checkpoints need not carry it.
         self.cape_heads = memory.cape
+
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of state per sequence, ``H * M * (d_v + 1)`` (``ramnet.accounting``)."""
+        return ram_state(self.num_heads, self.head_v_dim, self.memory_slots, self.memory.topk)[0]
 
     def forward(
         self,

@@ -53,7 +53,6 @@ def _conv_states(layer) -> int:
 # Zoology's per-layer state formulas (spec section 8) for classes that have no state_size method
 # of their own, keyed by the class's full name. Counts are floats of one sequence.
 STATE_FORMULAS = {
-    "ramnet.layers.ram_attention.RAMAttention": lambda m, L: m.num_heads * m.memory_slots * (m.head_v_dim + 1),
     "fla.layers.gla.GatedLinearAttention": lambda m, L: m.key_dim * m.head_v_dim + _conv_states(m),
     "fla.layers.delta_net.DeltaNet": lambda m, L: m.num_heads * m.head_k_dim * m.head_v_dim,
     "fla.layers.gated_deltanet.GatedDeltaNet": lambda m, L: m.num_v_heads * m.head_k_dim * m.head_v_dim,

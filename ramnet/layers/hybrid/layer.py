@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from ...accounting import layer_state
+from ...accounting import hybrid_state
 from ...ops.checks import check_choice, check_int, check_positive
 from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
 from ..memories import DeltaRuleMemory, RAMMemory
@@ -85,7 +84,7 @@ class HybridRAMAttention(RAMProjections):
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
         self.cape_heads = ram.cape
-        self.num_partitions, self.partition_dim, self.topk = num_partitions, partition_dim, topk
+        self.memory_slots, self.topk = ram.memory_slots, topk
 
         if fast_weight == "deltanet":
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
@@ -101,10 +100,8 @@ class HybridRAMAttention(RAMProjections):
     def state_size(self, seq_len: int | None = None) -> int:
         """Floats of state per sequence: the fast weights plus the key/value window
         (``ramnet.accounting``'s formula for a hybrid layer)."""
-        config = SimpleNamespace(num_heads=self.num_heads, head_v_dim=self.head_v_dim, window_size=self.window_size,
-                                 num_partitions=self.num_partitions, partition_dim=self.partition_dim,
-                                 topk=self.topk, hybrid_fw=self.fast_weight, hybrid_blend=self.blend)
-        return layer_state(config, "hybrid", seq_len)[0]
+        return hybrid_state(self.num_heads, self.head_k_dim, self.head_v_dim, self.memory_slots, self.topk,
+                            self.window_size, self.blend, self.fast_weight)[0]
 
     def forward(
         self,
