@@ -12,7 +12,7 @@ Contenders (their state is filled with random content first; each step updates i
                      the torch step (``decode_tokens`` + ``pdma_step``) stands in.
   ram_op_graph       the same step captured in a CUDA graph, replayed.
   ram_op_tdec(_graph) the same with the fused Triton address decoder (``decode_tokens(...,
-                     use_triton=True)``) in place of the torch one; only where it exists.
+                     use_triton=True)``) in place of the torch one.
   ram_op_validated   ``ram_attention(..., inplace_state=True)``: the validated torch path.
   ram_layer_cache    ``RAMAttention.forward`` on a one-token input with its ``RAMNetCache``
                      (projections, validated torch op, o_proj).
@@ -150,18 +150,13 @@ def torch_decode_step(q, k, v, state: RAMState, spec) -> torch.Tensor:
     return o.to(v.dtype)
 
 
-def has_triton_decoder() -> bool:
-    """Whether ``decode_tokens`` offers the fused Triton address decoder (``use_triton``)."""
-    return "use_triton" in inspect.signature(decode_tokens).parameters
-
-
 def op_step(device: str, tdec: bool = False):
     """The decoding step and its description; ``tdec``: the Triton address decoder too."""
     if triton_runs_on(device):
         where = " (interpreter)" if device == "cpu" else ""
         if tdec:
             return partial(ram_decode_step, triton_decode=True), f"Triton address decoder + Triton step{where}"
-        return ram_decode_step, f"torch address decoder + Triton step{where}"
+        return partial(ram_decode_step, triton_decode=False), f"torch address decoder + Triton step{where}"
     if tdec:
         raise Skip("Triton cannot run here")
     return torch_decode_step, "torch address decoder + torch pdma_step (Triton cannot run here)"
@@ -284,7 +279,7 @@ def case_sdpa(batch, context, device):
 
 def cases(device: str):
     """``(name, build(batch, context) -> (fn, bytes, impl))`` for every contender on ``device``."""
-    cuda, tdec = device == "cuda", has_triton_decoder() and triton_runs_on(device)
+    cuda, tdec = device == "cuda", triton_runs_on(device)
     builds = {
         "ram_op": lambda b, n: case_ram_op(b, n, device),
         "ram_op_graph": cuda and (lambda b, n: case_ram_op(b, n, device, graph=True)),

@@ -24,6 +24,12 @@ def triton_runs_on(device) -> bool:
     return kind == "cuda" or (kind == "cpu" and interpreting())
 
 
+def kernels_apply(x: torch.Tensor) -> bool:
+    """Whether the default paths run ``x`` on the Triton kernels: CUDA tensors with Triton
+    installed, except fp64 (the kernels compute in fp32; fp64 stays on the fp64 torch paths)."""
+    return HAS_TRITON and x.device.type == "cuda" and x.dtype != torch.float64
+
+
 def require_triton(device, what: str) -> None:
     """Raise a clear error when ``what`` (a Triton path) cannot run on ``device``."""
     if not HAS_TRITON:

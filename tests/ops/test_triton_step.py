@@ -4,7 +4,6 @@ On CPU the kernel runs under Triton's interpreter:
     TRITON_INTERPRET=1 python -m pytest -q tests/ops/test_triton_step.py
 """
 
-import inspect
 from functools import partial
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.ram_attention import pdma_step
-from ramnet.ops.ram_attention.common import decode_tokens
 from ramnet.ops.triton_support import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,8 +97,6 @@ HYPER = dict(num_partitions=3, topk=5, gamma=torch.tensor([0.0, 0.5, 1.0, 2.0]),
 @pytest.mark.parametrize("triton_decode", [False, True], ids=["torch_decode", "triton_decode"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_steps_match_recurrent_path(dtype, triton_decode):
-    if triton_decode and "use_triton" not in inspect.signature(decode_tokens).parameters:
-        pytest.skip("decode_tokens has no Triton address decoder")
     (q, k, v), state = _decode_problem(dtype)
     o_ref, final = ram_attention(q, k, v, initial_state=state, output_final_state=True, mode="recurrent", **HYPER)
 
@@ -121,8 +117,6 @@ def test_decode_steps_match_recurrent_path(dtype, triton_decode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("triton_decode", [False, True], ids=["torch_decode", "triton_decode"])
 def test_cuda_graph_replay_matches_eager_steps(triton_decode):
-    if triton_decode and "use_triton" not in inspect.signature(decode_tokens).parameters:
-        pytest.skip("decode_tokens has no Triton address decoder")
     (q, k, v), state = _decode_problem(torch.bfloat16)
     spec = decode_spec(4, 12, device="cuda", **HYPER)
     step = partial(ram_decode_step, spec=spec, triton_decode=triton_decode)

@@ -7,7 +7,7 @@ from numbers import Integral
 import torch
 
 from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
-from ..triton_support import HAS_TRITON
+from ..triton_support import kernels_apply
 from .naive import naive_forward
 from .parallel import parallel_forward
 from .recurrent import recurrent_forward
@@ -105,8 +105,7 @@ def default_mode(q: torch.Tensor, seq_len: int) -> str:
     stays on the torch paths, which compute in fp64 (the kernels compute in fp32)."""
     if seq_len == 1:
         return "recurrent"
-    triton_ok = q.device.type == "cuda" and HAS_TRITON and q.dtype != torch.float64
-    return "triton" if triton_ok else "parallel"
+    return "triton" if kernels_apply(q) else "parallel"
 
 
 def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:

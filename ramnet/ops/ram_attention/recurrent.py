@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_support import HAS_TRITON
+from ..triton_support import kernels_apply
 from .common import empty_state, decode_tokens, run_per_sequence
 from .spec import RAMSpec
 from .state import RAMState
@@ -34,14 +34,16 @@ def pdma_step(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float, 
 def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
     seq_len = q.shape[1]
     positions = state.offset[:, None] + torch.arange(seq_len, device=q.device)
-    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions)
     inputs = (q, k, v, state.S, state.z)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    # Decoding on CUDA: the Triton decoder, then one kernel launch per step.
+    use_kernels = not needs_grad and kernels_apply(q)
+    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions, use_triton=use_kernels)
     S, z = state.S, state.z
     if not needs_grad and not spec.inplace_state:  # one copy, then every step updates K rows in place
         S, z = S.clone(), z.clone()
     kernel = None
-    if not needs_grad and S.device.type == "cuda" and HAS_TRITON:  # one launch per step
+    if use_kernels:
         from .triton_step import pdma_step_triton as kernel
     outputs = []
     for t in range(seq_len):

@@ -116,7 +116,8 @@ def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: 
 
 @torch.no_grad()
 def ram_decode_step(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RAMState, spec: RAMSpec, *, triton_decode: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RAMState, spec: RAMSpec, *,
+    triton_decode: bool | None = None
 ) -> torch.Tensor:
     """Decode one token per sequence: ``q, k [B, H, d_k]``, ``v [B, H, d_v]``.
 
@@ -126,14 +127,15 @@ def ram_decode_step(
     (which validates its arguments; this function trusts them, never synchronises with the host
     and can be captured in a CUDA graph). ``spec`` comes from ``decode_spec``.
 
-    The addresses come from ``decode_tokens`` (torch ops); ``triton_decode=True`` asks it for its
-    fused Triton address decoder instead (fp32 states).
+    ``triton_decode`` picks the address decoder: the fused Triton one (computes in fp32) or the
+    torch one; None (default) takes the Triton decoder for fp32 states, which on an H100 halves the
+    step in a CUDA graph (benchmarks/results/decode.md), and torch for fp64 states.
     """
     compute = state.S.dtype
-    positions = state.offset[:, None]
-    extra = {"use_triton": True} if triton_decode else {}
+    if triton_decode is None:
+        triton_decode = compute != torch.float64
     write_idx, write_w, decay, read_idx, read_w = decode_tokens(
-        q[:, None].to(compute), k[:, None].to(compute), spec, positions, **extra
+        q[:, None].to(compute), k[:, None].to(compute), spec, state.offset[:, None], use_triton=triton_decode
     )
     o = pdma_step_triton(
         state.S, state.z, write_idx[:, 0], write_w[:, 0], decay[:, 0], v, read_idx[:, 0], read_w[:, 0], spec.eps
