@@ -6,26 +6,19 @@ import torch
 from ramnet.layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
 
-VOCAB = 97
+import model_helpers as helpers
+from model_helpers import VOCAB, random_ids
+
 MIXED = ["hybrid", "sliding_attention", "full_attention", "linear_attention"]
+HYBRID = dict(num_hidden_layers=4, cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3)
 
 
 def tiny_config(**overrides):
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_heads=4, head_v_dim=8, num_partitions=3,
-        partition_dim=3, topk=4, intermediate_size=48, cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3,
-        pad_token_id=0, bos_token_id=None, eos_token_id=None,
-    )
-    return RAMNetConfig(**(kwargs | overrides))
+    return helpers.tiny_config(**(HYBRID | overrides))
 
 
 def tiny_model(dtype=torch.float64, **overrides):
-    torch.manual_seed(0)
-    return RAMNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
-
-
-def random_ids(batch, length, seed=1):
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return helpers.tiny_model(dtype, **(HYBRID | overrides))
 
 
 def test_layer_types_pick_the_mixers():

@@ -6,36 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM, RAMNetModel
 from ramnet.ops import RAMState
 
-VOCAB = 97
-
-
-def tiny_config(**overrides):
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_heads=4,
-        head_v_dim=8,
-        num_partitions=3,
-        partition_dim=3,
-        topk=4,
-        intermediate_size=48,
-        cape_heads=[4, 2, 0],  # all, some and no CAPE heads
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,  # generation always runs for max_new_tokens
-    )
-    return RAMNetConfig(**(kwargs | overrides))
-
-
-def tiny_model(dtype=torch.float64, **overrides):
-    # fp64 so that cached and uncached paths agree far below the gaps between logits
-    torch.manual_seed(0)
-    return RAMNetForCausalLM(tiny_config(**overrides)).to(dtype).eval()
-
-
-def random_ids(batch, length, seed=1):
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+from model_helpers import VOCAB, random_ids, tiny_config, tiny_model
 
 
 def test_forward_backward_gives_finite_gradients_everywhere():
