@@ -367,7 +367,6 @@ def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) ->
             f"after {row['epochs_run']} epochs, {row['wall_time_s']:.0f} s")
 
     if jobs == 1 or len(runs) == 1:
-        _load_data(preset, str(device))
         for run in tqdm(runs, desc="runs", disable=len(runs) == 1):
             record(_train_one(preset, str(device), run))
         return rows

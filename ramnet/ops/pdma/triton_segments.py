@@ -37,7 +37,8 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         agg = torch.empty(rows, chunks, d_v + 2, dtype=torch.float32, device=dev)
         chunk_carry = torch.empty(rows, chunks, d_v + 1, dtype=torch.float32, device=dev)
         block_carry = torch.empty(rows, chunks * per_chunk, d_v + 1, dtype=torch.float32, device=dev)
-        out = torch.zeros(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
+        # Every read event writes its own row (the sort is a permutation of all events): no memset.
+        out = torch.empty(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
         final = None
         if final_rows:
             final = h0.clone() if h0 is not None else _empty_rows(final_rows, d_v, empty_z, dev)
@@ -71,10 +72,11 @@ class _TritonSegmentPDMA(torch.autograd.Function):
             grad_final = grad_final.contiguous().float()
         agg = torch.empty(rows, chunks, d_v + 2, dtype=torch.float32, device=dev)
         grad_carry = torch.empty(rows, chunks, d_v + 1, dtype=torch.float32, device=dev)
-        grad_decay = torch.zeros_like(decay)
-        grad_write_w = torch.zeros_like(write_w)
-        grad_read_w = torch.zeros_like(read_w)
-        grad_v_events = torch.zeros(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
+        # Each event writes its own entries, as in the forward.
+        grad_decay = torch.empty_like(decay)
+        grad_write_w = torch.empty_like(write_w)
+        grad_read_w = torch.empty_like(read_w)
+        grad_v_events = torch.empty(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
         grad_h0 = None
         if h0 is not None:
             grad_h0 = grad_final.clone() if has_grad_final else torch.zeros_like(h0)
