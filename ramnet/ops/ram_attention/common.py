@@ -77,15 +77,19 @@ def by_row(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch * heads, seq_len, *x.shape[3:])
 
 
-def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None):
-    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots, the
-    permutation and a flag marking where a new (sequence, slot) segment starts."""
-    sorted_slots, perm = torch.sort(slots, dim=-1, stable=True)
-    boundary = sorted_slots[:, 1:] != sorted_slots[:, :-1]
-    if event_seq is not None:  # a second stable sort makes the sequence the major key
-        sorted_seq, perm_seq = torch.sort(event_seq.gather(1, perm), dim=-1, stable=True)
-        perm = perm.gather(1, perm_seq)
-        sorted_slots = sorted_slots.gather(1, perm_seq)
-        boundary = (sorted_slots[:, 1:] != sorted_slots[:, :-1]) | (sorted_seq[:, 1:] != sorted_seq[:, :-1])
+def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None, memory_slots: int, num_seqs: int):
+    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots (int64),
+    the permutation and a flag marking where a new (sequence, slot) segment starts.
+
+    One sort of a combined key in the narrowest integer type that holds it: a radix sort then
+    makes fewer passes (int16 for the paper's M = 1024)."""
+    key_range = memory_slots * (num_seqs if event_seq is not None else 1)
+    key_type = next(t for t in (torch.int16, torch.int32, torch.int64) if key_range <= torch.iinfo(t).max + 1)
+    key = slots if event_seq is None else event_seq * memory_slots + slots
+    sorted_key, perm = torch.sort(key.to(key_type), dim=-1, stable=True)
+    boundary = sorted_key[:, 1:] != sorted_key[:, :-1]
     first = torch.ones_like(boundary[:, :1])
+    sorted_slots = sorted_key.long()
+    if event_seq is not None:
+        sorted_slots = sorted_slots % memory_slots
     return sorted_slots, perm, torch.cat([first, boundary], dim=1)

@@ -37,7 +37,7 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
     event_seq = None
     if cu_seqlens is not None:
         event_seq = seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
-    sorted_slots, perm, new_segment = sort_events(slots, event_seq)
+    sorted_slots, perm, new_segment = sort_events(slots, event_seq, memory_slots, num_seqs)
     segment = new_segment.cumsum(1)
     step, lane = perm // (2 * topk), perm % (2 * topk)
     is_write = lane < topk

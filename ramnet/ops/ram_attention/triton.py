@@ -1,6 +1,13 @@
 """The Triton path: the parallel path's segment-sorted PDMA with the scan, the reads and their
-backward fused into Triton kernels (``ops/pdma/triton_kernels.py``). Computes in fp32 (fp64
-inputs too). Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
+backward fused into Triton kernels. Computes in fp32 (fp64 inputs too). Runs on CUDA, or on CPU
+under ``TRITON_INTERPRET=1``.
+
+Two kernel families compute the same thing: ``"scan"`` (``ops/pdma/triton_kernels.py``: blocks
+of events through ``tl.associative_scan``) and ``"walk"`` (``ops/pdma/walk_kernels.py``: each
+program walks its events in a loop, channels across threads). ``PDMA_KERNEL`` picks one; both
+are tested against the parallel path, and ``benchmarks/bench_layer.py --pdma-kernels`` times them
+side by side.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,14 @@ from .common import by_row, decode_tokens, num_sequences, sort_events, token_pos
 from .spec import RAMSpec
 from .state import RAMState
 
+PDMA_KERNELS = ("scan", "walk")
+PDMA_KERNEL = "scan"  # the one measured on the GPU so far (benchmarks/results/layer.md)
+
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
-    from ..pdma.triton_segments import segment_pdma_triton  # imports triton, an optional dependency
+    if PDMA_KERNEL not in PDMA_KERNELS:
+        raise ValueError(f"PDMA_KERNEL must be one of {PDMA_KERNELS}, got {PDMA_KERNEL!r}")
 
     batch, seq_len, heads, _ = q.shape
     d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
@@ -26,7 +37,7 @@ def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, outpu
     write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions, use_triton=True)
     slots = torch.cat([by_row(write_idx), by_row(read_idx)], dim=-1).reshape(rows, 2 * seq_len * topk)
     event_seq = None if cu_seqlens is None else seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
-    sorted_slots, perm, start = sort_events(slots, event_seq)
+    sorted_slots, perm, start = sort_events(slots, event_seq, memory_slots, num_seqs)
 
     sidx = h0 = None
     if initial_state is not None or output_final_state:
@@ -37,15 +48,22 @@ def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, outpu
     if initial_state is not None:
         h0 = torch.cat([initial_state.S, initial_state.z[..., None]], dim=-1).float().reshape(-1, d_v + 1)
 
-    def token_major(x):
-        return by_row(x).float().contiguous()
+    kw = dict(perm=perm.to(torch.int32), start=start.to(torch.int8), eps=spec.eps, empty_z=1.0 / memory_slots,
+              h0=h0, sidx=sidx, final_rows=num_seqs * heads * memory_slots if output_final_state else 0)
+    if PDMA_KERNEL == "walk":
+        from ..pdma.triton_walk import segment_pdma_walk  # imports triton, an optional dependency
 
-    o, final = segment_pdma_triton(
-        token_major(decay), token_major(write_w), token_major(read_w), token_major(v),
-        perm=perm.to(torch.int32), start=start.to(torch.int8), eps=spec.eps, empty_z=1.0 / memory_slots,
-        h0=h0, sidx=sidx, final_rows=num_seqs * heads * memory_slots if output_final_state else 0,
-    )
-    o = o.view(batch, heads, seq_len, d_v).transpose(1, 2).to(q.dtype)
+        o, final = segment_pdma_walk(decay, write_w, read_w, v, **kw)
+    else:
+        from ..pdma.triton_segments import segment_pdma_triton
+
+        def token_major(x):
+            return by_row(x).float().contiguous()
+
+        o, final = segment_pdma_triton(token_major(decay), token_major(write_w), token_major(read_w),
+                                       token_major(v), **kw)
+        o = o.view(batch, heads, seq_len, d_v).transpose(1, 2)
+    o = o.to(q.dtype)
     if not output_final_state:
         return o, None
     final = final.view(num_seqs, heads, memory_slots, d_v + 1).to(q.dtype)
