@@ -1,14 +1,16 @@
-"""Pick the launch shapes of the Triton kernels on this GPU: times the address decoder and the
-PDMA segment kernels (forward+backward, paper layer shape, bf16) over a grid of block sizes and
+"""Pick the launch shapes of the Triton kernels on this GPU: times the address decoder and both
+PDMA kernel families (forward+backward, paper layer shape, bf16) over a grid of block sizes and
 warp counts, and prints the best. The chosen values are the module defaults in
-``ramnet/ops/address/triton.py`` and ``ramnet/ops/pdma/triton_segments.py``.
+``ramnet/ops/address/triton.py``, ``ramnet/ops/pdma/triton_segments.py`` (scan) and
+``ramnet/ops/pdma/triton_walk.py`` (walk).
 
-    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048]
+    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only walk]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 
 import torch
@@ -17,7 +19,9 @@ import triton.testing
 from ramnet.ops import ram_attention
 from ramnet.ops.address import triton as address_kernels
 from ramnet.ops.address.triton import triton_beam_topk
-from ramnet.ops.pdma import triton_segments
+from ramnet.ops.pdma import triton_segments, triton_walk
+
+TRITON_PATH = importlib.import_module("ramnet.ops.ram_attention.triton")
 
 
 def bench(fn) -> float:
@@ -28,11 +32,28 @@ def bench(fn) -> float:
         return float("inf")
 
 
+def search(grid, fn, module, names):
+    """Time ``fn`` with every combination of ``grid`` set as ``module``'s ``names``; keep the best."""
+    results = {}
+    for values in grid:
+        for name, value in zip(names, values):
+            setattr(module, name, value)
+        results[values] = bench(fn)
+        print("  " + " ".join(f"{n.lower()} {v}" for n, v in zip(names, values)) + f": {results[values]:.3f} ms")
+    best = min(results, key=results.get)
+    for name, value in zip(names, best):
+        setattr(module, name, value)
+    print(f"  {results[best]:.3f} ms at the best")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--only", choices=["decoder", "scan", "walk"], help="tune one of the three only")
     args = parser.parse_args()
+    tune = lambda part: args.only in (None, part)  # noqa: E731
     gen = torch.Generator("cuda").manual_seed(0)
     shape = (args.batch, args.seq_len, 16)
     q, k = (torch.randn(*shape, 20, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_() for _ in "qk")
@@ -45,29 +66,28 @@ def main() -> None:
         _, w = triton_beam_topk(x, 5, 8, 1.0)
         w.backward(grad_w)
 
-    print(f"address decoder fwd+bwd, {x.shape[0]} rows (U5 d_p4 K8):")
-    results = {}
-    for rows, warps in itertools.product([2, 4, 8, 16, 32], [1, 2, 4, 8]):
-        address_kernels.ROWS_PER_PROGRAM, address_kernels.NUM_WARPS = rows, warps
-        results[rows, warps] = bench(decoder)
-        print(f"  rows/program {rows:3d} warps {warps}: {results[rows, warps]:.3f} ms")
-    best = min(results, key=results.get)
-    print(f"  best: rows/program {best[0]}, warps {best[1]}: {results[best]:.3f} ms")
-    address_kernels.ROWS_PER_PROGRAM, address_kernels.NUM_WARPS = best
+    if tune("decoder"):
+        print(f"address decoder fwd+bwd, {x.shape[0]} rows (U5 d_p4 K8):")
+        grid = itertools.product([2, 4, 8, 16, 32], [1, 2, 4, 8])
+        best = search(grid, decoder, address_kernels, ("ROWS_PER_PROGRAM", "NUM_WARPS"))
+        print(f"  best: rows/program {best[0]}, warps {best[1]}")
 
     def layer_op():
         o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode="triton")
         o.backward(grad)
 
-    print(f"ram_attention(mode='triton') fwd+bwd, B{args.batch} T{args.seq_len} H16:")
-    results = {}
-    for block, warps, chunk in itertools.product([16, 32, 64], [2, 4, 8], [8, 32]):
-        triton_segments.BLOCK, triton_segments.NUM_WARPS, triton_segments.MAX_BLOCKS_PER_CHUNK = block, warps, chunk
-        results[block, warps, chunk] = bench(layer_op)
-        print(f"  block {block:3d} warps {warps} blocks/chunk <= {chunk:2d}: {results[block, warps, chunk]:.3f} ms")
-    best = min(results, key=results.get)
-    print(f"  best: block {best[0]}, warps {best[1]}, blocks/chunk <= {best[2]}: {results[best]:.3f} ms")
-    triton_segments.BLOCK, triton_segments.NUM_WARPS, triton_segments.MAX_BLOCKS_PER_CHUNK = best
+    if tune("scan"):
+        TRITON_PATH.PDMA_KERNEL = "scan"
+        print(f"ram_attention(mode='triton'), scan kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
+        grid = itertools.product([16, 32, 64], [2, 4, 8], [8, 32])
+        best = search(grid, layer_op, triton_segments, ("BLOCK", "NUM_WARPS", "MAX_BLOCKS_PER_CHUNK"))
+        print(f"  best: block {best[0]}, warps {best[1]}, blocks/chunk <= {best[2]}")
+    if tune("walk"):
+        TRITON_PATH.PDMA_KERNEL = "walk"
+        print(f"ram_attention(mode='triton'), walk kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
+        grid = itertools.product([8, 16], [1, 2], [4096, 16384, 65536])
+        best = search(grid, layer_op, triton_walk, ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS"))
+        print(f"  best: group {best[0]}, warps {best[1]}, target programs {best[2]}")
 
     from torch.profiler import ProfilerActivity, profile
 
