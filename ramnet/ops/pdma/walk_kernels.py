@@ -25,7 +25,12 @@ sums over K (deterministic, no atomics).
 import triton
 import triton.language as tl
 
-from .triton_kernels import _bwd_combine_reversed, _fwd_combine
+from .triton_kernels import _fwd_combine
+
+# Sizes that only enter address arithmetic: not specialised (Triton would otherwise compile a kernel
+# per value class of each, e.g. divisible by 16 or not, so every new sequence length recompiled).
+# D stays specialised: its divisibility lets the loads of d_v-wide rows vectorise.
+SHAPE_ARGS = ["E", "T", "H", "NC"]
 
 
 @triton.jit
@@ -119,7 +124,7 @@ def _find_start(row, lo, hi, E, start_ptr, LAST: tl.constexpr, CH: tl.constexpr)
     return found
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def fwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v_ptr, h0_ptr, sidx_ptr, agg_ptr,
                          E, T, H, D, NC, empty_z,
                          K: tl.constexpr, DV: tl.constexpr, CH: tl.constexpr, G: tl.constexpr,
@@ -151,7 +156,7 @@ def _chunk_row(row, NC, q, REVERSE: tl.constexpr):
     return row.to(tl.int64) * NC + ((NC - 1 - q) if REVERSE else q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NC"])
 def carry_kernel(agg_ptr, carry_ptr, NC, D, DV: tl.constexpr, REVERSE: tl.constexpr, G_CARRY: tl.constexpr):
     """Pass 2: what enters each chunk of a row as [z, S]: the state from the left or (``REVERSE``)
     the adjoint from the right, both folds of the aggregates ``c <- A c + B``. ``G_CARRY`` chunks
@@ -207,7 +212,7 @@ def _flush(ptr, rows, idx, ok, width, D, DV: tl.constexpr):
     tl.store(ptr + idx[:, None] * width + cols[None, :], rows, mask=(ok[:, None] != 0) & (cols[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v_ptr, h0_ptr, sidx_ptr,
                       carry_ptr, group_state_ptr, out_ptr, final_ptr,
                       E, T, H, D, NC, empty_z, eps,
@@ -253,7 +258,7 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
             tl.store(final_ptr + fin_idx * (D + 1) + D, fin_z, mask=fin_ok != 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def bwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v_ptr, h0_ptr, sidx_ptr,
                          group_state_ptr, grad_o_ptr, grad_final_ptr, agg_ptr,
                          E, T, H, D, NC, empty_z, eps,
@@ -296,7 +301,7 @@ def bwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
     _store_row(agg_ptr, out + 1, a_lo * accz, a_lo * accS, D, DV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SHAPE_ARGS)
 def bwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v_ptr, h0_ptr, sidx_ptr,
                       group_state_ptr, grad_carry_ptr, grad_o_ptr, grad_final_ptr,
                       grad_decay_ptr, grad_write_w_ptr, grad_read_w_ptr, grad_v_ptr, grad_h0_ptr,
