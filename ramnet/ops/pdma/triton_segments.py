@@ -41,7 +41,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         out = torch.empty(rows * seq_len * topk, d_v, dtype=torch.float32, device=dev)
         final = None
         if final_rows:
-            final = h0.clone() if h0 is not None else _empty_rows(final_rows, d_v, empty_z, dev)
+            final = h0.clone() if h0 is not None else empty_rows(final_rows, d_v, empty_z, dev)
         h0_arg = h0 if h0 is not None else agg  # never read without HAS_H0
         sidx_arg = sidx if sidx is not None else perm
         common = dict(K=topk, DV=dv_pad, BLOCK=BLOCK, BLOCKS=per_chunk, HAS_H0=h0 is not None, num_warps=NUM_WARPS)
@@ -97,7 +97,8 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         return grad_decay, grad_write_w, grad_read_w, grad_v, grad_h0, None, None, None, None, None, None
 
 
-def _empty_rows(n: int, d_v: int, empty_z: float, device) -> torch.Tensor:
+def empty_rows(n: int, d_v: int, empty_z: float, device) -> torch.Tensor:
+    """``n`` rows [S, z] of the empty state: S = 0, z = ``empty_z`` (fp32)."""
     rows = torch.zeros(n, d_v + 1, dtype=torch.float32, device=device)
     rows[:, d_v] = empty_z
     return rows

@@ -7,6 +7,7 @@ import torch
 import triton
 
 from . import walk_kernels as kernels
+from .triton_segments import empty_rows
 
 GROUP = 16  # events per unrolled group; also the spacing of the states saved for the backward
 TARGET_PROGRAMS = 16384  # chunks per launch to aim for: several waves of 1-warp programs
@@ -39,7 +40,7 @@ class _WalkSegmentPDMA(torch.autograd.Function):
         out = torch.empty(batch, seq_len, heads, topk, d_v, dtype=torch.float32, device=dev)
         final = None
         if final_rows:
-            final = h0.clone() if h0 is not None else _empty_rows(final_rows, d_v, empty_z, dev)
+            final = h0.clone() if h0 is not None else empty_rows(final_rows, d_v, empty_z, dev)
         h0_arg = h0 if h0 is not None else agg  # never read without HAS_H0
         sidx_arg = sidx if sidx is not None else perm
         events_args = (perm, start, decay, write_w, read_w, v, h0_arg, sidx_arg)
@@ -92,12 +93,6 @@ class _WalkSegmentPDMA(torch.autograd.Function):
             grad_v_events, grad_h0 if grad_h0 is not None else agg, *shape_args, **common)
         grad_v = grad_v_events.sum(3).to(v.dtype)
         return grad_decay, grad_write_w, grad_read_w, grad_v, grad_h0, None, None, None, None, None, None
-
-
-def _empty_rows(n: int, d_v: int, empty_z: float, device) -> torch.Tensor:
-    rows = torch.zeros(n, d_v + 1, dtype=torch.float32, device=device)
-    rows[:, d_v] = empty_z
-    return rows
 
 
 def segment_pdma_walk(decay, write_w, read_w, v, *, perm, start, eps, empty_z, h0=None, sidx=None,

@@ -68,6 +68,14 @@ def _event(e, bound, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_pt
 
 
 @triton.jit
+def _step(hS, hz, start, a, w, v, h0S, h0z):
+    """One event of the recurrence: ``h <- a h + w [v, 1]``, or ``a h0 + w [v, 1]`` at a segment
+    start. Also returns the decay the chain carries (0 at a start)."""
+    a_rec = tl.where(start, 0.0, a)
+    return a_rec * hS + w * v + a * h0S, a_rec * hz + w + a * h0z, a_rec
+
+
+@triton.jit
 def _segment_end(e, row, E, start_ptr, sidx_ptr, inside):
     """Whether event ``e`` ends its slot's segment in the row, and that slot's state row."""
     nxt = e + 1
@@ -141,9 +149,7 @@ def fwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
             ev, start, _, _, _, _, a, w, _, v, h0S, h0z = _event(
                 g + j, hi, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr,
                 v_ptr, h0_ptr, sidx_ptr, empty_z, K, DV, HAS_H0)
-            a_rec = tl.where(start, 0.0, a)
-            hS = a_rec * hS + w * v + a * h0S
-            hz = a_rec * hz + w + a * h0z
+            hS, hz, a_rec = _step(hS, hz, start, a, w, v, h0S, h0z)
             A = A * a_rec
     base = (row * NC + c).to(tl.int64) * (D + 2)
     tl.store(agg_ptr + base, A)
@@ -242,9 +248,7 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
             ev, start, tok, w_idx, _, is_read, a, w, r, v, h0S, h0z = _event(
                 g + j, hi, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr,
                 v_ptr, h0_ptr, sidx_ptr, empty_z, K, DV, HAS_H0)
-            a_rec = tl.where(start, 0.0, a)
-            hS = a_rec * hS + w * v + a * h0S
-            hz = a_rec * hz + w + a * h0z
+            hS, hz, a_rec = _step(hS, hz, start, a, w, v, h0S, h0z)
             here = gi == j
             out_rows, out_idx, out_ok = _keep(out_rows, out_idx, out_ok, here, (r / (hz + eps)) * hS, w_idx - K,
                                               is_read)
@@ -285,9 +289,7 @@ def bwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
             ev, start, tok, _, _, is_read, a, w, r, v, h0S, h0z = _event(
                 e, stop, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr,
                 v_ptr, h0_ptr, sidx_ptr, empty_z, K, DV, HAS_H0)
-            a_rec = tl.where(start, 0.0, a)
-            hS = a_rec * hS + w * v + a * h0S
-            hz = a_rec * hz + w + a * h0z
+            hS, hz, a_rec = _step(hS, hz, start, a, w, v, h0S, h0z)
             is_lo = e == lo
             a_lo = tl.where(is_lo, a_rec, a_lo)
             P = tl.where(is_lo, 1.0, P * a_rec)
@@ -342,9 +344,7 @@ def bwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
             here = gi == j
             prevS = tl.where(here[:, None], tl.where(start, h0S, hS)[None, :], prevS)
             prevz = tl.where(here, tl.where(start, h0z, hz), prevz)
-            a_rec = tl.where(start, 0.0, a)
-            hS = a_rec * hS + w * v + a * h0S
-            hz = a_rec * hz + w + a * h0z
+            hS, hz, a_rec = _step(hS, hz, start, a, w, v, h0S, h0z)
             dS, dz, dot = _direct_adjoint(hS, hz, g + j, g + j < hi, row, tok, is_read, r, E, start_ptr, sidx_ptr,
                                           grad_o_ptr, grad_final_ptr, eps, D, DV, HAS_GRAD_FINAL)
             dS_all = tl.where(here[:, None], dS[None, :], dS_all)
