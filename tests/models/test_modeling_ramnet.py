@@ -57,6 +57,19 @@ def test_chunked_forward_with_cache_matches_one_forward():
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full)
 
 
+def test_cache_argument_under_either_name():
+    """transformers 5.24 passes the cache as `cache`, earlier releases as `past_key_values`."""
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model(ids[:, :4], use_cache=True).past_key_values
+        second = model(ids[:, 4:], cache=cache, use_cache=True).logits
+        torch.testing.assert_close(second, full[:, 4:])
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, 4:], cache=cache, past_key_values=cache)
+
+
 def greedy_without_cache(model, ids, steps):
     for _ in range(steps):
         logits = model(ids, use_cache=False).logits

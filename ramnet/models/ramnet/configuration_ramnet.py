@@ -60,7 +60,7 @@ class RAMNetConfig(PreTrainedConfig):
     """
 
     model_type = "ramnet"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 1024

@@ -18,6 +18,17 @@ from .configuration_ramnet import RAMNetConfig
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the
+# old name still works there, with a warning); 5.17, the GPU image's, knows only the old name.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(past_key_values: RAMNetCache | None, cache: RAMNetCache | None) -> RAMNetCache | None:
+    """The cache, under whichever name the caller (a user, or `generate` of either release) used."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 class RAMNetMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
@@ -109,7 +120,7 @@ class RAMNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["RAMNetDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     # The state cannot be rolled back, so assisted/speculative decoding is refused up front.
     _is_stateful = True
     _can_record_outputs = {"hidden_states": RAMNetDecoderLayer}
@@ -143,11 +154,14 @@ class RAMNetModel(RAMNetPreTrainedModel):
         past_key_values: RAMNetCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: RAMNetCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`attention_mask` is `[batch, past + new tokens]`, 1 for real tokens and 0 for padding (left
-        padding or anywhere); padded tokens are skipped by every memory and get no position. `past_key_values`
-        is a `RAMNetCache` holding the states and key/value windows after the earlier tokens."""
+        padding or anywhere); padded tokens are skipped by every memory and get no position. `cache`
+        (or `past_key_values`, its name before transformers 5.24) is a `RAMNetCache` holding the
+        states and key/value windows after the earlier tokens."""
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if past_key_values is not None and not isinstance(past_key_values, RAMNetCache):
@@ -177,8 +191,7 @@ class RAMNetModel(RAMNetPreTrainedModel):
                 **kwargs,
             )
         return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
+            last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
 
@@ -207,6 +220,7 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: RAMNetCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are the input ids themselves (shifted inside the loss), -100 where ignored.
@@ -214,7 +228,7 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            past_key_values=_one_cache(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -227,10 +241,7 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
         )
 
 
