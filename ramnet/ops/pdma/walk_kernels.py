@@ -111,13 +111,26 @@ def _store_row(ptr, i, first, rest, D, DV: tl.constexpr):
 
 
 @triton.jit
+def _load_row(ptr, i, D, DV: tl.constexpr):
+    """The (scalar, vector) pair that ``_store_row`` wrote at ``i``."""
+    cols = tl.arange(0, DV)
+    return tl.load(ptr + i), tl.load(ptr + i + 1 + cols, mask=cols < D, other=0.0)
+
+
+@triton.jit
+def _group_row(row, NC, g, D, CH: tl.constexpr, G: tl.constexpr):
+    """Offset of the saved [z, S] state before the group of events starting at ``g``."""
+    return (row * NC * (CH // G) + g // G).to(tl.int64) * (D + 1)
+
+
+@triton.jit
 def _chunk(c, E, CH: tl.constexpr):
     lo = c * CH
     return lo, tl.minimum(lo + CH, E)
 
 
 @triton.jit
-def _find_start(row, lo, hi, E, start_ptr, LAST: tl.constexpr, CH: tl.constexpr):
+def _find_start(row, lo, hi, E, start_ptr, LAST: tl.constexpr):
     """The last segment start in [lo, hi) (``lo`` if none), or (``LAST`` False) the first one
     in (lo, hi) (``hi`` if none)."""
     found = lo if LAST else hi
@@ -144,7 +157,7 @@ def fwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
     A = 1.0
     hS = tl.zeros((DV,), tl.float32)
     hz = 0.0
-    for g in range(_find_start(row, lo, hi, E, start_ptr, True, CH), hi, G):
+    for g in range(_find_start(row, lo, hi, E, start_ptr, True), hi, G):
         for j in tl.static_range(G):
             ev, start, _, _, _, _, a, w, _, v, h0S, h0z = _event(
                 g + j, hi, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr,
@@ -229,21 +242,18 @@ def fwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
     state of every segment."""
     row, c = tl.program_id(0), tl.program_id(1)
     lo, hi = _chunk(c, E, CH)
-    cols = tl.arange(0, DV)
     gi = tl.arange(0, G)
-    base = (row * NC + c).to(tl.int64) * (D + 1)
-    hz = tl.load(carry_ptr + base)
-    hS = tl.load(carry_ptr + base + 1 + cols, mask=cols < D, other=0.0)
-    groups_per_row = NC * (CH // G)
+    hz, hS = _load_row(carry_ptr, (row * NC + c).to(tl.int64) * (D + 1), D, DV)
     for g in range(lo, hi, G):
-        _store_row(group_state_ptr, (row * groups_per_row + g // G).to(tl.int64) * (D + 1), hz, hS, D, DV)
+        _store_row(group_state_ptr, _group_row(row, NC, g, D, CH, G), hz, hS, D, DV)
         out_rows = tl.zeros((G, DV), tl.float32)
         out_idx = tl.zeros((G,), tl.int64)
         out_ok = tl.zeros((G,), tl.int32)
-        fin_rows = tl.zeros((G, DV), tl.float32)
-        fin_z = tl.zeros((G,), tl.float32)
-        fin_idx = tl.zeros((G,), tl.int64)
-        fin_ok = tl.zeros((G,), tl.int32)
+        if STORE_FINAL:
+            fin_rows = tl.zeros((G, DV), tl.float32)
+            fin_z = tl.zeros((G,), tl.float32)
+            fin_idx = tl.zeros((G,), tl.int64)
+            fin_ok = tl.zeros((G,), tl.int32)
         for j in tl.static_range(G):
             ev, start, tok, w_idx, _, is_read, a, w, r, v, h0S, h0z = _event(
                 g + j, hi, row, E, T, H, D, perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr,
@@ -274,11 +284,8 @@ def bwd_aggregate_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr
     (it needs the forward states for the read adjoints ``d_i``)."""
     row, c = tl.program_id(0), tl.program_id(1)
     lo, hi = _chunk(c, E, CH)
-    stop = _find_start(row, lo, hi, E, start_ptr, False, CH)
-    cols = tl.arange(0, DV)
-    base = (row * NC * (CH // G) + lo // G).to(tl.int64) * (D + 1)
-    hz = tl.load(group_state_ptr + base)
-    hS = tl.load(group_state_ptr + base + 1 + cols, mask=cols < D, other=0.0)
+    stop = _find_start(row, lo, hi, E, start_ptr, False)
+    hz, hS = _load_row(group_state_ptr, _group_row(row, NC, lo, D, CH, G), D, DV)
     P = 1.0
     a_lo = 0.0
     accS = tl.zeros((DV,), tl.float32)
@@ -317,19 +324,13 @@ def bwd_output_kernel(perm_ptr, start_ptr, decay_ptr, write_w_ptr, read_w_ptr, v
     [B, T, H, K, D]``), read weight and initial slot, stored once per group."""
     row, c = tl.program_id(0), tl.program_id(1)
     lo, hi = _chunk(c, E, CH)
-    cols = tl.arange(0, DV)
-    cmask = cols < D
     gi = tl.arange(0, G)
     none = tl.zeros((G,), tl.int32)
-    base = (row * NC + c).to(tl.int64) * (D + 1)
-    gz = tl.load(grad_carry_ptr + base)
-    gS = tl.load(grad_carry_ptr + base + 1 + cols, mask=cmask, other=0.0)
+    gz, gS = _load_row(grad_carry_ptr, (row * NC + c).to(tl.int64) * (D + 1), D, DV)
     groups = tl.cdiv(hi - lo, G)
     for jj in range(groups):
         g = lo + (groups - 1 - jj) * G
-        state = (row * NC * (CH // G) + g // G).to(tl.int64) * (D + 1)
-        hz = tl.load(group_state_ptr + state)
-        hS = tl.load(group_state_ptr + state + 1 + cols, mask=cmask, other=0.0)
+        hz, hS = _load_row(group_state_ptr, _group_row(row, NC, g, D, CH, G), D, DV)
         prevS = tl.zeros((G, DV), tl.float32)
         dS_all = tl.zeros((G, DV), tl.float32)
         prevz = tl.zeros((G,), tl.float32)
