@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import inspect
 import json
 import os
@@ -42,7 +43,7 @@ import ramnet  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
 
-TRITON_PATH = sys.modules["ramnet.ops.ram_attention.triton"]  # holds PDMA_KERNEL
+TRITON_PATH = importlib.import_module("ramnet.ops.ram_attention.triton")  # holds PDMA_KERNEL
 
 U, D_P, TOPK = 5, 4, 8  # RAM-Net: d_k = U * d_p = 20, M = d_p ** U = 1024 slots, top-8
 SHAPES = {  # per device: hidden size, tokens per step, T values, RAM-Net/attention heads and d_v

@@ -78,8 +78,9 @@ def by_row(x: torch.Tensor) -> torch.Tensor:
 
 
 def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None, memory_slots: int, num_seqs: int):
-    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots (int64),
-    the permutation and a flag marking where a new (sequence, slot) segment starts.
+    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots (in the
+    key's integer type: index arithmetic with int64 tensors promotes), the permutation and a flag
+    marking where a new (sequence, slot) segment starts.
 
     One sort of a combined key in the narrowest integer type that holds it: a radix sort then
     makes fewer passes (int16 for the paper's M = 1024)."""
@@ -89,7 +90,5 @@ def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None, memory_slot
     sorted_key, perm = torch.sort(key.to(key_type), dim=-1, stable=True)
     boundary = sorted_key[:, 1:] != sorted_key[:, :-1]
     first = torch.ones_like(boundary[:, :1])
-    sorted_slots = sorted_key.long()
-    if event_seq is not None:
-        sorted_slots = sorted_slots % memory_slots
+    sorted_slots = sorted_key if event_seq is None else sorted_key % memory_slots
     return sorted_slots, perm, torch.cat([first, boundary], dim=1)
