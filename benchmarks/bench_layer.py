@@ -10,16 +10,12 @@ last, and a contender whose first call takes over ``--first-call-timeout`` secon
     python3 benchmarks/bench_layer.py                            # CUDA, writes results/layer.{json,md}
     python3 benchmarks/bench_layer.py --skip gated_deltanet --ram-modes triton   # --quick: T 2048, 32768; no (G)DN
     python3 benchmarks/bench_layer.py --device cpu --ram-modes parallel --out /tmp/layer_cpu.json
-
-Mode ``triton`` runs once per PDMA kernel family of ``--pdma-kernels`` (``ram_triton_scan``,
-``ram_triton_walk``), side by side in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import inspect
 import json
 import os
@@ -43,7 +39,6 @@ import ramnet  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
 
-TRITON_PATH = importlib.import_module("ramnet.ops.ram_attention.triton")  # holds PDMA_KERNEL
 
 U, D_P, TOPK = 5, 4, 8  # RAM-Net: d_k = U * d_p = 20, M = d_p ** U = 1024 slots, top-8
 SHAPES = {  # per device: hidden size, tokens per step, T values, RAM-Net/attention heads and d_v
@@ -92,23 +87,10 @@ def fla_layer(cls_name: str, hidden: int, kwargs: dict):
     return cls(**{k: v for k, v in kwargs.items() if k in named}), dropped
 
 
-def ram_variants(modes, pdma_kernels):
-    """(name, mode, PDMA kernel or None) of each RAM-Net contender: mode triton once per kernel family."""
-    return [(f"ram_{m}_{k}" if k else f"ram_{m}", m, k)
-            for m in modes for k in (pdma_kernels if m == "triton" else [None])]
-
-
-def use_pdma_kernel(kernel):
-    """Select the Triton path's PDMA kernel family for the calls that follow (None: leave it)."""
-    if kernel is not None:
-        TRITON_PATH.PDMA_KERNEL = kernel
-
-
-def layer_case(make, shape, device: str, pdma_kernel=None):
+def layer_case(make, shape, device: str):
     """``case(B, T)``: a setup for ``Runner.bench`` of the layer ``make()`` in bf16 on x ``[B, T, hidden]``."""
     def case(batch: int, seq_len: int):
         def setup():
-            use_pdma_kernel(pdma_kernel)
             layer, note = make(), None
             if isinstance(layer, tuple):  # fla_layer
                 layer, dropped = layer
@@ -121,11 +103,10 @@ def layer_case(make, shape, device: str, pdma_kernel=None):
     return case
 
 
-def op_case(mode: str, shape, device: str, pdma_kernel=None):
+def op_case(mode: str, shape, device: str):
     """``case(B, T)``: a setup of ``ram_attention`` on q, k ``[B, T, H, 20]``, v ``[B, T, H, d_v]``."""
     def case(batch: int, seq_len: int):
         def setup():
-            use_pdma_kernel(pdma_kernel)
             q, k = (torch.randn(batch, seq_len, shape["heads"], U * D_P, device=device, dtype=DTYPE,
                                 requires_grad=True) for _ in "qk")
             v = torch.randn(batch, seq_len, shape["heads"], shape["d_v"], device=device, dtype=DTYPE,
@@ -294,8 +275,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes")
-    parser.add_argument("--pdma-kernels", default=",".join(TRITON_PATH.PDMA_KERNELS),
-                        help="PDMA kernel families that mode triton runs with, comma-separated")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 2048 8192 32768 (cpu: 64 256)")
     parser.add_argument("--quick", action="store_true", help="shortest and longest T only; no DeltaNet, no GDN")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: ram_<mode>, "
@@ -323,10 +302,9 @@ def main() -> None:
         return RAMAttention(hidden_size=hidden, num_heads=shape["heads"], head_v_dim=shape["d_v"],
                             num_partitions=U, partition_dim=D_P, topk=TOPK, mode=mode)
 
-    variants = ram_variants(modes, [k for k in args.pdma_kernels.split(",") if k])
-    cases = [("layer", n, layer_case(lambda m=m: ram_layer(m), shape, device, k)) for n, m, k in variants]
+    cases = [("layer", f"ram_{m}", layer_case(lambda m=m: ram_layer(m), shape, device)) for m in modes]
     cases.append(("layer", "attention", layer_case(lambda: SoftmaxAttention(hidden, shape["heads"]), shape, device)))
-    cases += [("op", n, op_case(m, shape, device, k)) for n, m, k in variants]
+    cases += [("op", f"ram_{m}", op_case(m, shape, device)) for m in modes]
     if device == "cuda":  # fla last: their first calls autotune (GatedDeltaNet's once ran > 200 s)
         cases += [("layer", n, layer_case(lambda c=c, kw=kw: fla_layer(c, hidden, kw), shape, device))
                   for n, (c, kw) in FLA.items()]

@@ -1,13 +1,12 @@
 """Where the time of one ``ram_attention`` call goes: torch.profiler over forward+backward in the
 paper's layer shape (B8 T2048 H16, d_k 20 = U5 x d_p 4, K 8, d_v 64, bf16), per mode.
 
-    python benchmarks/profile_op.py --modes triton,parallel [--pdma-kernels scan,walk] [--batch 8 --seq-len 2048]
+    python benchmarks/profile_op.py --modes triton,parallel [--batch 8 --seq-len 2048]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 
 import torch
@@ -15,7 +14,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from ramnet.ops import ram_attention
 
-TRITON_PATH = importlib.import_module("ramnet.ops.ram_attention.triton")
 
 
 def main() -> None:
@@ -23,7 +21,6 @@ def main() -> None:
     parser.add_argument("--modes", default="triton,parallel")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--pdma-kernels", default="scan,walk", help="kernel families mode triton runs with")
     parser.add_argument("--rows", type=int, default=25, help="table rows per mode")
     args = parser.parse_args()
     device = "cuda"
@@ -33,12 +30,7 @@ def main() -> None:
     v = torch.randn(*shape, 64, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
     grad = torch.randn_like(v)
 
-    kernels = args.pdma_kernels.split(",")
-    runs = [(m, kern) for m in args.modes.split(",") for kern in (kernels if m == "triton" else [None])]
-    for mode, kernel in runs:
-        if kernel:
-            TRITON_PATH.PDMA_KERNEL = kernel
-
+    for mode in args.modes.split(","):
         def step():
             o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode=mode)
             o.backward(grad)
@@ -50,8 +42,7 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-        label = f"{mode} ({kernel})" if kernel else mode
-        print(f"\n== mode {label}: {1e3 * (time.perf_counter() - start) / 5:.2f} ms per fwd+bwd (wall)")
+        print(f"\n== mode {mode}: {1e3 * (time.perf_counter() - start) / 5:.2f} ms per fwd+bwd (wall)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()

@@ -1,16 +1,14 @@
-"""Pick the launch shapes of the Triton kernels on this GPU: times the address decoder and both
-PDMA kernel families (forward+backward, paper layer shape, bf16) over a grid of block sizes and
-warp counts, and prints the best. The chosen values are the module defaults in
-``ramnet/ops/address/triton.py``, ``ramnet/ops/pdma/triton_segments.py`` (scan) and
-``ramnet/ops/pdma/triton_walk.py`` (walk).
+"""Pick the launch shapes of the Triton kernels on this GPU: times the address decoder and the
+PDMA kernels (forward+backward, paper layer shape, bf16) over a grid of group sizes, program counts
+and warp counts, and prints the best. The chosen values are the module defaults in
+``ramnet/ops/address/triton.py`` and ``ramnet/ops/pdma/triton_segments.py``.
 
-    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only walk]
+    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only pdma]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 
 import torch
@@ -19,9 +17,7 @@ import triton.testing
 from ramnet.ops import ram_attention
 from ramnet.ops.address import triton as address_kernels
 from ramnet.ops.address.triton import triton_beam_topk
-from ramnet.ops.pdma import triton_segments, triton_walk
-
-TRITON_PATH = importlib.import_module("ramnet.ops.ram_attention.triton")
+from ramnet.ops.pdma import triton_segments
 
 
 def bench(fn) -> float:
@@ -51,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--only", choices=["decoder", "scan", "walk"], help="tune one of the three only")
+    parser.add_argument("--only", choices=["decoder", "pdma"], help="tune one of the two only")
     args = parser.parse_args()
     tune = lambda part: args.only in (None, part)  # noqa: E731
     gen = torch.Generator("cuda").manual_seed(0)
@@ -76,17 +72,10 @@ def main() -> None:
         o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode="triton")
         o.backward(grad)
 
-    if tune("scan"):
-        TRITON_PATH.PDMA_KERNEL = "scan"
-        print(f"ram_attention(mode='triton'), scan kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
-        grid = itertools.product([16, 32, 64], [2, 4, 8], [8, 32])
-        best = search(grid, layer_op, triton_segments, ("BLOCK", "NUM_WARPS", "MAX_BLOCKS_PER_CHUNK"))
-        print(f"  best: block {best[0]}, warps {best[1]}, blocks/chunk <= {best[2]}")
-    if tune("walk"):
-        TRITON_PATH.PDMA_KERNEL = "walk"
-        print(f"ram_attention(mode='triton'), walk kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
-        grid = itertools.product([8, 16], [1, 2], [4096, 16384, 65536])
-        best = search(grid, layer_op, triton_walk, ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS"))
+    if tune("pdma"):
+        print(f"ram_attention(mode='triton'), PDMA kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
+        grid = itertools.product([4, 8, 16], [1], [4096, 16384, 65536])
+        best = search(grid, layer_op, triton_segments, ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS"))
         print(f"  best: group {best[0]}, warps {best[1]}, target programs {best[2]}")
 
     from torch.profiler import ProfilerActivity, profile

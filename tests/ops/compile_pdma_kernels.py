@@ -1,5 +1,5 @@
-"""Compile the event-walking PDMA kernels for sm_90 (Hopper) without a GPU, with every flag off
-and every flag on; prints one line per kernel. (The scan kernels have run on the GPU.)
+"""Compile the PDMA kernels for sm_90 (Hopper) without a GPU, with every flag off and every flag
+on; prints one line per kernel.
 
 Run by ``test_kernels_compile.py`` in a fresh process: under ``TRITON_INTERPRET=1`` the kernels
 are interpreted functions and cannot be compiled. The interpreter runs Python, so it accepts code
@@ -13,7 +13,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ramnet.ops.pdma import walk_kernels
+from ramnet.ops.pdma import triton_kernels as kernels
+from ramnet.ops.pdma.triton_segments import GROUP
 
 FLOAT_ARGS = {"empty_z", "eps"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16"}
@@ -30,9 +31,8 @@ def signature(fn, constexprs):
 
 
 def cases():
-    kernels = walk_kernels
     for flag in (False, True):
-        base = dict(K=8, DV=64, CH=64, G=16, HAS_H0=flag)
+        base = dict(K=8, DV=64, CH=64, G=GROUP, HAS_H0=flag)
         yield kernels.fwd_aggregate_kernel, base
         yield kernels.fwd_output_kernel, dict(base, STORE_FINAL=flag)
         yield kernels.bwd_aggregate_kernel, dict(base, HAS_GRAD_FINAL=flag)

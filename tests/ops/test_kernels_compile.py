@@ -1,4 +1,4 @@
-"""The event-walking PDMA Triton kernels lower to Hopper machine code, checked without a GPU."""
+"""The PDMA Triton kernels lower to Hopper machine code, checked without a GPU."""
 
 import os
 import subprocess

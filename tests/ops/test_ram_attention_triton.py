@@ -1,8 +1,6 @@
 """mode="triton" (fused Triton kernels) agrees with the parallel path: outputs, final state and
-gradients, for both PDMA kernel families. On CPU the kernels run under Triton's interpreter
+gradients. On CPU the kernels run under Triton's interpreter
 (slow: the shapes stay tiny)."""
-
-import importlib
 
 import pytest
 import torch
@@ -12,14 +10,6 @@ from ramnet.ops.triton_support import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
-triton_path = importlib.import_module("ramnet.ops.ram_attention.triton")
-
-
-@pytest.fixture(params=triton_path.PDMA_KERNELS, autouse=True)
-def pdma_kernel(request, monkeypatch):
-    monkeypatch.setattr(triton_path, "PDMA_KERNEL", request.param)
-    return request.param
-
 
 def _run(mode, q, k, v, state=None, final=True, **kw):
     q, k, v = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))
@@ -77,30 +67,18 @@ def test_varlen_with_empty_sequence():
     _assert_close(got, _run("parallel", q, k, v, state, cu_seqlens=cu, **KW))
 
 
-def test_long_segments_cross_blocks_and_chunks(monkeypatch, pdma_kernel):
-    """Four slots for 48 tokens: every slot's segment spans many blocks (groups) of events and
-    several chunks, so the carries between blocks of a program, between programs, and (walk)
-    across several steps of the carry pass all take part."""
-    if pdma_kernel == "scan":
-        from ramnet.ops.pdma import triton_segments
+def test_long_segments_cross_groups_and_chunks(monkeypatch):
+    """Four slots for 48 tokens: every slot's segment spans many groups of events and several
+    chunks, so the carries between groups of a program, between programs, and across several
+    steps of the carry pass all take part."""
+    from ramnet.ops.pdma import triton_segments
 
-        monkeypatch.setattr(triton_segments, "_layout", lambda events: (2, -(-events // (2 * triton_segments.BLOCK))))
-    else:
-        from ramnet.ops.pdma import triton_walk
-
-        monkeypatch.setattr(triton_walk, "_chunk_size", lambda rows, events: 2 * triton_walk.GROUP)
-        monkeypatch.setattr(triton_walk, "CARRY_GROUP", 2)
+    monkeypatch.setattr(triton_segments, "_chunk_size", lambda rows, events: 2 * triton_segments.GROUP)
+    monkeypatch.setattr(triton_segments, "CARRY_GROUP", 2)
     q, k, v = _inputs(5, 1, 48, 2, 4, 3)
     kw = dict(num_partitions=1, topk=2, gamma=torch.tensor([1.0, 0.5]), cape=torch.tensor([False, True]))
     state = _state(6, 1, 2, 4, 3)
     _assert_close(_run("triton", q, k, v, state, **kw), _run("parallel", q, k, v, state, **kw))
-
-
-def test_unknown_pdma_kernel_is_refused(monkeypatch):
-    monkeypatch.setattr(triton_path, "PDMA_KERNEL", "fast")
-    q, k, v = _inputs(8, 1, 4, 3, 6, 4)
-    with pytest.raises(ValueError, match="PDMA_KERNEL must be one of"):
-        ram_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mode="triton", **KW)
 
 
 def test_half_precision_inputs():

@@ -2,11 +2,10 @@
 backward fused into Triton kernels. Computes in fp32 (fp64 inputs too). Runs on CUDA, or on CPU
 under ``TRITON_INTERPRET=1``.
 
-Two kernel families compute the same thing: ``"scan"`` (``ops/pdma/triton_kernels.py``: blocks
-of events through ``tl.associative_scan``) and ``"walk"`` (``ops/pdma/walk_kernels.py``: each
-program walks its events in a loop, channels across threads). ``PDMA_KERNEL`` picks one; both
-are tested against the parallel path, and ``benchmarks/bench_layer.py --pdma-kernels`` times them
-side by side.
+The PDMA kernels (``ops/pdma/triton_kernels.py``) walk the slot-sorted events in a loop, one
+program per chunk of events with the channels across threads. (An earlier family ran blocks of
+events through ``tl.associative_scan``; it was 10-25% slower on an H200 and was removed:
+``benchmarks/results/README.md``.)
 """
 
 from __future__ import annotations
@@ -18,14 +17,10 @@ from .common import by_row, decode_tokens, num_sequences, sort_events, token_pos
 from .spec import RAMSpec
 from .state import RAMState
 
-PDMA_KERNELS = ("scan", "walk")
-PDMA_KERNEL = "scan"  # the one measured on the GPU so far (benchmarks/results/layer.md)
-
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
-    if PDMA_KERNEL not in PDMA_KERNELS:
-        raise ValueError(f"PDMA_KERNEL must be one of {PDMA_KERNELS}, got {PDMA_KERNEL!r}")
+    from ..pdma.triton_segments import segment_pdma_triton  # imports triton, an optional dependency
 
     batch, seq_len, heads, _ = q.shape
     d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
@@ -50,19 +45,7 @@ def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, outpu
 
     kw = dict(perm=perm.to(torch.int32), start=start.to(torch.int8), eps=spec.eps, empty_z=1.0 / memory_slots,
               h0=h0, sidx=sidx, final_rows=num_seqs * heads * memory_slots if output_final_state else 0)
-    if PDMA_KERNEL == "walk":
-        from ..pdma.triton_walk import segment_pdma_walk  # imports triton, an optional dependency
-
-        o, final = segment_pdma_walk(decay, write_w, read_w, v, **kw)
-    else:
-        from ..pdma.triton_segments import segment_pdma_triton
-
-        def token_major(x):
-            return by_row(x).float().contiguous()
-
-        o, final = segment_pdma_triton(token_major(decay), token_major(write_w), token_major(read_w),
-                                       token_major(v), **kw)
-        o = o.view(batch, heads, seq_len, d_v).transpose(1, 2)
+    o, final = segment_pdma_triton(decay, write_w, read_w, v, **kw)
     o = o.to(q.dtype)
     if not output_final_state:
         return o, None
