@@ -187,7 +187,7 @@ def test_every_preset_ramnet_builds_and_runs():
     """The paper's (K 8 and 16) and both ablations' RAM-Net configs (U = 1 with d_p = 4096 up to U = 12)."""
     entries = [e for p in (PAPER, ABLATION_U, ABLATION_M) for e in p["models"].values()
                if e["mixer"]["name"] == "ramnet"]
-    assert len(entries) == 3 + 6 + 5
+    assert len(entries) == 3 + 6 + 4
     x = torch.randint(0, 64, (1, 8))
     for entry in entries:
         torch.manual_seed(0)

@@ -37,6 +37,9 @@ def test_presets_are_valid_and_quick_says_what_it_cuts():
     m = {(e["mixer"]["kwargs"]["num_partitions"], e["mixer"]["kwargs"]["partition_dim"])
          for e in get_preset("ablation-u")["models"].values()}
     assert m == {(1, 4096), (2, 64), (3, 16), (4, 8), (6, 4), (12, 2)}  # all M = 4096
+    m = [(e["mixer"]["kwargs"]["num_partitions"], e["mixer"]["kwargs"]["partition_dim"])
+         for e in get_preset("ablation-m")["models"].values()]
+    assert {u for u, _ in m} == {4} and [dp ** 4 for _, dp in m] == [16, 256, 4096, 65536]  # one U, M growing
 
 
 @pytest.mark.parametrize("change,match", [
