@@ -1,9 +1,13 @@
 """Fused Triton address decoder: exact beam top-K of the product softmax (``beam.py`` is the torch
 reference), the CAPE shift (``cape.py``), and the backward to ``x``.
 
-One program decodes BLOCK_N rows. Every top-k is repeated max + knock-out, because K is small and
-``tl.sort`` / ``tl.topk`` are not available in every Triton version we run on. Padded lanes (d_p and
-K rounded up to powers of two) hold log-probability -inf, so they never win a max.
+One program decodes BLOCK_N rows. Tiles are ``[candidates, rows]``: with rows on the last axis,
+Triton lays a row's candidates out in one thread's registers, so the top-K picks are compares
+inside a thread instead of shuffles across threads (about 6x fewer instructions per row than
+``[rows, candidates]`` tiles, in the sm_90 SASS). Every top-k is repeated max + knock-out, because K
+is small and ``tl.sort`` / ``tl.topk`` are not available in every Triton version we run on. Padded
+lanes (d_p and K rounded up to powers of two) hold log-probability -inf, so they never win a max.
+Slot indices are int32 inside the kernels unless M >= 2**31.
 """
 
 from __future__ import annotations
@@ -17,32 +21,40 @@ from ..triton_support import require_triton
 
 @triton.jit
 def _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr):
-    """log p_u for BLOCK_N rows: ``[BLOCK_N, DP_PAD]`` fp32, -inf on the padding."""
-    cols = tl.arange(0, DP_PAD)
+    """log p_u for BLOCK_N rows: ``[DP_PAD, BLOCK_N]`` fp32, -inf on the padding."""
+    cols = tl.arange(0, DP_PAD)[:, None]
     col_mask = cols < DP
-    ptrs = x_ptr + rows[:, None] * stride_x + u * DP + cols[None, :]
+    ptrs = x_ptr + rows[None, :] * stride_x + u * DP + cols
     # Masked-off rows load 0 (not -inf) so they stay finite instead of producing NaN.
-    z = tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32) / tau
-    z = tl.where(col_mask[None, :], z, float("-inf"))
-    z = z - tl.max(z, axis=1)[:, None]
-    return z - tl.log(tl.sum(tl.exp(z), axis=1))[:, None]
+    z = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32) / tau
+    z = tl.where(col_mask, z, float("-inf"))
+    z = z - tl.max(z, axis=0)[None, :]
+    return z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
 
 
 @triton.jit
-def _select_best(score, index, C: tl.constexpr, PICK: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The PICK best of the C candidate columns of each row, in decreasing order, with their int64
-    ``index`` (broadcastable to ``score``), as ``[BLOCK_N, KB]``; unused slots are -inf / 0."""
-    cols = tl.arange(0, C)
-    slots = tl.arange(0, KB)[None, :]
-    best = tl.full([BLOCK_N, KB], float("-inf"), tl.float32)
-    best_index = tl.zeros([BLOCK_N, KB], tl.int64)
+def _select_best(score, C: tl.constexpr, PICK: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The PICK best of the C candidates (axis 0) of each row, in decreasing order: their scores and
+    candidate numbers (int32) as ``[KB, BLOCK_N]``; unused slots are -inf / 0. Only candidate
+    numbers are tracked here: the callers map them to slot indices once, after the picks."""
+    cands = tl.arange(0, C)[:, None]
+    slots = tl.arange(0, KB)[:, None]
+    best = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
+    best_cand = tl.zeros([KB, BLOCK_N], tl.int32)
     for j in tl.static_range(PICK):
-        top, arg = tl.max(score, axis=1, return_indices=True)
-        hit = cols[None, :] == arg[:, None]
-        best = tl.where(slots == j, top[:, None], best)
-        best_index = tl.where(slots == j, tl.sum(tl.where(hit, index, 0), axis=1)[:, None], best_index)
-        score = tl.where(hit, float("-inf"), score)
-    return best, best_index
+        top, arg = tl.max(score, axis=0, return_indices=True)
+        best = tl.where(slots == j, top[None, :], best)
+        best_cand = tl.where(slots == j, arg[None, :], best_cand)
+        score = tl.where(cands == arg[None, :], float("-inf"), score)
+    return best, best_cand
+
+
+@triton.jit
+def _take(x, cand, N: tl.constexpr):
+    """``x[cand[j, n], n]`` for ``x [N, BLOCK_N]`` and ``cand [KB, BLOCK_N]``: a one-hot sum, since a
+    tile cannot be indexed by a tile."""
+    hit = cand[:, None, :] == tl.arange(0, N)[None, :, None]
+    return tl.sum(tl.where(hit, x[None, :, :], 0), axis=1)
 
 
 @triton.jit
@@ -56,62 +68,65 @@ def _unit_shift(shift_ptr, rows, row_mask, M: tl.constexpr):
 def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   INDEX_64: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    entry = tl.arange(0, DP_PAD)[None, :].to(tl.int64)
     logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, 0, DP, DP_PAD)
-    score, index = _select_best(logp, entry, DP_PAD, KP, KB, BLOCK_N)
+    score, index = _select_best(logp, DP_PAD, KP, KB, BLOCK_N)
+    if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
+        index = index.to(tl.int64)
     for u in tl.static_range(1, U):
         logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD)
-        part, part_index = _select_best(logp, entry, DP_PAD, KP, KPB, BLOCK_N)
+        part, part_entry = _select_best(logp, DP_PAD, KP, KPB, BLOCK_N)
         # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
         # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
-        cand = tl.reshape(score[:, :, None] + part[:, None, :], [BLOCK_N, KB * KPB])
-        cand_index = tl.reshape(index[:, :, None] * DP + part_index[:, None, :], [BLOCK_N, KB * KPB])
-        score, index = _select_best(cand, cand_index, KB * KPB, K, KB, BLOCK_N)
+        cand = tl.reshape(score[:, None, :] + part[None, :, :], [KB * KPB, BLOCK_N])
+        score, pick = _select_best(cand, KB * KPB, K, KB, BLOCK_N)
+        index = _take(index, pick // KPB, KB) * DP + _take(part_entry, pick % KPB, KPB).to(index.dtype)
     if HAS_SHIFT:
         # (m - s) mod M without leaving [0, 2M): M <= 2**62 keeps this inside int64.
-        index = (index - _unit_shift(shift_ptr, rows, row_mask, M)[:, None] + M) % M
-    slots = tl.arange(0, KB)[None, :]
-    out = rows[:, None] * K_OUT + slots
-    out_mask = row_mask[:, None] & (slots < K_OUT)
-    tl.store(index_ptr + out, index, mask=out_mask)
+        index = (index - _unit_shift(shift_ptr, rows, row_mask, M)[None, :] + M) % M
+    slots = tl.arange(0, KB)[:, None]
+    out = rows[None, :] * K_OUT + slots
+    out_mask = row_mask[None, :] & (slots < K_OUT)
+    tl.store(index_ptr + out, index.to(tl.int64), mask=out_mask)
     tl.store(weight_ptr + out, tl.exp(score), mask=out_mask)
 
 
 @triton.jit
 def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, KB: tl.constexpr,
-                   K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr):
+                   K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr, INDEX_64: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    slots = tl.arange(0, KB)[None, :]
-    out = rows[:, None] * K_OUT + slots
-    out_mask = row_mask[:, None] & (slots < K_OUT)
+    slots = tl.arange(0, KB)[:, None]
+    out = rows[None, :] * K_OUT + slots
+    out_mask = row_mask[None, :] & (slots < K_OUT)
     index = tl.load(index_ptr + out, mask=out_mask, other=0)
     if HAS_SHIFT:  # undo CAPE to recover each weight's per-partition entries
-        index = (index + _unit_shift(shift_ptr, rows, row_mask, M)[:, None]) % M
+        index = (index + _unit_shift(shift_ptr, rows, row_mask, M)[None, :]) % M
+    if not INDEX_64:
+        index = index.to(tl.int32)
     # weight_k = exp(sum_u logp_u[m_{u,k}]): d weight_k / d logp_u[j] = weight_k [m_{u,k} == j].
     gw = tl.load(grad_w_ptr + out, mask=out_mask, other=0.0) * tl.load(weight_ptr + out, mask=out_mask, other=0.0)
-    cols = tl.arange(0, DP_PAD)
+    cols = tl.arange(0, DP_PAD)[:, None]
     for i in tl.static_range(U):
         u = U - 1 - i  # the last partition is the least significant digit: peel it first
         digit = index % DP
         index = index // DP
-        dlogp = tl.zeros([BLOCK_N, DP_PAD], tl.float32)
-        for k in tl.static_range(K_OUT):  # scatter-add per weight keeps the tile 2-D
-            digit_k = tl.sum(tl.where(slots == k, digit, 0), axis=1)
-            gw_k = tl.sum(tl.where(slots == k, gw, 0.0), axis=1)
-            dlogp += tl.where(cols[None, :] == digit_k[:, None], gw_k[:, None], 0.0)
+        # dlogp[j, n] = sum over the K weights whose digit u is j: one [K, d_p, rows] reduction.
+        dlogp = tl.sum(tl.where(digit[:, None, :] == cols[None, :, :], gw[:, None, :], 0.0), axis=0)
         p = tl.exp(_log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD))
-        dx = (dlogp - p * tl.sum(dlogp, axis=1)[:, None]) / tau
-        ptrs = grad_x_ptr + rows[:, None] * stride_x + u * DP + cols[None, :]
-        tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols[None, :] < DP))
+        dx = (dlogp - p * tl.sum(dlogp, axis=0)[None, :]) / tau
+        ptrs = grad_x_ptr + rows[None, :] * stride_x + u * DP + cols
+        tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
 
 
-# Launch shape: rows per program and warps (tuned on an H100 with benchmarks/tune_kernels.py).
-ROWS_PER_PROGRAM = 8  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
+# Launch shape: rows per program and warps. 16 rows: 108 registers and 300 instructions per row in
+# the sm_90 SASS for the paper shape (8 rows: 86 and 374; 32 rows: 161 and 264); not yet timed with
+# the [candidates, rows] tiles: benchmarks/tune_kernels.py --only decoder picks it on a GPU.
+ROWS_PER_PROGRAM = 16  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
 NUM_WARPS = 1
 
 
@@ -125,7 +140,8 @@ def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
     if ROWS_PER_PROGRAM is not None:
         block_n = min(block_n, ROWS_PER_PROGRAM)
     return dict(U=num_partitions, DP=d_p, DP_PAD=dp_pad, KB=kb, K_OUT=min(topk, memory_slots),
-                M=memory_slots, HAS_SHIFT=has_shift, BLOCK_N=block_n, num_warps=NUM_WARPS)
+                M=memory_slots, HAS_SHIFT=has_shift, INDEX_64=memory_slots >= 2**31, BLOCK_N=block_n,
+                num_warps=NUM_WARPS)
 
 
 class _BeamTopK(torch.autograd.Function):

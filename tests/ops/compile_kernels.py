@@ -1,5 +1,5 @@
-"""Compile the PDMA kernels for sm_90 (Hopper) without a GPU, with every flag off and every flag
-on; prints one line per kernel.
+"""Compile the training kernels (PDMA and the address decoder) for sm_90 (Hopper) without a GPU,
+with every flag off and every flag on; prints one line per kernel.
 
 Run by ``test_kernels_compile.py`` in a fresh process: under ``TRITON_INTERPRET=1`` the kernels
 are interpreted functions and cannot be compiled. The interpreter runs Python, so it accepts code
@@ -13,11 +13,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ramnet.ops.address import triton as decoder
 from ramnet.ops.pdma import triton_kernels as kernels
 from ramnet.ops.pdma.triton_segments import GROUP
 
-FLOAT_ARGS = {"empty_z", "eps"}
-POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16"}
+FLOAT_ARGS = {"empty_z", "eps", "tau"}
+POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
+                 "shift_ptr": "*i64", "index_ptr": "*i64"}
 
 
 def signature(fn, constexprs):
@@ -38,6 +40,11 @@ def cases():
         yield kernels.bwd_aggregate_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.bwd_output_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.carry_kernel, dict(DV=64, REVERSE=flag, G_CARRY=32)
+        # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).
+        meta = decoder._meta(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
+        meta.pop("num_warps")
+        yield decoder._beam_topk_fwd, dict(meta, K=8, KP=min(8, meta["DP"]), KPB=min(8, meta["DP"]))
+        yield decoder._beam_topk_bwd, meta
 
 
 def main() -> int:
