@@ -87,11 +87,12 @@ PAPER = {
     # Zoology's Based MQAR configs: 2 layers, the first a short convolution, no MLP (Identity).
     "model": {"n_layers": 2, "short_conv": 3, "mlp_mult": 0, "embed_dropout": 0.1},
     # RAM-Net at M = 256 and M = 4096 slots: two points per d_model on the accuracy-state curve.
-    # M = 4096 as U 6 x d_p 4: on the GPU ablation over U it passed 0.99 in 2 epochs where U 3 x
-    # d_p 16 reached 0.978 in 4 (benchmarks/results/mqar/README.md).
+    # Small partitions train better at equal M (benchmarks/results/mqar/README.md): M = 256 as
+    # U 4 x d_p 4 (0.818 on the quick preset, U 2 x d_p 16 0.788) and M = 4096 as U 6 x d_p 4 (0.993
+    # in 2 epochs on the GPU ablation over U, U 3 x d_p 16 0.978 in 4).
     # K = 16 as well: on the quick preset it lifts RAM-Net from 0.73 to 0.78 at the same state size
     # (benchmarks/results/mqar/README.md); K = 8 is the paper's LM setting.
-    "models": {"ramnet": {"mixer": ramnet_mixer(2, 16)}, "ramnet K=16": {"mixer": ramnet_mixer(2, 16, topk=16)},
+    "models": {"ramnet": {"mixer": ramnet_mixer(4, 4)}, "ramnet K=16": {"mixer": ramnet_mixer(4, 4, topk=16)},
                "ramnet M=4096": {"mixer": ramnet_mixer(6, 4)}, **BASELINES, **FLA_BASELINES},
 }
 
@@ -107,8 +108,8 @@ QUICK = {
     "epochs": 7,
     "lrs": [3e-3],
     "d_models": [64],
-    # K = 16: the better of the settings tried on this preset (benchmarks/results/mqar/README.md).
-    "models": {"ramnet": {"mixer": ramnet_mixer(2, 16, topk=16)}, **BASELINES},
+    # K = 16 and U 4 x d_p 4: the best of the settings tried on this preset (benchmarks/results/mqar/README.md).
+    "models": {"ramnet": {"mixer": ramnet_mixer(4, 4, topk=16)}, **BASELINES},
 }
 
 # Fig. 4 of the paper: at fixed M = 4096 the accuracy rises with U; at fixed U it rises with M.
@@ -131,12 +132,11 @@ ABLATION_M = {
 }
 
 
-
-def hybrid_mixer(partition_dim: int, window: int = 64, num_heads: int = 2) -> dict:
+def hybrid_mixer(num_partitions: int, partition_dim: int, window: int = 64, num_heads: int = 2) -> dict:
     """The synchronous hybrid (spec section 9): sliding-window attention over ``window`` tokens and
-    RAM-Net (U = 2, K = 8) on shared projections, mixed by a per-channel gate."""
+    RAM-Net (U x d_p, K = 8) on shared projections, mixed by a per-channel gate."""
     return {"name": "hybrid", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
-                                         "num_partitions": 2, "partition_dim": partition_dim, "topk": 8,
+                                         "num_partitions": num_partitions, "partition_dim": partition_dim, "topk": 8,
                                          "window_size": window, "blend": "synchronous", "mix": "vector"}}
 
 
@@ -147,8 +147,8 @@ HYBRID = {
     **PAPER,
     "description": "the synchronous RAM-Net + sliding-window hybrid (window 64) against its parts",
     "d_models": [64, 128],
-    "models": {"hybrid M=64": {"mixer": hybrid_mixer(8)}, "hybrid M=256": {"mixer": hybrid_mixer(16)},
-               "ramnet": {"mixer": ramnet_mixer(2, 16)}, "ramnet M=4096": {"mixer": ramnet_mixer(6, 4)},
+    "models": {"hybrid M=64": {"mixer": hybrid_mixer(3, 4)}, "hybrid M=256": {"mixer": hybrid_mixer(4, 4)},
+               "ramnet": {"mixer": ramnet_mixer(4, 4)}, "ramnet M=4096": {"mixer": ramnet_mixer(6, 4)},
                "sliding_window": BASELINES["sliding_window"], "attention": BASELINES["attention"]},
 }
 
