@@ -64,7 +64,7 @@ def main() -> None:
 
     if tune("decoder"):
         print(f"address decoder fwd+bwd, {x.shape[0]} rows (U5 d_p4 K8):")
-        grid = itertools.product([2, 4, 8, 16, 32], [1, 2, 4, 8])
+        grid = itertools.product([4, 8, 16, 32, 64], [1, 2, 4])
         best = search(grid, decoder, address_kernels, ("ROWS_PER_PROGRAM", "NUM_WARPS"))
         print(f"  best: rows/program {best[0]}, warps {best[1]}")
 

@@ -136,7 +136,7 @@ def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
     dp_pad = triton.next_power_of_2(d_p)
     kb = max(2, triton.next_power_of_2(topk))  # >= 2: no size-1 tiles
     # About 8K fp32 per tile (the d_p row or the K*K candidates), so U=1 with d_p=4096 still fits.
-    block_n = max(2, min(32, 8192 // max(dp_pad, kb * kb)))
+    block_n = max(2, min(64, 8192 // max(dp_pad, kb * kb)))
     if ROWS_PER_PROGRAM is not None:
         block_n = min(block_n, ROWS_PER_PROGRAM)
     return dict(U=num_partitions, DP=d_p, DP_PAD=dp_pad, KB=kb, K_OUT=min(topk, memory_slots),
