@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import ramnet
 from ramnet.cli import main
 
@@ -15,6 +17,7 @@ def test_info_prints_version_devices_and_paths(capsys):
     assert "naive, recurrent, parallel" in out
 
 
-def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "ramnet.cli", "info"], capture_output=True, text=True, check=True)
+@pytest.mark.parametrize("module", ["ramnet", "ramnet.cli"])  # python -m ramnet: no install needed
+def test_module_entry_points_run(module):
+    result = subprocess.run([sys.executable, "-m", module, "info"], capture_output=True, text=True, check=True)
     assert "ram_attention paths: naive, recurrent, parallel" in result.stdout
