@@ -3,8 +3,8 @@ reference), the CAPE shift (``cape.py``), and the backward to ``x``.
 
 One program decodes BLOCK_N rows. Tiles are ``[candidates, rows]``: with rows on the last axis,
 Triton lays a row's candidates out in one thread's registers, so the top-K picks are compares
-inside a thread instead of shuffles across threads (about 6x fewer instructions per row than
-``[rows, candidates]`` tiles, in the sm_90 SASS). Every top-k is repeated max + knock-out, because K
+inside a thread instead of shuffles across threads (4-6x fewer instructions per row than
+``[rows, candidates]`` tiles in the sm_90 SASS of Triton 3.6-3.9). Every top-k is repeated max + knock-out, because K
 is small and ``tl.sort`` / ``tl.topk`` are not available in every Triton version we run on. Padded
 lanes (d_p and K rounded up to powers of two) hold log-probability -inf, so they never win a max.
 Slot indices are int32 inside the kernels unless M >= 2**31.
@@ -123,9 +123,9 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
         tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
 
 
-# Launch shape: rows per program and warps. 16 rows: 108 registers and 300 instructions per row in
-# the sm_90 SASS for the paper shape (8 rows: 86 and 374; 32 rows: 161 and 264); not yet timed with
-# the [candidates, rows] tiles: benchmarks/tune_kernels.py --only decoder picks it on a GPU.
+# Launch shape: rows per program and warps. 16 rows: 125 registers and 481 instructions per row in
+# the sm_90 SASS of Triton 3.6 for the paper shape (3.9: 108 and 299; 8 rows 86 and 374, 32 rows 161
+# and 264); not yet timed: benchmarks/tune_kernels.py --only decoder picks it on a GPU.
 ROWS_PER_PROGRAM = 16  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
 NUM_WARPS = 1
 
