@@ -39,7 +39,6 @@ import ramnet  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
 
-
 U, D_P, TOPK = 5, 4, 8  # RAM-Net: d_k = U * d_p = 20, M = d_p ** U = 1024 slots, top-8
 SHAPES = {  # per device: hidden size, tokens per step, T values, RAM-Net/attention heads and d_v
     "cuda": dict(hidden=1024, tokens=16384, seq_lens=[2048, 8192, 32768], heads=16, d_v=64),
@@ -278,7 +277,7 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 2048 8192 32768 (cpu: 64 256)")
     parser.add_argument("--quick", action="store_true", help="shortest and longest T only; no DeltaNet, no GDN")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: ram_<mode>, "
-                        "ram_triton_<kernel>, attention, gla, deltanet, gated_deltanet")
+                        "attention, gla, deltanet, gated_deltanet")
     parser.add_argument("--first-call-timeout", type=float, default=240.0)  # GLA autotunes for about 100 s on its first call
     parser.add_argument("--time-budget", type=float, default=540.0, help="start no case after this many seconds")
     parser.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM bandwidth for the floor (H100 SXM: 3.35)")

@@ -15,7 +15,6 @@ from torch.profiler import ProfilerActivity, profile
 from ramnet.ops import ram_attention
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="triton,parallel")

@@ -43,7 +43,7 @@ def cases():
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).
         meta = decoder._meta(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
         meta.pop("num_warps")
-        yield decoder._beam_topk_fwd, dict(meta, K=8, KP=min(8, meta["DP"]), KPB=min(8, meta["DP"]))
+        yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
         yield decoder._beam_topk_bwd, meta
 
 

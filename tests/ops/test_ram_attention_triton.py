@@ -1,6 +1,5 @@
 """mode="triton" (fused Triton kernels) agrees with the parallel path: outputs, final state and
-gradients. On CPU the kernels run under Triton's interpreter
-(slow: the shapes stay tiny)."""
+gradients. On CPU the kernels run under Triton's interpreter (slow: the shapes stay tiny)."""
 
 import pytest
 import torch

@@ -144,6 +144,12 @@ def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
                 num_warps=NUM_WARPS)
 
 
+def _forward_meta(meta: dict, topk: int) -> dict:
+    """The forward kernel's extra constants: K, and the picks per partition (KP, padded KPB)."""
+    picks = min(topk, meta["DP"])
+    return dict(meta, K=topk, KP=picks, KPB=max(2, triton.next_power_of_2(picks)))
+
+
 class _BeamTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, num_partitions, topk, tau):
@@ -153,9 +159,7 @@ class _BeamTopK(torch.autograd.Function):
         weight = torch.empty(n, meta["K_OUT"], dtype=torch.float32, device=x.device)
         shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
-        _beam_topk_fwd[grid](x, shift_arg, index, weight, n, x.stride(0), tau,
-                             K=topk, KP=min(topk, meta["DP"]), KPB=max(2, triton.next_power_of_2(min(topk, meta["DP"]))),
-                             **meta)
+        _beam_topk_fwd[grid](x, shift_arg, index, weight, n, x.stride(0), tau, **_forward_meta(meta, topk))
         ctx.mark_non_differentiable(index)
         ctx.save_for_backward(x, shift, index, weight)
         ctx.meta, ctx.tau = meta, tau
