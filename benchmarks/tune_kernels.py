@@ -3,13 +3,17 @@ PDMA kernels (forward+backward, paper layer shape, bf16) over a grid of group si
 and warp counts, and prints the best. The chosen values are the module defaults in
 ``ramnet/ops/address/triton.py`` and ``ramnet/ops/pdma/triton_segments.py``.
 
-    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only pdma]
+    python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only pdma] [--write]
+
+``--write`` rewrites those defaults in the source files with the best values found.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import re
+from pathlib import Path
 
 import torch
 import triton.testing
@@ -43,11 +47,24 @@ def search(grid, fn, module, names):
     return best
 
 
+def write_defaults(module, names, values) -> None:
+    """Rewrite ``NAME = <int>`` at the start of a line in ``module``'s source, keeping its comment."""
+    path = Path(module.__file__)
+    source = path.read_text()
+    for name, value in zip(names, values):
+        source, count = re.subn(rf"^{name} = \d+", f"{name} = {value}", source, flags=re.M)
+        if count != 1:
+            raise RuntimeError(f"{path}: expected one line '{name} = <int>', found {count}")
+    path.write_text(source)
+    print(f"  wrote {', '.join(f'{n} = {v}' for n, v in zip(names, values))} to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--only", choices=["decoder", "pdma"], help="tune one of the two only")
+    parser.add_argument("--write", action="store_true", help="make the best values the source defaults")
     args = parser.parse_args()
     tune = lambda part: args.only in (None, part)  # noqa: E731
     gen = torch.Generator("cuda").manual_seed(0)
@@ -65,8 +82,11 @@ def main() -> None:
     if tune("decoder"):
         print(f"address decoder fwd+bwd, {x.shape[0]} rows (U5 d_p4 K8):")
         grid = itertools.product([4, 8, 16, 32, 64], [1, 2, 4])
-        best = search(grid, decoder, address_kernels, ("ROWS_PER_PROGRAM", "NUM_WARPS"))
+        names = ("ROWS_PER_PROGRAM", "NUM_WARPS")
+        best = search(grid, decoder, address_kernels, names)
         print(f"  best: rows/program {best[0]}, warps {best[1]}")
+        if args.write:
+            write_defaults(address_kernels, names, best)
 
     def layer_op():
         o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode="triton")
@@ -75,8 +95,11 @@ def main() -> None:
     if tune("pdma"):
         print(f"ram_attention(mode='triton'), PDMA kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
         grid = itertools.product([4, 8, 16], [1], [4096, 16384, 65536])
-        best = search(grid, layer_op, triton_segments, ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS"))
+        names = ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS")
+        best = search(grid, layer_op, triton_segments, names)
         print(f"  best: group {best[0]}, warps {best[1]}, target programs {best[2]}")
+        if args.write:
+            write_defaults(triton_segments, names, best)
 
     from torch.profiler import ProfilerActivity, profile
 
