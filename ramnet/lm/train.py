@@ -345,6 +345,8 @@ def _train(config: TrainConfig, d: Dist, progress: bool) -> dict:
         if step % config.log_interval == 0 or step == config.max_steps:
             elapsed = time.perf_counter() - t0
             metrics["train/tokens_per_s"] = t_steps * tokens_per_step / elapsed
+            if d.device.type == "cuda":  # since the run started: activations, weights and optimizer state
+                metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:,.0f}", lr=f"{lr:.2e}")
             t0, t_steps = time.perf_counter(), 0
         if val_windows is not None and ((config.eval_interval and step % config.eval_interval == 0) or step == config.max_steps):
