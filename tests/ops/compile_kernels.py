@@ -45,6 +45,11 @@ def cases():
         meta.pop("num_warps")
         yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
         yield decoder._beam_topk_bwd, meta
+    # M = 2**62 over U = 62 partitions: the loop over partitions is not unrolled (it took minutes).
+    meta = decoder._meta(124, 62, 8, has_shift=True)
+    meta.pop("num_warps")
+    yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
+    yield decoder._beam_topk_bwd, meta
 
 
 def main() -> int:

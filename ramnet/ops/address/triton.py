@@ -20,7 +20,7 @@ from ..triton_support import require_triton
 
 
 @triton.jit
-def _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr):
+def _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
     """log p_u for BLOCK_N rows: ``[DP_PAD, BLOCK_N]`` fp32, -inf on the padding."""
     cols = tl.arange(0, DP_PAD)[:, None]
     col_mask = cols < DP
@@ -65,24 +65,38 @@ def _unit_shift(shift_ptr, rows, row_mask, M: tl.constexpr):
 
 
 @triton.jit
+def _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
+                  K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1."""
+    logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD)
+    part, part_entry = _select_best(logp, DP_PAD, KP, KPB, BLOCK_N)
+    # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
+    # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
+    cand = tl.reshape(score[:, None, :] + part[None, :, :], [KB * KPB, BLOCK_N])
+    score, pick = _select_best(cand, KB * KPB, K, KB, BLOCK_N)
+    index = _take(index, pick // KPB, KB) * DP + _take(part_entry, pick % KPB, KPB).to(index.dtype)
+    return score, index
+
+
+@triton.jit
 def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                   INDEX_64: tl.constexpr, BLOCK_N: tl.constexpr):
+                   INDEX_64: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, 0, DP, DP_PAD)
     score, index = _select_best(logp, DP_PAD, KP, KB, BLOCK_N)
     if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
         index = index.to(tl.int64)
-    for u in tl.static_range(1, U):
-        logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD)
-        part, part_entry = _select_best(logp, DP_PAD, KP, KPB, BLOCK_N)
-        # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
-        # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
-        cand = tl.reshape(score[:, None, :] + part[None, :, :], [KB * KPB, BLOCK_N])
-        score, pick = _select_best(cand, KB * KPB, K, KB, BLOCK_N)
-        index = _take(index, pick // KPB, KB) * DP + _take(part_entry, pick % KPB, KPB).to(index.dtype)
+    if UNROLL:
+        for u in tl.static_range(1, U):
+            score, index = _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index,
+                                         DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
+    else:  # many partitions: a loop, since unrolling them all takes minutes to compile
+        for u in range(1, U):
+            score, index = _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index,
+                                         DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
     if HAS_SHIFT:
         # (m - s) mod M without leaving [0, 2M): M <= 2**62 keeps this inside int64.
         index = (index - _unit_shift(shift_ptr, rows, row_mask, M)[None, :] + M) % M
@@ -94,10 +108,26 @@ def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, ta
 
 
 @triton.jit
+def _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, u, index, gw,
+                    DP: tl.constexpr, DP_PAD: tl.constexpr):
+    """Writes the gradient of partition u's logits, whose entry is ``index``'s last base-d_p digit
+    (the partitions are peeled from the last, the least significant); returns ``index // d_p``."""
+    cols = tl.arange(0, DP_PAD)[:, None]
+    digit = index % DP
+    # dlogp[j, n] = sum over the K weights whose digit u is j: one [K, d_p, rows] reduction.
+    dlogp = tl.sum(tl.where(digit[:, None, :] == cols[None, :, :], gw[:, None, :], 0.0), axis=0)
+    p = tl.exp(_log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD))
+    dx = (dlogp - p * tl.sum(dlogp, axis=0)[None, :]) / tau
+    ptrs = grad_x_ptr + rows[None, :] * stride_x + u * DP + cols
+    tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
+    return index // DP
+
+
+@triton.jit
 def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, KB: tl.constexpr,
                    K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr, INDEX_64: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     slots = tl.arange(0, KB)[:, None]
@@ -110,24 +140,24 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
         index = index.to(tl.int32)
     # weight_k = exp(sum_u logp_u[m_{u,k}]): d weight_k / d logp_u[j] = weight_k [m_{u,k} == j].
     gw = tl.load(grad_w_ptr + out, mask=out_mask, other=0.0) * tl.load(weight_ptr + out, mask=out_mask, other=0.0)
-    cols = tl.arange(0, DP_PAD)[:, None]
-    for i in tl.static_range(U):
-        u = U - 1 - i  # the last partition is the least significant digit: peel it first
-        digit = index % DP
-        index = index // DP
-        # dlogp[j, n] = sum over the K weights whose digit u is j: one [K, d_p, rows] reduction.
-        dlogp = tl.sum(tl.where(digit[:, None, :] == cols[None, :, :], gw[:, None, :], 0.0), axis=0)
-        p = tl.exp(_log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD))
-        dx = (dlogp - p * tl.sum(dlogp, axis=0)[None, :]) / tau
-        ptrs = grad_x_ptr + rows[None, :] * stride_x + u * DP + cols
-        tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
+    if UNROLL:
+        for i in tl.static_range(U):
+            index = _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, U - 1 - i, index, gw,
+                                    DP, DP_PAD)
+    else:
+        for i in range(U):
+            index = _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, U - 1 - i, index, gw,
+                                    DP, DP_PAD)
 
 
-# Launch shape: rows per program and warps, picked by benchmarks/tune_kernels.py on an H200 (paper
-# shape, fwd+bwd over 524,288 rows): 32 rows / 1 warp 0.44 ms; 16 rows 0.61, 64 rows 0.67 (0.45 at
-# 2 warps), 8 rows 0.97; 4 warps 0.78-2.3 ms.
-ROWS_PER_PROGRAM = 32  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
+# Launch shape: rows per program and warps. benchmarks/tune_kernels.py on an H200 (paper shape, fwd+bwd
+# over 524,288 rows): 32 rows / 1 warp 0.44 ms; 16 rows 0.61, 64 rows 0.67 (0.45 at 2 warps), 8 rows
+# 0.97; 4 warps 0.78-2.3 ms. But at 32 rows the backward under Triton 3.6 gave wrong gradients for
+# 10 of 37 rows with a CAPE shift (U 4, d_p 6, K 1; right at 16 rows and in the interpreter), so 16
+# until that is understood; tune_kernels.py now checks each shape's results before timing it.
+ROWS_PER_PROGRAM = 16  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
 NUM_WARPS = 1
+MAX_UNROLLED_PARTITIONS = 8  # beyond, the kernels loop over partitions (U = 62 unrolled: minutes of compile)
 
 
 def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
@@ -140,7 +170,8 @@ def _meta(d_k: int, num_partitions: int, topk: int, has_shift: bool) -> dict:
     if ROWS_PER_PROGRAM is not None:
         block_n = min(block_n, ROWS_PER_PROGRAM)
     return dict(U=num_partitions, DP=d_p, DP_PAD=dp_pad, KB=kb, K_OUT=min(topk, memory_slots),
-                M=memory_slots, HAS_SHIFT=has_shift, INDEX_64=memory_slots >= 2**31, BLOCK_N=block_n,
+                M=memory_slots, HAS_SHIFT=has_shift, INDEX_64=memory_slots >= 2**31,
+                UNROLL=num_partitions <= MAX_UNROLLED_PARTITIONS, BLOCK_N=block_n,
                 num_warps=NUM_WARPS)
 
 
