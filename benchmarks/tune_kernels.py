@@ -19,9 +19,13 @@ import torch
 import triton.testing
 
 from ramnet.ops import ram_attention
+from ramnet.ops.address import beam_topk, cape_shift
 from ramnet.ops.address import triton as address_kernels
 from ramnet.ops.address.triton import triton_beam_topk
 from ramnet.ops.pdma import triton_segments
+
+
+DEVICE = "cuda"  # the checks run on CPU too, under TRITON_INTERPRET=1
 
 
 def bench(fn) -> float:
@@ -32,19 +36,55 @@ def bench(fn) -> float:
         return float("inf")
 
 
-def search(grid, fn, module, names):
-    """Time ``fn`` with every combination of ``grid`` set as ``module``'s ``names``; keep the best."""
+def search(grid, fn, module, names, check):
+    """Time ``fn`` with every combination of ``grid`` set as ``module``'s ``names``; keep the best.
+    A combination whose results ``check()`` rejects (it returns a message) is not timed."""
     results = {}
     for values in grid:
         for name, value in zip(names, values):
             setattr(module, name, value)
-        results[values] = bench(fn)
-        print("  " + " ".join(f"{n.lower()} {v}" for n, v in zip(names, values)) + f": {results[values]:.3f} ms")
+        label = "  " + " ".join(f"{n.lower()} {v}" for n, v in zip(names, values))
+        wrong = check()
+        results[values] = float("inf") if wrong else bench(fn)
+        print(label + (f": wrong results ({wrong})" if wrong else f": {results[values]:.3f} ms"))
     best = min(results, key=results.get)
     for name, value in zip(names, best):
         setattr(module, name, value)
     print(f"  {results[best]:.3f} ms at the best")
     return best
+
+
+def check_decoder() -> str | None:
+    """The decoder against the torch reference, with a CAPE shift, on small shapes (the backward
+    once gave wrong gradients at one launch shape only)."""
+    for num_partitions, d_p, topk in [(5, 4, 8), (4, 6, 1), (3, 5, 7)]:
+        gen = torch.Generator(DEVICE).manual_seed(num_partitions)
+        x = (torch.randn(517, num_partitions * d_p, device=DEVICE, generator=gen) * 2).requires_grad_()
+        shift = torch.randint(-10**6, 10**6, (x.shape[0],), device=DEVICE, generator=gen)
+        slots = d_p**num_partitions
+        index, weight = triton_beam_topk(x, num_partitions, topk, 0.7, shift=shift)
+        ref_index, ref_weight = beam_topk(x, num_partitions, topk, 0.7)
+        ref_index = cape_shift(ref_index[:, None, None, :], shift[:, None], torch.tensor([True], device=DEVICE),
+                               slots)[:, 0, 0]
+        per_slot = torch.randn(slots, device=DEVICE, generator=gen)
+        grads = [torch.autograd.grad((w * per_slot[i]).sum(), x)[0] for i, w in ((index, weight), (ref_index, ref_weight))]
+        if not torch.equal(index.sort(-1).values, ref_index.sort(-1).values):
+            return f"U{num_partitions} d_p{d_p} K{topk}: other slots"
+        if not torch.allclose(*grads, rtol=1e-3, atol=1e-5):
+            return f"U{num_partitions} d_p{d_p} K{topk}: gradient off by {(grads[0] - grads[1]).abs().max().item():.2g}"
+    return None
+
+
+def check_pdma() -> str | None:
+    """The Triton op against the torch parallel path (outputs and input gradients), CAPE on."""
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    q, k = (torch.randn(2, 96, 4, 12, device=DEVICE, generator=gen).requires_grad_() for _ in "qk")
+    v = torch.randn(2, 96, 4, 16, device=DEVICE, generator=gen).requires_grad_()
+    grad = torch.randn(2, 96, 4, 16, device=DEVICE, generator=gen)
+    kw = dict(num_partitions=3, topk=5, cape=torch.tensor([True, False, True, False]))
+    fast, ref = (torch.autograd.grad(ram_attention(q, k, v, mode=m, **kw)[0], [q, k, v], grad) for m in ("triton", "parallel"))
+    worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-6) for a, b in zip(fast, ref))
+    return f"gradients off by {worst:.2g} of their largest" if worst > 1e-3 else None
 
 
 def write_defaults(module, names, values) -> None:
@@ -83,7 +123,7 @@ def main() -> None:
         print(f"address decoder fwd+bwd, {x.shape[0]} rows (U5 d_p4 K8):")
         grid = itertools.product([4, 8, 16, 32, 64], [1, 2, 4])
         names = ("ROWS_PER_PROGRAM", "NUM_WARPS")
-        best = search(grid, decoder, address_kernels, names)
+        best = search(grid, decoder, address_kernels, names, check_decoder)
         print(f"  best: rows/program {best[0]}, warps {best[1]}")
         if args.write:
             write_defaults(address_kernels, names, best)
@@ -96,7 +136,7 @@ def main() -> None:
         print(f"ram_attention(mode='triton'), PDMA kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
         grid = itertools.product([4, 8, 16], [1], [4096, 16384, 65536])
         names = ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS")
-        best = search(grid, layer_op, triton_segments, names)
+        best = search(grid, layer_op, triton_segments, names, check_pdma)
         print(f"  best: group {best[0]}, warps {best[1]}, target programs {best[2]}")
         if args.write:
             write_defaults(triton_segments, names, best)
