@@ -58,13 +58,6 @@ def _take(x, cand, N: tl.constexpr):
 
 
 @triton.jit
-def _unit_shift(shift_ptr, rows, row_mask, M: tl.constexpr):
-    """The CAPE shift of each row reduced to [0, M) (whatever sign convention ``%`` has)."""
-    s = tl.load(shift_ptr + rows, mask=row_mask, other=0)
-    return (s % M + M) % M
-
-
-@triton.jit
 def _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
                   K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
     """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1."""
@@ -97,9 +90,9 @@ def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, ta
         for u in range(1, U):
             score, index = _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index,
                                          DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
-    if HAS_SHIFT:
-        # (m - s) mod M without leaving [0, 2M): M <= 2**62 keeps this inside int64.
-        index = (index - _unit_shift(shift_ptr, rows, row_mask, M)[None, :] + M) % M
+    if HAS_SHIFT:  # (m - s) mod M with s already in [0, M): a compare, no int64 remainder
+        index = index - tl.load(shift_ptr + rows, mask=row_mask, other=0)[None, :]
+        index = tl.where(index < 0, index + M, index)
     slots = tl.arange(0, KB)[:, None]
     out = rows[None, :] * K_OUT + slots
     out_mask = row_mask[None, :] & (slots < K_OUT)
@@ -134,8 +127,9 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
     out = rows[None, :] * K_OUT + slots
     out_mask = row_mask[None, :] & (slots < K_OUT)
     index = tl.load(index_ptr + out, mask=out_mask, other=0)
-    if HAS_SHIFT:  # undo CAPE to recover each weight's per-partition entries
-        index = (index + _unit_shift(shift_ptr, rows, row_mask, M)[None, :]) % M
+    if HAS_SHIFT:  # undo CAPE to recover each weight's per-partition entries: (m + s) mod M, s in [0, M)
+        index = index + tl.load(shift_ptr + rows, mask=row_mask, other=0)[None, :]
+        index = tl.where(index >= M, index - M, index)
     if not INDEX_64:
         index = index.to(tl.int32)
     # weight_k = exp(sum_u logp_u[m_{u,k}]): d weight_k / d logp_u[j] = weight_k [m_{u,k} == j].
@@ -153,8 +147,10 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
 # Launch shape: rows per program and warps. benchmarks/tune_kernels.py on an H200 (paper shape, fwd+bwd
 # over 524,288 rows): 32 rows / 1 warp 0.44 ms; 16 rows 0.61, 64 rows 0.67 (0.45 at 2 warps), 8 rows
 # 0.97; 4 warps 0.78-2.3 ms. But at 32 rows the backward under Triton 3.6 gave wrong gradients for
-# 10 of 37 rows with a CAPE shift (U 4, d_p 6, K 1; right at 16 rows and in the interpreter), so 16
-# until that is understood; tune_kernels.py now checks each shape's results before timing it.
+# 10 of 37 rows with a CAPE shift (U 4, d_p 6, K 1; right at 16 rows and in the interpreter): the
+# leading digit was off as if the int64 `% M` undoing the shift had been skipped. The shift is now
+# reduced on the host and undone with a compare (unverified on a GPU yet), and the default stays 16
+# until a GPU run passes at 32; tune_kernels.py checks each shape's results before timing it.
 ROWS_PER_PROGRAM = 16  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
 NUM_WARPS = 1
 MAX_UNROLLED_PARTITIONS = 8  # beyond, the kernels loop over partitions (U = 62 unrolled: minutes of compile)
@@ -214,6 +210,6 @@ def triton_beam_topk(x: torch.Tensor, num_partitions: int, topk: int, tau: float
     given. ``weight`` is differentiable w.r.t. ``x`` (grad in ``x``'s dtype). Callers validate.
     """
     require_triton(x.device, "triton_beam_topk")
-    if shift is not None:
-        shift = shift.to(torch.int64).contiguous()
+    if shift is not None:  # reduced to [0, M) here (floor remainder), so the kernels need no remainder
+        shift = torch.remainder(shift.to(torch.int64), (x.shape[1] // num_partitions) ** num_partitions).contiguous()
     return _BeamTopK.apply(x.contiguous(), shift, int(num_partitions), int(topk), float(tau))
