@@ -75,12 +75,12 @@ def check_decoder() -> str | None:
     return None
 
 
-def check_pdma() -> str | None:
+def check_pdma(seq_len: int = 300) -> str | None:
     """The Triton op against the torch parallel path (outputs and input gradients), CAPE on."""
     gen = torch.Generator(DEVICE).manual_seed(0)
-    q, k = (torch.randn(2, 96, 4, 12, device=DEVICE, generator=gen).requires_grad_() for _ in "qk")
-    v = torch.randn(2, 96, 4, 16, device=DEVICE, generator=gen).requires_grad_()
-    grad = torch.randn(2, 96, 4, 16, device=DEVICE, generator=gen)
+    q, k = (torch.randn(2, seq_len, 4, 12, device=DEVICE, generator=gen).requires_grad_() for _ in "qk")
+    v = torch.randn(2, seq_len, 4, 16, device=DEVICE, generator=gen).requires_grad_()
+    grad = torch.randn(2, seq_len, 4, 16, device=DEVICE, generator=gen)
     kw = dict(num_partitions=3, topk=5, cape=torch.tensor([True, False, True, False]))
     fast, ref = (torch.autograd.grad(ram_attention(q, k, v, mode=m, **kw)[0], [q, k, v], grad) for m in ("triton", "parallel"))
     worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-6) for a, b in zip(fast, ref))
