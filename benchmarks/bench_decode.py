@@ -22,6 +22,7 @@ Contenders (their state is filled with random content first; each step updates i
   gdn_h16_k128       fla ``fused_recurrent_gated_delta_rule``, H 16, d_k = d_v = 128, one token,
                      state [B, H, d_k, d_v] fp32 passed as initial_state, final state returned.
   gdn_h3_k256_v512   the same at the Gated DeltaNet paper's layer shape (H 3, d_k 256, d_v 512).
+  gdn_*_graph        each of the two captured in a CUDA graph, replayed (like for like with ram_*_graph).
   sdpa_kv            ``scaled_dot_product_attention`` of q [B, 16, 1, 64] over a bf16 K/V cache
                      [B, 16, L, 64] (after writing the new key and value into its last position);
                      "does not fit" where the cache would take over 60% of free GPU memory.
@@ -74,7 +75,8 @@ SIZES = {
     "cpu": ([1, 2], [64, 1024]),
 }
 COLUMNS = ["ram_op", "ram_op_graph", "ram_op_tdec", "ram_op_tdec_graph", "ram_op_validated", "ram_layer_cache",
-           "ram_layer", "ram_layer_graph", "ram_layer_tdec", "ram_layer_tdec_graph", *GDN_SHAPES, "sdpa_kv"]
+           "ram_layer", "ram_layer_graph", "ram_layer_tdec", "ram_layer_tdec_graph", *GDN_SHAPES,
+           *(f"{name}_graph" for name in GDN_SHAPES), "sdpa_kv"]
 
 
 class Skip(Exception):
@@ -229,7 +231,7 @@ def fla_version() -> str | None:
             return None
 
 
-def case_gdn(batch, context, device, heads, d_k, d_v):
+def case_gdn(batch, context, device, heads, d_k, d_v, graph=False):
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as kernel
     except ImportError as err:
@@ -254,7 +256,8 @@ def case_gdn(batch, context, device, heads, d_k, d_v):
         with torch.no_grad():
             return kernel(**kwargs)
 
-    return fn, 2 * batch * heads * d_k * d_v * 4, f"fla fused_recurrent_gated_delta_rule H{heads} d_k{d_k} d_v{d_v}"
+    impl = f"fla fused_recurrent_gated_delta_rule H{heads} d_k{d_k} d_v{d_v}" + (" + CUDA graph" if graph else "")
+    return (capture(fn) if graph else fn), 2 * batch * heads * d_k * d_v * 4, impl
 
 
 # --- SDPA with a KV cache ---------------------------------------------------------------------------
@@ -292,6 +295,9 @@ def cases(device: str):
         "ram_layer_tdec": tdec and (lambda b, n: case_ram_layer(b, n, device, tdec=True)),
         "ram_layer_tdec_graph": cuda and tdec and (lambda b, n: case_ram_layer(b, n, device, graph=True, tdec=True)),
         **{name: cuda and (lambda b, n, s=shape: case_gdn(b, n, device, *s)) for name, shape in GDN_SHAPES.items()},
+        # Like for like with ram_*_graph: GDN's step in a CUDA graph too (its warm-up call autotunes first).
+        **{f"{name}_graph": cuda and (lambda b, n, s=shape: case_gdn(b, n, device, *s, graph=True))
+           for name, shape in GDN_SHAPES.items()},
         "sdpa_kv": lambda b, n: case_sdpa(b, n, device),
     }
     return [(name, build) for name, build in builds.items() if build]
