@@ -184,6 +184,8 @@ class _BeamTopK(torch.autograd.Function):
         n = x.shape[0]
         index = torch.empty(n, meta["K_OUT"], dtype=torch.int64, device=x.device)
         weight = torch.empty(n, meta["K_OUT"], dtype=torch.float32, device=x.device)
+        if shift is not None:  # to [0, M) (floor remainder) once, so the kernels undo it with a compare
+            shift = torch.remainder(shift, meta["M"]).contiguous()
         shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
         grid = (triton.cdiv(n, meta["BLOCK_N"]),)
         _beam_topk_fwd[grid](x, shift_arg, index, weight, n, x.stride(0), tau, **_forward_meta(meta, topk))
@@ -210,6 +212,6 @@ def triton_beam_topk(x: torch.Tensor, num_partitions: int, topk: int, tau: float
     given. ``weight`` is differentiable w.r.t. ``x`` (grad in ``x``'s dtype). Callers validate.
     """
     require_triton(x.device, "triton_beam_topk")
-    if shift is not None:  # reduced to [0, M) here (floor remainder), so the kernels need no remainder
-        shift = torch.remainder(shift.to(torch.int64), (x.shape[1] // num_partitions) ** num_partitions).contiguous()
+    if shift is not None:
+        shift = shift.to(torch.int64)
     return _BeamTopK.apply(x.contiguous(), shift, int(num_partitions), int(topk), float(tau))
