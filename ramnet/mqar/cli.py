@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..devices import resolve_device
-from .train import PRESETS, check_preset, describe_cuts, format_table, get_preset, load_rows, run_preset
+from .train import (PRESETS, RunsFailed, check_preset, describe_cuts, format_table, get_preset, load_rows,
+                    run_preset)
 
 
 def add_mqar_commands(sub) -> None:
@@ -103,7 +104,15 @@ def cmd_mqar(args: argparse.Namespace) -> int:
     except (ValueError, ImportError, FileNotFoundError) as err:
         print(f"ramnet mqar: error: {err}", file=sys.stderr)
         return 2
-    print(format_table(rows))
-    for path in plot_results(rows, out):
-        print(f"wrote {path}")
+    except RunsFailed as err:  # the finished runs still get their table and plot
+        rows, failure = err.rows, err
+    else:
+        failure = None
+    if rows:
+        print(format_table(rows))
+        for path in plot_results(rows, out):
+            print(f"wrote {path}")
+    if failure is not None:
+        print(f"ramnet mqar: error: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -60,7 +60,9 @@ BASELINES = {
 # carry their own short convolution (Zoology's Mamba blocks have no conv layer before them).
 FLA_BASELINES = {
     "gla": {"mixer": {"name": "fla.GLA", "kwargs": {"num_heads": 2, "use_short_conv": False}}},
-    "delta_net": {"mixer": {"name": "fla.DeltaNet", "kwargs": {"num_heads": 2, "use_gate": False, "conv_size": 4}}},
+    # fused_recurrent: fla's chunked DeltaNet refuses fp32 inputs, and every model here trains in fp32.
+    "delta_net": {"mixer": {"name": "fla.DeltaNet", "kwargs": {
+        "num_heads": 2, "use_gate": False, "conv_size": 4, "mode": "fused_recurrent"}}},
     "gated_delta_net": {"mixer": {"name": "fla.GatedDeltaNet", "kwargs": {
         "num_heads": 2, "head_dim": "d_model/2", "expand_v": 2, "use_gate": False, "conv_size": 4}}},
     "rwkv7": {"mixer": {"name": "fla.RWKV7", "kwargs": {
@@ -352,12 +354,23 @@ def check_models_runnable(preset: dict, device):
         resolve_mixer(entry["mixer"])
 
 
+class RunsFailed(RuntimeError):
+    """Some runs of a sweep failed; ``rows`` holds those that finished (already written)."""
+
+    def __init__(self, rows: list[dict], failures: list[tuple[tuple, BaseException]]):
+        self.rows, self.failures = rows, failures
+        names = "; ".join(f"{name} d_model={d} lr={lr:.2g} ({type(err).__name__}: {err})"
+                          for (d, name, lr), err in failures)
+        super().__init__(f"{len(failures)} run(s) failed: {names}")
+
+
 def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) -> list[dict]:
     """Run every (d_model, model, lr) of a preset, appending each row to ``out_dir/results.jsonl``.
 
     ``jobs > 1`` trains that many runs at once, each in its own process on ``device``: the small
     MQAR models leave most of a GPU idle, so concurrent runs finish a sweep several times sooner.
-    Every run is seeded on its own, so its row does not depend on ``jobs``."""
+    Every run is seeded on its own, so its row does not depend on ``jobs``. Raises ``RunsFailed``
+    after the last run if any failed."""
     check_preset(preset)
     check_int("jobs", jobs, 1)
     check_models_runnable(preset, device)
@@ -373,19 +386,35 @@ def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) ->
         log(f"{row['model']} d_model={row['d_model']} lr={row['lr']:.2g}: avg accuracy {row['avg_accuracy']:.3f} "
             f"after {row['epochs_run']} epochs, {row['wall_time_s']:.0f} s")
 
+    # A run that fails (a baseline's kernel refusing an input, a lost GPU) is reported and does not
+    # cost the others: their rows are written as they finish, and the failures are raised at the end.
+    failures = []
+
+    def failed(run, err):
+        failures.append((run, err))
+        log(f"{run[1]} d_model={run[0]} lr={run[2]:.2g}: failed: {type(err).__name__}: {err}")
+
     if jobs == 1 or len(runs) == 1:
         for run in tqdm(runs, desc="runs", disable=len(runs) == 1):
-            record(_train_one(preset, str(device), run))
-        return rows
-    # spawn: CUDA cannot be re-initialised in a forked child.
-    context = multiprocessing.get_context("spawn")
-    workers = min(jobs, len(runs))
-    threads = max(1, torch.get_num_threads() // workers)  # on a CPU device, share the cores
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(_train_one, preset, str(device), run, False) for run in runs]
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({jobs} at a time)"):
-            record(future.result())
+            try:
+                record(_train_one(preset, str(device), run))
+            except Exception as err:  # noqa: BLE001 - reported with the rows below
+                failed(run, err)
+    else:
+        # spawn: CUDA cannot be re-initialised in a forked child.
+        context = multiprocessing.get_context("spawn")
+        workers = min(jobs, len(runs))
+        threads = max(1, torch.get_num_threads() // workers)  # on a CPU device, share the cores
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_train_one, preset, str(device), run, False): run for run in runs}
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({jobs} at a time)"):
+                try:
+                    record(future.result())
+                except Exception as err:  # noqa: BLE001 - reported with the rows below
+                    failed(futures[future], err)
+    if failures:
+        raise RunsFailed(rows, failures)
     return rows
 
 

@@ -143,6 +143,22 @@ def test_concurrent_runs_give_the_rows_of_sequential_runs(tmp_path):
         run_preset(preset, tmp_path / "bad", "cpu", jobs=0)
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_run_costs_only_itself(tmp_path, capsys, jobs):
+    preset = _tiny_quick()
+    broken = {"mixer": {"name": "attention", "kwargs": {"num_heads": 3}}}  # 16 channels over 3 heads
+    preset["models"] = {"broken": broken, "attention": preset["models"]["attention"]}
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(preset))
+    out = tmp_path / "res"
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--device", "cpu", "--jobs", str(jobs)]) == 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["attention"]
+    captured = capsys.readouterr()
+    assert "1 run(s) failed: broken d_model=16" in captured.err and "attention" in captured.out
+    assert (out / "mqar_accuracy_vs_state.png").exists()  # the finished run is still drawn
+
+
 def test_cli_errors(tmp_path, capsys):
     assert main(["mqar", "--models", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown model(s) ['nope']" in capsys.readouterr().err
