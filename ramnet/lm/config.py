@@ -166,6 +166,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    partition_dim=4, topk=8, intermediate_size=1236, layer_types=["hybrid"] * 8, window_size=64,
                    hybrid_blend="synchronous", hybrid_mix="vector"),
     ),
+    # Issue 6's sliding-window baseline: every layer softmax attention over the last 64 tokens
+    # (the hybrid's KV branch alone, with its own q, k, v, o: 4 x 512^2 a layer), the MLP 1152 wide
+    # to keep the parameters of `small`: 38,937,088 in all (a test).
+    "small-sliding": dict(
+        _SMALL_RUN, out_dir="runs/small-sliding",
+        model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, intermediate_size=1152,
+                   layer_types=["sliding_attention"] * 8, window_size=64),
+    ),
     # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
     # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's

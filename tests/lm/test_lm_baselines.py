@@ -128,7 +128,7 @@ def test_model_type_starts_model_afresh_whatever_the_override_order():
     c = load_config("small-transformer", overrides=["model.num_hidden_layers=2"])
     assert c.model_type == "transformer++" and c.model["num_hidden_layers"] == 2 and c.model["hidden_size"] == 512
     small = load_config("small")
-    for name in ("small-transformer", "small-gated-deltanet", "small-hybrid"):
+    for name in ("small-transformer", "small-gated-deltanet", "small-hybrid", "small-sliding"):
         other = load_config(name)
         assert {k: v for k, v in other.to_dict().items() if k not in ("out_dir", "model_type", "model")} == \
                {k: v for k, v in small.to_dict().items() if k not in ("out_dir", "model_type", "model")}
@@ -154,9 +154,11 @@ def test_small_baselines_match_small_in_parameters():
     small = non_embedding_parameters("small")
     transformer = non_embedding_parameters("small-transformer")
     hybrid = non_embedding_parameters("small-hybrid")
-    assert small == 38_937_216 and transformer == 38_870_528 and hybrid == 38_925_440
-    assert abs(transformer / small - 1) < 0.05 and abs(hybrid / small - 1) < 0.05
+    sliding = non_embedding_parameters("small-sliding")
+    assert small == 38_937_216 and transformer == 38_870_528 and hybrid == 38_925_440 and sliding == 38_937_088
+    assert all(abs(other / small - 1) < 0.05 for other in (transformer, hybrid, sliding))
     assert set(load_config("small-hybrid").model["layer_types"]) == {"hybrid"}
+    assert set(load_config("small-sliding").model["layer_types"]) == {"sliding_attention"}
     gdn = load_config("small-gated-deltanet")
     estimate = gated_deltanet_parameters(gdn.model)
     assert estimate == 38_860_836 and abs(estimate / small - 1) < 0.05
