@@ -149,9 +149,9 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
 # 0.97; 4 warps 0.78-2.3 ms. But at 32 rows the backward under Triton 3.6 gave wrong gradients for
 # 10 of 37 rows with a CAPE shift (U 4, d_p 6, K 1; right at 16 rows and in the interpreter): the
 # leading digit was off as if the int64 `% M` undoing the shift had been skipped. The shift is now
-# reduced on the host and undone with a compare (unverified on a GPU yet), and the default stays 16
-# until a GPU run passes at 32; tune_kernels.py checks each shape's results before timing it.
-ROWS_PER_PROGRAM = 16  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
+# reduced on the host and undone with a compare; with that, all 53 GPU tests pass at 32 rows (H100,
+# Triton 3.6), and tune_kernels.py checks each shape's results before timing it.
+ROWS_PER_PROGRAM = 32  # at most; fewer when a tile would pass about 8K fp32 (large d_p or K)
 NUM_WARPS = 1
 MAX_UNROLLED_PARTITIONS = 8  # beyond, the kernels loop over partitions (U = 62 unrolled: minutes of compile)
 
