@@ -26,12 +26,17 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
     main = [r for r in best if not r.get("ablation") and r["state_size"] is not None]
     if main:
         presets = list(dict.fromkeys(r["preset"] for r in main))
-        fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(presets), figsize=(8 * len(presets), 5.5), squeeze=False)
         for ax, preset in zip(axes[0], presets):
-            for model in dict.fromkeys(r["model"] for r in main if r["preset"] == preset):
+            models = list(dict.fromkeys(r["model"] for r in main if r["preset"] == preset))
+            # A colour per model (tab10 repeats after ten); RAM-Net's own models solid, baselines dashed.
+            colors = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
+            for i, model in enumerate(models):
                 pts = sorted((r["state_size"], r["avg_accuracy"], r["d_model"]) for r in main
                              if r["preset"] == preset and r["model"] == model)
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+                style = "o-" if model.startswith(("ramnet", "hybrid")) else "s--"
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=model,
+                                color=colors[i % len(colors)])
                 for x, y, d in pts:
                     ax.annotate(f"d={d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=line.get_color())
