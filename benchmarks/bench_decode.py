@@ -11,14 +11,14 @@ Contenders (their state is filled with random content first; each step updates i
                      offset = L (CAPE positions) to show that. On a CPU without TRITON_INTERPRET=1
                      the torch step (``decode_tokens`` + ``pdma_step``) stands in.
   ram_op_graph       the same step captured in a CUDA graph, replayed.
-  ram_op_tdec(_graph) the same with the fused Triton address decoder (``decode_tokens(...,
-                     use_triton=True)``) in place of the torch one.
+  ram_op_tdec(_graph) ``ram_decode_step(..., triton_decode=True)``: one kernel decodes the
+                     addresses and runs the step (plus ``offset += 1``).
   ram_op_validated   ``ram_attention(..., inplace_state=True)``: the validated torch path.
   ram_layer_cache    ``RAMAttention.forward`` on a one-token input with its ``RAMNetCache``
                      (projections, validated torch op, o_proj).
   ram_layer          projections + ``ram_decode_step`` + o_proj with the same weights.
   ram_layer_graph    the previous one captured in a CUDA graph.
-  ram_layer_tdec(_graph) the same two with the Triton address decoder.
+  ram_layer_tdec(_graph) the same two with the step that decodes its own addresses.
   gdn_h16_k128       fla ``fused_recurrent_gated_delta_rule``, H 16, d_k = d_v = 128, one token,
                      state [B, H, d_k, d_v] fp32 passed as initial_state, final state returned.
   gdn_h3_k256_v512   the same at the Gated DeltaNet paper's layer shape (H 3, d_k 256, d_v 512).
@@ -153,11 +153,11 @@ def torch_decode_step(q, k, v, state: RAMState, spec) -> torch.Tensor:
 
 
 def op_step(device: str, tdec: bool = False):
-    """The decoding step and its description; ``tdec``: the Triton address decoder too."""
+    """The decoding step and its description; ``tdec``: the step kernel that decodes its own addresses."""
     if triton_runs_on(device):
         where = " (interpreter)" if device == "cpu" else ""
         if tdec:
-            return partial(ram_decode_step, triton_decode=True), f"Triton address decoder + Triton step{where}"
+            return partial(ram_decode_step, triton_decode=True), f"Triton step with its address decoder fused in{where}"
         return partial(ram_decode_step, triton_decode=False), f"torch address decoder + Triton step{where}"
     if tdec:
         raise Skip("Triton cannot run here")

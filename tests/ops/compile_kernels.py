@@ -1,4 +1,4 @@
-"""Compile the training kernels (PDMA and the address decoder) for sm_90 (Hopper) without a GPU,
+"""Compile the training kernels (PDMA and the address decoder) and the decoding step kernels for sm_90 (Hopper) without a GPU,
 with every flag off and every flag on; prints one line per kernel.
 
 Run by ``test_kernels_compile.py`` in a fresh process: under ``TRITON_INTERPRET=1`` the kernels
@@ -16,16 +16,23 @@ from triton.compiler import ASTSource
 from ramnet.ops.address import triton as decoder
 from ramnet.ops.pdma import triton_kernels as kernels
 from ramnet.ops.pdma.triton_segments import GROUP
+from ramnet.ops.ram_attention import triton_step
 
 FLOAT_ARGS = {"empty_z", "eps", "tau"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
                  "shift_ptr": "*i64", "index_ptr": "*i64"}
+# The step kernels' pointers (named as their tensors): bf16 activations, fp32 state, int64 slots.
+STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
+                 "offset": "*i64", "gamma": "*fp32", "cape": "*i1", "write_idx": "*i64", "read_idx": "*i64",
+                 "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32"}
 
 
 def signature(fn, constexprs):
     def kind(name):
         if name in constexprs:
             return "constexpr"
+        if name in STEP_POINTERS:
+            return STEP_POINTERS[name]
         if name.endswith("_ptr"):
             return POINTER_TYPES.get(name, "*fp32")
         return "fp32" if name in FLOAT_ARGS else "i32"
@@ -50,6 +57,13 @@ def cases():
     meta.pop("num_warps")
     yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
     yield decoder._beam_topk_bwd, meta
+    # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
+    yield triton_step._pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64)
+    for d_k, u in ((20, 5), (128, 8)):
+        meta = decoder._forward_meta(decoder._meta(d_k, u, 8, has_shift=True), 8)
+        yield triton_step._fused_step_kernel, dict(
+            {key: meta[key] for key in ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")},
+            D_V=64, BLOCK_DV=64)
 
 
 def main() -> int:

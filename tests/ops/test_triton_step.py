@@ -151,3 +151,27 @@ def test_cuda_graph_replay_matches_eager_steps(triton_decode):
     torch.testing.assert_close(graph_state.S, eager_state.S, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(graph_state.z, eager_state.z, rtol=1e-6, atol=1e-6)
     assert torch.equal(graph_state.offset, state.offset + q.shape[1])
+
+
+@pytest.mark.parametrize("num_partitions,d_k,topk", [(1, 8, 1), (2, 12, 4), (3, 12, 5), (4, 8, 8)])
+def test_fused_step_matches_the_torch_decoder_step(num_partitions, d_k, topk):
+    """The step kernel that decodes its own addresses (triton_decode=True) against the torch decoder
+    followed by the step kernel, over shapes where K is 1, below d_p, above d_p, and a CAPE
+    position far beyond M."""
+    gen = torch.Generator().manual_seed(num_partitions)
+    batch, heads, d_v, steps = 3, 2, 24, 4  # d_v 24: two column blocks of 16
+    slots = (d_k // num_partitions) ** num_partitions
+    q, k = (torch.randn(batch, steps, heads, d_k, generator=gen) * 2 for _ in range(2))
+    v = torch.randn(batch, steps, heads, d_v, generator=gen)
+    state = RAMState(torch.randn(batch, heads, slots, d_v, generator=gen),
+                     torch.rand(batch, heads, slots, generator=gen) + 0.1, torch.tensor([0, 5, 123_456_789]))
+    spec = decode_spec(heads, d_k, num_partitions=num_partitions, topk=topk, gamma=torch.tensor([0.5, 1.0]),
+                       cape=torch.tensor([True, False]), device=DEVICE)
+    states = {fused: RAMState(*(x.clone().to(DEVICE) for x in state)) for fused in (False, True)}
+    for t in range(steps):
+        q_t, k_t, v_t = (x[:, t].to(DEVICE) for x in (q, k, v))
+        outs = {fused: ram_decode_step(q_t, k_t, v_t, states[fused], spec, triton_decode=fused) for fused in (False, True)}
+        torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+    for a, b in zip(states[True], states[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(states[True].offset.cpu(), state.offset + steps)

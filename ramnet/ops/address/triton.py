@@ -20,11 +20,13 @@ from ..triton_support import require_triton
 
 
 @triton.jit
-def _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
-    """log p_u for BLOCK_N rows: ``[DP_PAD, BLOCK_N]`` fp32, -inf on the padding."""
+def _log_softmax_part(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
+    """log p_u for BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: ``[DP_PAD, BLOCK_N]``
+    fp32, -inf on the padding. (Row pointers, not one base and a stride: the decoding step decodes a
+    key and a query from two tensors in one tile.)"""
     cols = tl.arange(0, DP_PAD)[:, None]
     col_mask = cols < DP
-    ptrs = x_ptr + rows[None, :] * stride_x + u * DP + cols
+    ptrs = row_ptr[None, :] + u * DP + cols
     # Masked-off rows load 0 (not -inf) so they stay finite instead of producing NaN.
     z = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32) / tau
     z = tl.where(col_mask, z, float("-inf"))
@@ -58,10 +60,10 @@ def _take(x, cand, N: tl.constexpr):
 
 
 @triton.jit
-def _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
+def _extend_beams(row_ptr, row_mask, tau, u, score, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
                   K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
     """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1."""
-    logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD)
+    logp = _log_softmax_part(row_ptr, row_mask, tau, u, DP, DP_PAD)
     part, part_entry = _select_best(logp, DP_PAD, KP, KPB, BLOCK_N)
     # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
     # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
@@ -72,24 +74,33 @@ def _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index, DP: tl.
 
 
 @triton.jit
+def beam_topk_rows(row_ptr, row_mask, tau, U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr,
+                   K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr,
+                   INDEX_64: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The beam top-K of BLOCK_N rows (``row_ptr [BLOCK_N]`` pointers to their d_k logits), before
+    any CAPE shift: ``(log weights, slot indices)``, each ``[KB, BLOCK_N]`` in decreasing order."""
+    logp = _log_softmax_part(row_ptr, row_mask, tau, 0, DP, DP_PAD)
+    score, index = _select_best(logp, DP_PAD, KP, KB, BLOCK_N)
+    if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
+        index = index.to(tl.int64)
+    if UNROLL:
+        for u in tl.static_range(1, U):
+            score, index = _extend_beams(row_ptr, row_mask, tau, u, score, index, DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
+    else:  # many partitions: a loop, since unrolling them all takes minutes to compile
+        for u in range(1, U):
+            score, index = _extend_beams(row_ptr, row_mask, tau, u, score, index, DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
+    return score, index
+
+
+@triton.jit
 def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, tau,
                    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr,
                    INDEX_64: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    logp = _log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, 0, DP, DP_PAD)
-    score, index = _select_best(logp, DP_PAD, KP, KB, BLOCK_N)
-    if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
-        index = index.to(tl.int64)
-    if UNROLL:
-        for u in tl.static_range(1, U):
-            score, index = _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index,
-                                         DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
-    else:  # many partitions: a loop, since unrolling them all takes minutes to compile
-        for u in range(1, U):
-            score, index = _extend_beams(x_ptr, rows, row_mask, stride_x, tau, u, score, index,
-                                         DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
+    score, index = beam_topk_rows(x_ptr + rows * stride_x, row_mask, tau, U, DP, DP_PAD, K, KP, KPB, KB,
+                                  INDEX_64, UNROLL, BLOCK_N)
     if HAS_SHIFT:  # (m - s) mod M with s already in [0, M): a compare, no int64 remainder
         index = index - tl.load(shift_ptr + rows, mask=row_mask, other=0)[None, :]
         index = tl.where(index < 0, index + M, index)
@@ -101,18 +112,17 @@ def _beam_topk_fwd(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride_x, ta
 
 
 @triton.jit
-def _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, u, index, gw,
-                    DP: tl.constexpr, DP_PAD: tl.constexpr):
+def _partition_grad(row_ptr, grad_row_ptr, row_mask, tau, u, index, gw, DP: tl.constexpr, DP_PAD: tl.constexpr):
     """Writes the gradient of partition u's logits, whose entry is ``index``'s last base-d_p digit
     (the partitions are peeled from the last, the least significant); returns ``index // d_p``."""
     cols = tl.arange(0, DP_PAD)[:, None]
     digit = index % DP
     # dlogp[j, n] = sum over the K weights whose digit u is j: one [K, d_p, rows] reduction.
     dlogp = tl.sum(tl.where(digit[:, None, :] == cols[None, :, :], gw[:, None, :], 0.0), axis=0)
-    p = tl.exp(_log_softmax_part(x_ptr, rows, row_mask, stride_x, tau, u, DP, DP_PAD))
+    p = tl.exp(_log_softmax_part(row_ptr, row_mask, tau, u, DP, DP_PAD))
     dx = (dlogp - p * tl.sum(dlogp, axis=0)[None, :]) / tau
-    ptrs = grad_x_ptr + rows[None, :] * stride_x + u * DP + cols
-    tl.store(ptrs, dx.to(grad_x_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
+    ptrs = grad_row_ptr[None, :] + u * DP + cols
+    tl.store(ptrs, dx.to(grad_row_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))
     return index // DP
 
 
@@ -134,14 +144,13 @@ def _beam_topk_bwd(x_ptr, shift_ptr, index_ptr, weight_ptr, grad_w_ptr, grad_x_p
         index = index.to(tl.int32)
     # weight_k = exp(sum_u logp_u[m_{u,k}]): d weight_k / d logp_u[j] = weight_k [m_{u,k} == j].
     gw = tl.load(grad_w_ptr + out, mask=out_mask, other=0.0) * tl.load(weight_ptr + out, mask=out_mask, other=0.0)
+    row_ptr, grad_row_ptr = x_ptr + rows * stride_x, grad_x_ptr + rows * stride_x
     if UNROLL:
         for i in tl.static_range(U):
-            index = _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, U - 1 - i, index, gw,
-                                    DP, DP_PAD)
+            index = _partition_grad(row_ptr, grad_row_ptr, row_mask, tau, U - 1 - i, index, gw, DP, DP_PAD)
     else:
         for i in range(U):
-            index = _partition_grad(x_ptr, grad_x_ptr, rows, row_mask, stride_x, tau, U - 1 - i, index, gw,
-                                    DP, DP_PAD)
+            index = _partition_grad(row_ptr, grad_row_ptr, row_mask, tau, U - 1 - i, index, gw, DP, DP_PAD)
 
 
 # Launch shape: rows per program and warps. benchmarks/tune_kernels.py on an H200 (paper shape, fwd+bwd

@@ -24,30 +24,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ..address.triton import _forward_meta, _meta, beam_topk_rows
+
     @triton.jit
-    def _pdma_step_kernel(
-        S, z, write_idx, write_w, decay, v, read_idx, read_w, o,
-        num_heads, eps,
-        s_b, s_h, s_m, s_d, z_b, z_h, z_m,
-        K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):
-        # One program per (b, h). Address tensors, v and o are contiguous [B * H, K] / [B * H, d_v].
-        pid = tl.program_id(0)
-        row = pid.to(tl.int64)
-        S_bh = S + (row // num_heads) * s_b + (row % num_heads) * s_h
-        z_bh = z + (row // num_heads) * z_b + (row % num_heads) * z_h
-        compute = S.dtype.element_ty
-
-        slots = tl.arange(0, K_PAD)
-        live = slots < K
-        at = row * K + slots
-        # Different fill values, so that padded read and write slots never match each other.
-        w_idx = tl.load(write_idx + at, mask=live, other=-1).to(tl.int64)
-        r_idx = tl.load(read_idx + at, mask=live, other=-2).to(tl.int64)
-        w_w = tl.load(write_w + at, mask=live, other=0.0).to(compute)
-        w_dec = tl.load(decay + at, mask=live, other=0.0).to(compute)
-        r_w = tl.load(read_w + at, mask=live, other=0.0).to(compute)
-
+    def _write_then_read(S_bh, z_bh, w_idx, w_w, w_dec, r_idx, r_w, live, v_row, o_row, eps, s_m, s_d, z_m,
+                         D_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """The PDMA step of one (sequence, head) from its K write and K read slots ``[K_PAD]``
+        (padding: ``live`` false, write slots -1 and read slots -2, so that they never match)."""
+        compute = S_bh.dtype.element_ty
+        w_w, w_dec, r_w = w_w.to(compute), w_dec.to(compute), r_w.to(compute)
         # hit[r, w]: read slot r is the row written by slot w this step (write slots are distinct,
         # so at most one w per r). Such rows are taken from registers, never re-loaded: this
         # program's own stores are not ordered before its loads across threads.
@@ -67,7 +52,7 @@ if HAS_TRITON:
         for start in tl.static_range(0, D_V, BLOCK_DV):
             cols = start + tl.arange(0, BLOCK_DV)
             cmask = cols < D_V
-            vv = tl.load(v + row * D_V + cols, mask=cmask, other=0.0).to(compute)
+            vv = tl.load(v_row + cols, mask=cmask, other=0.0).to(compute)
             w_ptr = S_bh + w_idx[:, None] * s_m + cols[None, :] * s_d
             w_mask = live[:, None] & cmask[None, :]
             S_new = w_dec[:, None] * tl.load(w_ptr, mask=w_mask, other=0.0) + w_w[:, None] * vv[None, :]
@@ -75,7 +60,63 @@ if HAS_TRITON:
             r_ptr = S_bh + r_idx[:, None] * s_m + cols[None, :] * s_d
             S_r = tl.load(r_ptr, mask=load_r[:, None] & cmask[None, :], other=0.0)
             out = tl.sum(coef_r[:, None] * S_r, axis=0) + tl.sum(coef_w[:, None] * S_new, axis=0)
-            tl.store(o + row * D_V + cols, out, mask=cmask)
+            tl.store(o_row + cols, out, mask=cmask)  # cast to o's dtype
+
+    @triton.jit
+    def _pdma_step_kernel(
+        S, z, write_idx, write_w, decay, v, read_idx, read_w, o,
+        num_heads, eps,
+        s_b, s_h, s_m, s_d, z_b, z_h, z_m,
+        K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        # One program per (b, h). Address tensors, v and o are contiguous [B * H, K] / [B * H, d_v].
+        row = tl.program_id(0).to(tl.int64)
+        slots = tl.arange(0, K_PAD)
+        live = slots < K
+        at = row * K + slots
+        _write_then_read(
+            S + (row // num_heads) * s_b + (row % num_heads) * s_h, z + (row // num_heads) * z_b + (row % num_heads) * z_h,
+            tl.load(write_idx + at, mask=live, other=-1).to(tl.int64), tl.load(write_w + at, mask=live, other=0.0),
+            tl.load(decay + at, mask=live, other=0.0), tl.load(read_idx + at, mask=live, other=-2).to(tl.int64),
+            tl.load(read_w + at, mask=live, other=0.0), live, v + row * D_V, o + row * D_V, eps, s_m, s_d, z_m,
+            D_V, BLOCK_DV,
+        )
+
+    @triton.jit
+    def _fused_step_kernel(
+        q, k, v, S, z, offset, gamma, cape, o,
+        num_heads, eps, tau,
+        q_b, q_h, k_b, k_h, v_b, v_h, o_b, o_h,
+        s_b, s_h, s_m, s_d, z_b, z_h, z_m,
+        U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+        KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, INDEX_64: tl.constexpr,
+        UNROLL: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        # One program per (b, h): the key's and the query's addresses as the two rows of one decoder
+        # tile (lane 0 the key: the write; lane 1 the query: the read), CAPE, the write decay, then the step.
+        row = tl.program_id(0).to(tl.int64)
+        b, h = row // num_heads, row % num_heads
+        lane = tl.arange(0, 2)
+        row_ptr = tl.where(lane == 0, k + b * k_b + h * k_h, q + b * q_b + h * q_h)
+        score, index = beam_topk_rows(row_ptr, lane < 2, tau, U, DP, DP_PAD, K, KP, KPB, KB, INDEX_64, UNROLL, 2)
+        # CAPE: the slot moves by the token's position on the heads that use it, (m - pos) mod M.
+        shift = tl.where(tl.load(cape + h) != 0, tl.load(offset + b) % M, 0)
+        index = index - shift
+        index = tl.where(index < 0, index + M, index)
+        weight = tl.exp(score)
+        is_write = lane[None, :] == 0
+        live = tl.arange(0, KB) < K_OUT
+        w_idx = tl.where(live, tl.sum(tl.where(is_write, index, 0), axis=1), -1).to(tl.int64)
+        r_idx = tl.where(live, tl.sum(tl.where(is_write, 0, index), axis=1), -2).to(tl.int64)
+        w_w = tl.where(live, tl.sum(tl.where(is_write, weight, 0.0), axis=1), 0.0)
+        r_w = tl.where(live, tl.sum(tl.where(is_write, 0.0, weight), axis=1), 0.0)
+        # The write decay (1 - w) ** gamma (proxy_decay's forward), exact at gamma 0 and 1.
+        g = tl.load(gamma + h).to(tl.float32)
+        w_dec = tl.where(g == 1.0, 1.0 - w_w, tl.where(g == 0.0, 1.0, tl.exp2(g * tl.log2(1.0 - w_w))))
+        _write_then_read(
+            S + b * s_b + h * s_h, z + b * z_b + h * z_h, w_idx, w_w, w_dec, r_idx, r_w, live,
+            v + b * v_b + h * v_h, o + b * o_b + h * o_h, eps, s_m, s_d, z_m, D_V, BLOCK_DV,
+        )
 
 
 def _launch_config(topk: int, d_v: int) -> tuple[int, int, int]:
@@ -127,21 +168,50 @@ def ram_decode_step(
     (which validates its arguments; this function trusts them, never synchronises with the host
     and can be captured in a CUDA graph). ``spec`` comes from ``decode_spec``.
 
-    ``triton_decode`` picks the address decoder: the fused Triton one (computes in fp32) or the
-    torch one; None (default) takes the Triton decoder for fp32 states, which on an H100 halves the
-    step in a CUDA graph (benchmarks/results/decode.md), and torch for fp64 states.
+    ``triton_decode`` picks the address decoder. True: decoded inside the step kernel (addresses in
+    fp32), so the whole step is that kernel and ``offset += 1``: two launches, where the torch
+    decoder takes a dozen small ones (``benchmarks/results/decode_h100.md``). False: the torch
+    decoder (in the state's dtype) and then the step kernel. None (default): True for fp32 states,
+    False for fp64 ones.
     """
     compute = state.S.dtype
     if triton_decode is None:
         triton_decode = compute != torch.float64
-    write_idx, write_w, decay, read_idx, read_w = decode_tokens(
-        q[:, None].to(compute), k[:, None].to(compute), spec, state.offset[:, None], use_triton=triton_decode
-    )
-    o = pdma_step_triton(
-        state.S, state.z, write_idx[:, 0], write_w[:, 0], decay[:, 0], v, read_idx[:, 0], read_w[:, 0], spec.eps
-    )
+    if triton_decode:
+        o = _fused_step(q, k, v, state, spec)
+    else:
+        write_idx, write_w, decay, read_idx, read_w = decode_tokens(
+            q[:, None].to(compute), k[:, None].to(compute), spec, state.offset[:, None]
+        )
+        o = pdma_step_triton(
+            state.S, state.z, write_idx[:, 0], write_w[:, 0], decay[:, 0], v, read_idx[:, 0], read_w[:, 0], spec.eps
+        ).to(v.dtype)
     state.offset.add_(1)
-    return o.to(v.dtype)
+    return o
+
+
+def _fused_step(q, k, v, state: RAMState, spec: RAMSpec) -> torch.Tensor:
+    """``_fused_step_kernel``: addresses, CAPE, decay and the PDMA step of one token in one launch."""
+    require_triton(q.device, "ram_decode_step")
+    batch, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    o = torch.empty_like(v)
+    if batch * heads == 0 or d_v == 0:
+        return o
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    meta = _forward_meta(_meta(d_k, spec.num_partitions, spec.topk, has_shift=True), spec.topk)
+    _, block_dv, num_warps = _launch_config(spec.topk, d_v)  # its K_PAD is the decoder's KB
+    S, z = state.S, state.z
+    _fused_step_kernel[(batch * heads,)](
+        q, k, v, S, z, state.offset, spec.gamma, spec.cape, o,
+        heads, float(spec.eps), float(spec.tau),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        *S.stride(), *z.stride(),
+        U=meta["U"], DP=meta["DP"], DP_PAD=meta["DP_PAD"], K=meta["K"], KP=meta["KP"], KPB=meta["KPB"],
+        KB=meta["KB"], K_OUT=meta["K_OUT"], M=meta["M"], INDEX_64=meta["INDEX_64"], UNROLL=meta["UNROLL"],
+        D_V=d_v, BLOCK_DV=block_dv, num_warps=num_warps,
+    )
+    return o
 
 
 def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: int, gamma=1.0, tau: float = 1.0,
