@@ -390,16 +390,17 @@ def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) ->
     # cost the others: their rows are written as they finish, and the failures are raised at the end.
     failures = []
 
-    def failed(run, err):
-        failures.append((run, err))
-        log(f"{run[1]} d_model={run[0]} lr={run[2]:.2g}: failed: {type(err).__name__}: {err}")
+    def settle(run, result):
+        """Record the row that ``result()`` returns, or the failure it raises."""
+        try:
+            record(result())
+        except Exception as err:  # noqa: BLE001 - reported with the rows below
+            failures.append((run, err))
+            log(f"{run[1]} d_model={run[0]} lr={run[2]:.2g}: failed: {type(err).__name__}: {err}")
 
     if jobs == 1 or len(runs) == 1:
         for run in tqdm(runs, desc="runs", disable=len(runs) == 1):
-            try:
-                record(_train_one(preset, str(device), run))
-            except Exception as err:  # noqa: BLE001 - reported with the rows below
-                failed(run, err)
+            settle(run, functools.partial(_train_one, preset, str(device), run))
     else:
         # spawn: CUDA cannot be re-initialised in a forked child.
         context = multiprocessing.get_context("spawn")
@@ -409,10 +410,7 @@ def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) ->
                                  initargs=(threads,)) as pool:
             futures = {pool.submit(_train_one, preset, str(device), run, False): run for run in runs}
             for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({jobs} at a time)"):
-                try:
-                    record(future.result())
-                except Exception as err:  # noqa: BLE001 - reported with the rows below
-                    failed(futures[future], err)
+                settle(futures[future], future.result)
     if failures:
         raise RunsFailed(rows, failures)
     return rows
