@@ -60,10 +60,9 @@ def cases():
     # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
     yield triton_step._pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64)
     for d_k, u in ((20, 5), (128, 8)):
-        meta = decoder._forward_meta(decoder._meta(d_k, u, 8, has_shift=True), 8)
-        yield triton_step._fused_step_kernel, dict(
-            {key: meta[key] for key in ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")},
-            D_V=64, BLOCK_DV=64)
+        constants = dict(triton_step.fused_step_constants(d_k, u, 8, 64))
+        constants.pop("num_warps")
+        yield triton_step._fused_step_kernel, constants
 
 
 def main() -> int:

@@ -12,6 +12,8 @@ inplace_state=True)`` is the validated entry point for the same step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..checks import compute_dtype
@@ -190,6 +192,16 @@ def ram_decode_step(
     return o
 
 
+@functools.lru_cache(maxsize=None)
+def fused_step_constants(d_k: int, num_partitions: int, topk: int, d_v: int) -> dict:
+    """``_fused_step_kernel``'s compile-time constants and warps for one geometry (computed once:
+    the step is on the serving hot path)."""
+    meta = _forward_meta(_meta(d_k, num_partitions, topk, has_shift=True), topk)
+    _, block_dv, num_warps = _launch_config(topk, d_v)  # its K_PAD is the decoder's KB
+    names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")
+    return dict({name: meta[name] for name in names}, D_V=d_v, BLOCK_DV=block_dv, num_warps=num_warps)
+
+
 def _fused_step(q, k, v, state: RAMState, spec: RAMSpec) -> torch.Tensor:
     """``_fused_step_kernel``: addresses, CAPE, decay and the PDMA step of one token in one launch."""
     require_triton(q.device, "ram_decode_step")
@@ -198,6 +210,16 @@ def _fused_step(q, k, v, state: RAMState, spec: RAMSpec) -> torch.Tensor:
     o = torch.empty_like(v)
     if batch * heads == 0 or d_v == 0:
         return o
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    S, z = state.S, state.z
+    _fused_step_kernel[(batch * heads,)](
+        q, k, v, S, z, state.offset, spec.gamma, spec.cape, o,
+        heads, float(spec.eps), float(spec.tau),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+        *S.stride(), *z.stride(),
+        **fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v),
+    )
+    return o
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     meta = _forward_meta(_meta(d_k, spec.num_partitions, spec.topk, has_shift=True), spec.topk)
     _, block_dv, num_warps = _launch_config(spec.topk, d_v)  # its K_PAD is the decoder's KB
