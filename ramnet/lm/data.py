@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import documents, held_out
+from .corpus import documents, held_out, python_packages_manifest
 from .tokenizer import encode_batch, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
@@ -147,6 +147,8 @@ def prepare(
         "unigram_entropy": float(-(p * np.log(p)).sum()),
         "splits": {s: w.close() for s, w in writers.items()},
     }
+    if source == "python-packages":  # its content is whatever is installed: say what that was
+        meta["distributions"] = python_packages_manifest()
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)  # a directory without meta.json: an earlier broken run
     out.parent.mkdir(parents=True, exist_ok=True)
