@@ -1,0 +1,162 @@
+"""The language-modelling ablation study: RAM-Net variants and the other families trained on the same
+data, tokens and schedule, side by side. Each variant is one `ramnet train` run; the study writes one
+JSON (device, versions, the measured commit, every run's held-out curve and tokens/s), a markdown
+table and a perplexity-vs-tokens plot.
+
+    python benchmarks/lm_study.py --data data/python-packages-bpe8k --out benchmarks/results/lm/study \\
+        --variants ramnet,ramnet-cape-off,gated_deltanet --jobs 3
+
+The data directory is prepared first if it does not exist (`--source`, default python-packages, BPE
+8192). `--jobs N` trains N runs at once on the one GPU: perplexity is unaffected, but tokens/s then
+measures a shared GPU, so speed comparisons need `--jobs 1` (the JSON records `jobs`). `--deadline-s`
+stops runs still going at that time and keeps their curves so far (marked incomplete), so that the
+study fits a time-limited machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from summarize_lm import last_run, plot, summarize, table  # noqa: E402
+
+# The schedule every variant shares: 2000 steps of 8 x 2048 tokens (32.8M), AdamW 1e-3 -> 1e-4 cosine,
+# warm-up 50, held-out perplexity every 250 steps on 16 batches.
+SCHEDULE = ["seq_len=2048", "batch_size=8", "micro_batch_size=8", "max_steps=2000", "lr=1e-3", "min_lr=1e-4",
+            "warmup_steps=50", "eval_interval=250", "eval_batches=16", "save_interval=0", "report_to=[]",
+            "log_interval=50"]
+
+# name: (preset, overrides). The `small` presets keep the parameter count within 0.2% of each other.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "ramnet": ("small", []),
+    "ramnet-cape-off": ("small", ["model.cape_heads=[0,0,0,0,0,0,0,0]"]),
+    "ramnet-cape-first2": ("small", ["model.cape_heads=[8,4,0,0,0,0,0,0]"]),
+    "ramnet-u5": ("small", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
+    "ramnet-u4dp6": ("small", ["model.partition_dim=6"]),  # M 1296, d_k 24
+    "ramnet-k16": ("small", ["model.topk=16"]),
+    "ramnet-k4": ("small", ["model.topk=4"]),
+    "ramnet-gamma0": ("small", ["model.gamma=0.0"]),
+    "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
+    "ramnet-h16": ("small", ["model.num_heads=16", "model.head_v_dim=32"]),
+    "gated_deltanet": ("small-gated-deltanet", []),
+    "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
+    "transformer++": ("small-transformer", []),
+    "sliding": ("small-sliding", []),
+    "hybrid": ("small-hybrid", []),
+    "gla": ("small", ["model_type=fla.gla", "model.hidden_size=512", "model.num_hidden_layers=7",
+                      "model.num_heads=4", "model.intermediate_size=1408"]),
+}
+
+
+def prepare(data: Path, source: str, vocab_size: int) -> None:
+    if (data / "meta.json").exists():
+        return
+    subprocess.run([sys.executable, "-m", "ramnet", "data", "prepare", "--source", source, "--vocab-size",
+                    str(vocab_size), "--out", str(data)], check=True)
+
+
+def command(name: str, data: Path, runs: Path, extra: list[str]) -> list[str]:
+    """`ramnet train` for one variant: its preset, the shared schedule, its overrides, then ``extra``."""
+    preset, overrides = VARIANTS[name]
+    return [sys.executable, "-m", "ramnet", "train", "--preset", preset, "--quiet", f"data={data}",
+            f"out_dir={runs / name}", "resume=none", *SCHEDULE, *overrides, *extra]
+
+
+def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str], deadline: float,
+            log) -> dict[str, str]:
+    """Train the variants, ``jobs`` at a time; returns each one's status (done, failed, stopped)."""
+    pending, running, status = list(names), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            (runs / name).mkdir(parents=True, exist_ok=True)
+            logf = open(runs / name / "train.log", "w")
+            running[name] = (subprocess.Popen(command(name, data, runs, extra), stdout=logf,
+                                              stderr=subprocess.STDOUT), logf, time.time())
+            log(f"started {name}")
+        time.sleep(2)
+        for name, (proc, logf, start) in list(running.items()):
+            if proc.poll() is None and time.time() < deadline:
+                continue
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+                status[name] = "stopped at the deadline"
+            else:
+                status[name] = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            logf.close()
+            log(f"{name}: {status[name]} after {time.time() - start:.0f} s")
+            if status[name].startswith("failed"):
+                log((runs / name / "train.log").read_text()[-3000:])
+            del running[name]
+        if time.time() >= deadline:
+            for name in pending:
+                status[name] = "not started (deadline)"
+            pending = []
+    return status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="prepared data directory (prepared if missing)")
+    parser.add_argument("--source", default="python-packages", help="corpus to prepare when --data is missing")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--variants", default="ramnet", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--runs", type=Path, default=Path("runs/lm_study"), help="where the runs go")
+    parser.add_argument("--out", type=Path, required=True, help="results prefix: OUT.json, OUT.md, OUT.png")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once on the GPU")
+    parser.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="`ramnet train` overrides applied to every variant after its own (e.g. max_steps=500)")
+    parser.add_argument("--deadline-s", type=float, default=float("inf"), help="stop runs after this many seconds")
+    args = parser.parse_args()
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    deadline = time.time() + args.deadline_s
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+
+    import torch
+
+    from ramnet.provenance import environment
+
+    start = time.time()
+    prepare(args.data, args.source, args.vocab_size)
+    log(f"data ready after {time.time() - start:.0f} s")
+    status = run_all(names, args.data, args.runs, args.jobs, args.extra, deadline, log)
+
+    rows, summaries = [], {}
+    for name in names:
+        path = args.runs / name / "metrics.jsonl"
+        if not path.exists():
+            rows.append(dict(variant=name, status=status[name]))
+            continue
+        s = summarize(last_run(path))
+        summaries[name] = s
+        preset, overrides = VARIANTS[name]
+        rows.append(dict(variant=name, preset=preset, overrides=overrides, status=status[name], tokens=s["tokens"],
+                         ppl=s["final_ppl"], best_ppl=s["best_ppl"], tok_s=s["tokens_per_s"],
+                         peak_memory_gib=s["peak_memory_gib"], evals=s["evals"]))
+    data_meta = json.loads((args.data / "meta.json").read_text())
+    data_meta["distributions"] = len(data_meta.get("distributions", []))  # the count; the list is in meta.json
+    meta = dict(environment("cuda" if torch.cuda.is_available() else "cpu"), jobs=args.jobs, schedule=SCHEDULE,
+                data=data_meta, extra=args.extra, argv=sys.argv[1:], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    tmp.replace(args.out.with_suffix(".json"))
+    if summaries:
+        args.out.with_suffix(".md").write_text(table(summaries))
+        plot(summaries, args.out.with_suffix(".png"), "held-out perplexity, same data and schedule")
+    print(table(summaries) if summaries else "no run produced metrics")
+
+
+if __name__ == "__main__":
+    main()
