@@ -97,3 +97,10 @@ def test_config_errors_name_the_argument(data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train(tiny_config(data, tmp_path, "model.vocab_size=100"), progress=False)
     assert math.isfinite(train(tiny_config(data, tmp_path, "max_steps=1"), progress=False)["history"][0]["train/loss"])
+
+
+def test_cli_reports_a_bad_config_in_one_line_with_status_2(capsys):
+    from ramnet.cli import main
+
+    assert main(["train", "--dump-config", "lr=fast"]) == 2
+    assert capsys.readouterr().err == "ramnet train: error: `lr` must be a number, got 'fast'\n"
