@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from ..ops.checks import check_choice, check_int, check_positive
+from .families import MODEL_TYPES
 
 
 DEVICES = ("auto", "cpu", "cuda")  # "cuda": this process's GPU, cuda:LOCAL_RANK
-MODEL_TYPES = ("ramnet", "transformer++", "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2")
 # The `model` a family starts from (the `tiny` preset's width and depth); fla's start from their config
 # classes' defaults (1.3B-class models), so give their shape.
 TINY_MODELS = {
