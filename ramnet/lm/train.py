@@ -107,20 +107,21 @@ class Trainer:
     def __init__(self, config: TrainConfig, processes: Processes, progress: bool):
         self.config, self.processes, self.progress = config, processes, progress
         self.out_dir = Path(config.out_dir)
-        self.accum = accumulation_steps(config, processes.world)
+        self.accum_steps = accumulation_steps(config, processes.world)
         self.data = prepared_data(config, processes, progress)
         self.train_windows = Windows(self.data, "train", config.seq_len, shuffle=True, seed=config.seed)
         has_val = self.data.meta["splits"]["val"]["tokens"] > config.seq_len
         self.val_windows = Windows(self.data, "val", config.seq_len, shuffle=False) if has_val else None
 
-        self.raw = build_model(config, self.data)  # the PreTrainedModel (FSDP2 shards it in place; DDP wraps it)
-        self.n_params = sum(p.numel() for p in self.raw.parameters())  # counted before sharding
-        self.n_embed = self.raw.get_input_embeddings().weight.numel()
-        self.raw.to(processes.device)
+        # The PreTrainedModel: DDP wraps it in self.model; FSDP2 shards it in place (self.model is it).
+        self.unwrapped = build_model(config, self.data)
+        self.n_params = sum(p.numel() for p in self.unwrapped.parameters())  # counted before sharding
+        self.n_embed = self.unwrapped.get_input_embeddings().weight.numel()
+        self.unwrapped.to(processes.device)
         if config.gradient_checkpointing:
-            self.raw.gradient_checkpointing_enable()
+            self.unwrapped.gradient_checkpointing_enable()
         self.parallel = parallelism(config.parallel, processes.world)
-        self.model = self.parallel.wrap(self.raw, processes)
+        self.model = self.parallel.wrap(self.unwrapped, processes)
         # Built after sharding: fully_shard replaces the parameters with sharded ones.
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.adam_eps,
@@ -142,7 +143,7 @@ class Trainer:
         config, optimizer = self.config, self.optimizer
         state = checkpoint.load_trainer_state(path)
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, checkpoint.load_weights(path, self.raw), options=full)
+        set_model_state_dict(self.model, checkpoint.load_weights(path, self.unwrapped), options=full)
         set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=full)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples = state["step"], state["samples"]
@@ -166,12 +167,12 @@ class Trainer:
         them, the mean loss over all; returns the step's train/ metrics."""
         config, processes, micro = self.config, self.processes, self.config.micro_batch_size
         loss_sum = torch.zeros((), device=processes.device)
-        for m in range(self.accum):
+        for m in range(self.accum_steps):
             first = self.samples + (m * processes.world + processes.rank) * micro
             batch = self.train_windows.batch(range(first, first + micro)).to(processes.device, non_blocking=True)
-            with self.parallel.accumulating(self.model, last=m == self.accum - 1):
+            with self.parallel.accumulating(self.model, last=m == self.accum_steps - 1):
                 loss = self.loss(batch)
-                (loss / self.accum).backward()
+                (loss / self.accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm = self.parallel.full_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -180,7 +181,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.samples += config.batch_size
-        loss = processes.mean(loss_sum / self.accum).item()
+        loss = processes.mean(loss_sum / self.accum_steps).item()
         return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item()}
 
     @torch.no_grad()
@@ -212,7 +213,7 @@ class Trainer:
         if processes.main:
             trainer_state = {"step": self.step, "samples": self.samples, "optimizer": optim_sd,
                              "scheduler": self.scheduler.state_dict(), "rng": rngs, "world_size": processes.world}
-            path = checkpoint.save(self.out_dir, self.step, self.raw, model_sd, self.data.tokenizer(),
+            path = checkpoint.save(self.out_dir, self.step, self.unwrapped, model_sd, self.data.tokenizer(),
                                    self.config.to_dict(), trainer_state, self.config.keep_checkpoints)
         processes.barrier()
         return path
@@ -223,7 +224,7 @@ class Trainer:
         return (
             f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the input embedding); "
             f"data: {meta['splits']['train']['tokens']:,} training tokens, unigram entropy {meta['unigram_entropy']:.3f} nats; "
-            f"{self.processes.world} process(es) x {self.accum} accumulation step(s) x {config.micro_batch_size} "
+            f"{self.processes.world} process(es) x {self.accum_steps} accumulation step(s) x {config.micro_batch_size} "
             f"sequences of {config.seq_len}"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
         )
