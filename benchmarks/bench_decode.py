@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import inspect
 import json
-import platform
 import statistics
 import sys
 import time
@@ -59,7 +57,8 @@ from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.ram_attention import pdma_step
 from ramnet.ops.ram_attention.common import decode_tokens
 from ramnet.ops.ram_attention.triton_step import decode_spec, ram_decode_step
-from ramnet.ops.triton_support import HAS_TRITON, triton_runs_on
+from ramnet.ops.triton_support import triton_runs_on
+from ramnet.provenance import environment
 
 HIDDEN = 1024
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
@@ -219,18 +218,6 @@ def case_ram_layer(batch, context, device, graph=False, tdec=False):
 
 # --- Gated DeltaNet (fla) ---------------------------------------------------------------------------
 
-def fla_version() -> str | None:
-    try:
-        return importlib.metadata.version("flash-linear-attention")
-    except importlib.metadata.PackageNotFoundError:
-        try:
-            import fla
-
-            return getattr(fla, "__version__", "unknown")
-        except ImportError:
-            return None
-
-
 def case_gdn(batch, context, device, heads, d_k, d_v, graph=False):
     try:
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as kernel
@@ -383,19 +370,8 @@ def main() -> None:
     batches, contexts = SIZES["cpu" if args.device == "cpu" else "quick" if args.quick else "full"]
     batches, contexts = args.batch or batches, args.context or contexts
 
-    triton_version = None
-    if HAS_TRITON:
-        import triton
-
-        triton_version = triton.__version__
     meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda"
-        else f"cpu ({' '.join(filter(None, (platform.machine(), platform.processor())))}, "
-        f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fla": fla_version(),
-        "python": platform.python_version(),
+        **environment(args.device),
         "triton_kernels": triton_runs_on(args.device),
         "timer": "triton.testing.do_bench median" if args.device == "cuda"
         else f"perf_counter median of {args.repeats}",

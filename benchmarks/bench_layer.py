@@ -18,10 +18,7 @@ import argparse
 import gc
 import inspect
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 from bench_cpu import time_case  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-import ramnet  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
+from ramnet.provenance import environment  # noqa: E402
 
 U, D_P, TOPK = 5, 4, 8  # RAM-Net: d_k = U * d_p = 20, M = d_p ** U = 1024 slots, top-8
 SHAPES = {  # per device: hidden size, tokens per step, T values, RAM-Net/attention heads and d_v
@@ -253,23 +250,6 @@ class Runner:
         self.args.out.with_suffix(".md").write_text(self.markdown())
 
 
-def versions(device: str) -> dict:
-    def version(module):
-        try:
-            return __import__(module).__version__
-        except Exception as e:  # noqa: BLE001
-            return f"not importable ({type(e).__name__}: {e})"[:300]
-    try:  # RAMNET_GIT_REV for copies without .git (the device machine's)
-        rev = os.environ.get("RAMNET_GIT_REV") or subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True, timeout=10
-        ).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        rev = "unknown"
-    return dict(device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.machine()})",
-                torch=torch.__version__, triton=version("triton"), fla=version("fla"), ramnet=ramnet.__version__,
-                python=platform.python_version(), git_rev=rev)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -292,7 +272,7 @@ def main() -> None:
     args.out = args.out or HERE / "results" / ("layer.json" if args.device == "cuda" else "layer_cpu.json")
     skip = {s for s in args.skip.split(",") if s} | ({"deltanet", "gated_deltanet"} if args.quick else set())
     modes = [m for m in args.ram_modes.split(",") if m]
-    meta = dict(versions(args.device), dtype="bf16", hbm_tbps=args.hbm_tbps, argv=sys.argv[1:],
+    meta = dict(environment(args.device), dtype="bf16", hbm_tbps=args.hbm_tbps, argv=sys.argv[1:],
                 shape=dict(shape, U=U, d_p=D_P, topk=TOPK, ram_heads=shape["heads"], attention_heads=shape["heads"]))
     print(json.dumps(meta), flush=True)
     runner, device, hidden = Runner(args, meta), args.device, shape["hidden"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 
 import torch
@@ -13,26 +12,23 @@ from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
 from .ops.ram_attention import PATHS
 from .ops.triton_support import HAS_TRITON, interpreting
+from .provenance import device_name, environment
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import transformers
-
-    print(f"ramnet {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    env = environment("cpu")
+    print(f"ramnet {env['ramnet']}" + (f" (git {env['git_rev']})" if env["git_rev"] else ""))
+    print(f"python {env['python']}, torch {env['torch']}, transformers {env['transformers']}")
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-        print(f"device {device}: {name}")
+        print(f"device {device}: {device_name(device)}")
     print(f"ram_attention paths: {', '.join(PATHS)}")
     if HAS_TRITON:
-        import triton
-
         where = "CUDA" if torch.cuda.is_available() else ("CPU, interpreted" if interpreting() else
                                                           "none here (no CUDA; TRITON_INTERPRET=1 runs them on CPU)")
-        print(f"triton {triton.__version__}: kernels run on {where}")
+        print(f"triton {env['triton']}: kernels run on {where}")
     else:
         print("triton not installed: the triton path is unavailable (pip install 'ramnet[triton]')")
     return 0

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def rng_state() -> dict:
@@ -98,3 +100,29 @@ def latest(out_dir: Path) -> Path | None:
 def load_trainer_state(path: Path) -> dict:
     # weights_only=False: the state holds Python and numpy RNG states, written by this code.
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def resume_from(resume: str, out_dir: Path) -> Path | None:
+    """The checkpoint that TrainConfig.resume names: "auto" the newest in `out_dir` (None if there is
+    none), "none" no checkpoint (refusing an `out_dir` that has some), else a checkpoint directory."""
+    if resume == "auto":
+        return latest(out_dir)
+    if resume == "none":
+        if list_checkpoints(out_dir):
+            raise ValueError(f"`resume` is 'none' but {out_dir} has checkpoints: use resume=auto or another out_dir")
+        return None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"`resume`: {path} is not a checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_weights(path: Path, model) -> dict:
+    """The full state dict of checkpoint `path` for `model` (its PreTrainedModel). `save_pretrained`
+    stores a tied weight once: the LM head gets the input embedding's."""
+    weights = load_file(path / WEIGHTS_FILE)
+    if model.config.tie_word_embeddings:
+        names = {module: name for name, module in model.named_modules()}
+        embed, head = (names[m] + ".weight" for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+        weights.setdefault(head, weights[embed])
+    return weights

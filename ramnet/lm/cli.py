@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
 
+from ..cli_support import reports_errors
 from .config import PRESETS
 
 
-def _reports_errors(name: str):
-    """Bad arguments (ValueError) end the command with a one-line message instead of a traceback."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return fn(args)
-            except ValueError as err:
-                print(f"ramnet {name}: error: {err}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return wrap
-
-
-@_reports_errors("data prepare")
+@reports_errors("data prepare")
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
 
@@ -42,7 +25,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors("train")
+@reports_errors("train")
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
@@ -62,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors("eval ppl")
+@reports_errors("eval ppl")
 def cmd_ppl(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
 
@@ -80,7 +63,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors("eval harness")
+@reports_errors("eval harness")
 def cmd_harness(args: argparse.Namespace) -> int:
     try:
         from .lm_eval_adapter import run_cli
@@ -90,7 +73,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors("generate")
+@reports_errors("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from .evaluate import load

@@ -18,8 +18,11 @@ from typing import Any
 
 import yaml
 
+from ..ops.checks import check_choice, check_int, check_positive
+from .families import MODEL_TYPES
 
-MODEL_TYPES = ("ramnet", "transformer++", "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2")
+
+DEVICES = ("auto", "cpu", "cuda")  # "cuda": this process's GPU, cuda:LOCAL_RANK
 # The `model` a family starts from (the `tiny` preset's width and depth); fla's start from their config
 # classes' defaults (1.3B-class models), so give their shape.
 TINY_MODELS = {
@@ -81,21 +84,18 @@ class TrainConfig:
             setattr(self, name, _as_float(name, getattr(self, name)))
         self.betas = tuple(_as_float("betas", b) for b in self.betas)
         self.report_to = list(self.report_to)
-        positive = ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints", "log_interval")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}")
+        for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints",
+                     "log_interval"):
+            setattr(self, name, check_int(f"`{name}`", getattr(self, name), 1))
         for name in ("warmup_steps", "eval_interval", "save_interval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be an int >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"`min_lr` must be in [0, lr={self.lr}], got {self.min_lr}")
+            setattr(self, name, check_int(f"`{name}`", getattr(self, name), 0))
+        check_positive("`min_lr`", self.min_lr, allow_zero=True, upper=self.lr)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
-        choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES}
+        choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES,
+                   "device": DEVICES}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
+            check_choice(f"`{name}`", getattr(self, name), allowed)
         if not isinstance(self.model, dict):
             raise ValueError(f"`model` must be a mapping of config arguments, got {self.model!r}")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}

@@ -23,6 +23,7 @@ from ..models import RAMNetConfig
 FLA_CONFIGS = {"fla.gated_deltanet": "GatedDeltaNetConfig", "fla.gla": "GLAConfig", "fla.mamba2": "Mamba2Config",
                "fla.hgrn2": "HGRN2Config"}
 FLA_CHECKPOINT_TYPES = {name.removeprefix("fla.") for name in FLA_CONFIGS}
+MODEL_TYPES = ("ramnet", "transformer++", *FLA_CONFIGS)  # TrainConfig.model_type
 
 
 def import_fla(why: str):
@@ -44,7 +45,7 @@ def config_class(model_type: str) -> type:
         return LlamaConfig
     if model_type in FLA_CONFIGS:
         return getattr(import_fla(f"model_type={model_type!r}"), FLA_CONFIGS[model_type])
-    raise ValueError(f"`model_type` must be one of ramnet, transformer++, {', '.join(FLA_CONFIGS)}; got {model_type!r}")
+    raise ValueError(f"`model_type` must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")
 
 
 def config_keys(cls: type) -> set[str]:

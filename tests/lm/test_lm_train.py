@@ -97,3 +97,23 @@ def test_config_errors_name_the_argument(data, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train(tiny_config(data, tmp_path, "model.vocab_size=100"), progress=False)
     assert math.isfinite(train(tiny_config(data, tmp_path, "max_steps=1"), progress=False)["history"][0]["train/loss"])
+
+
+def test_cli_reports_a_bad_config_in_one_line_with_status_2(capsys):
+    from ramnet.cli import main
+
+    assert main(["train", "--dump-config", "lr=fast"]) == 2
+    assert capsys.readouterr().err == "ramnet train: error: `lr` must be a number, got 'fast'\n"
+
+
+def test_each_process_trains_on_its_own_gpu(monkeypatch):
+    """torchrun's LOCAL_RANK picks the GPU of a bare `cuda` (or `auto` with a GPU); an index is kept."""
+    from ramnet.devices import local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_device("cuda", 3) == local_device("auto", 3) == torch.device("cuda", 3)
+    assert local_device("cuda:0", 3) == torch.device("cuda", 0) and local_device("cpu", 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(ValueError, match="`device`: cuda was asked for"):
+        local_device("cuda", 0, option="`device`")
