@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from ..devices import resolve_device
-from .train import (PRESETS, RunsFailed, check_preset, describe_cuts, format_table, get_preset, load_rows,
-                    run_preset)
+from .presets import PRESETS, check_preset, describe_cuts, get_preset
+from .report import format_table, load_rows
+from .sweep import RunsFailed, run_preset
 
 
 def add_mqar_commands(sub) -> None:
