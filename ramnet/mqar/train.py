@@ -8,17 +8,14 @@ accuracies are those of the last evaluation. Batches never mix settings (their l
 
 from __future__ import annotations
 
-import functools
-import platform
 import random
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..provenance import device_name, git_revision
 from .data import IGNORE, generate
 from .model import MQARModel
 
@@ -109,23 +106,3 @@ def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test
 
 def _avg(accuracy: dict) -> float:
     return sum(accuracy.values()) / len(accuracy)
-
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-@functools.cache
-def git_revision() -> str | None:
-    """The commit of the checkout this package runs from (read-only), or None outside git."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
