@@ -27,6 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.checks import check_int
+from .mixers import check_dropout
+
 # name -> dotted path. The fla entries are the paper's MQAR baselines as flash-linear-attention
 # names them; fla has no H3, and its closest layer is Mamba (a selective SSM with short
 # convolution and output gating: H3's successor line).
@@ -189,12 +192,10 @@ class MQARModel(nn.Module):
         super().__init__()
         for name, value, low in (("vocab_size", vocab_size, 2), ("d_model", d_model, 1), ("n_layers", n_layers, 1),
                                  ("short_conv", short_conv, 0), ("mlp_mult", mlp_mult, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(name, value, low)
         if short_conv and n_layers < 2:
             raise ValueError("short_conv replaces the first layer's mixer, so it needs n_layers >= 2")
-        if not 0.0 <= embed_dropout < 1.0:
-            raise ValueError(f"embed_dropout must be in [0, 1), got {embed_dropout}")
+        check_dropout("embed_dropout", embed_dropout)
         cls = resolve_mixer(mixer)
         self.mixer_spec = mixer
         self.embedding = nn.Embedding(vocab_size, d_model)
