@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..devices import resolve_device
-from .presets import PRESETS, check_preset, describe_cuts, get_preset
+from .presets import PRESETS, MQARPreset, describe_cuts, get_preset, read_preset_file
 from .report import format_table, load_rows
 from .sweep import RunsFailed, run_preset
 
@@ -52,19 +52,9 @@ def _csv(kind):
     return parse
 
 
-def preset_from_args(args: argparse.Namespace) -> dict:
+def preset_from_args(args: argparse.Namespace) -> MQARPreset:
     """The preset to run: a named one or a JSON file, with the command line's overrides."""
-    if args.config:
-        path = Path(args.config)
-        try:
-            preset = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the preset file {path}: {err}") from err
-        if not isinstance(preset, dict):
-            raise ValueError(f"the preset file {path} must hold a JSON object")
-        preset.setdefault("name", path.stem)
-    else:
-        preset = get_preset(args.preset)
+    preset = read_preset_file(args.config) if args.config else get_preset(args.preset)
     if args.models:
         unknown = [m for m in args.models if m not in preset.get("models", {})]
         if unknown:
@@ -78,7 +68,7 @@ def preset_from_args(args: argparse.Namespace) -> dict:
         for entry in preset["models"].values():
             if isinstance(entry, dict):
                 entry.pop("lrs", None)
-    return check_preset(preset)
+    return MQARPreset.from_dict(preset)
 
 
 def cmd_mqar(args: argparse.Namespace) -> int:
@@ -91,10 +81,10 @@ def cmd_mqar(args: argparse.Namespace) -> int:
         else:
             preset = preset_from_args(args)
             if args.dump_config:
-                print(json.dumps(preset, indent=1))
+                print(json.dumps(preset.to_dict(), indent=1))
                 return 0
             device = resolve_device(args.device)
-            print(f"MQAR preset {preset['name']}: {preset.get('description', '')}")
+            print(f"MQAR preset {preset.name}: {preset.description}")
             print(f"device {device}, results appended to {out / 'results.jsonl'}")
             cuts = describe_cuts(preset)
             if cuts:

@@ -1,15 +1,24 @@
-"""MQAR presets (Zoology's protocol, spec section 8) and their validation.
+"""MQAR presets (Zoology's protocol, spec section 8): the built-in ones as data, ``MQARPreset`` to
+validate one, and its JSON form.
 
-A preset is a plain dict (see ``PRESETS``): data settings ``[seq_len, kv_pairs, examples]``,
-optimisation, the d_model sweep, the shared model config and the models, each
-``{"mixer": spec, "model": overrides, "lrs": [...]}`` with the last two optional. Every
-(d_model, model, lr) is one run (``ramnet.mqar.sweep``).
+A preset holds the data settings ``[seq_len, kv_pairs, examples]``, the optimisation, the d_model
+sweep, the shared model config and the models, each ``{"mixer": spec, "model": overrides, "lrs":
+[...]}`` with the last two optional. The built-in ones (``PRESETS``) are plain dicts in that JSON
+form, which ``--dump-config`` prints and ``--config FILE.json`` reads; ``MQARPreset.from_dict``
+validates one. Every (d_model, model, lr) is one run (``ramnet.mqar.sweep``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..ops.checks import check_choice, check_int, check_positive
+from .data import check_setting
+from .model import check_mixer_spec
 
 PAPER_TRAIN = [[64, 4, 100_000], [128, 8, 20_000], [256, 16, 20_000], [256, 32, 20_000], [256, 64, 20_000]]
 PAPER_TEST = [[64, 4, 1000], [64, 8, 1000], [64, 16, 1000], [128, 32, 1000], [256, 64, 1000],
@@ -132,48 +141,90 @@ HYBRID = {
 }
 
 PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m": ABLATION_M, "hybrid": HYBRID}
-PRESET_KEYS = set(PAPER) | {"ablation", "name"}
-OPTIONAL_KEYS = {"description", "ablation", "name"}
 MODEL_ENTRY_KEYS = {"mixer", "model", "lrs"}
-MODEL_CONFIG_KEYS = {"n_layers", "short_conv", "mlp_mult", "embed_dropout"}
+MODEL_CONFIG_KEYS = {"n_layers", "short_conv", "mlp_mult", "embed_dropout"}  # MQARModel's own arguments
+ABLATIONS = (None, "U", "M")
 
 
-def check_preset(preset: dict) -> dict:
-    """Raise ValueError naming the first thing wrong with a preset; return it."""
-    if not isinstance(preset, dict):
-        raise ValueError(f"a preset is a dict, got {type(preset).__name__}")
-    missing, unknown = PRESET_KEYS - OPTIONAL_KEYS - set(preset), set(preset) - PRESET_KEYS
-    if missing or unknown:
-        raise ValueError(f"preset: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
-    for key in ("train", "test"):
-        rows = preset[key]
-        if not isinstance(rows, list) or not rows or not all(
-                isinstance(r, (list, tuple)) and len(r) == 3 and all(_is_int(x) and x >= 1 for x in r) for r in rows):
-            raise ValueError(f"preset[{key!r}] must be a non-empty list of [seq_len, kv_pairs, examples] ints, got {rows!r}")
-        for seq_len, pairs, _ in rows:
-            if seq_len % 2 or 4 * pairs > seq_len:
-                raise ValueError(f"preset[{key!r}]: seq_len {seq_len} must be even and >= 4 * kv_pairs ({pairs})")
-    for key in ("seed", "vocab_size", "batch_size", "test_batch_size", "epochs"):
-        if not _is_int(preset[key]) or preset[key] < (0 if key == "seed" else 1):
-            raise ValueError(f"preset[{key!r}] must be a positive int, got {preset[key]!r}")
-    if not _positive_floats(preset["lrs"]):
-        raise ValueError(f"preset['lrs'] must be a non-empty list of positive numbers, got {preset['lrs']!r}")
-    if not (isinstance(preset["d_models"], list) and preset["d_models"]
-            and all(_is_int(d) and d >= 1 for d in preset["d_models"])):
-        raise ValueError(f"preset['d_models'] must be a non-empty list of ints, got {preset['d_models']!r}")
-    for key in ("weight_decay", "early_stop"):
-        if isinstance(preset[key], bool) or not isinstance(preset[key], (int, float)) or preset[key] < 0:
-            raise ValueError(f"preset[{key!r}] must be a number >= 0, got {preset[key]!r}")
-    _check_model_config("preset['model']", preset["model"])
-    if not isinstance(preset["models"], dict) or not preset["models"]:
-        raise ValueError("preset['models'] must be a non-empty dict name -> {'mixer': spec, ...}")
-    for name, entry in preset["models"].items():
-        if not isinstance(entry, dict) or "mixer" not in entry or set(entry) - MODEL_ENTRY_KEYS:
-            raise ValueError(f"model {name!r}: an entry is {{'mixer': spec, 'model': {{...}}, 'lrs': [...]}}, got {entry!r}")
-        if "lrs" in entry and not _positive_floats(entry["lrs"]):
-            raise ValueError(f"model {name!r}: lrs must be a non-empty list of positive numbers")
-        _check_model_config(f"model {name!r}: 'model'", entry.get("model", {}))
-    return preset
+@dataclass
+class MQARPreset:
+    """One MQAR sweep, checked when built: a ValueError names the first thing wrong."""
+
+    seed: int  # model init and data; train and test streams are seeded apart
+    vocab_size: int
+    train: list  # [[seq_len, kv_pairs, examples], ...]: the training mixture
+    test: list  # [[seq_len, kv_pairs, examples], ...]: one accuracy per setting
+    batch_size: int
+    test_batch_size: int
+    epochs: int
+    lrs: list  # the lr sweep of every model without lrs of its own
+    weight_decay: float
+    early_stop: float  # training stops once the average test accuracy exceeds this
+    d_models: list
+    model: dict  # MQARModel arguments shared by every model (keys among MODEL_CONFIG_KEYS)
+    models: dict  # name -> {"mixer": spec, "model": overrides of `model`, "lrs": [...]}
+    description: str = ""
+    ablation: str | None = None  # "U" or "M": a RAM-Net ablation, drawn against U or M
+    name: str | None = None  # each row's "preset"
+
+    def __post_init__(self):
+        self.seed = check_int("preset['seed']", self.seed, 0)
+        for key in ("vocab_size", "batch_size", "test_batch_size", "epochs"):
+            setattr(self, key, check_int(f"preset[{key!r}]", getattr(self, key), 1))
+        self.train = _check_settings("train", self.train, self.vocab_size)
+        self.test = _check_settings("test", self.test, self.vocab_size)
+        self.lrs = _check_lrs("preset['lrs']", self.lrs)
+        if not isinstance(self.d_models, (list, tuple)) or not self.d_models:
+            raise ValueError(f"preset['d_models'] must be a non-empty list of ints, got {self.d_models!r}")
+        self.d_models = [check_int(f"preset['d_models'][{i}]", d, 1) for i, d in enumerate(self.d_models)]
+        for key in ("weight_decay", "early_stop"):
+            setattr(self, key, check_positive(f"preset[{key!r}]", getattr(self, key), allow_zero=True))
+        _check_model_config("preset['model']", self.model)
+        if not isinstance(self.models, dict) or not self.models:
+            raise ValueError("preset['models'] must be a non-empty dict name -> {'mixer': spec, ...}")
+        for name, entry in self.models.items():
+            _check_model_entry(name, entry)
+        check_choice("preset['ablation']", self.ablation, ABLATIONS)
+        if not isinstance(self.description, str):
+            raise ValueError(f"preset['description'] must be a string, got {self.description!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"preset['name'] must be a string, got {self.name!r}")
+
+    @classmethod
+    def from_dict(cls, preset: dict) -> MQARPreset:
+        """Validate a preset's JSON form (the caller's dict is left as it is)."""
+        if not isinstance(preset, dict):
+            raise ValueError(f"a preset is a dict, got {type(preset).__name__}")
+        fields = dataclasses.fields(cls)
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        missing, unknown = required - set(preset), set(preset) - {f.name for f in fields}
+        if missing or unknown:
+            raise ValueError(f"preset: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+        return cls(**copy.deepcopy(preset))
+
+    def to_dict(self) -> dict:
+        """The JSON form, which ``from_dict`` reads back."""
+        return dataclasses.asdict(self)
+
+
+def _check_settings(key: str, settings, vocab_size: int) -> list[list[int]]:
+    if not isinstance(settings, (list, tuple)) or not settings or not all(
+            isinstance(s, (list, tuple)) and len(s) == 3 for s in settings):
+        raise ValueError(f"preset[{key!r}] must be a non-empty list of [seq_len, kv_pairs, examples] ints, "
+                         f"got {settings!r}")
+    for seq_len, pairs, examples in settings:
+        try:
+            check_setting(seq_len, pairs, vocab_size)
+            check_int("examples", examples, 1)
+        except ValueError as err:
+            raise ValueError(f"preset[{key!r}] setting {[seq_len, pairs, examples]}: {err}") from None
+    return [list(s) for s in settings]
+
+
+def _check_lrs(where: str, lrs) -> list[float]:
+    if not isinstance(lrs, (list, tuple)) or not lrs:
+        raise ValueError(f"{where} must be a non-empty list of positive numbers, got {lrs!r}")
+    return [check_positive(f"{where}[{i}]", lr) for i, lr in enumerate(lrs)]
 
 
 def _check_model_config(where: str, config) -> None:
@@ -181,39 +232,71 @@ def _check_model_config(where: str, config) -> None:
         raise ValueError(f"{where} must be a dict with keys among {sorted(MODEL_CONFIG_KEYS)}, got {config!r}")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _check_model_entry(name: str, entry) -> None:
+    if not isinstance(entry, dict) or "mixer" not in entry or set(entry) - MODEL_ENTRY_KEYS:
+        raise ValueError(f"model {name!r}: an entry is {{'mixer': spec, 'model': {{...}}, 'lrs': [...]}}, got {entry!r}")
+    try:
+        check_mixer_spec(entry["mixer"])
+    except ValueError as err:
+        raise ValueError(f"model {name!r}: {err}") from None
+    if "lrs" in entry:
+        entry["lrs"] = _check_lrs(f"model {name!r}: lrs", entry["lrs"])
+    _check_model_config(f"model {name!r}: 'model'", entry.get("model", {}))
 
 
-def _positive_floats(xs) -> bool:
-    return isinstance(xs, list) and bool(xs) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and math.isfinite(x) for x in xs)
+def as_preset(preset: MQARPreset | dict) -> MQARPreset:
+    """``preset`` itself, or its JSON form validated into an MQARPreset."""
+    if isinstance(preset, MQARPreset):
+        return preset
+    if isinstance(preset, dict):
+        return MQARPreset.from_dict(preset)
+    raise TypeError(f"preset must be an MQARPreset or its dict form, got {type(preset).__name__}")
 
 
-def describe_cuts(preset: dict) -> list[str]:
+def check_preset(preset: dict) -> dict:
+    """Raise ValueError naming the first thing wrong with a preset's JSON form; return that form as
+    ``MQARPreset.to_dict`` writes it."""
+    return MQARPreset.from_dict(preset).to_dict()
+
+
+def get_preset(name: str) -> dict:
+    """A copy of the built-in preset ``name`` in its JSON form, with its name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return {**copy.deepcopy(PRESETS[name]), "name": name}
+
+
+def read_preset_file(path: str | Path) -> dict:
+    """A preset's JSON form from a file, named after the file unless it names itself."""
+    path = Path(path)
+    try:
+        preset = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the preset file {path}: {err}") from err
+    if not isinstance(preset, dict):
+        raise ValueError(f"the preset file {path} must hold a JSON object")
+    preset.setdefault("name", path.stem)
+    return preset
+
+
+def describe_cuts(preset: MQARPreset | dict) -> list[str]:
     """Where a preset departs from the paper protocol (mostly: runs less of it), one line each."""
-    cuts = []
+    preset, cuts = as_preset(preset), []
     for key in ("train", "test"):
         paper = {(L, N): n for L, N, n in PAPER[key]}
-        ours = {(L, N): n for L, N, n in preset[key]}
+        ours = {(L, N): n for L, N, n in getattr(preset, key)}
         for (L, N), n in paper.items():
             if ours.get((L, N), 0) < n:
                 cuts.append(f"{key} (L={L}, N={N}): {ours.get((L, N), 0)} examples instead of {n}")
     for key in ("vocab_size", "epochs", "batch_size"):
-        if preset[key] != PAPER[key]:
-            cuts.append(f"{key}: {preset[key]} instead of {PAPER[key]}")
-    if preset["lrs"] != PAPER["lrs"]:
-        cuts.append(f"lrs: {_fmt_lrs(preset['lrs'])} instead of the sweep {_fmt_lrs(PAPER['lrs'])}")
-    if preset["d_models"] != PAPER["d_models"]:
-        cuts.append(f"d_models: {preset['d_models']} instead of {PAPER['d_models']}")
+        if getattr(preset, key) != PAPER[key]:
+            cuts.append(f"{key}: {getattr(preset, key)} instead of {PAPER[key]}")
+    if preset.lrs != PAPER["lrs"]:
+        cuts.append(f"lrs: {_fmt_lrs(preset.lrs)} instead of the sweep {_fmt_lrs(PAPER['lrs'])}")
+    if preset.d_models != PAPER["d_models"]:
+        cuts.append(f"d_models: {preset.d_models} instead of {PAPER['d_models']}")
     return cuts
 
 
 def _fmt_lrs(lrs) -> str:
     return "[" + ", ".join(f"{lr:.2g}" for lr in lrs) + "]"
-
-
-def get_preset(name: str) -> dict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return {**copy.deepcopy(PRESETS[name]), "name": name}

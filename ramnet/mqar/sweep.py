@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 
 from ..ops.checks import check_int
 from .model import needs_cuda, resolve_mixer
-from .presets import check_preset
-from .train import make_data, train_run
+from .presets import MQARPreset, as_preset
+from .train import preset_data, train_run
 
 
-def check_models_runnable(preset: dict, device):
-    """Fail before any training when a mixer cannot be imported or needs a GPU we lack."""
-    for name, entry in preset["models"].items():
+def check_models_runnable(preset: MQARPreset | dict, device) -> None:
+    """Fail before any training when a mixer cannot be imported or needs a GPU we lack (``preset``:
+    an MQARPreset, or any dict with its ``models``)."""
+    models = preset.models if isinstance(preset, MQARPreset) else preset["models"]
+    for name, entry in models.items():
         if needs_cuda(entry["mixer"]) and torch.device(device).type != "cuda":
             raise ValueError(f"model {name!r} uses {entry['mixer'].get('name') or entry['mixer'].get('path')}, "
                              f"a flash-linear-attention layer: it needs a CUDA GPU (--device cuda) with "
@@ -41,19 +43,19 @@ class RunsFailed(RuntimeError):
         super().__init__(f"{len(failures)} run(s) failed: {names}")
 
 
-def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) -> list[dict]:
+def run_preset(preset: MQARPreset | dict, out_dir: Path, device, log=print, jobs: int = 1) -> list[dict]:
     """Run every (d_model, model, lr) of a preset, appending each row to ``out_dir/results.jsonl``.
 
     ``jobs > 1`` trains that many runs at once, each in its own process on ``device``: the small
     MQAR models leave most of a GPU idle, so concurrent runs finish a sweep several times sooner.
     Every run is seeded on its own, so its row does not depend on ``jobs``. Raises ``RunsFailed``
     after the last run if any failed."""
-    check_preset(preset)
+    preset = as_preset(preset)
     check_int("jobs", jobs, 1)
     check_models_runnable(preset, device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [(d, name, lr) for d in preset["d_models"] for name, entry in preset["models"].items()
-            for lr in entry.get("lrs", preset["lrs"])]
+    runs = [(d, name, lr) for d in preset.d_models for name, entry in preset.models.items()
+            for lr in entry.get("lrs", preset.lrs)]
     rows = []
 
     def record(row):
@@ -93,21 +95,6 @@ def run_preset(preset: dict, out_dir: Path, device, log=print, jobs: int = 1) ->
     return rows
 
 
-@functools.lru_cache(maxsize=1)
-def _data_for(preset_json: str, device: str):
-    preset = json.loads(preset_json)
-    seed = preset["seed"]
-    # Train and test seeds are disjoint ranges, so no test sequence comes from a train stream.
-    return (make_data(preset["train"], preset["vocab_size"], 1000 * seed, device),
-            make_data(preset["test"], preset["vocab_size"], 1000 * seed + 500, device))
-
-
-def _load_data(preset: dict, device: str):
-    """The preset's train and test data, generated once per process."""
-    return _data_for(json.dumps({k: preset[k] for k in ("seed", "train", "test", "vocab_size")}), device)
-
-
-def _train_one(preset: dict, device: str, run: tuple, progress: bool = True) -> dict:
+def _train_one(preset: MQARPreset, device: str, run: tuple, progress: bool = True) -> dict:
     d_model, name, lr = run
-    train_data, test_data = _load_data(preset, device)
-    return train_run(preset, name, d_model, lr, train_data, test_data, device, progress)
+    return train_run(preset, name, d_model, lr, *preset_data(preset, device), device, progress)

@@ -8,6 +8,7 @@ accuracies are those of the last evaluation. Batches never mix settings (their l
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -18,11 +19,26 @@ from tqdm.auto import tqdm
 from ..provenance import device_name, git_revision
 from .data import IGNORE, generate
 from .model import MQARModel
+from .presets import MQARPreset
 
 
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def preset_data(preset: MQARPreset, device) -> tuple[list[dict], list[dict]]:
+    """The preset's train and test segments, generated once per process: every run of a sweep
+    trains and tests on the same data."""
+    return _cached_data(preset.seed, preset.vocab_size, tuple(map(tuple, preset.train)),
+                        tuple(map(tuple, preset.test)), str(device))
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_data(seed: int, vocab_size: int, train: tuple, test: tuple, device: str):
+    # Train and test seeds are disjoint ranges, so no test sequence comes from a train stream.
+    return (make_data(train, vocab_size, 1000 * seed, device),
+            make_data(test, vocab_size, 1000 * seed + 500, device))
 
 
 def make_data(settings: list, vocab_size: int, seed: int, device) -> list[dict]:
@@ -57,25 +73,25 @@ def evaluate(model, segments: list[dict], batch_size: int) -> dict[str, float]:
     return result
 
 
-def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test_data, device,
+def train_run(preset: MQARPreset, name: str, d_model: int, lr: float, train_data, test_data, device,
               progress: bool = True) -> dict:
     """Train one (model, d_model, lr) and return its JSONL row."""
-    entry = preset["models"][name]
-    model_cfg = {**preset["model"], **entry.get("model", {})}
-    seed_everything(preset["seed"])
-    model = MQARModel(preset["vocab_size"], d_model, entry["mixer"], **model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset["epochs"], eta_min=0.0)
-    batches = [(seg, start) for seg in train_data for start in range(0, len(seg["inputs"]), preset["batch_size"])]
+    entry = preset.models[name]
+    model_cfg = {**preset.model, **entry.get("model", {})}
+    seed_everything(preset.seed)
+    model = MQARModel(preset.vocab_size, d_model, entry["mixer"], **model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs, eta_min=0.0)
+    batches = [(seg, start) for seg in train_data for start in range(0, len(seg["inputs"]), preset.batch_size)]
     start_time = time.perf_counter()
-    bar = tqdm(total=preset["epochs"] * len(batches), desc=f"{name} d={d_model} lr={lr:.2g}", leave=False,
+    bar = tqdm(total=preset.epochs * len(batches), desc=f"{name} d={d_model} lr={lr:.2g}", leave=False,
                mininterval=1.0, disable=not progress)
     accuracy, epochs_run = {}, 0
-    for epoch in range(preset["epochs"]):
+    for epoch in range(preset.epochs):
         model.train()
         for seg, start in batches:
-            x = seg["inputs"][start:start + preset["batch_size"]]
-            y = seg["labels"][start:start + preset["batch_size"]]
+            x = seg["inputs"][start:start + preset.batch_size]
+            y = seg["labels"][start:start + preset.batch_size]
             select = y != IGNORE
             loss = F.cross_entropy(model(x, select), y[select])
             optimizer.zero_grad(set_to_none=True)
@@ -83,26 +99,26 @@ def train_run(preset: dict, name: str, d_model: int, lr: float, train_data, test
             optimizer.step()
             bar.update()
             if bar.n % 20 == 0:  # loss.item() waits for the GPU: not on every step
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{_avg(accuracy):.3f}" if accuracy else "-")
-        accuracy, epochs_run = evaluate(model, test_data, preset["test_batch_size"]), epoch + 1
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{_mean_accuracy(accuracy):.3f}" if accuracy else "-")
+        accuracy, epochs_run = evaluate(model, test_data, preset.test_batch_size), epoch + 1
         if not progress:  # a worker of a parallel sweep has no bar: one line per epoch instead
-            print(f"  {name} d_model={d_model} lr={lr:.2g}: epoch {epochs_run}/{preset['epochs']}, avg accuracy "
-                  f"{_avg(accuracy):.3f}, {time.perf_counter() - start_time:.0f} s", flush=True)
-        if _avg(accuracy) > preset["early_stop"]:
+            print(f"  {name} d_model={d_model} lr={lr:.2g}: epoch {epochs_run}/{preset.epochs}, avg accuracy "
+                  f"{_mean_accuracy(accuracy):.3f}, {time.perf_counter() - start_time:.0f} s", flush=True)
+        if _mean_accuracy(accuracy) > preset.early_stop:
             break
         scheduler.step()
     bar.close()
-    max_len = max(L for L, _, _ in preset["test"])
+    max_len = max(L for L, _, _ in preset.test)
     return {
-        "preset": preset.get("name"), "ablation": preset.get("ablation"),
+        "preset": preset.name, "ablation": preset.ablation,
         "model": name, "d_model": d_model, "mixer": entry["mixer"], "model_config": model_cfg,
         "state_size": model.state_size(max_len), "state_seq_len": max_len,
         "params": sum(p.numel() for p in model.parameters()),
-        "lr": lr, "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _avg(accuracy),
+        "lr": lr, "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _mean_accuracy(accuracy),
         "wall_time_s": round(time.perf_counter() - start_time, 2), "device": device_name(device),
-        "git_rev": git_revision(), "seed": preset["seed"], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "git_rev": git_revision(), "seed": preset.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
-def _avg(accuracy: dict) -> float:
+def _mean_accuracy(accuracy: dict) -> float:
     return sum(accuracy.values()) / len(accuracy)
