@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_support import reports_errors
 from ..devices import resolve_device
+from .plot import plot_results
 from .presets import PRESETS, MQARPreset, describe_cuts, get_preset, read_preset_file
 from .report import format_table, load_rows
 from .sweep import RunsFailed, run_preset
@@ -71,39 +73,37 @@ def preset_from_args(args: argparse.Namespace) -> MQARPreset:
     return MQARPreset.from_dict(preset)
 
 
+@reports_errors("mqar", also=(ImportError, FileNotFoundError))
 def cmd_mqar(args: argparse.Namespace) -> int:
-    from .plot import plot_results  # matplotlib loads only when a figure is drawn
-
     out = Path(args.out)
+    if args.mqar_command == "plot":
+        _report(load_rows(out / "results.jsonl"), out)
+        return 0
+    preset = preset_from_args(args)
+    if args.dump_config:
+        print(json.dumps(preset.to_dict(), indent=1))
+        return 0
+    device = resolve_device(args.device)
+    print(f"MQAR preset {preset.name}: {preset.description}")
+    print(f"device {device}, results appended to {out / 'results.jsonl'}")
+    cuts = describe_cuts(preset)
+    if cuts:
+        print("cut or changed from the paper protocol (spec section 8):")
+    for line in cuts:
+        print(f"  {line}")
     try:
-        if args.mqar_command == "plot":
-            rows = load_rows(out / "results.jsonl")
-        else:
-            preset = preset_from_args(args)
-            if args.dump_config:
-                print(json.dumps(preset.to_dict(), indent=1))
-                return 0
-            device = resolve_device(args.device)
-            print(f"MQAR preset {preset.name}: {preset.description}")
-            print(f"device {device}, results appended to {out / 'results.jsonl'}")
-            cuts = describe_cuts(preset)
-            if cuts:
-                print("cut or changed from the paper protocol (spec section 8):")
-            for line in cuts:
-                print(f"  {line}")
-            rows = run_preset(preset, out, device, jobs=args.jobs)
-    except (ValueError, ImportError, FileNotFoundError) as err:
-        print(f"ramnet mqar: error: {err}", file=sys.stderr)
-        return 2
-    except RunsFailed as err:  # the finished runs still get their table and plot
-        rows, failure = err.rows, err
-    else:
-        failure = None
+        rows = run_preset(preset, out, device, jobs=args.jobs)
+    except RunsFailed as failure:  # the finished runs still get their table and plot
+        _report(failure.rows, out)
+        print(f"ramnet mqar: error: {failure}", file=sys.stderr)
+        return 1
+    _report(rows, out)
+    return 0
+
+
+def _report(rows: list[dict], out: Path) -> None:
+    """Print the best-lr table of ``rows`` and write their figures to ``out`` (nothing for no rows)."""
     if rows:
         print(format_table(rows))
         for path in plot_results(rows, out):
             print(f"wrote {path}")
-    if failure is not None:
-        print(f"ramnet mqar: error: {failure}", file=sys.stderr)
-        return 1
-    return 0
