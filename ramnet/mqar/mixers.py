@@ -48,7 +48,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)
 
 
-class Attention(nn.Module):
+class ZoologyAttention(nn.Module):
     """Causal multi-head softmax attention through ``F.scaled_dot_product_attention``.
 
     Zoology's ``MHA``: one fused q/k/v projection with bias, dropout on the attention weights
@@ -76,7 +76,7 @@ class Attention(nn.Module):
         return 2 * self.hidden_size * seq_len
 
 
-class SlidingWindowAttention(Attention):
+class ZoologySlidingWindowAttention(ZoologyAttention):
     """Causal softmax attention over the last ``window`` tokens (the current one included),
     via SDPA with a banded boolean mask. Zoology's ``SlidingAttn`` (one head, no dropout there)
     lets a token see ``block_size + 1`` tokens; here ``window`` counts them all. State: the
@@ -98,7 +98,7 @@ class SlidingWindowAttention(Attention):
         return 2 * self.window * self.hidden_size
 
 
-class LinearAttention(nn.Module):
+class BasedLinearAttention(nn.Module):
     """Causal linear attention ``o_t = sum_s phi(q_t).phi(k_s) v_s / (sum_s phi(q_t).phi(k_s) + eps)``
     over ``s <= t``, in Based's form (Zoology's ``Based`` mixer, ``train_view="quadratic"``).
 

@@ -36,9 +36,9 @@ from .mixers import check_dropout
 MIXERS = {
     "ramnet": "ramnet.layers.RAMAttention",
     "hybrid": "ramnet.layers.HybridRAMAttention",
-    "attention": "ramnet.mqar.mixers.Attention",
-    "sliding_window": "ramnet.mqar.mixers.SlidingWindowAttention",
-    "linear_attention": "ramnet.mqar.mixers.LinearAttention",
+    "attention": "ramnet.mqar.mixers.ZoologyAttention",
+    "sliding_window": "ramnet.mqar.mixers.ZoologySlidingWindowAttention",
+    "linear_attention": "ramnet.mqar.mixers.BasedLinearAttention",
     "fla.GLA": "fla.layers.GatedLinearAttention",
     "fla.DeltaNet": "fla.layers.DeltaNet",
     "fla.GatedDeltaNet": "fla.layers.GatedDeltaNet",
