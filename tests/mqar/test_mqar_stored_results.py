@@ -1,4 +1,5 @@
-"""The results rows: the stored JSONL files still load and tabulate, and a new row has their format."""
+"""What is stored with the results: the preset files still load, the JSONL rows still load and
+tabulate, and a new row has their format."""
 
 import json
 from pathlib import Path
@@ -6,16 +7,26 @@ from pathlib import Path
 import pytest
 
 from ramnet import provenance
-from ramnet.mqar.presets import MQARPreset, get_preset
+from ramnet.mqar.presets import MQARPreset, get_preset, read_preset_file
 from ramnet.mqar.report import best_runs, format_table, load_rows
 from ramnet.mqar.train import preset_data, train_run
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "mqar"
+STORED_CONFIGS = sorted(RESULTS.glob("*_config.json"))
 STORED_ROWS = sorted(RESULTS.glob("*.jsonl"))
 
 
-def test_results_folder_has_rows():
-    assert len(STORED_ROWS) >= 5  # the glob below would pass vacuously on a moved folder
+def test_results_folder_has_presets_and_rows():
+    # the globs below would pass vacuously on a moved folder
+    assert len(STORED_CONFIGS) >= 2 and len(STORED_ROWS) >= 5
+
+
+@pytest.mark.parametrize("path", STORED_CONFIGS, ids=lambda p: p.name)
+def test_stored_preset_files_still_load(path):
+    raw = json.loads(path.read_text())
+    preset = MQARPreset.from_dict(read_preset_file(path))
+    assert preset.name == raw["name"] and preset.models == raw["models"] and preset.train == raw["train"]
+    assert preset.ablation is None  # written before presets had the key: absent means "not an ablation"
 
 
 @pytest.mark.parametrize("path", STORED_ROWS, ids=lambda p: p.name)
