@@ -234,7 +234,8 @@ def _check_model_config(where: str, config) -> None:
 
 def _check_model_entry(name: str, entry) -> None:
     if not isinstance(entry, dict) or "mixer" not in entry or set(entry) - MODEL_ENTRY_KEYS:
-        raise ValueError(f"model {name!r}: an entry is {{'mixer': spec, 'model': {{...}}, 'lrs': [...]}}, got {entry!r}")
+        raise ValueError(f"model {name!r}: an entry is {{'mixer': spec, 'model': {{...}}, 'lrs': [...]}}, "
+                         f"got {entry!r}")
     try:
         check_mixer_spec(entry["mixer"])
     except ValueError as err:

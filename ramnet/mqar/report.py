@@ -36,6 +36,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def load_rows(path: Path) -> list[dict]:
+    """The rows of a results file: JSONL, one row a line, as ``run_preset`` appends them."""
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}: run `ramnet mqar` first (or pass --out)")
     with open(path) as f:

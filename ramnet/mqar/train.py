@@ -99,7 +99,8 @@ def train_run(preset: MQARPreset, name: str, d_model: int, lr: float, train_data
             optimizer.step()
             bar.update()
             if bar.n % 20 == 0:  # loss.item() waits for the GPU: not on every step
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{_mean_accuracy(accuracy):.3f}" if accuracy else "-")
+                acc = f"{_mean_accuracy(accuracy):.3f}" if accuracy else "-"
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=acc)
         accuracy, epochs_run = evaluate(model, test_data, preset.test_batch_size), epoch + 1
         if not progress:  # a worker of a parallel sweep has no bar: one line per epoch instead
             print(f"  {name} d_model={d_model} lr={lr:.2g}: epoch {epochs_run}/{preset.epochs}, avg accuracy "
