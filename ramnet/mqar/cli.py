@@ -7,9 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_support import reports_errors
 from ..devices import resolve_device
-from .train import (PRESETS, RunsFailed, check_preset, describe_cuts, format_table, get_preset, load_rows,
-                    run_preset)
+from .plot import plot_results
+from .presets import PRESETS, MQARPreset, describe_cuts, get_preset, read_preset_file
+from .report import format_table, load_rows
+from .sweep import RunsFailed, run_preset
 
 
 def add_mqar_commands(sub) -> None:
@@ -51,19 +54,9 @@ def _csv(kind):
     return parse
 
 
-def preset_from_args(args: argparse.Namespace) -> dict:
+def preset_from_args(args: argparse.Namespace) -> MQARPreset:
     """The preset to run: a named one or a JSON file, with the command line's overrides."""
-    if args.config:
-        path = Path(args.config)
-        try:
-            preset = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the preset file {path}: {err}") from err
-        if not isinstance(preset, dict):
-            raise ValueError(f"the preset file {path} must hold a JSON object")
-        preset.setdefault("name", path.stem)
-    else:
-        preset = get_preset(args.preset)
+    preset = read_preset_file(args.config) if args.config else get_preset(args.preset)
     if args.models:
         unknown = [m for m in args.models if m not in preset.get("models", {})]
         if unknown:
@@ -77,42 +70,40 @@ def preset_from_args(args: argparse.Namespace) -> dict:
         for entry in preset["models"].values():
             if isinstance(entry, dict):
                 entry.pop("lrs", None)
-    return check_preset(preset)
+    return MQARPreset.from_dict(preset)
 
 
+@reports_errors("mqar", also=(ImportError, FileNotFoundError))
 def cmd_mqar(args: argparse.Namespace) -> int:
-    from .plot import plot_results  # matplotlib loads only when a figure is drawn
-
     out = Path(args.out)
+    if args.mqar_command == "plot":
+        _report(load_rows(out / "results.jsonl"), out)
+        return 0
+    preset = preset_from_args(args)
+    if args.dump_config:
+        print(json.dumps(preset.to_dict(), indent=1))
+        return 0
+    device = resolve_device(args.device)
+    print(f"MQAR preset {preset.name}: {preset.description}")
+    print(f"device {device}, results appended to {out / 'results.jsonl'}")
+    cuts = describe_cuts(preset)
+    if cuts:
+        print("cut or changed from the paper protocol (spec section 8):")
+    for line in cuts:
+        print(f"  {line}")
     try:
-        if args.mqar_command == "plot":
-            rows = load_rows(out / "results.jsonl")
-        else:
-            preset = preset_from_args(args)
-            if args.dump_config:
-                print(json.dumps(preset, indent=1))
-                return 0
-            device = resolve_device(args.device)
-            print(f"MQAR preset {preset['name']}: {preset.get('description', '')}")
-            print(f"device {device}, results appended to {out / 'results.jsonl'}")
-            cuts = describe_cuts(preset)
-            if cuts:
-                print("cut or changed from the paper protocol (spec section 8):")
-            for line in cuts:
-                print(f"  {line}")
-            rows = run_preset(preset, out, device, jobs=args.jobs)
-    except (ValueError, ImportError, FileNotFoundError) as err:
-        print(f"ramnet mqar: error: {err}", file=sys.stderr)
-        return 2
-    except RunsFailed as err:  # the finished runs still get their table and plot
-        rows, failure = err.rows, err
-    else:
-        failure = None
+        rows = run_preset(preset, out, device, jobs=args.jobs)
+    except RunsFailed as failure:  # the finished runs still get their table and plot
+        _report(failure.rows, out)
+        print(f"ramnet mqar: error: {failure}", file=sys.stderr)
+        return 1
+    _report(rows, out)
+    return 0
+
+
+def _report(rows: list[dict], out: Path) -> None:
+    """Print the best-lr table of ``rows`` and write their figures to ``out`` (nothing for no rows)."""
     if rows:
         print(format_table(rows))
         for path in plot_results(rows, out):
             print(f"wrote {path}")
-    if failure is not None:
-        print(f"ramnet mqar: error: {failure}", file=sys.stderr)
-        return 1
-    return 0

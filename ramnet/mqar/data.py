@@ -7,12 +7,12 @@ same as Zoology's; the random streams are not (we use a local torch.Generator,
 Zoology seeds numpy's global RNG), so the same seed gives different tokens.
 """
 
-import math
-import numbers
-
 import torch
 
+from ..ops.checks import check_int, check_positive
+
 IGNORE = -100  # label ignored by cross-entropy (its default ignore_index)
+MIN_SEED = -(2**63)  # the lowest seed torch.Generator.manual_seed takes
 
 
 def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
@@ -45,23 +45,11 @@ def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
 
     Deterministic for a given ``seed`` (uses a local ``torch.Generator``).
     """
-    _check_int("num_examples", num_examples, 1)
-    _check_int("num_kv_pairs", num_kv_pairs, 1)
-    _check_int("seq_len", seq_len, 1)
-    _check_int("vocab_size", vocab_size, 1)
-    _check_int("seed", seed, None)
+    check_int("num_examples", num_examples, 1)
+    check_setting(seq_len, num_kv_pairs, vocab_size)
+    check_int("seed", seed, MIN_SEED)
+    check_positive("power_a", power_a)
     n, N, L, V = num_examples, num_kv_pairs, seq_len, vocab_size
-    if L % 2:
-        raise ValueError(f"seq_len must be even (as in Zoology), got {L}")
-    if 4 * N > L:
-        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * N} to hold "
-                         f"{N} pairs and {N} query slots, got {L}")
-    if V // 2 - 1 < N:
-        raise ValueError(f"vocab_size must be >= 2 * num_kv_pairs + 2 = {2 * N + 2} "
-                         f"so that keys [1, V/2) hold {N} distinct keys, got {V}")
-    if (isinstance(power_a, bool) or not isinstance(power_a, numbers.Real)
-            or not math.isfinite(power_a) or power_a <= 0):
-        raise ValueError(f"power_a must be a finite number > 0, got {power_a!r}")
 
     g = torch.Generator().manual_seed(seed)
     half = V // 2
@@ -91,11 +79,21 @@ def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
     return inputs, labels
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def check_setting(seq_len, num_kv_pairs, vocab_size) -> None:
+    """Raise ValueError, naming the argument, unless ``num_kv_pairs`` pairs and their queries fit in
+    ``seq_len`` tokens and the key half of the vocabulary holds that many distinct keys."""
+    check_int("num_kv_pairs", num_kv_pairs, 1)
+    check_int("seq_len", seq_len, 1)
+    check_int("vocab_size", vocab_size, 1)
+    N, L, V = num_kv_pairs, seq_len, vocab_size
+    if L % 2:
+        raise ValueError(f"seq_len must be even (as in Zoology), got {L}")
+    if 4 * N > L:
+        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * N} to hold "
+                         f"{N} pairs and {N} query slots, got {L}")
+    if V // 2 - 1 < N:
+        raise ValueError(f"vocab_size must be >= 2 * num_kv_pairs + 2 = {2 * N + 2} "
+                         f"so that keys [1, V/2) hold {N} distinct keys, got {V}")
 
 
 def _distinct(n, k, m, g):

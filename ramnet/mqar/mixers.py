@@ -10,10 +10,26 @@ state in floats with Zoology's formula via ``state_size(seq_len)`` (spec section
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ops.checks import check_choice, check_int
+
+
+def check_dropout(name: str, p) -> float:
+    """A dropout probability: a number in [0, 1) (1 would zero every activation)."""
+    if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _check_heads(hidden_size: int, num_heads) -> None:
+    check_int("num_heads", num_heads, 1)
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads must divide hidden_size {hidden_size}, got {num_heads}")
 
 
 def _check_whole_sequence(attention_mask, use_cache):
@@ -32,7 +48,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)
 
 
-class Attention(nn.Module):
+class ZoologyAttention(nn.Module):
     """Causal multi-head softmax attention through ``F.scaled_dot_product_attention``.
 
     Zoology's ``MHA``: one fused q/k/v projection with bias, dropout on the attention weights
@@ -42,10 +58,8 @@ class Attention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int = 1, dropout: float = 0.0, layer_idx: int | None = None):
         super().__init__()
-        if num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(f"num_heads must be >= 1 and divide hidden_size {hidden_size}, got {num_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_heads(hidden_size, num_heads)
+        check_dropout("dropout", dropout)
         self.hidden_size, self.num_heads, self.dropout, self.layer_idx = hidden_size, num_heads, dropout, layer_idx
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
@@ -62,7 +76,7 @@ class Attention(nn.Module):
         return 2 * self.hidden_size * seq_len
 
 
-class SlidingWindowAttention(Attention):
+class ZoologySlidingWindowAttention(ZoologyAttention):
     """Causal softmax attention over the last ``window`` tokens (the current one included),
     via SDPA with a banded boolean mask. Zoology's ``SlidingAttn`` (one head, no dropout there)
     lets a token see ``block_size + 1`` tokens; here ``window`` counts them all. State: the
@@ -71,9 +85,7 @@ class SlidingWindowAttention(Attention):
     def __init__(self, hidden_size: int, window: int = 64, num_heads: int = 1, dropout: float = 0.0,
                  layer_idx: int | None = None):
         super().__init__(hidden_size, num_heads=num_heads, dropout=dropout, layer_idx=layer_idx)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1, got {window!r}")
-        self.window = window
+        self.window = check_int("window", window, 1)
 
     def _attend(self, q, k, v):
         seq_len = q.shape[-2]
@@ -86,7 +98,7 @@ class SlidingWindowAttention(Attention):
         return 2 * self.window * self.hidden_size
 
 
-class LinearAttention(nn.Module):
+class BasedLinearAttention(nn.Module):
     """Causal linear attention ``o_t = sum_s phi(q_t).phi(k_s) v_s / (sum_s phi(q_t).phi(k_s) + eps)``
     over ``s <= t``, in Based's form (Zoology's ``Based`` mixer, ``train_view="quadratic"``).
 
@@ -107,12 +119,9 @@ class LinearAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int = 1, feature_dim: int = 16, feature_map: str = "taylor",
                  eps: float = 1e-12, layer_idx: int | None = None):
         super().__init__()
-        if num_heads < 1 or hidden_size % num_heads:
-            raise ValueError(f"num_heads must be >= 1 and divide hidden_size {hidden_size}, got {num_heads}")
-        if feature_map not in self.FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {self.FEATURE_MAPS}, got {feature_map!r}")
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        _check_heads(hidden_size, num_heads)
+        check_choice("feature_map", feature_map, self.FEATURE_MAPS)
+        check_int("feature_dim", feature_dim, 1)
         self.hidden_size, self.num_heads, self.feature_dim = hidden_size, num_heads, feature_dim
         self.feature_map, self.eps, self.layer_idx = feature_map, eps, layer_idx
         self.q_proj = nn.Linear(hidden_size, num_heads * feature_dim, bias=False)

@@ -27,15 +27,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.checks import check_int
+from .mixers import check_dropout
+
 # name -> dotted path. The fla entries are the paper's MQAR baselines as flash-linear-attention
 # names them; fla has no H3, and its closest layer is Mamba (a selective SSM with short
 # convolution and output gating: H3's successor line).
 MIXERS = {
     "ramnet": "ramnet.layers.RAMAttention",
     "hybrid": "ramnet.layers.HybridRAMAttention",
-    "attention": "ramnet.mqar.mixers.Attention",
-    "sliding_window": "ramnet.mqar.mixers.SlidingWindowAttention",
-    "linear_attention": "ramnet.mqar.mixers.LinearAttention",
+    "attention": "ramnet.mqar.mixers.ZoologyAttention",
+    "sliding_window": "ramnet.mqar.mixers.ZoologySlidingWindowAttention",
+    "linear_attention": "ramnet.mqar.mixers.BasedLinearAttention",
     "fla.GLA": "fla.layers.GatedLinearAttention",
     "fla.DeltaNet": "fla.layers.DeltaNet",
     "fla.GatedDeltaNet": "fla.layers.GatedDeltaNet",
@@ -71,8 +74,9 @@ def mixer_state_size(layer: nn.Module, seq_len: int) -> int | None:
     return None if formula is None else int(formula(layer, seq_len))
 
 
-def resolve_mixer(spec: dict):
-    """The class a mixer spec names, with a clear error for a bad spec or a missing package."""
+def check_mixer_spec(spec) -> dict:
+    """Raise ValueError naming what is wrong with the form of a mixer spec; return it. Nothing is
+    imported (``resolve_mixer`` does that), so a spec of an fla layer checks on any machine."""
     if not isinstance(spec, dict) or set(spec) - SPEC_KEYS or ("name" in spec) == ("path" in spec):
         raise ValueError(f"a mixer spec is a dict with exactly one of 'name' or 'path', and optional "
                          f"'kwargs' and 'per_layer', got {spec!r}")
@@ -80,10 +84,20 @@ def resolve_mixer(spec: dict):
         raise ValueError(f"a mixer spec's 'kwargs' must be a dict, got {spec['kwargs']!r}")
     if "name" in spec and spec["name"] not in MIXERS:
         raise ValueError(f"unknown mixer name {spec['name']!r}; known: {', '.join(MIXERS)} (or give 'path')")
-    path = MIXERS[spec["name"]] if "name" in spec else spec["path"]
+    if not str(mixer_path(spec)).rpartition(".")[0]:
+        raise ValueError(f"mixer path must be 'package.module.Class', got {mixer_path(spec)!r}")
+    return spec
+
+
+def mixer_path(spec: dict) -> str:
+    """The dotted path of the class a (checked) mixer spec names."""
+    return MIXERS[spec["name"]] if "name" in spec else spec["path"]
+
+
+def resolve_mixer(spec: dict):
+    """The class a mixer spec names, with a clear error for a bad spec or a missing package."""
+    path = mixer_path(check_mixer_spec(spec))
     module_name, _, attr = str(path).rpartition(".")
-    if not module_name:
-        raise ValueError(f"mixer path must be 'package.module.Class', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -98,8 +112,7 @@ def resolve_mixer(spec: dict):
 
 def needs_cuda(spec: dict) -> bool:
     """fla's layers run Triton kernels: they need a CUDA device."""
-    path = MIXERS.get(spec.get("name"), spec.get("path", ""))
-    return str(path).split(".")[0] == "fla"
+    return str(mixer_path(check_mixer_spec(spec))).split(".")[0] == "fla"
 
 
 def _mixer_kwargs(spec: dict, index: int, num_mixers: int, d_model: int) -> dict:
@@ -189,12 +202,10 @@ class MQARModel(nn.Module):
         super().__init__()
         for name, value, low in (("vocab_size", vocab_size, 2), ("d_model", d_model, 1), ("n_layers", n_layers, 1),
                                  ("short_conv", short_conv, 0), ("mlp_mult", mlp_mult, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(name, value, low)
         if short_conv and n_layers < 2:
             raise ValueError("short_conv replaces the first layer's mixer, so it needs n_layers >= 2")
-        if not 0.0 <= embed_dropout < 1.0:
-            raise ValueError(f"embed_dropout must be in [0, 1), got {embed_dropout}")
+        check_dropout("embed_dropout", embed_dropout)
         cls = resolve_mixer(mixer)
         self.mixer_spec = mixer
         self.embedding = nn.Embedding(vocab_size, d_model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .train import best_runs
+from .report import best_runs
 
 
 def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:

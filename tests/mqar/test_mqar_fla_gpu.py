@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ramnet.mqar.model import MQARModel
-from ramnet.mqar.train import FLA_BASELINES, PAPER
+from ramnet.mqar.presets import FLA_BASELINES, PAPER
 
 pytestmark = [
     pytest.mark.cuda,

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ramnet.mqar.mixers import Attention, LinearAttention, SlidingWindowAttention
+from ramnet.mqar.mixers import BasedLinearAttention, ZoologyAttention, ZoologySlidingWindowAttention
+from ramnet.mqar.model import resolve_mixer
 
 
 def _x(B=2, T=12, D=16, seed=0):
@@ -27,7 +28,7 @@ def _reference_attention(layer, x, window=None):
 
 @pytest.mark.parametrize("heads", [1, 4])
 def test_attention_matches_reference(heads):
-    layer = Attention(16, num_heads=heads, dropout=0.1).double().eval()
+    layer = ZoologyAttention(16, num_heads=heads, dropout=0.1).double().eval()
     x = _x()
     o, none, cache = layer(x)
     assert none is None and cache is None
@@ -36,7 +37,7 @@ def test_attention_matches_reference(heads):
 
 @pytest.mark.parametrize("window", [1, 3, 5])
 def test_sliding_window_matches_reference_and_sees_only_its_window(window):
-    layer = SlidingWindowAttention(16, window=window, num_heads=2).double().eval()
+    layer = ZoologySlidingWindowAttention(16, window=window, num_heads=2).double().eval()
     x = _x()
     o = layer(x)[0]
     torch.testing.assert_close(o, _reference_attention(layer, x, window))
@@ -51,8 +52,8 @@ def test_sliding_window_matches_reference_and_sees_only_its_window(window):
 
 def test_sliding_window_longer_than_sequence_is_full_attention():
     torch.manual_seed(0)
-    full = Attention(16, num_heads=2).double().eval()
-    slide = SlidingWindowAttention(16, window=64, num_heads=2).double().eval()
+    full = ZoologyAttention(16, num_heads=2).double().eval()
+    slide = ZoologySlidingWindowAttention(16, window=64, num_heads=2).double().eval()
     slide.load_state_dict(full.state_dict())
     x = _x()
     torch.testing.assert_close(slide(x)[0], full(x)[0])
@@ -69,7 +70,7 @@ def _taylor_features(x):
 def test_linear_attention_matches_the_recurrent_form(feature_map):
     """The quadratic (kernel matrix) form equals the recurrence S_t = S_{t-1} + phi(k_t) v_t^T,
     z_t = z_{t-1} + phi(k_t), o_t = phi(q_t) S_t / (phi(q_t) . z_t)."""
-    layer = LinearAttention(16, num_heads=2, feature_dim=4, feature_map=feature_map).double()
+    layer = BasedLinearAttention(16, num_heads=2, feature_dim=4, feature_map=feature_map).double()
     x = _x()
     B, T, _ = x.shape
     q, k, v = (p(x).view(B, T, 2, -1) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
@@ -88,23 +89,23 @@ def test_linear_attention_matches_the_recurrent_form(feature_map):
 
 
 def test_state_sizes_follow_zoology():
-    assert Attention(64, num_heads=2).state_size(1024) == 2 * 64 * 1024
-    assert SlidingWindowAttention(64, window=32).state_size(1024) == 2 * 32 * 64
+    assert ZoologyAttention(64, num_heads=2).state_size(1024) == 2 * 64 * 1024
+    assert ZoologySlidingWindowAttention(64, window=32).state_size(1024) == 2 * 32 * 64
     # Zoology's Based at d_model 64, feature_dim 16, one head: 64 * 153 + 153
-    based = LinearAttention(64, num_heads=1, feature_dim=16, feature_map="taylor")
+    based = BasedLinearAttention(64, num_heads=1, feature_dim=16, feature_map="taylor")
     assert based.expanded_size() == 16 * 17 // 2 + 16 + 1 == 153
     assert based.state_size(1024) == 64 * 153 + 153
-    elu = LinearAttention(64, num_heads=4, feature_dim=8, feature_map="elu")
+    elu = BasedLinearAttention(64, num_heads=4, feature_dim=8, feature_map="elu")
     assert elu.state_size(1024) == 4 * (16 + 1) * 8
 
 
 @pytest.mark.parametrize("make", [
-    lambda: Attention(16, num_heads=3),
-    lambda: Attention(16, dropout=1.0),
-    lambda: SlidingWindowAttention(16, window=0),
-    lambda: SlidingWindowAttention(16, window=2.5),
-    lambda: LinearAttention(16, feature_map="relu"),
-    lambda: LinearAttention(16, num_heads=5),
+    lambda: ZoologyAttention(16, num_heads=3),
+    lambda: ZoologyAttention(16, dropout=1.0),
+    lambda: ZoologySlidingWindowAttention(16, window=0),
+    lambda: ZoologySlidingWindowAttention(16, window=2.5),
+    lambda: BasedLinearAttention(16, feature_map="relu"),
+    lambda: BasedLinearAttention(16, num_heads=5),
 ])
 def test_bad_arguments_raise(make):
     with pytest.raises(ValueError):
@@ -112,9 +113,15 @@ def test_bad_arguments_raise(make):
 
 
 def test_padding_and_cache_are_refused():
-    layer = Attention(16)
+    layer = ZoologyAttention(16)
     x = _x(D=16).float()
     with pytest.raises(ValueError, match="whole, unpadded"):
         layer(x, attention_mask=torch.ones(2, 12))
     with pytest.raises(ValueError, match="whole, unpadded"):
-        LinearAttention(16)(x, use_cache=True)
+        BasedLinearAttention(16)(x, use_cache=True)
+
+
+def test_registry_names_of_presets_and_results_name_these_classes():
+    assert resolve_mixer({"name": "attention"}) is ZoologyAttention
+    assert resolve_mixer({"name": "sliding_window"}) is ZoologySlidingWindowAttention
+    assert resolve_mixer({"name": "linear_attention"}) is BasedLinearAttention

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from ramnet.mqar.model import MIXERS, MQARModel, STATE_FORMULAS, mixer_state_size, resolve_mixer
-from ramnet.mqar.train import ABLATION_M, ABLATION_U, PAPER, check_models_runnable
+from ramnet.mqar.presets import ABLATION_M, ABLATION_U, PAPER
+from ramnet.mqar.sweep import check_models_runnable
 
 CPU_MIXERS = {name: spec for name, spec in (
     ("ramnet", {"name": "ramnet", "kwargs": {"num_heads": 2, "head_v_dim": "d_model/2", "num_partitions": 2,

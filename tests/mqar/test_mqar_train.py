@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 
 from ramnet.cli import main
-from ramnet.mqar.train import (PAPER, PRESETS, best_runs, check_preset, describe_cuts, evaluate, format_table,
-                               get_preset, run_preset)
+from ramnet.mqar.presets import PAPER, PRESETS, check_preset, describe_cuts, get_preset
+from ramnet.mqar.report import best_runs, format_table
+from ramnet.mqar.sweep import run_preset
+from ramnet.mqar.train import evaluate
 
 
 def test_paper_preset_is_the_spec_protocol():
