@@ -11,6 +11,10 @@ The data directory is prepared first if it does not exist (`--source`, default p
 measures a shared GPU, so speed comparisons need `--jobs 1` (the JSON records `jobs`). `--deadline-s`
 stops runs still going at that time and keeps their curves so far (marked incomplete), so that the
 study fits a time-limited machine.
+
+    python benchmarks/lm_study.py --combine benchmarks/results/lm/ablation/batch*.json --out STEM
+
+draws one table and plot from the JSON of several studies (no training).
 """
 
 from __future__ import annotations
@@ -103,9 +107,25 @@ def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str
     return status
 
 
+def summaries_of(rows: list[dict]) -> dict[str, dict]:
+    """The `summarize_lm` summaries of a study's rows (those that produced metrics)."""
+    return {r["variant"]: dict(steps=r.get("steps"), tokens=r["tokens"], evals=r["evals"], final_ppl=r["ppl"],
+                               best_ppl=r["best_ppl"], tokens_per_s=r["tok_s"], peak_memory_gib=r["peak_memory_gib"])
+            for r in rows if "tokens" in r}
+
+
+def write_report(summaries: dict[str, dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table(summaries))
+    plot(summaries, out.with_suffix(".png"), "held-out perplexity, same data and schedule")
+    print(table(summaries))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="prepared data directory (prepared if missing)")
+    parser.add_argument("--data", type=Path, help="prepared data directory (prepared if missing)")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="STUDY.json",
+                        help="draw the table and plot of earlier studies' JSON instead of training")
     parser.add_argument("--source", default="python-packages", help="corpus to prepare when --data is missing")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--variants", default="ramnet", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -116,6 +136,12 @@ def main() -> None:
                         help="`ramnet train` overrides applied to every variant after its own (e.g. max_steps=500)")
     parser.add_argument("--deadline-s", type=float, default=float("inf"), help="stop runs after this many seconds")
     args = parser.parse_args()
+    if args.combine:
+        write_report({k: v for f in args.combine for k, v in summaries_of(json.loads(f.read_text())["rows"]).items()},
+                     args.out)
+        return
+    if args.data is None:
+        parser.error("--data is needed to train (or --combine to draw earlier studies)")
     names = [n for n in args.variants.split(",") if n]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -132,16 +158,16 @@ def main() -> None:
     log(f"data ready after {time.time() - start:.0f} s")
     status = run_all(names, args.data, args.runs, args.jobs, args.extra, deadline, log)
 
-    rows, summaries = [], {}
+    rows = []
     for name in names:
         path = args.runs / name / "metrics.jsonl"
         if not path.exists():
             rows.append(dict(variant=name, status=status[name]))
             continue
         s = summarize(last_run(path))
-        summaries[name] = s
         preset, overrides = VARIANTS[name]
-        rows.append(dict(variant=name, preset=preset, overrides=overrides, status=status[name], tokens=s["tokens"],
+        rows.append(dict(variant=name, preset=preset, overrides=overrides, status=status[name], steps=s["steps"],
+                         tokens=s["tokens"],
                          ppl=s["final_ppl"], best_ppl=s["best_ppl"], tok_s=s["tokens_per_s"],
                          peak_memory_gib=s["peak_memory_gib"], evals=s["evals"]))
     data_meta = json.loads((args.data / "meta.json").read_text())
@@ -152,10 +178,11 @@ def main() -> None:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     tmp.replace(args.out.with_suffix(".json"))
+    summaries = summaries_of(rows)
     if summaries:
-        args.out.with_suffix(".md").write_text(table(summaries))
-        plot(summaries, args.out.with_suffix(".png"), "held-out perplexity, same data and schedule")
-    print(table(summaries) if summaries else "no run produced metrics")
+        write_report(summaries, args.out)
+    else:
+        print("no run produced metrics")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def table(summaries: dict[str, dict]) -> str:
     lines = ["| run | steps | tokens | held-out ppl (final) | best | tokens/s (median) | peak memory (GiB) |",
              "|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
-        lines.append(f"| {name} | {s['steps']} | {s['tokens']:,} | {_fmt(s['final_ppl'], '.2f')} | "
+        lines.append(f"| {name} | {_fmt(s['steps'], 'd')} | {s['tokens']:,} | {_fmt(s['final_ppl'], '.2f')} | "
                      f"{_fmt(s['best_ppl'], '.2f')} | {_fmt(s['tokens_per_s'], ',.0f')} | "
                      f"{_fmt(s['peak_memory_gib'], '.2f')} |")
     return "\n".join(lines) + "\n"
