@@ -7,13 +7,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ...accounting import hybrid_state
-from ...ops.checks import check_choice, check_int, check_positive
-from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
-from ..memories import DeltaRuleMemory, RAMMemory
-from ..padding import pack, real_token_mask, unpack
-from ..ram_attention import RAMProjections
-from .window import KVWindow, take, window_attention
+from ..accounting import hybrid_state
+from ..ops.checks import check_choice, check_int, check_positive
+from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from .kv_window import KVWindow, take, window_attention
+from .memories import DeltaRuleMemory, RAMMemory
+from .padding import pack, real_token_mask, unpack
+from .ram_attention import RAMProjections
 
 BLENDS = ("delayed_stream", "delayed_chunk", "synchronous")
 MIXES = ("sum", "scalar", "vector")
