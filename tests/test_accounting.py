@@ -11,7 +11,7 @@ H, D_V, D_K, M, K, S = 3, 7, 6, 8, 5, 4
 def config(layer_types, **kw):
     args = dict(vocab_size=50, hidden_size=12, num_hidden_layers=len(layer_types), num_heads=H, head_v_dim=D_V,
                 num_partitions=3, partition_dim=2, topk=K, intermediate_size=16, layer_types=layer_types,
-                window_size=S, cape_heads=[0] * len(layer_types))
+                window_size=S, num_cape_heads=[0] * len(layer_types))
     return RAMNetConfig(**(args | kw))
 
 

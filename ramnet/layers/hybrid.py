@@ -83,7 +83,7 @@ class HybridRAMAttention(RAMProjections):
         super().__init__(hidden_size, num_heads, ram.head_k_dim, head_v_dim)
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
-        self.cape_heads = ram.cape
+        self.cape = ram.cape  # one bool per head, as in RAMAttention
         self.memory_slots, self.topk = ram.memory_slots, topk
 
         if fast_weight == "deltanet":

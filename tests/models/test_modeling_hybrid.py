@@ -10,7 +10,7 @@ import model_helpers as helpers
 from model_helpers import VOCAB, random_ids
 
 MIXED = ["hybrid", "sliding_attention", "full_attention", "linear_attention"]
-HYBRID = dict(num_hidden_layers=4, cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3)
+HYBRID = dict(num_hidden_layers=4, num_cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3)
 
 
 def tiny_config(**overrides):
@@ -29,7 +29,7 @@ def test_layer_types_pick_the_mixers():
     assert (mixers[0].blend, mixers[0].mix, mixers[0].fast_weight, mixers[0].window_size) == (
         "delayed_chunk", "scalar", "deltanet", 3,
     )
-    assert mixers[0].cape_heads == (True,) * 4 and mixers[3].cape_heads == (True, True, False, False)
+    assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     assert (mixers[1].window_size, mixers[2].window_size) == (3, None)
     assert torch.equal(mixers[0].mix_logit, torch.zeros(4))
     # the default keeps every layer RAM-Net

@@ -12,7 +12,12 @@ from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
 LAYER_TYPES = ("linear_attention", "hybrid", "full_attention", "sliding_attention")
 
 
-def default_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
+# Fields under their names before issue 14 renamed them: the config.json of older checkpoints
+# still uses these, so they are accepted as aliases (and the new name is what gets saved).
+RENAMED_FIELDS = {"cape_heads": "num_cape_heads"}
+
+
+def default_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
     """The paper's LM schedule: CAPE on all heads of layers 1-4, on half of them in layers 5-8,
     absolute addressing after that."""
     return [num_heads if i < 4 else num_heads // 2 if i < 8 else 0 for i in range(num_hidden_layers)]
@@ -43,8 +48,13 @@ class RAMNetConfig(PreTrainedConfig):
         use_cache (`bool`): whether eval-mode forwards return the recurrent state.
         tie_word_embeddings (`bool`): share the input embedding with the LM head.
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
-        cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
-            `None` gives the paper's schedule (see `default_cape_heads`); the resolved list is stored.
+        num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
+            `None` gives the paper's schedule (see `default_num_cape_heads`); the resolved list is stored.
+            CAPE has one name, `cape`, in the layers and the op: a bool per head (`RAMAttention(cape=...)`,
+            `layer.cape`, `ram_attention(cape=...)`). The config stores a count per layer instead, which
+            says the same with the first heads on, and names it as a count; layer i gets
+            `cape = [h < num_cape_heads[i] for h in range(num_heads)]`. Configs saved before the rename
+            call it `cape_heads`, which is still accepted.
         layer_types (`list[str]`, *optional*): the token mixer of each layer: `"linear_attention"`
             (RAM-Net), `"hybrid"` (`HybridRAMAttention`: sliding-window softmax attention plus a
             fast-weight memory), `"full_attention"` or `"sliding_attention"` (softmax attention with
@@ -82,7 +92,7 @@ class RAMNetConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = False
     attn_mode: str | None = None
-    cape_heads: list[int] | None = None
+    num_cape_heads: list[int] | None = None
     layer_types: list[str] | None = None
     window_size: int = 64
     hybrid_blend: str = "synchronous"
@@ -94,14 +104,24 @@ class RAMNetConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
-        if self.cape_heads is None:
-            self.cape_heads = default_cape_heads(self.num_hidden_layers, self.num_heads)
+        self._take_renamed_fields(kwargs)
+        if self.num_cape_heads is None:
+            self.num_cape_heads = default_num_cape_heads(self.num_hidden_layers, self.num_heads)
         if self.layer_types is None:
             self.layer_types = ["linear_attention"] * self.num_hidden_layers
         # Checked here rather than in a `validate_*` method so that a bad value raises a plain
         # ValueError that names the field (strict wraps class validators in its own error type).
         self._check_values()
         super().__post_init__(**kwargs)
+
+    def _take_renamed_fields(self, kwargs: dict) -> None:
+        """Move the fields of `kwargs` that have an old name (`RENAMED_FIELDS`) to their new one."""
+        for old, new in RENAMED_FIELDS.items():
+            if old not in kwargs:
+                continue
+            if getattr(self, new) is not None:
+                raise ValueError(f"`{old}` is the old name of `{new}`: pass one of them, not both")
+            setattr(self, new, kwargs.pop(old))
 
     @property
     def memory_slots(self) -> int:
@@ -123,12 +143,14 @@ class RAMNetConfig(PreTrainedConfig):
         check_choice("attn_mode", self.attn_mode, (None, *sorted(PATHS)))
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             check_positive(name, getattr(self, name))
-        if len(self.cape_heads) != self.num_hidden_layers:
+        if len(self.num_cape_heads) != self.num_hidden_layers:
             raise ValueError(
-                f"`cape_heads` needs one entry per layer ({self.num_hidden_layers}), got {len(self.cape_heads)}"
+                f"`num_cape_heads` needs one entry per layer ({self.num_hidden_layers}), got {len(self.num_cape_heads)}"
             )
-        if not all(0 <= n <= self.num_heads for n in self.cape_heads):
-            raise ValueError(f"`cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.cape_heads}")
+        if not all(0 <= n <= self.num_heads for n in self.num_cape_heads):
+            raise ValueError(
+                f"`num_cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.num_cape_heads}"
+            )
         self._check_layer_types()
 
     def _check_layer_types(self):
@@ -153,4 +175,4 @@ class RAMNetConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["LAYER_TYPES", "RAMNetConfig", "default_cape_heads"]
+__all__ = ["LAYER_TYPES", "RENAMED_FIELDS", "RAMNetConfig", "default_num_cape_heads"]

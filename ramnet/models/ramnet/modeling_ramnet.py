@@ -56,7 +56,7 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
             rope_theta=config.rope_theta,
             layer_idx=layer_idx,
         )
-    num_cape = config.cape_heads[layer_idx]
+    num_cape = config.num_cape_heads[layer_idx]
     ram = dict(
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
