@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from ramnet.layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ramnet.models import RAMNetConfig, RAMNetForCausalLM
 
 from model_helpers import random_ids, tiny_model
@@ -46,7 +47,7 @@ OLD_CONFIG = {
 # The same model under today's names.
 NEW_NAMES = dict(
     num_hidden_layers=4, num_cape_heads=[4, 2, 0, 2],
-    layer_types=["hybrid", "sliding_attention", "full_attention", "linear_attention"], window_size=3,
+    mixer_types=["hybrid", "sliding_attention", "full_attention", "ramnet"], window_size=3,
 )
 
 
@@ -60,7 +61,10 @@ def test_a_checkpoint_saved_before_the_renames_loads(tmp_path):
 
     loaded = RAMNetForCausalLM.from_pretrained(tmp_path / "old").eval()
     assert loaded.config.num_cape_heads == [4, 2, 0, 2]
+    assert loaded.config.mixer_types == NEW_NAMES["mixer_types"]
+    assert loaded.config.layer_types == OLD_CONFIG["layer_types"]  # transformers' view, as before
     mixers = [layer.attn for layer in loaded.model.layers]
+    assert [type(m) for m in mixers] == [HybridRAMAttention, SlidingWindowAttention, SlidingWindowAttention, RAMAttention]
     assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
@@ -68,8 +72,18 @@ def test_a_checkpoint_saved_before_the_renames_loads(tmp_path):
     loaded.config.save_pretrained(tmp_path / "new")  # saved again: under the new names only
     saved = json.loads((tmp_path / "new" / "config.json").read_text())
     assert saved["num_cape_heads"] == [4, 2, 0, 2] and "cape_heads" not in saved
+    assert saved["mixer_types"] == NEW_NAMES["mixer_types"] and "layer_types" not in saved
 
 
 def test_old_and_new_name_together_are_refused():
     with pytest.raises(ValueError, match="`cape_heads` is the old name of `num_cape_heads`"):
         RAMNetConfig(num_hidden_layers=2, num_heads=4, cape_heads=[1, 0], num_cape_heads=[1, 0])
+    with pytest.raises(ValueError, match="`layer_types` is the old name of `mixer_types`"):
+        RAMNetConfig(num_hidden_layers=1, layer_types=["linear_attention"], mixer_types=["ramnet"])
+
+
+def test_layer_types_speaks_transformers_vocabulary():
+    # transformers (5.2x) checks `layer_types` against its own names when a config is built; RAM-Net
+    # layers are its linear attention
+    config = RAMNetConfig(num_hidden_layers=4, window_size=3, mixer_types=NEW_NAMES["mixer_types"])
+    assert config.layer_types == ["hybrid", "sliding_attention", "full_attention", "linear_attention"]
