@@ -1,8 +1,9 @@
 """State-size accounting of a RAM-Net model, per sequence, in floats (spec sections 5 and 9).
 
-What each mixer type (``RAMNetConfig.mixer_types``) keeps between tokens (``total``) and touches for one token
-(``active_per_token``), with ``H = num_heads``, ``d_v = head_v_dim``, ``d_k = num_partitions *
-partition_dim``, ``M = partition_dim ** num_partitions``, ``K = topk``, ``S = window_size``:
+What each mixer type (``RAMNetConfig.mixer_types``) keeps between tokens (``total``) and touches
+for one token (``active_per_token``), with ``H = num_heads``, ``d_v = head_v_dim``, ``d_k =
+num_partitions * partition_dim``, ``M = partition_dim ** num_partitions``, ``K = topk``,
+``S = window_size``:
 
 - ``"ramnet"``: M slots of d_v values plus one normaliser per head,
   ``H * M * (d_v + 1)``; a token reads K slots and writes K slots, ``H * 2K * (d_v + 1)``.

@@ -48,7 +48,8 @@ class RAMAttention(RAMProjections):
     ``M = partition_dim ** num_partitions`` slots, PDMA memory, output projection.
 
     ``cape`` switches CAPE on for all heads (True), none (False) or per head (a sequence of
-    bools); the layer keeps it as ``cape``, one bool per head. The hyperparameters of the memory live in ``memory`` (a ``RAMMemory``).
+    bools); the layer keeps it as ``cape``, one bool per head. The hyperparameters of the memory
+    live in ``memory`` (a ``RAMMemory``).
 
     With a cache, a one-token step under ``torch.no_grad()`` (no padding in the step, ``mode``
     None or "recurrent") updates the cached state in place.

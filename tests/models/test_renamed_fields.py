@@ -64,7 +64,8 @@ def test_a_checkpoint_saved_before_the_renames_loads(tmp_path):
     assert loaded.config.mixer_types == NEW_NAMES["mixer_types"]
     assert loaded.config.layer_types == OLD_CONFIG["layer_types"]  # transformers' view, as before
     mixers = [layer.attn for layer in loaded.model.layers]
-    assert [type(m) for m in mixers] == [HybridRAMAttention, SlidingWindowAttention, SlidingWindowAttention, RAMAttention]
+    attention = SlidingWindowAttention
+    assert [type(m) for m in mixers] == [HybridRAMAttention, attention, attention, RAMAttention]
     assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)

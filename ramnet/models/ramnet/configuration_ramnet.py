@@ -59,11 +59,11 @@ class RAMNetConfig(PreTrainedConfig):
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
         num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
             `None` gives the paper's schedule (see `default_num_cape_heads`); the resolved list is stored.
-            CAPE has one name, `cape`, in the layers and the op: a bool per head (`RAMAttention(cape=...)`,
-            `layer.cape`, `ram_attention(cape=...)`). The config stores a count per layer instead, which
-            says the same with the first heads on, and names it as a count; layer i gets
+            Why a count here: the layers and the op take CAPE as `cape`, a bool per head
+            (`RAMAttention(cape=...)`, `layer.cape`, `ram_attention(cape=...)`), but a model turns it
+            on for the first heads of a layer, so its config needs only how many: layer i gets
             `cape = [h < num_cape_heads[i] for h in range(num_heads)]`. Configs saved before the rename
-            call it `cape_heads`, which is still accepted.
+            call this field `cape_heads`, which is still accepted.
         mixer_types (`list[str]`, *optional*): the token mixer of each layer: `"ramnet"`
             (`RAMAttention`), `"hybrid"` (`HybridRAMAttention`: sliding-window softmax attention plus a
             fast-weight memory), `"full_attention"` or `"sliding_attention"` (`SlidingWindowAttention`:
@@ -168,7 +168,8 @@ class RAMNetConfig(PreTrainedConfig):
             check_positive(name, getattr(self, name))
         if len(self.num_cape_heads) != self.num_hidden_layers:
             raise ValueError(
-                f"`num_cape_heads` needs one entry per layer ({self.num_hidden_layers}), got {len(self.num_cape_heads)}"
+                f"`num_cape_heads` needs one entry per layer ({self.num_hidden_layers}), "
+                f"got {len(self.num_cape_heads)}"
             )
         if not all(0 <= n <= self.num_heads for n in self.num_cape_heads):
             raise ValueError(
