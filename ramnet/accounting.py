@@ -1,10 +1,11 @@
 """State-size accounting of a RAM-Net model, per sequence, in floats (spec sections 5 and 9).
 
-What each layer type keeps between tokens (``total``) and touches for one token
-(``active_per_token``), with ``H = num_heads``, ``d_v = head_v_dim``, ``d_k = num_partitions *
-partition_dim``, ``M = partition_dim ** num_partitions``, ``K = topk``, ``S = window_size``:
+What each mixer type (``RAMNetConfig.mixer_types``) keeps between tokens (``total``) and touches
+for one token (``active_per_token``), with ``H = num_heads``, ``d_v = head_v_dim``, ``d_k =
+num_partitions * partition_dim``, ``M = partition_dim ** num_partitions``, ``K = topk``,
+``S = window_size``:
 
-- ``"linear_attention"`` (RAM-Net): M slots of d_v values plus one normaliser per head,
+- ``"ramnet"``: M slots of d_v values plus one normaliser per head,
   ``H * M * (d_v + 1)``; a token reads K slots and writes K slots, ``H * 2K * (d_v + 1)``.
 - ``"hybrid"``: its fast-weight memory plus its window of keys (d_k wide) and values (d_v wide).
   Fast weights: RAM-Net as above; DeltaNet ``H * d_k * d_v``, all of it read and rewritten by
@@ -32,8 +33,8 @@ from .ops.checks import check_int, memory_geometry
 
 def state_size(config, seq_len: int | None = None) -> dict[str, int]:
     """State of one sequence, in floats, summed over the layers of any config with the
-    `RAMNetConfig` fields (without ``layer_types``, every layer is RAM-Net): ``total`` (what the
-    cache holds) and ``active_per_token`` (what one token reads or writes), per layer type as in
+    `RAMNetConfig` fields (without ``mixer_types``, every layer is RAM-Net): ``total`` (what the
+    cache holds) and ``active_per_token`` (what one token reads or writes), per mixer type as in
     the module docstring.
 
     ``seq_len``: the context length, needed (and used) only by full-attention layers, whose cache
@@ -41,35 +42,35 @@ def state_size(config, seq_len: int | None = None) -> dict[str, int]:
 
     The paper's 340M config (27 RAM-Net layers) gives 28,753,920 and 449,280 ("28.8M" and "0.4M").
     """
-    layer_types = getattr(config, "layer_types", None) or ["linear_attention"] * config.num_hidden_layers
+    mixer_types = getattr(config, "mixer_types", None) or ["ramnet"] * config.num_hidden_layers
     if seq_len is not None:
         check_int("seq_len", seq_len, 1)
-    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    full = [i for i, kind in enumerate(mixer_types) if kind == "full_attention"]
     if full and seq_len is None:
         raise ValueError(
             f"state_size: layers {full} are full_attention, whose key/value cache grows with the context; "
             f"pass seq_len (the tokens per sequence) to count them"
         )
     total = active = 0
-    for kind in layer_types:
+    for kind in mixer_types:
         layer_total, layer_active = layer_state(config, kind, seq_len)
         total, active = total + layer_total, active + layer_active
     return {"total": total, "active_per_token": active}
 
 
 def layer_state(config, kind: str, seq_len: int | None) -> tuple[int, int]:
-    """``(total, active_per_token)`` of one layer of type ``kind`` (``config`` needs the fields
-    that type uses)."""
+    """``(total, active_per_token)`` of one layer of mixer type ``kind`` (``config`` needs the
+    fields that type uses)."""
     heads, d_v, window = config.num_heads, config.head_v_dim, getattr(config, "window_size", 0)
     if kind == "sliding_attention":  # keys and values of width d_v (head_dim = head_v_dim)
         return (window - 1) * heads * 2 * d_v, window * heads * 2 * d_v
     if kind == "full_attention":
         return seq_len * heads * 2 * d_v, seq_len * heads * 2 * d_v
-    if kind not in ("linear_attention", "hybrid"):
-        raise ValueError(f"unknown layer type {kind!r}")
+    if kind not in ("ramnet", "hybrid"):
+        raise ValueError(f"unknown mixer type {kind!r}")
     d_k = config.num_partitions * config.partition_dim
     _, memory_slots = memory_geometry(d_k, config.num_partitions)
-    if kind == "linear_attention":
+    if kind == "ramnet":
         return ram_state(heads, d_v, memory_slots, config.topk)
     return hybrid_state(heads, d_k, d_v, memory_slots, config.topk, window, config.hybrid_blend, config.hybrid_fw)
 

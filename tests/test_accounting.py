@@ -8,10 +8,10 @@ from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
 H, D_V, D_K, M, K, S = 3, 7, 6, 8, 5, 4
 
 
-def config(layer_types, **kw):
-    args = dict(vocab_size=50, hidden_size=12, num_hidden_layers=len(layer_types), num_heads=H, head_v_dim=D_V,
-                num_partitions=3, partition_dim=2, topk=K, intermediate_size=16, layer_types=layer_types,
-                window_size=S, cape_heads=[0] * len(layer_types))
+def config(mixer_types, **kw):
+    args = dict(vocab_size=50, hidden_size=12, num_hidden_layers=len(mixer_types), num_heads=H, head_v_dim=D_V,
+                num_partitions=3, partition_dim=2, topk=K, intermediate_size=16, mixer_types=mixer_types,
+                window_size=S, num_cape_heads=[0] * len(mixer_types))
     return RAMNetConfig(**(args | kw))
 
 
@@ -27,9 +27,9 @@ def test_state_size_follows_the_config():
 
 
 @pytest.mark.parametrize(
-    "layer_type, kw, total, active",
+    "mixer_type, kw, total, active",
     [
-        ("linear_attention", {}, H * M * (D_V + 1), H * 2 * K * (D_V + 1)),
+        ("ramnet", {}, H * M * (D_V + 1), H * 2 * K * (D_V + 1)),
         # RAM fast weights + S cached tokens of keys (d_k) and values (d_v); a token attends S of them
         ("hybrid", {}, H * M * (D_V + 1) + S * H * (D_K + D_V), H * 2 * K * (D_V + 1) + S * H * (D_K + D_V)),
         ("hybrid", dict(hybrid_blend="delayed_stream"), H * M * (D_V + 1) + S * H * (D_K + D_V),
@@ -45,14 +45,14 @@ def test_state_size_follows_the_config():
         ("sliding_attention", {}, (S - 1) * H * 2 * D_V, S * H * 2 * D_V),
     ],
 )
-def test_state_size_per_layer_type(layer_type, kw, total, active):
-    two_layers = config([layer_type] * 2, **kw)
+def test_state_size_per_mixer_type(mixer_type, kw, total, active):
+    two_layers = config([mixer_type] * 2, **kw)
     assert state_size(two_layers) == {"total": 2 * total, "active_per_token": 2 * active}
     assert state_size(two_layers, seq_len=3) == state_size(two_layers)  # seq_len sizes full attention only
 
 
 def test_full_attention_grows_with_the_context():
-    mixed = config(["full_attention", "linear_attention"])
+    mixed = config(["full_attention", "ramnet"])
     with pytest.raises(ValueError, match=r"layers \[0\] are full_attention.*pass seq_len"):
         state_size(mixed)
     ram = H * M * (D_V + 1), H * 2 * K * (D_V + 1)
@@ -71,7 +71,7 @@ def test_total_is_what_the_cache_holds(blend, fw):
     # After 11 tokens (past every window; 11 = 2 S + S - 1 leaves a full chunk in progress) the
     # cache holds exactly `total` floats.
     seq_len = 2 * S + S - 1
-    cfg = config(["hybrid", "sliding_attention", "full_attention", "linear_attention"], hybrid_blend=blend,
+    cfg = config(["hybrid", "sliding_attention", "full_attention", "ramnet"], hybrid_blend=blend,
                  hybrid_fw=fw)
     torch.manual_seed(0)
     model = RAMNetForCausalLM(cfg).eval()

@@ -8,40 +8,60 @@ pair and read after the write, for ``[B, T]`` sequences or packed variable-lengt
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cache
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..ops import RAMState, address_decode, ram_attention
+from ..ops import RAMState, address_decode
 from ..ops.address import cape_shift
-from ..ops.checks import check_topk, compute_dtype, memory_geometry
+from ..ops.checks import check_choice, check_finite, compute_dtype
+from ..ops.ram_attention.interface import PATHS, default_mode
+from ..ops.ram_attention.spec import RAMSpec, build_spec
 
 
 class RAMMemory:
-    """RAM-Net as the fast-weight memory: ``ram_attention`` to write (and read what was just
+    """RAM-Net as the fast-weight memory: the RAM attention op to write (and read what was just
     written), plus a read-only access to a state, which the op has no way to express (every
     step of the op writes).
 
     Built from a layer's hyperparameters, and checks them: keys of ``d_k = num_partitions *
     partition_dim`` address ``M = partition_dim ** num_partitions`` slots, ``topk`` in [1, M],
-    ``cape`` a bool for all heads or one per head (kept as ``cape``, a tuple of bools).
+    ``cape`` a bool for all heads or one per head (kept as ``cape``, a tuple of bools), ``mode``
+    one of the op's paths or None, and the op's rules for the rest (``build_spec``).
+
+    The op's ``RAMSpec`` depends on these hyperparameters only, so it is built once, here, and
+    not on every forward as ``ram_attention`` would (building it checks gamma on the device, a
+    host synchronisation); ``spec`` hands out copies on each device and compute dtype used.
     """
 
     def __init__(self, num_heads: int, head_v_dim: int, num_partitions: int, partition_dim: int, topk: int,
                  gamma, tau, eps, proxy_eps, cape: bool | Sequence[bool], mode: str | None):
-        self.head_k_dim = num_partitions * partition_dim
-        _, self.memory_slots = memory_geometry(self.head_k_dim, num_partitions)
-        check_topk(topk, self.memory_slots)
         if isinstance(cape, bool):
             cape = [cape] * num_heads
         if len(cape) != num_heads:
             raise ValueError(f"cape must be a bool or one bool per head ({num_heads}), got {len(cape)} entries")
-        self.num_heads, self.head_v_dim = num_heads, head_v_dim
-        self.num_partitions, self.topk = num_partitions, topk
-        self.gamma, self.tau, self.eps, self.proxy_eps, self.mode = gamma, tau, eps, proxy_eps, mode
-        self.cape = tuple(bool(c) for c in cape)
+        self.num_heads, self.head_v_dim, self.head_k_dim = num_heads, head_v_dim, num_partitions * partition_dim
+        self.cape, self.mode = tuple(bool(c) for c in cape), check_choice("mode", mode, (None, *sorted(PATHS)))
+        # On the CPU whatever the default device (a model may be built on "meta"), gamma in fp64 so
+        # that casting it to the compute dtype rounds it as building it there would.
+        self._spec = build_spec(
+            num_heads, self.head_k_dim, num_partitions=num_partitions, topk=topk, gamma=gamma, tau=tau, eps=eps,
+            proxy_eps=proxy_eps, cape=list(self.cape), dtype=torch.float64, device=torch.device("cpu"),
+        )
+        self.memory_slots, self.topk = self._spec.memory_slots, self._spec.topk
+        self._specs: dict[tuple, RAMSpec] = {}
+
+    def spec(self, like: torch.Tensor, inplace_state: bool = False) -> RAMSpec:
+        """The spec for inputs like ``like``: on its device, gamma in its compute dtype."""
+        key = (like.device, compute_dtype(like.dtype), inplace_state)
+        if key not in self._specs:
+            base = self._spec
+            self._specs[key] = replace(base, gamma=base.gamma.to(like.device, key[1]), cape=base.cape.to(like.device),
+                                       inplace_state=inplace_state)
+        return self._specs[key]
 
     def empty(self, batch: int, like: torch.Tensor) -> RAMState:
         return RAMState.empty(
@@ -50,30 +70,35 @@ class RAMMemory:
         )
 
     def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
-        """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused)."""
-        return ram_attention(
-            q, k, v,
-            num_partitions=self.num_partitions, topk=self.topk, gamma=self.gamma, tau=self.tau, eps=self.eps,
-            proxy_eps=self.proxy_eps, cape=self.cape, initial_state=state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, mode=self.mode,
-            # Decoding: update the K touched rows of the cached state instead of copying all M
-            # (the op's recurrent path only, without autograd).
-            inplace_state=state is not None and q.shape[1] == 1 and cu_seqlens is None
-            and self.mode in (None, "recurrent") and not torch.is_grad_enabled(),
-        )
+        """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused).
+
+        The op's path, run as ``ram_attention`` runs it (mode, compute dtype, in-place decoding)
+        but with this memory's spec, which ``ram_attention`` cannot take. Of its input checks only
+        the one on values is kept: the layer itself made the shapes, the packing and the state."""
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite(name, x)
+        # Decoding: update the K touched rows of the cached state instead of copying all M
+        # (the op's recurrent path only, without autograd).
+        inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.mode in (None, "recurrent")
+                   and not torch.is_grad_enabled())
+        mode = "recurrent" if inplace else self.mode or default_mode(q, q.shape[1])
+        compute = compute_dtype(q.dtype)
+        o, final = PATHS[mode](q.to(compute), k.to(compute), v.to(compute), self.spec(q, inplace), state,
+                               output_final_state or inplace, cu_seqlens)
+        return o.to(v.dtype), final
 
     def read(self, q: torch.Tensor, positions: torch.Tensor, state: RAMState, rows: torch.Tensor) -> torch.Tensor:
         """Read ``q [N, H, d_k]`` (CAPE at ``positions [N]``) from the states of ``rows [N]``:
         ``sum_k r_k S[i_k] / (z[i_k] + eps)``, touching only the K slots read."""
         compute = state.S.dtype
-        index, weight = address_decode(q.to(compute), num_partitions=self.num_partitions, topk=self.topk, tau=self.tau)
-        cape = torch.tensor(self.cape, device=q.device)
-        index = cape_shift(index[None], positions[None], cape, self.memory_slots)[0]  # [N, H, K]
+        spec = self.spec(q)
+        index, weight = address_decode(q.to(compute), num_partitions=spec.num_partitions, topk=spec.topk, tau=spec.tau)
+        index = cape_shift(index[None], positions[None], spec.cape, self.memory_slots)[0]  # [N, H, K]
         heads = torch.arange(self.num_heads, device=q.device)
         flat = (rows[:, None, None] * self.num_heads + heads[None, :, None]) * self.memory_slots + index
         values = state.S.reshape(-1, self.head_v_dim)[flat]
         norms = state.z.reshape(-1)[flat]
-        return (weight[..., None] * values / (norms[..., None] + self.eps)).sum(-2).to(q.dtype)
+        return (weight[..., None] * values / (norms[..., None] + spec.eps)).sum(-2).to(q.dtype)
 
 
 class DeltaState(NamedTuple):

@@ -48,7 +48,8 @@ class RAMAttention(RAMProjections):
     ``M = partition_dim ** num_partitions`` slots, PDMA memory, output projection.
 
     ``cape`` switches CAPE on for all heads (True), none (False) or per head (a sequence of
-    bools). The hyperparameters of the memory live in ``memory`` (a ``RAMMemory``).
+    bools); the layer keeps it as ``cape``, one bool per head. The hyperparameters of the memory
+    live in ``memory`` (a ``RAMMemory``).
 
     With a cache, a one-token step under ``torch.no_grad()`` (no padding in the step, ``mode``
     None or "recurrent") updates the cached state in place.
@@ -75,7 +76,7 @@ class RAMAttention(RAMProjections):
         super().__init__(hidden_size, num_heads, memory.head_k_dim, head_v_dim)
         self.memory, self.memory_slots, self.layer_idx = memory, memory.memory_slots, layer_idx
         # A plain tuple, not a buffer: it is configuration, and checkpoints need not carry it.
-        self.cape_heads = memory.cape
+        self.cape = memory.cape
 
     def state_size(self, seq_len: int | None = None) -> int:
         """Floats of state per sequence, ``H * M * (d_v + 1)`` (``ramnet.accounting``)."""

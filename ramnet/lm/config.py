@@ -163,7 +163,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small-hybrid": dict(
         _SMALL_RUN, out_dir="runs/small-hybrid",
         model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, num_partitions=4,
-                   partition_dim=4, topk=8, intermediate_size=1236, layer_types=["hybrid"] * 8, window_size=64,
+                   partition_dim=4, topk=8, intermediate_size=1236, mixer_types=["hybrid"] * 8, window_size=64,
                    hybrid_blend="synchronous", hybrid_mix="vector"),
     ),
     # Issue 6's sliding-window baseline: every layer softmax attention over the last 64 tokens
@@ -172,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small-sliding": dict(
         _SMALL_RUN, out_dir="runs/small-sliding",
         model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, intermediate_size=1152,
-                   layer_types=["sliding_attention"] * 8, window_size=64),
+                   mixer_types=["sliding_attention"] * 8, window_size=64),
     ),
     # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache
 
-from ..layers.hybrid import DeltaState, KVWindow
+from ..layers.kv_window import KVWindow
+from ..layers.memories import DeltaState
 from ..ops import RAMState
 
 

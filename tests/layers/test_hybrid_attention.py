@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ramnet.layers import HybridRAMAttention, SlidingWindowAttention
-from ramnet.layers.hybrid import rotary
+from ramnet.layers.kv_window import rotary
 from ramnet.models import RAMNetCache
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.address import cape_dense, dense_topk_address

@@ -1,10 +1,13 @@
 """The RAMAttention token mixer."""
 
+import sys
+
 import pytest
 import torch
 
-from ramnet.layers import RAMAttention
+from ramnet.layers import HybridRAMAttention, RAMAttention
 from ramnet.models import RAMNetCache
+from ramnet.ops.ram_attention import spec as spec_module
 
 
 def _layer(**kw):
@@ -82,8 +85,47 @@ def test_bad_configuration_and_input():
         _layer(cape=[True])
     with pytest.raises(ValueError, match="topk"):
         _layer(topk=17)  # M = 16
+    with pytest.raises(ValueError, match=r"mode must be one of \[None, 'naive', 'parallel', 'recurrent', 'triton'\]"):
+        _layer(mode="fused")
     layer = _layer()
     with pytest.raises(ValueError, match="hidden_states must be"):
         layer(torch.randn(1, 3, 25, dtype=torch.float64))
     with pytest.raises(ValueError, match="attention_mask must be"):
         layer(torch.randn(2, 3, 24, dtype=torch.float64), attention_mask=torch.ones(2, 2))
+
+
+def test_forwards_do_not_build_the_spec(monkeypatch):
+    # build_spec checks gamma on the device (a host synchronisation): a layer builds its spec once,
+    # when constructed, and no forward builds it again, whatever the path, cache or dtype.
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return build_spec(*args, **kwargs)
+
+    build_spec = spec_module.build_spec
+    for module in list(sys.modules.values()):  # every module that imported it by name
+        if module.__name__.startswith("ramnet") and getattr(module, "build_spec", None) is build_spec:
+            monkeypatch.setattr(module, "build_spec", counted)
+    ram = _layer(layer_idx=0, gamma=0.5)
+    hybrid = HybridRAMAttention(hidden_size=24, num_heads=2, head_v_dim=6, num_partitions=2, partition_dim=4, topk=3,
+                                cape=True, window_size=2, blend="delayed_chunk", layer_idx=0).double()
+    assert len(calls) == 2
+    x = torch.randn(2, 6, 24, dtype=torch.float64)
+    for layer in (ram, hybrid):
+        layer(x)[0].sum().backward()
+        with torch.no_grad():
+            cache = RAMNetCache()
+            layer(x[:, :5], past_key_values=cache, use_cache=True)
+            layer(x[:, 5:], past_key_values=cache, use_cache=True)  # a decoding step
+            layer.float()(x.float())
+    assert len(calls) == 2
+
+
+@torch.no_grad()
+def test_the_spec_follows_the_input_dtype():
+    # gamma is kept per compute dtype: after fp32 forwards an fp64 one computes with an fp64 gamma
+    layer, fresh = _layer(gamma=0.3), _layer(gamma=0.3)
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    layer.float()(x.float())
+    assert torch.equal(layer.double()(x)[0], fresh(x)[0])

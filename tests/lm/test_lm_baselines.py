@@ -157,8 +157,8 @@ def test_small_baselines_match_small_in_parameters():
     sliding = non_embedding_parameters("small-sliding")
     assert small == 38_937_216 and transformer == 38_870_528 and hybrid == 38_925_440 and sliding == 38_937_088
     assert all(abs(other / small - 1) < 0.05 for other in (transformer, hybrid, sliding))
-    assert set(load_config("small-hybrid").model["layer_types"]) == {"hybrid"}
-    assert set(load_config("small-sliding").model["layer_types"]) == {"sliding_attention"}
+    assert set(load_config("small-hybrid").model["mixer_types"]) == {"hybrid"}
+    assert set(load_config("small-sliding").model["mixer_types"]) == {"sliding_attention"}
     gdn = load_config("small-gated-deltanet")
     estimate = gated_deltanet_parameters(gdn.model)
     assert estimate == 38_860_836 and abs(estimate / small - 1) < 0.05

@@ -8,7 +8,7 @@ VOCAB = 97
 TINY = dict(
     vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_heads=4, head_v_dim=8, num_partitions=3,
     partition_dim=3, topk=4, intermediate_size=48,
-    cape_heads=[4, 2, 0],  # all, some and no CAPE heads
+    num_cape_heads=[4, 2, 0],  # all, some and no CAPE heads
     pad_token_id=0, bos_token_id=None, eos_token_id=None,  # generation always runs for max_new_tokens
 )
 

@@ -1,4 +1,4 @@
-"""RAM-Net models with hybrid and softmax-attention layers (`layer_types`)."""
+"""RAM-Net models with hybrid and softmax-attention layers (`mixer_types`)."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
 import model_helpers as helpers
 from model_helpers import VOCAB, random_ids
 
-MIXED = ["hybrid", "sliding_attention", "full_attention", "linear_attention"]
-HYBRID = dict(num_hidden_layers=4, cape_heads=[4, 2, 0, 2], layer_types=MIXED, window_size=3)
+MIXED = ["hybrid", "sliding_attention", "full_attention", "ramnet"]
+HYBRID = dict(num_hidden_layers=4, num_cape_heads=[4, 2, 0, 2], mixer_types=MIXED, window_size=3)
 
 
 def tiny_config(**overrides):
@@ -21,7 +21,7 @@ def tiny_model(dtype=torch.float64, **overrides):
     return helpers.tiny_model(dtype, **(HYBRID | overrides))
 
 
-def test_layer_types_pick_the_mixers():
+def test_mixer_types_pick_the_mixers():
     model = tiny_model(hybrid_blend="delayed_chunk", hybrid_mix="scalar", hybrid_fw="deltanet")
     mixers = [layer.attn for layer in model.model.layers]
     expected = [HybridRAMAttention, SlidingWindowAttention, SlidingWindowAttention, RAMAttention]
@@ -29,12 +29,12 @@ def test_layer_types_pick_the_mixers():
     assert (mixers[0].blend, mixers[0].mix, mixers[0].fast_weight, mixers[0].window_size) == (
         "delayed_chunk", "scalar", "deltanet", 3,
     )
-    assert mixers[0].cape_heads == (True,) * 4 and mixers[3].cape_heads == (True, True, False, False)
+    assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     assert (mixers[1].window_size, mixers[2].window_size) == (3, None)
     assert torch.equal(mixers[0].mix_logit, torch.zeros(4))
     # the default keeps every layer RAM-Net
     default = RAMNetConfig(num_hidden_layers=3, num_heads=4)
-    assert default.layer_types == ["linear_attention"] * 3
+    assert default.mixer_types == ["ramnet"] * 3
 
 
 def test_forward_backward_gives_finite_gradients_everywhere():
@@ -105,7 +105,7 @@ def test_save_and_load_round_trip(tmp_path):
         expected = model(ids).logits
     model.save_pretrained(tmp_path)
     loaded = RAMNetForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.layer_types == MIXED and loaded.config.hybrid_blend == "delayed_stream"
+    assert loaded.config.mixer_types == MIXED and loaded.config.hybrid_blend == "delayed_stream"
     assert loaded.model.layers[0].attn.rope_theta == 500.0
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
@@ -114,15 +114,15 @@ def test_save_and_load_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "field, value, extra",
     [
-        ("layer_types", ["hybrid"] * 3, {}),  # one per layer needed
-        ("layer_types", ["ram"] * 4, {}),
-        ("layer_types", ["attention"] * 4, {}),  # transformers' names only: "full_attention"
+        ("mixer_types", ["hybrid"] * 3, {}),  # one per layer needed
+        ("mixer_types", ["ram"] * 4, {}),
+        ("mixer_types", ["attention"] * 4, {}),  # transformers' names only: "full_attention"
         ("hybrid_blend", "delayed", {}),
         ("hybrid_mix", "gate", {}),
         ("hybrid_fw", "gla", {}),
         ("window_size", -1, {}),
         ("window_size", 0, {}),  # a sliding_attention layer needs a window
-        ("window_size", 0, dict(layer_types=["hybrid"] * 4, hybrid_blend="delayed_chunk")),
+        ("window_size", 0, dict(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_chunk")),
         ("rope_theta", 0.0, {}),
     ],
 )
@@ -132,5 +132,5 @@ def test_config_rejects_bad_values(field, value, extra):
 
 
 def test_window_zero_is_allowed_without_a_windowed_layer():
-    config = tiny_config(layer_types=["hybrid"] * 4, hybrid_blend="delayed_stream", window_size=0)
+    config = tiny_config(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_stream", window_size=0)
     assert config.window_size == 0

@@ -132,13 +132,13 @@ def test_save_and_load_round_trip(tmp_path):
     assert "model.safetensors" in files and not any(name.endswith(".bin") for name in files)
 
     config = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(config, RAMNetConfig) and config.cape_heads == [4, 2, 0]
+    assert isinstance(config, RAMNetConfig) and config.num_cape_heads == [4, 2, 0]
     for cls in (RAMNetForCausalLM, AutoModelForCausalLM):
         loaded = cls.from_pretrained(tmp_path).eval()
         assert type(loaded) is RAMNetForCausalLM
         # the CAPE switches are not in the checkpoint: they must come back from the config
         for original, restored in zip(model.model.layers, loaded.model.layers):
-            assert restored.attn.cape_heads == original.attn.cape_heads
+            assert restored.attn.cape == original.attn.cape
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, expected)
     assert type(AutoModel.from_pretrained(tmp_path)) is RAMNetModel
@@ -190,17 +190,17 @@ def test_cache_holds_one_state_per_layer_and_follows_beams():
 
 def test_default_cape_schedule():
     # the paper: every head in layers 1-4, half of them in layers 5-8, none after
-    assert RAMNetConfig(num_hidden_layers=10, num_heads=6).cape_heads == [6] * 4 + [3] * 4 + [0] * 2
-    assert RAMNetConfig(num_hidden_layers=2, num_heads=5).cape_heads == [5, 5]
-    assert RAMNetConfig().cape_heads == [16] * 4 + [8] * 4 + [0] * 19
+    assert RAMNetConfig(num_hidden_layers=10, num_heads=6).num_cape_heads == [6] * 4 + [3] * 4 + [0] * 2
+    assert RAMNetConfig(num_hidden_layers=2, num_heads=5).num_cape_heads == [5, 5]
+    assert RAMNetConfig().num_cape_heads == [16] * 4 + [8] * 4 + [0] * 19
 
 
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("cape_heads", [4, 2]),  # one entry per layer needed
-        ("cape_heads", [4, 5, 0]),  # more CAPE heads than heads
-        ("cape_heads", [4, -1, 0]),
+        ("num_cape_heads", [4, 2]),  # one entry per layer needed
+        ("num_cape_heads", [4, 5, 0]),  # more CAPE heads than heads
+        ("num_cape_heads", [4, -1, 0]),
         ("num_heads", 0),
         ("hidden_size", -8),
         ("head_v_dim", 0),

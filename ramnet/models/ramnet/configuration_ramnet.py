@@ -8,11 +8,25 @@ from ...ops.checks import check_choice, check_int, check_positive, check_topk, m
 from ...ops.ram_attention import PATHS
 from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
 
-# Transformers' own names (its config validator accepts no others for `layer_types`).
-LAYER_TYPES = ("linear_attention", "hybrid", "full_attention", "sliding_attention")
+# The token mixer of each layer (`mixer_types`), and its name in transformers' `layer_types` vocabulary
+# (`transformers.configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, which transformers' config validator
+# enforces): RAM-Net, a layer with a recurrent state, is transformers' "linear_attention".
+LAYER_TYPE_OF_MIXER = {
+    "ramnet": "linear_attention",
+    "hybrid": "hybrid",
+    "full_attention": "full_attention",
+    "sliding_attention": "sliding_attention",
+}
+MIXER_TYPES = tuple(LAYER_TYPE_OF_MIXER)
+MIXER_OF_LAYER_TYPE = {layer_type: mixer for mixer, layer_type in LAYER_TYPE_OF_MIXER.items()}
+
+# Fields under their names before issue 14 renamed them: the config.json of older checkpoints
+# still uses these, so they are accepted as aliases (and the new name is what gets saved).
+# `layer_types` held the mixers in transformers' vocabulary.
+RENAMED_FIELDS = {"cape_heads": "num_cape_heads", "layer_types": "mixer_types"}
 
 
-def default_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
+def default_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
     """The paper's LM schedule: CAPE on all heads of layers 1-4, on half of them in layers 5-8,
     absolute addressing after that."""
     return [num_heads if i < 4 else num_heads // 2 if i < 8 else 0 for i in range(num_hidden_layers)]
@@ -43,13 +57,20 @@ class RAMNetConfig(PreTrainedConfig):
         use_cache (`bool`): whether eval-mode forwards return the recurrent state.
         tie_word_embeddings (`bool`): share the input embedding with the LM head.
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
-        cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
-            `None` gives the paper's schedule (see `default_cape_heads`); the resolved list is stored.
-        layer_types (`list[str]`, *optional*): the token mixer of each layer: `"linear_attention"`
-            (RAM-Net), `"hybrid"` (`HybridRAMAttention`: sliding-window softmax attention plus a
-            fast-weight memory), `"full_attention"` or `"sliding_attention"` (softmax attention with
-            RoPE, `num_heads` heads of width `head_v_dim`). `None` makes every layer RAM-Net; the
-            resolved list is stored.
+        num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
+            `None` gives the paper's schedule (see `default_num_cape_heads`); the resolved list is stored.
+            Why a count here: the layers and the op take CAPE as `cape`, a bool per head
+            (`RAMAttention(cape=...)`, `layer.cape`, `ram_attention(cape=...)`), but a model turns it
+            on for the first heads of a layer, so its config needs only how many: layer i gets
+            `cape = [h < num_cape_heads[i] for h in range(num_heads)]`. Configs saved before the rename
+            call this field `cape_heads`, which is still accepted.
+        mixer_types (`list[str]`, *optional*): the token mixer of each layer: `"ramnet"`
+            (`RAMAttention`), `"hybrid"` (`HybridRAMAttention`: sliding-window softmax attention plus a
+            fast-weight memory), `"full_attention"` or `"sliding_attention"` (`SlidingWindowAttention`:
+            softmax attention with RoPE, `num_heads` heads of width `head_v_dim`). `None` makes every
+            layer RAM-Net; the resolved list is stored. The read-only `layer_types` gives the same list
+            in transformers' vocabulary, where RAM-Net is `"linear_attention"`; configs saved before
+            the rename have that list under `layer_types`, which is still accepted.
         window_size (`int`): the window S of hybrid and sliding-attention layers (the chunk size of
             the delayed-chunk blend); 0 turns off the KV memory of a delayed-stream or synchronous
             hybrid.
@@ -82,8 +103,8 @@ class RAMNetConfig(PreTrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = False
     attn_mode: str | None = None
-    cape_heads: list[int] | None = None
-    layer_types: list[str] | None = None
+    num_cape_heads: list[int] | None = None
+    mixer_types: list[str] | None = None
     window_size: int = 64
     hybrid_blend: str = "synchronous"
     hybrid_mix: str = "vector"
@@ -94,14 +115,36 @@ class RAMNetConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     def __post_init__(self, **kwargs):
-        if self.cape_heads is None:
-            self.cape_heads = default_cape_heads(self.num_hidden_layers, self.num_heads)
-        if self.layer_types is None:
-            self.layer_types = ["linear_attention"] * self.num_hidden_layers
+        self._take_renamed_fields(kwargs)
+        if self.num_cape_heads is None:
+            self.num_cape_heads = default_num_cape_heads(self.num_hidden_layers, self.num_heads)
+        if self.mixer_types is None:
+            self.mixer_types = ["ramnet"] * self.num_hidden_layers
         # Checked here rather than in a `validate_*` method so that a bad value raises a plain
         # ValueError that names the field (strict wraps class validators in its own error type).
         self._check_values()
         super().__post_init__(**kwargs)
+
+    def _take_renamed_fields(self, kwargs: dict) -> None:
+        """Move the fields of `kwargs` that have an old name (`RENAMED_FIELDS`) to their new one."""
+        for old, new in RENAMED_FIELDS.items():
+            if old not in kwargs:
+                continue
+            if getattr(self, new) is not None:
+                raise ValueError(f"`{old}` is the old name of `{new}`: pass one of them, not both")
+            value = kwargs.pop(old)
+            if old == "layer_types" and value is not None:
+                value = [MIXER_OF_LAYER_TYPE.get(kind, kind) for kind in value]
+            setattr(self, new, value)
+
+    @property
+    def layer_types(self) -> list[str]:
+        """`mixer_types` in transformers' vocabulary (RAM-Net is `"linear_attention"`), read-only.
+
+        Transformers reads `layer_types` (its config validator checks it, its mask and cache helpers
+        and its context-parallel check consult it); this keeps what it sees as it was when the field
+        itself had that name."""
+        return [LAYER_TYPE_OF_MIXER.get(mixer, mixer) for mixer in self.mixer_types]
 
     @property
     def memory_slots(self) -> int:
@@ -123,34 +166,37 @@ class RAMNetConfig(PreTrainedConfig):
         check_choice("attn_mode", self.attn_mode, (None, *sorted(PATHS)))
         for name in ("norm_eps", "initializer_range", "rope_theta"):
             check_positive(name, getattr(self, name))
-        if len(self.cape_heads) != self.num_hidden_layers:
+        if len(self.num_cape_heads) != self.num_hidden_layers:
             raise ValueError(
-                f"`cape_heads` needs one entry per layer ({self.num_hidden_layers}), got {len(self.cape_heads)}"
+                f"`num_cape_heads` needs one entry per layer ({self.num_hidden_layers}), "
+                f"got {len(self.num_cape_heads)}"
             )
-        if not all(0 <= n <= self.num_heads for n in self.cape_heads):
-            raise ValueError(f"`cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.cape_heads}")
-        self._check_layer_types()
+        if not all(0 <= n <= self.num_heads for n in self.num_cape_heads):
+            raise ValueError(
+                f"`num_cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.num_cape_heads}"
+            )
+        self._check_mixer_types()
 
-    def _check_layer_types(self):
-        if len(self.layer_types) != self.num_hidden_layers:
+    def _check_mixer_types(self):
+        if len(self.mixer_types) != self.num_hidden_layers:
             raise ValueError(
-                f"`layer_types` needs one entry per layer ({self.num_hidden_layers}), got {len(self.layer_types)}"
+                f"`mixer_types` needs one entry per layer ({self.num_hidden_layers}), got {len(self.mixer_types)}"
             )
-        if not set(self.layer_types) <= set(LAYER_TYPES):
-            raise ValueError(f"`layer_types` entries must be in {list(LAYER_TYPES)}, got {self.layer_types}")
+        if not set(self.mixer_types) <= set(MIXER_TYPES):
+            raise ValueError(f"`mixer_types` entries must be in {list(MIXER_TYPES)}, got {self.mixer_types}")
         for name, allowed in (("hybrid_blend", BLENDS), ("hybrid_mix", MIXES), ("hybrid_fw", FAST_WEIGHTS)):
             check_choice(name, getattr(self, name), allowed)
         # Sliding attention and the delayed chunk need a window of at least one token; the other
         # blends accept 0 (no KV memory).
-        needs_window = "sliding_attention" in self.layer_types or (
-            "hybrid" in self.layer_types and self.hybrid_blend == "delayed_chunk"
+        needs_window = "sliding_attention" in self.mixer_types or (
+            "hybrid" in self.mixer_types and self.hybrid_blend == "delayed_chunk"
         )
         minimum = 1 if needs_window else 0
         if self.window_size < minimum:
             raise ValueError(
-                f"`window_size` must be >= {minimum} with layer_types {sorted(set(self.layer_types))} and "
+                f"`window_size` must be >= {minimum} with mixer_types {sorted(set(self.mixer_types))} and "
                 f"hybrid_blend {self.hybrid_blend!r}, got {self.window_size}"
             )
 
 
-__all__ = ["LAYER_TYPES", "RAMNetConfig", "default_cape_heads"]
+__all__ = ["LAYER_TYPE_OF_MIXER", "MIXER_TYPES", "RENAMED_FIELDS", "RAMNetConfig", "default_num_cape_heads"]

@@ -45,18 +45,18 @@ class RAMNetMLP(nn.Module):
 
 
 def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
-    """The token mixer that `config.layer_types[layer_idx]` names."""
-    layer_type = config.layer_types[layer_idx]
-    if layer_type in ("full_attention", "sliding_attention"):
+    """The token mixer that `config.mixer_types[layer_idx]` names."""
+    mixer_type = config.mixer_types[layer_idx]
+    if mixer_type in ("full_attention", "sliding_attention"):
         return SlidingWindowAttention(
             hidden_size=config.hidden_size,
             num_heads=config.num_heads,
             head_dim=config.head_v_dim,
-            window_size=config.window_size if layer_type == "sliding_attention" else None,
+            window_size=config.window_size if mixer_type == "sliding_attention" else None,
             rope_theta=config.rope_theta,
             layer_idx=layer_idx,
         )
-    num_cape = config.cape_heads[layer_idx]
+    num_cape = config.num_cape_heads[layer_idx]
     ram = dict(
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
@@ -72,7 +72,7 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
         mode=config.attn_mode,
         layer_idx=layer_idx,
     )
-    if layer_type == "linear_attention":
+    if mixer_type == "ramnet":
         return RAMAttention(**ram)
     return HybridRAMAttention(
         **ram,
@@ -87,7 +87,7 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
 
 class RAMNetDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: x + mixer(norm(x)), then x + MLP(norm(x)); the mixer is RAM attention, a
-    hybrid or softmax attention, as `config.layer_types` says."""
+    hybrid or softmax attention, as `config.mixer_types` says."""
 
     def __init__(self, config: RAMNetConfig, layer_idx: int):
         super().__init__()

@@ -7,13 +7,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ...accounting import hybrid_state
-from ...ops.checks import check_choice, check_int, check_positive
-from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
-from ..memories import DeltaRuleMemory, RAMMemory
-from ..padding import pack, real_token_mask, unpack
-from ..ram_attention import RAMProjections
-from .window import KVWindow, take, window_attention
+from ..accounting import hybrid_state
+from ..ops.checks import check_choice, check_int, check_positive
+from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from .kv_window import KVWindow, take, window_attention
+from .memories import DeltaRuleMemory, RAMMemory
+from .padding import pack, real_token_mask, unpack
+from .ram_attention import RAMProjections
 
 BLENDS = ("delayed_stream", "delayed_chunk", "synchronous")
 MIXES = ("sum", "scalar", "vector")
@@ -83,7 +83,7 @@ class HybridRAMAttention(RAMProjections):
         super().__init__(hidden_size, num_heads, ram.head_k_dim, head_v_dim)
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
-        self.cape_heads = ram.cape
+        self.cape = ram.cape  # one bool per head, as in RAMAttention
         self.memory_slots, self.topk = ram.memory_slots, topk
 
         if fast_weight == "deltanet":

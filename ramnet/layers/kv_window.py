@@ -1,9 +1,9 @@
 """The KV memory of the hybrid and attention layers: a window of recent keys and values, RoPE, and
 causal softmax attention over the window.
 
-Every layer here keeps its recent keys and values in a ``KVWindow``: the cached tokens followed by
-the new ones, each with its absolute position (real tokens only, so padding never counts) and a
-validity flag. Masks are built from positions, so the same code serves training, chunked prefill,
+Every layer that attends keeps its recent keys and values in a ``KVWindow``: the cached tokens
+followed by the new ones, each with its absolute position (real tokens only, so padding never
+counts) and a validity flag. Masks are built from positions, so the same code serves training, chunked prefill,
 decoding and left-padded batches whose rows sit at different positions.
 """
 
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ...ops.checks import compute_dtype
+from ..ops.checks import compute_dtype
 
 
 class KVWindow(NamedTuple):

@@ -1,14 +1,14 @@
-"""``SlidingWindowAttention``: the KV memory alone, with its own projections (the model's full and
-sliding-window attention layers)."""
+"""``SlidingWindowAttention``: causal softmax attention with RoPE, the model's full and sliding-window
+attention layers (the KV memory of ``ramnet.layers.kv_window`` alone, with its own projections)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ...ops.checks import check_int, check_positive
-from ..padding import check_hidden_states, real_token_mask
-from .window import KVWindow, window_attention
+from ..ops.checks import check_int, check_positive
+from .kv_window import KVWindow, window_attention
+from .padding import check_hidden_states, real_token_mask
 
 
 class SlidingWindowAttention(nn.Module):
