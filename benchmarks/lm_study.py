@@ -40,8 +40,8 @@ SCHEDULE = ["seq_len=2048", "batch_size=8", "micro_batch_size=8", "max_steps=200
 # name: (preset, overrides). The `small` presets keep the parameter count within 0.2% of each other.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet": ("small", []),
-    "ramnet-cape-off": ("small", ["model.cape_heads=[0,0,0,0,0,0,0,0]"]),
-    "ramnet-cape-first2": ("small", ["model.cape_heads=[8,4,0,0,0,0,0,0]"]),
+    "ramnet-cape-off": ("small", ["model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
+    "ramnet-cape-first2": ("small", ["model.num_cape_heads=[8,4,0,0,0,0,0,0]"]),
     "ramnet-u5": ("small", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
     "ramnet-u4dp6": ("small", ["model.partition_dim=6"]),  # M 1296, d_k 24
     "ramnet-k16": ("small", ["model.topk=16"]),
@@ -49,6 +49,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-gamma0": ("small", ["model.gamma=0.0"]),
     "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
     "ramnet-h16": ("small", ["model.num_heads=16", "model.head_v_dim=32"]),
+    # Gated DeltaNet's ingredients added to RAM-Net: its short convolution (4) on q, k, v, and its gated
+    # output norm, whose g_proj (512 x 512 a layer) the MLP pays for (1408 -> 1237: 448 fewer parameters a layer).
+    "ramnet-conv": ("small", ["model.short_conv_size=4"]),
+    "ramnet-conv-gate": ("small", ["model.short_conv_size=4", "model.output_gate=true", "model.intermediate_size=1237"]),
+    "ramnet-conv-cape-off": ("small", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
     "gated_deltanet": ("small-gated-deltanet", []),
     "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
     "transformer++": ("small-transformer", []),

@@ -6,11 +6,14 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..accounting import ram_state
 from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from ..ops.checks import check_int
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
+from .short_conv import ShortConvolution
 
 
 class RAMProjections(nn.Module):
@@ -32,12 +35,17 @@ class RAMProjections(nn.Module):
         self.q_log_scale = nn.Parameter(torch.zeros(num_heads))
         self.k_log_scale = nn.Parameter(torch.zeros(num_heads))
 
-    def project(self, hidden_states: torch.Tensor):
-        """``q, k [B, T, H, d_k]`` (scaled by ``e^alpha``) and ``v [B, T, H, d_v]``."""
+    def project(self, hidden_states: torch.Tensor, mix_time=None):
+        """``q, k [B, T, H, d_k]`` (scaled by ``e^alpha``) and ``v [B, T, H, d_v]``; ``mix_time``, when
+        given, maps the flat projections ``(q, k, v)`` (each ``[B, T, H * d]``) before that (a short
+        convolution)."""
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_size)
-        q = self.q_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_k_dim)
-        k = self.k_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_k_dim)
-        v = self.v_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_v_dim)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if mix_time is not None:
+            q, k, v = mix_time(q, k, v)
+        q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
+        k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)
+        v = v.view(batch, seq_len, self.num_heads, self.head_v_dim)
         q = q * self.q_log_scale.exp()[:, None].to(q.dtype)
         k = k * self.k_log_scale.exp()[:, None].to(k.dtype)
         return q, k, v
@@ -51,8 +59,14 @@ class RAMAttention(RAMProjections):
     bools); the layer keeps it as ``cape``, one bool per head. The hyperparameters of the memory
     live in ``memory`` (a ``RAMMemory``).
 
+    Two options from Gated DeltaNet, both off by default (the paper has neither):
+    ``short_conv_size`` > 0 convolves the q, k and v projections over the last that many tokens
+    (``ShortConvolution``, causal and depthwise); ``output_gate`` multiplies the per-head
+    RMS-normalised read by ``silu(g_proj(x))`` before ``o_proj``, as Gated DeltaNet's gated output norm.
+
     With a cache, a one-token step under ``torch.no_grad()`` (no padding in the step, ``mode``
-    None or "recurrent") updates the cached state in place.
+    None or "recurrent") updates the cached state in place; the convolution's last inputs are
+    cached beside it.
     """
 
     def __init__(
@@ -69,14 +83,28 @@ class RAMAttention(RAMProjections):
         proxy_eps: float = DEFAULT_PROXY_EPS,
         cape: bool | Sequence[bool] = False,
         mode: str | None = None,
+        short_conv_size: int = 0,
+        output_gate: bool = False,
+        norm_eps: float = 1e-6,
         layer_idx: int | None = None,
     ):
+        if short_conv_size != 0:
+            check_int("short_conv_size", short_conv_size, 2)  # 0 (off) or a kernel of >= 2 tokens
+        if not isinstance(output_gate, bool):
+            raise TypeError(f"output_gate must be a bool, got {output_gate!r}")
         memory = RAMMemory(num_heads, head_v_dim, num_partitions, partition_dim, topk, gamma, tau, eps, proxy_eps,
                            cape, mode)
         super().__init__(hidden_size, num_heads, memory.head_k_dim, head_v_dim)
         self.memory, self.memory_slots, self.layer_idx = memory, memory.memory_slots, layer_idx
         # A plain tuple, not a buffer: it is configuration, and checkpoints need not carry it.
         self.cape = memory.cape
+        self.short_conv = None
+        if short_conv_size:
+            self.short_conv = ShortConvolution(num_heads * (2 * memory.head_k_dim + head_v_dim), short_conv_size)
+        self.g_proj = self.o_norm = None
+        if output_gate:
+            self.g_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False)
+            self.o_norm = nn.RMSNorm(head_v_dim, eps=norm_eps)
 
     def state_size(self, seq_len: int | None = None) -> int:
         """Floats of state per sequence, ``H * M * (d_v + 1)`` (``ramnet.accounting``)."""
@@ -91,10 +119,18 @@ class RAMAttention(RAMProjections):
         output_attentions: bool = False,
         **kwargs,
     ):
-        q, k, v = self.project(hidden_states)
-        batch, seq_len = q.shape[:2]
-        state = past_key_values.get_state(self.layer_idx) if past_key_values is not None else None
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_size)
         keep = real_tokens(attention_mask, batch, seq_len)
+        state = past_key_values.get_state(self.layer_idx) if past_key_values is not None else None
+        history = past_key_values.get_conv_history(self.layer_idx) if past_key_values is not None else None
+        mix_time = None
+        if self.short_conv is not None:
+            def mix_time(q, k, v):
+                nonlocal history
+                widths = (q.shape[-1], k.shape[-1], v.shape[-1])
+                qkv, history = self.short_conv(torch.cat([q, k, v], dim=-1), history, keep)
+                return qkv.split(widths, dim=-1)
+        q, k, v = self.project(hidden_states, mix_time)
         cu_seqlens = None
         if keep is not None:  # drop padding: pack the real tokens as variable-length sequences
             (q, k, v), cu_seqlens = pack(keep, q, k, v)
@@ -102,6 +138,9 @@ class RAMAttention(RAMProjections):
         if keep is not None:  # padded positions output zeros
             o = unpack(o, keep)
         if use_cache and past_key_values is not None:
-            past_key_values.update_state(self.layer_idx, new_state, num_new_tokens=seq_len)
+            past_key_values.update_state(self.layer_idx, new_state, num_new_tokens=seq_len, conv_history=history)
+        if self.g_proj is not None:
+            gate = self.g_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_v_dim)
+            o = self.o_norm(o) * F.silu(gate)
         o = self.o_proj(o.reshape(batch, seq_len, self.num_heads * self.head_v_dim))
         return o, None, past_key_values

@@ -32,6 +32,8 @@ class RAMNetCacheLayer:
     def __init__(self):
         self.state: RAMState | DeltaState | None = None
         self.window: KVWindow | None = None
+        # The last inputs of a RAM layer's short convolution ([B, size - 1, C]), when it has one.
+        self.conv_history: torch.Tensor | None = None
         # Input columns consumed, padding included: what `generate` means by the cache's length.
         # The per-sequence count of real tokens lives in `state.offset` (RAM layers) or `window.seen`.
         self.seen_tokens = 0
@@ -48,6 +50,7 @@ class RAMNetCacheLayer:
     def reset(self) -> None:
         self.state = None
         self.window = None
+        self.conv_history = None
         self.seen_tokens = 0
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -56,6 +59,8 @@ class RAMNetCacheLayer:
             self.state = type(self.state)(*(fn(t) for t in self.state))
         if self.window is not None:
             self.window = KVWindow(*(None if t is None else fn(t) for t in self.window))
+        if self.conv_history is not None:
+            self.conv_history = fn(self.conv_history)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -90,14 +95,19 @@ class RAMNetCache(Cache):
     def get_window(self, layer_idx: int) -> KVWindow | None:
         return self.layers[layer_idx].window if layer_idx < len(self.layers) else None
 
+    def get_conv_history(self, layer_idx: int) -> torch.Tensor | None:
+        return self.layers[layer_idx].conv_history if layer_idx < len(self.layers) else None
+
     def update_state(
-        self, layer_idx: int, state: RAMState | DeltaState | None, num_new_tokens: int, window: KVWindow | None = None
+        self, layer_idx: int, state: RAMState | DeltaState | None, num_new_tokens: int, window: KVWindow | None = None,
+        conv_history: torch.Tensor | None = None,
     ) -> None:
         while len(self.layers) <= layer_idx:
             self.layers.append(self.layer_class_to_replicate())
         layer = self.layers[layer_idx]
         layer.state = state
         layer.window = window
+        layer.conv_history = conv_history
         layer.seen_tokens += num_new_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -78,6 +78,10 @@ class RAMNetConfig(PreTrainedConfig):
         hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate), `"scalar"` (per head) or `"sum"`.
         hybrid_fw (`str`): the fast-weight memory of hybrid layers, `"ramnet"` or `"deltanet"`.
         rope_theta (`float`): RoPE base of the softmax attention (hybrid and attention layers).
+        short_conv_size (`int`): RAM-Net layers only: 0 (the paper's mixer), or the width of a causal
+            depthwise convolution over time of the q, k and v projections (Gated DeltaNet uses 4).
+        output_gate (`bool`): RAM-Net layers only: multiply the per-head RMS-normalised read by
+            `silu(g_proj(x))` before the output projection, as Gated DeltaNet's gated output norm.
     """
 
     model_type = "ramnet"
@@ -110,6 +114,8 @@ class RAMNetConfig(PreTrainedConfig):
     hybrid_mix: str = "vector"
     hybrid_fw: str = "ramnet"
     rope_theta: float | int = 10000.0
+    short_conv_size: int = 0
+    output_gate: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -176,6 +182,13 @@ class RAMNetConfig(PreTrainedConfig):
                 f"`num_cape_heads` entries must be in [0, num_heads={self.num_heads}], got {self.num_cape_heads}"
             )
         self._check_mixer_types()
+        self._check_ramnet_options()
+
+    def _check_ramnet_options(self):
+        if self.short_conv_size != 0:
+            check_int("short_conv_size", self.short_conv_size, 2)  # 0 (off) or a kernel of >= 2 tokens
+        if (self.short_conv_size or self.output_gate) and "ramnet" not in self.mixer_types:
+            raise ValueError("`short_conv_size` and `output_gate` apply to RAM-Net layers, and `mixer_types` has none")
 
     def _check_mixer_types(self):
         if len(self.mixer_types) != self.num_hidden_layers:

@@ -12,6 +12,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ...layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ...layers.ram_attention import RAMProjections
+from ...layers.short_conv import ShortConvolution
 from ..cache import RAMNetCache
 from .configuration_ramnet import RAMNetConfig
 
@@ -73,7 +74,8 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
         layer_idx=layer_idx,
     )
     if mixer_type == "ramnet":
-        return RAMAttention(**ram)
+        return RAMAttention(**ram, short_conv_size=config.short_conv_size, output_gate=config.output_gate,
+                            norm_eps=config.norm_eps)
     return HybridRAMAttention(
         **ram,
         window_size=config.window_size,
@@ -133,6 +135,8 @@ class RAMNetPreTrainedModel(PreTrainedModel):
             # e^0 = 1: the learnable per-head q/k temperatures start neutral.
             init.zeros_(module.q_log_scale)
             init.zeros_(module.k_log_scale)
+        if isinstance(module, ShortConvolution):  # starts as the identity (init.copy_ keeps loaded weights)
+            init.copy_(module.weight, module.identity_weight())
         if isinstance(module, HybridRAMAttention) and module.mix == "scalar":
             init.zeros_(module.mix_logit)  # both memories weighted 1/2
 
