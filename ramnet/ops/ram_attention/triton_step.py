@@ -220,20 +220,6 @@ def _fused_step(q, k, v, state: RAMState, spec: RAMSpec) -> torch.Tensor:
         **fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v),
     )
     return o
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    meta = _forward_meta(_meta(d_k, spec.num_partitions, spec.topk, has_shift=True), spec.topk)
-    _, block_dv, num_warps = _launch_config(spec.topk, d_v)  # its K_PAD is the decoder's KB
-    S, z = state.S, state.z
-    _fused_step_kernel[(batch * heads,)](
-        q, k, v, S, z, state.offset, spec.gamma, spec.cape, o,
-        heads, float(spec.eps), float(spec.tau),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        *S.stride(), *z.stride(),
-        U=meta["U"], DP=meta["DP"], DP_PAD=meta["DP_PAD"], K=meta["K"], KP=meta["KP"], KPB=meta["KPB"],
-        KB=meta["KB"], K_OUT=meta["K_OUT"], M=meta["M"], INDEX_64=meta["INDEX_64"], UNROLL=meta["UNROLL"],
-        D_V=d_v, BLOCK_DV=block_dv, num_warps=num_warps,
-    )
-    return o
 
 
 def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: int, gamma=1.0, tau: float = 1.0,
