@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..accounting import ram_state
-from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
 

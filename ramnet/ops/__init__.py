@@ -1,7 +1,7 @@
 """RAM-Net ops: the address decoder and RAM attention."""
 
 from .address import address_decode
-from .ram_attention import (
+from .ram import (
     RAMState,
     naive_ram_attention,
     parallel_ram_attention,

@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 from ramnet.ops.address import triton as decoder
 from ramnet.ops.pdma import triton_kernels as kernels
 from ramnet.ops.pdma.triton_segments import GROUP
-from ramnet.ops.ram_attention import triton_step
+from ramnet.ops.ram import triton_step
 
 FLOAT_ARGS = {"empty_z", "eps", "tau"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",

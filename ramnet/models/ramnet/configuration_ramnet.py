@@ -5,8 +5,8 @@ from transformers import PreTrainedConfig
 
 from ...layers.hybrid import BLENDS, FAST_WEIGHTS, MIXES
 from ...ops.checks import check_choice, check_int, check_positive, check_topk, memory_geometry
-from ...ops.ram_attention import PATHS
-from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from ...ops.ram import PATHS
+from ...ops.ram.spec import DEFAULT_PROXY_EPS
 
 # Transformers' own names (its config validator accepts no others for `layer_types`).
 LAYER_TYPES = ("linear_attention", "hybrid", "full_attention", "sliding_attention")
