@@ -58,7 +58,7 @@ from ramnet.models.cache import RAMNetCache
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.ram import pdma_step
 from ramnet.ops.ram.common import decode_tokens
-from ramnet.ops.ram.triton_step import decode_spec, ram_decode_step
+from ramnet.ops.ram.step import decode_spec, ram_decode_step
 from ramnet.ops.triton_support import HAS_TRITON, triton_runs_on
 
 HIDDEN = 1024

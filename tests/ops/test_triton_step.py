@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 if triton_runs_on(DEVICE):
-    from ramnet.ops.ram.triton_step import decode_spec, pdma_step_triton, ram_decode_step
+    from ramnet.ops.ram.step import decode_spec, pdma_step_triton, ram_decode_step
 
 
 def _addresses(batch, heads, slots, topk, overlap, gen):

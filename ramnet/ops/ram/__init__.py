@@ -6,7 +6,7 @@ from functools import partial
 from .interface import PATHS, ram_attention
 from .recurrent import pdma_step
 from .state import RAMState
-from .triton_step import decode_spec, pdma_step_triton, ram_decode_step
+from .step import decode_spec, pdma_step_triton, ram_decode_step
 
 naive_ram_attention = partial(ram_attention, mode="naive")
 recurrent_ram_attention = partial(ram_attention, mode="recurrent")

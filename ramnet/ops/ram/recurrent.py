@@ -8,6 +8,7 @@ from ..triton_support import kernels_apply
 from .common import empty_state, decode_tokens, run_per_sequence
 from .spec import RAMSpec
 from .state import RAMState
+from .step import pdma_step_triton
 
 
 def pdma_step(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float, inplace: bool):
@@ -42,14 +43,11 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
     S, z = state.S, state.z
     if not needs_grad and not spec.inplace_state:  # one copy, then every step updates K rows in place
         S, z = S.clone(), z.clone()
-    kernel = None
-    if use_kernels:
-        from .triton_step import pdma_step_triton as kernel
     outputs = []
     for t in range(seq_len):
         step = (write_idx[:, t], write_w[:, t], decay[:, t], v[:, t], read_idx[:, t], read_w[:, t])
-        if kernel is not None:
-            outputs.append(kernel(S, z, *step, spec.eps))
+        if use_kernels:
+            outputs.append(pdma_step_triton(S, z, *step, spec.eps))
             continue
         S, z, o = pdma_step(S, z, *step, spec.eps, inplace=not needs_grad)
         outputs.append(o)

@@ -20,7 +20,7 @@ from .state import RAMState
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
-    from ..pdma.triton_segments import segment_pdma_triton  # imports triton, an optional dependency
+    from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
     batch, seq_len, heads, _ = q.shape
     d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
