@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..triton_support import require_triton
-from .common import by_row, decode_tokens, num_sequences, sort_events, token_positions
+from .events import sorted_events, state_table
 from .spec import RAMSpec
 from .state import RAMState
 
@@ -22,35 +22,20 @@ def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, outpu
     require_triton(q.device, 'mode="triton"')
     from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
-    batch, seq_len, heads, _ = q.shape
-    d_v, topk, memory_slots = v.shape[-1], spec.topk, spec.memory_slots
-    rows, device = batch * heads, q.device
-    num_seqs = num_sequences(q, cu_seqlens)
-    offset = initial_state.offset if initial_state is not None else torch.zeros(num_seqs, dtype=torch.long, device=device)
-
-    seq, positions = token_positions(batch, seq_len, offset, cu_seqlens)
-    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions, use_triton=True)
-    slots = torch.cat([by_row(write_idx), by_row(read_idx)], dim=-1).reshape(rows, 2 * seq_len * topk)
-    event_seq = None if cu_seqlens is None else seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
-    sorted_slots, perm, start = sort_events(slots, event_seq, memory_slots, num_seqs)
-
+    stream = sorted_events(q, k, spec, initial_state, cu_seqlens, use_triton=True)
+    num_seqs, heads, memory_slots = len(stream.offset), q.shape[2], spec.memory_slots
     sidx = h0 = None
     if initial_state is not None or output_final_state:
-        # Row of each event's (sequence, head, slot) in the flat [N*H*M, d_v + 1] state.
-        row = torch.arange(rows, device=device)[:, None]
-        n = row // heads if cu_seqlens is None else seq[0][perm // (2 * topk)]
-        sidx = (n * heads + row % heads) * memory_slots + sorted_slots
+        sidx = stream.state_rows(stream.sorted_slots)
     if initial_state is not None:
-        h0 = torch.cat([initial_state.S, initial_state.z[..., None]], dim=-1).float().reshape(-1, d_v + 1)
+        h0 = state_table(initial_state).float()
 
     o, final = segment_pdma_triton(
-        decay, write_w, read_w, v, perm=perm.to(torch.int32), start=start.to(torch.int8), eps=spec.eps,
-        empty_z=1.0 / memory_slots, h0=h0, sidx=sidx,
+        stream.decay, stream.write_w, stream.read_w, v, perm=stream.perm.to(torch.int32),
+        start=stream.start.to(torch.int8), eps=spec.eps, empty_z=1.0 / memory_slots, h0=h0, sidx=sidx,
         final_rows=num_seqs * heads * memory_slots if output_final_state else 0,
     )
     o = o.to(q.dtype)
     if not output_final_state:
         return o, None
-    final = final.view(num_seqs, heads, memory_slots, d_v + 1).to(q.dtype)
-    lengths = torch.full_like(offset, seq_len) if cu_seqlens is None else cu_seqlens.diff()
-    return o, RAMState(final[..., :d_v].contiguous(), final[..., d_v].contiguous(), offset + lengths)
+    return o, stream.final_state(final.to(q.dtype))
