@@ -33,18 +33,38 @@ def decode_tokens(q: torch.Tensor, k: torch.Tensor, spec: RAMSpec, positions: to
     return write_idx, write_w, decay, read_idx, read_w
 
 
-def run_per_sequence(core, q, k, v, spec: RAMSpec, state: RAMState, cu_seqlens: torch.Tensor | None):
-    """Run ``core(q, k, v, spec, state) -> (o, state)`` on each packed sequence of ``cu_seqlens``
-    in turn (the stepping paths handle varlen input this way)."""
+def run_per_sequence(core, tokens, state, cu_seqlens: torch.Tensor | None):
+    """Run ``core(*tokens, state) -> (o, final)`` on each packed sequence of ``cu_seqlens`` in turn,
+    each from its own entry of ``state`` (the stepping paths handle varlen input this way).
+
+    ``tokens``: tensors ``[B, T, ...]`` (B = 1 when packed), cut along T for each sequence.
+    ``state``: a tensor or a NamedTuple of tensors (``RAMState``) with one entry per sequence along
+    dim 0. The outputs are concatenated along T, the final states along dim 0 (into state's type).
+    ``core`` also gets the empty sequences of ``cu_seqlens``. Without ``cu_seqlens``, one call.
+    """
     if cu_seqlens is None:
-        return core(q, k, v, spec, state)
+        return core(*tokens, state)
     bounds = cu_seqlens.tolist()
     outputs, finals = [], []
     for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        o, final = core(q[:, start:end], k[:, start:end], v[:, start:end], spec, state.select(n))
+        o, final = core(*(x[:, start:end] for x in tokens), _entry(state, n))
         outputs.append(o)
         finals.append(final)
-    return torch.cat(outputs, dim=1), RAMState(*(torch.cat(parts) for parts in zip(*finals)))
+    return torch.cat(outputs, dim=1), _concat(finals)
+
+
+def _entry(state, n: int):
+    """Sequence ``n`` of ``state`` (a tensor or a NamedTuple of tensors), keeping its dim 0."""
+    if isinstance(state, torch.Tensor):
+        return state[n : n + 1]
+    return type(state)(*(_entry(part, n) for part in state))
+
+
+def _concat(states: list):
+    """``states`` (tensors, or NamedTuples of tensors) concatenated along dim 0."""
+    if isinstance(states[0], torch.Tensor):
+        return torch.cat(states)
+    return type(states[0])(*(_concat(list(parts)) for parts in zip(*states)))
 
 
 def num_sequences(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:

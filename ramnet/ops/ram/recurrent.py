@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..triton_support import kernels_apply
@@ -32,7 +34,7 @@ def pdma_step(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float, 
     return S, z, o
 
 
-def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
+def _recurrent_core(spec: RAMSpec, q, k, v, state: RAMState):
     seq_len = q.shape[1]
     positions = state.offset[:, None] + torch.arange(seq_len, device=q.device)
     inputs = (q, k, v, state.S, state.z)
@@ -57,7 +59,7 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
 
 def recurrent_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     state = initial_state if initial_state is not None else empty_state(q, v, spec, cu_seqlens)
-    o, final = run_per_sequence(_recurrent_core, q, k, v, spec, state, cu_seqlens)
+    o, final = run_per_sequence(partial(_recurrent_core, spec), (q, k, v), state, cu_seqlens)
     if spec.inplace_state:  # S and z were updated in place (per-sequence views included)
         state.offset.copy_(final.offset)
         return o, state
