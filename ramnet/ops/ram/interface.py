@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 
 from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
