@@ -27,6 +27,8 @@ if HAS_TRITON:  # an optional dependency: without it the steps raise require_tri
 
 
 def _launch_config(topk: int, d_v: int) -> tuple[int, int, int]:
+    """The step kernels' launch shape: K padded to a power of two, the d_v columns per block (tiles
+    of at most about 4K entries) and the warps."""
     k_pad = max(2, 1 << (topk - 1).bit_length())
     block_dv = min(max(16, 1 << (d_v - 1).bit_length()), max(16, 4096 // k_pad))
     tile = k_pad * block_dv
