@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from ramnet.layers.ram_attention import RAMAttention
 from ramnet.models.cache import RAMNetCache
 from ramnet.ops import RAMState, ram_attention
-from ramnet.ops.ram_attention import pdma_step
-from ramnet.ops.ram_attention.common import decode_tokens
-from ramnet.ops.ram_attention.triton_step import decode_spec, ram_decode_step
+from ramnet.ops.ram import pdma_step
+from ramnet.ops.ram.common import decode_tokens
+from ramnet.ops.ram.step import decode_spec, ram_decode_step
 from ramnet.ops.triton_support import triton_runs_on
 from ramnet.provenance import environment
 

@@ -1,7 +1,7 @@
 """Pick the launch shapes of the Triton kernels on this GPU: times the address decoder and the
 PDMA kernels (forward+backward, paper layer shape, bf16) over a grid of group sizes, program counts
 and warp counts, and prints the best. The chosen values are the module defaults in
-``ramnet/ops/address/triton.py`` and ``ramnet/ops/pdma/triton_segments.py``.
+``ramnet/ops/address/triton.py`` and ``ramnet/ops/pdma/triton.py``.
 
     python benchmarks/tune_kernels.py [--batch 8 --seq-len 2048] [--only pdma] [--write]
 
@@ -22,7 +22,7 @@ from ramnet.ops import ram_attention
 from ramnet.ops.address import beam_topk, cape_shift
 from ramnet.ops.address import triton as address_kernels
 from ramnet.ops.address.triton import triton_beam_topk
-from ramnet.ops.pdma import triton_segments
+from ramnet.ops.pdma import triton as pdma_triton
 
 
 DEVICE = "cuda"  # the checks run on CPU too, under TRITON_INTERPRET=1
@@ -136,10 +136,10 @@ def main() -> None:
         print(f"ram_attention(mode='triton'), PDMA kernels, fwd+bwd, B{args.batch} T{args.seq_len} H16:")
         grid = itertools.product([4, 8, 16], [1], [4096, 16384, 65536])
         names = ("GROUP", "NUM_WARPS", "TARGET_PROGRAMS")
-        best = search(grid, layer_op, triton_segments, names, check_pdma)
+        best = search(grid, layer_op, pdma_triton, names, check_pdma)
         print(f"  best: group {best[0]}, warps {best[1]}, target programs {best[2]}")
         if args.write:
-            write_defaults(triton_segments, names, best)
+            write_defaults(pdma_triton, names, best)
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -10,7 +10,7 @@ import torch
 from . import __version__
 from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
-from .ops.ram_attention import PATHS
+from .ops.ram import PATHS
 from .ops.triton_support import HAS_TRITON, interpreting
 from .provenance import device_name, environment
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..accounting import hybrid_state
 from ..ops.checks import check_choice, check_int, check_positive
-from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .kv_window import KVWindow, take, window_attention
 from .memories import DeltaRuleMemory, RAMMemory
 from .padding import pack, real_token_mask, unpack

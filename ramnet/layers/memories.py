@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from ..ops import RAMState, address_decode
 from ..ops.address import cape_shift
-from ..ops.checks import check_choice, check_finite, compute_dtype
-from ..ops.ram_attention.interface import PATHS, default_mode
-from ..ops.ram_attention.spec import RAMSpec, build_spec
+from ..ops.checks import check_choice, compute_dtype
+from ..ops.ram.common import run_per_sequence
+from ..ops.ram.interface import PATHS, run_ram_attention
+from ..ops.ram.spec import RAMSpec, build_spec
 
 
 class RAMMemory:
@@ -70,22 +71,16 @@ class RAMMemory:
         )
 
     def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
-        """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused).
-
-        The op's path, run as ``ram_attention`` runs it (mode, compute dtype, in-place decoding)
-        but with this memory's spec, which ``ram_attention`` cannot take. Of its input checks only
-        the one on values is kept: the layer itself made the shapes, the packing and the state."""
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            check_finite(name, x)
+        """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused):
+        ``run_ram_attention`` with this memory's spec, so the inputs are checked as ``ram_attention``
+        checks them but the hyper-parameters are not checked again on every call."""
         # Decoding: update the K touched rows of the cached state instead of copying all M
         # (the op's recurrent path only, without autograd).
         inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.mode in (None, "recurrent")
                    and not torch.is_grad_enabled())
-        mode = "recurrent" if inplace else self.mode or default_mode(q, q.shape[1])
-        compute = compute_dtype(q.dtype)
-        o, final = PATHS[mode](q.to(compute), k.to(compute), v.to(compute), self.spec(q, inplace), state,
-                               output_final_state or inplace, cu_seqlens)
-        return o.to(v.dtype), final
+        return run_ram_attention(q, k, v, self.spec(q, inplace), initial_state=state,
+                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                 mode="recurrent" if inplace else self.mode)
 
     def read(self, q: torch.Tensor, positions: torch.Tensor, state: RAMState, rows: torch.Tensor) -> torch.Tensor:
         """Read ``q [N, H, d_k]`` (CAPE at ``positions [N]``) from the states of ``rows [N]``:
@@ -155,16 +150,11 @@ class DeltaRuleMemory:
             )
             return o.to(dtype), (DeltaState(final) if output_final_state else None)
         v, beta = v.to(compute), beta.to(compute)
-        if cu_seqlens is None:
-            o, final = delta_rule(q, k, v, beta, self.scale, S0)
-        else:  # one sequence at a time, each from its own state
-            bounds = cu_seqlens.tolist()
-            parts = [
-                delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], self.scale, S0[n : n + 1])
-                if b > a else (v[:, :0], S0[n : n + 1])
-                for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-            ]
-            o, final = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts])
+
+        def one_sequence(q, k, v, beta, S):  # the delta rule loops over T, which may be 0 for a packed sequence
+            return delta_rule(q, k, v, beta, self.scale, S) if q.shape[1] else (v, S)
+
+        o, final = run_per_sequence(one_sequence, (q, k, v, beta), S0, cu_seqlens)
         return o.to(dtype), (DeltaState(final) if output_final_state else None)
 
     def read(self, q: torch.Tensor, positions: torch.Tensor, state: DeltaState, rows: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..accounting import ram_state
-from ..ops.ram_attention.spec import DEFAULT_PROXY_EPS
 from ..ops.checks import check_int
+from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
 from .short_conv import ShortConvolution

@@ -7,7 +7,7 @@ import torch
 
 from ramnet.layers import HybridRAMAttention, RAMAttention
 from ramnet.models import RAMNetCache
-from ramnet.ops.ram_attention import spec as spec_module
+from ramnet.ops.ram import spec as spec_module
 
 
 def _layer(**kw):

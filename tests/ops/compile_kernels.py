@@ -13,10 +13,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ramnet.ops.address import triton as decoder
+from ramnet.ops.address import triton_kernels as decoder_kernels
+from ramnet.ops.address.triton import beam_search_constants, decoder_constants
 from ramnet.ops.pdma import triton_kernels as kernels
-from ramnet.ops.pdma.triton_segments import GROUP
-from ramnet.ops.ram_attention import triton_step
+from ramnet.ops.pdma.triton import GROUP
+from ramnet.ops.ram import step_kernels
+from ramnet.ops.ram.step import fused_step_constants
 
 FLOAT_ARGS = {"empty_z", "eps", "tau"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
@@ -48,21 +50,21 @@ def cases():
         yield kernels.bwd_output_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.carry_kernel, dict(DV=64, REVERSE=flag, G_CARRY=32)
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).
-        meta = decoder._meta(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
-        meta.pop("num_warps")
-        yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
-        yield decoder._beam_topk_bwd, meta
-    # M = 2**62 over U = 62 partitions: the loop over partitions is not unrolled (it took minutes).
-    meta = decoder._meta(124, 62, 8, has_shift=True)
-    meta.pop("num_warps")
-    yield decoder._beam_topk_fwd, decoder._forward_meta(meta, 8)
-    yield decoder._beam_topk_bwd, meta
-    # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
-    yield triton_step._pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64)
-    for d_k, u in ((20, 5), (128, 8)):
-        constants = dict(triton_step.fused_step_constants(d_k, u, 8, 64))
+        constants = decoder_constants(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
         constants.pop("num_warps")
-        yield triton_step._fused_step_kernel, constants
+        yield decoder_kernels.beam_topk_fwd_kernel, beam_search_constants(constants, 8)
+        yield decoder_kernels.beam_topk_bwd_kernel, constants
+    # M = 2**62 over U = 62 partitions: the loop over partitions is not unrolled (it took minutes).
+    constants = decoder_constants(124, 62, 8, has_shift=True)
+    constants.pop("num_warps")
+    yield decoder_kernels.beam_topk_fwd_kernel, beam_search_constants(constants, 8)
+    yield decoder_kernels.beam_topk_bwd_kernel, constants
+    # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
+    yield step_kernels.pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64)
+    for d_k, u in ((20, 5), (128, 8)):
+        constants = dict(fused_step_constants(d_k, u, 8, 64))
+        constants.pop("num_warps")
+        yield step_kernels.fused_step_kernel, constants
 
 
 def main() -> int:

@@ -1,6 +1,5 @@
 """The address decoder against brute force over the dense product softmax."""
 
-import itertools
 import time
 
 import pytest

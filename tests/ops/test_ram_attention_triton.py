@@ -70,10 +70,10 @@ def test_long_segments_cross_groups_and_chunks(monkeypatch):
     """Four slots for 48 tokens: every slot's segment spans many groups of events and several
     chunks, so the carries between groups of a program, between programs, and across several
     steps of the carry pass all take part."""
-    from ramnet.ops.pdma import triton_segments
+    from ramnet.ops.pdma import triton as pdma_triton
 
-    monkeypatch.setattr(triton_segments, "_chunk_size", lambda rows, events: 2 * triton_segments.GROUP)
-    monkeypatch.setattr(triton_segments, "CARRY_GROUP", 2)
+    monkeypatch.setattr(pdma_triton, "_chunk_size", lambda rows, events: 2 * pdma_triton.GROUP)
+    monkeypatch.setattr(pdma_triton, "CARRY_GROUP", 2)
     q, k, v = _inputs(5, 1, 48, 2, 4, 3)
     kw = dict(num_partitions=1, topk=2, gamma=torch.tensor([1.0, 0.5]), cape=torch.tensor([False, True]))
     state = _state(6, 1, 2, 4, 3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ramnet.ops.ram_attention.common import sort_events
+from ramnet.ops.ram.events import sort_events
 
 
 @pytest.mark.parametrize("memory_slots", [9, 2**20, 2**40])  # int16, int32 and int64 keys

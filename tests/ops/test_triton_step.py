@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ramnet.ops import RAMState, ram_attention
-from ramnet.ops.ram_attention import pdma_step
+from ramnet.ops.ram import pdma_step
 from ramnet.ops.triton_support import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 if triton_runs_on(DEVICE):
-    from ramnet.ops.ram_attention.triton_step import decode_spec, pdma_step_triton, ram_decode_step
+    from ramnet.ops.ram.step import decode_spec, pdma_step_triton, ram_decode_step
 
 
 def _addresses(batch, heads, slots, topk, overlap, gen):

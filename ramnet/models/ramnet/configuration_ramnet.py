@@ -5,8 +5,8 @@ from transformers import PreTrainedConfig
 
 from ...layers.hybrid import BLENDS, FAST_WEIGHTS, MIXES
 from ...ops.checks import check_choice, check_int, check_positive, check_topk, memory_geometry
-from ...ops.ram_attention import PATHS
-from ...ops.ram_attention.spec import DEFAULT_PROXY_EPS
+from ...ops.ram import PATHS
+from ...ops.ram.spec import DEFAULT_PROXY_EPS
 
 # The token mixer of each layer (`mixer_types`), and its name in transformers' `layer_types` vocabulary
 # (`transformers.configuration_utils.ALLOWED_ATTN_LAYER_TYPES`, which transformers' config validator

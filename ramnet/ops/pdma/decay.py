@@ -20,9 +20,7 @@ class _ProxyDecay(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         w, gamma = ctx.saved_tensors
-        pe = ctx.proxy_eps
-        slope = -gamma * (1 - pe) * (pe + (1 - pe) * (1 - w)).pow(gamma - 1)
-        return grad * slope, None, None
+        return grad * proxy_decay_slope(w, gamma, ctx.proxy_eps), None, None
 
 
 def proxy_decay(w: torch.Tensor, gamma: torch.Tensor, proxy_eps: float) -> torch.Tensor:
@@ -31,5 +29,5 @@ def proxy_decay(w: torch.Tensor, gamma: torch.Tensor, proxy_eps: float) -> torch
 
 
 def proxy_decay_slope(w: torch.Tensor, gamma: torch.Tensor, proxy_eps: float) -> torch.Tensor:
-    """The proxy derivative d/dw used in backward, exposed for tests and kernels."""
+    """The proxy derivative d/dw that ``proxy_decay``'s backward uses."""
     return -gamma * (1 - proxy_eps) * (proxy_eps + (1 - proxy_eps) * (1 - w)).pow(gamma - 1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..triton_support import kernels_apply
 from .common import empty_state, decode_tokens, run_per_sequence
 from .spec import RAMSpec
 from .state import RAMState
+from .step import pdma_step_triton
 
 
 def pdma_step(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float, inplace: bool):
@@ -31,7 +34,7 @@ def pdma_step(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float, 
     return S, z, o
 
 
-def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
+def _recurrent_core(spec: RAMSpec, q, k, v, state: RAMState):
     seq_len = q.shape[1]
     positions = state.offset[:, None] + torch.arange(seq_len, device=q.device)
     inputs = (q, k, v, state.S, state.z)
@@ -42,14 +45,11 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
     S, z = state.S, state.z
     if not needs_grad and not spec.inplace_state:  # one copy, then every step updates K rows in place
         S, z = S.clone(), z.clone()
-    kernel = None
-    if use_kernels:
-        from .triton_step import pdma_step_triton as kernel
     outputs = []
     for t in range(seq_len):
         step = (write_idx[:, t], write_w[:, t], decay[:, t], v[:, t], read_idx[:, t], read_w[:, t])
-        if kernel is not None:
-            outputs.append(kernel(S, z, *step, spec.eps))
+        if use_kernels:
+            outputs.append(pdma_step_triton(S, z, *step, spec.eps))
             continue
         S, z, o = pdma_step(S, z, *step, spec.eps, inplace=not needs_grad)
         outputs.append(o)
@@ -59,7 +59,7 @@ def _recurrent_core(q, k, v, spec: RAMSpec, state: RAMState):
 
 def recurrent_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     state = initial_state if initial_state is not None else empty_state(q, v, spec, cu_seqlens)
-    o, final = run_per_sequence(_recurrent_core, q, k, v, spec, state, cu_seqlens)
+    o, final = run_per_sequence(partial(_recurrent_core, spec), (q, k, v), state, cu_seqlens)
     if spec.inplace_state:  # S and z were updated in place (per-sequence views included)
         state.offset.copy_(final.offset)
         return o, state

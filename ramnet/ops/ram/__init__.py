@@ -3,10 +3,10 @@ segment-based parallel training, fused Triton kernels) and the decoding step for
 
 from functools import partial
 
-from .interface import PATHS, ram_attention
+from .interface import PATHS, ram_attention, run_ram_attention
 from .recurrent import pdma_step
 from .state import RAMState
-from .triton_step import decode_spec, pdma_step_triton, ram_decode_step
+from .step import decode_spec, pdma_step_triton, ram_decode_step
 
 naive_ram_attention = partial(ram_attention, mode="naive")
 recurrent_ram_attention = partial(ram_attention, mode="recurrent")
@@ -17,6 +17,7 @@ __all__ = [
     "PATHS",
     "RAMState",
     "ram_attention",
+    "run_ram_attention",
     "naive_ram_attention",
     "recurrent_ram_attention",
     "parallel_ram_attention",

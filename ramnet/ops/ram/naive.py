@@ -7,6 +7,8 @@ this the oracle for tests. Memory is O(T * M); use it for small M only.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..address import cape_dense, dense_topk_address
@@ -16,7 +18,7 @@ from .spec import RAMSpec
 from .state import RAMState
 
 
-def _naive_core(q, k, v, spec: RAMSpec, state: RAMState):
+def _naive_core(spec: RAMSpec, q, k, v, state: RAMState):
     seq_len = q.shape[1]
     positions = state.offset[:, None] + torch.arange(seq_len, device=q.device)  # [B, T]
     shift = positions[:, :, None] * spec.cape.long()  # [B, T, H]: zero on heads without CAPE
@@ -37,5 +39,5 @@ def _naive_core(q, k, v, spec: RAMSpec, state: RAMState):
 
 def naive_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     state = initial_state if initial_state is not None else empty_state(q, v, spec, cu_seqlens)
-    o, final = run_per_sequence(_naive_core, q, k, v, spec, state, cu_seqlens)
+    o, final = run_per_sequence(partial(_naive_core, spec), (q, k, v), state, cu_seqlens)
     return o, (final if output_final_state else None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import torch
 
 from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
@@ -11,7 +9,7 @@ from ..triton_support import kernels_apply
 from .naive import naive_forward
 from .parallel import parallel_forward
 from .recurrent import recurrent_forward
-from .spec import DEFAULT_PROXY_EPS, build_spec
+from .spec import DEFAULT_PROXY_EPS, RAMSpec, build_spec
 from .state import RAMState
 from .triton import triton_forward
 
@@ -62,6 +60,20 @@ def ram_attention(
         input) and a ``RAMState`` or None. Continuing from ``final_state`` gives exactly what one
         call on the whole sequence gives.
     """
+    check_float_tensor("q", q, ndim=4)
+    spec = build_spec(q.shape[2], q.shape[3], num_partitions=num_partitions, topk=topk, gamma=gamma, tau=tau, eps=eps,
+                      proxy_eps=proxy_eps, cape=cape, dtype=compute_dtype(q.dtype), device=q.device,
+                      inplace_state=inplace_state)
+    return run_ram_attention(q, k, v, spec, initial_state=initial_state, output_final_state=output_final_state,
+                             cu_seqlens=cu_seqlens, mode=mode)
+
+
+def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_final_state: bool = False,
+                      cu_seqlens: torch.Tensor | None = None, mode: str | None = None):
+    """``ram_attention`` with the hyper-parameters already checked into ``spec`` (``build_spec``, for
+    q's heads, d_k, compute dtype and device): the inputs are validated as ``ram_attention``
+    validates them, then the path runs. For callers that hold a spec per layer, so that each call
+    does not build it again (building checks gamma on the device, a host synchronisation)."""
     q, k, v = (check_float_tensor(name, x, ndim=4) for name, x in (("q", q), ("k", k), ("v", v)))
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)} = [B, T, H, d_k], got {tuple(k.shape)}")
@@ -73,9 +85,7 @@ def ram_attention(
     if seq_len < 1 or heads < 1 or v.shape[-1] < 1:
         raise ValueError(f"q and v need at least one token, head and value channel, got {tuple(q.shape)}, {tuple(v.shape)}")
     compute = compute_dtype(q.dtype)
-    spec = build_spec(heads, d_k, num_partitions=num_partitions, topk=topk, gamma=gamma, tau=tau, eps=eps,
-                      proxy_eps=proxy_eps, cape=cape, dtype=compute, device=q.device, inplace_state=inplace_state)
-    memory_slots = spec.memory_slots
+    _check_spec(spec, heads, d_k, compute, q.device)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, q)
     num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
@@ -84,19 +94,32 @@ def ram_attention(
         # A decoding step (inplace_state) trusts the values of the state it updates: they come from
         # earlier checked steps, and scanning all M slots for NaN on every token would make the
         # step's cost grow with the memory size and synchronise with the GPU.
-        state = _check_state(initial_state, num_seqs, heads, memory_slots, v, compute, scan=not inplace_state)
+        state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute,
+                             scan=not spec.inplace_state)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
-    if inplace_state:
+    if spec.inplace_state:
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
         mode = default_mode(q, seq_len)
     check_choice("mode", mode, (None, *sorted(PATHS)))
 
     o, final = PATHS[mode](
-        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or inplace_state), cu_seqlens
+        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or spec.inplace_state),
+        cu_seqlens,
     )
     return o.to(v.dtype), final
+
+
+def _check_spec(spec: RAMSpec, heads: int, d_k: int, compute: torch.dtype, device: torch.device) -> None:
+    if not isinstance(spec, RAMSpec):
+        raise TypeError(f"spec must be a RAMSpec (build_spec), got {type(spec).__name__}")
+    if spec.num_partitions * spec.partition_dim != d_k or spec.gamma.shape != (heads,):
+        raise ValueError(f"spec is for H={spec.gamma.shape[0]} heads of d_k={spec.num_partitions * spec.partition_dim}, "
+                         f"but q has H={heads}, d_k={d_k}")
+    if spec.gamma.dtype != compute or spec.gamma.device != device or spec.cape.device != device:
+        raise ValueError(f"spec must be built for the compute dtype {compute} on {device} (as q), got gamma in "
+                         f"{spec.gamma.dtype} on {spec.gamma.device}")
 
 
 def default_mode(q: torch.Tensor, seq_len: int) -> str:

@@ -1,0 +1,128 @@
+"""The slot-sorted event stream of the segment paths (parallel and Triton) and the flat state rows
+they read and write.
+
+Per (batch row, head), every token makes K write events and K read events, laid out ``[T, 2K]``
+(K writes then K reads per step). Sorting them by (sequence, slot) with a stable sort keeps them in
+time order inside each slot, writes before reads of the same step. The paths keep the state of
+all sequences as one table of rows ``[N * H * M, d_v + 1]``: ``[S, z]`` of each (sequence, head,
+slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import decode_tokens, num_sequences
+from .spec import RAMSpec
+from .state import RAMState
+
+
+def token_positions(batch: int, seq_len: int, offset: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """Sequence id ``[B, T]`` and absolute position ``[B, T]`` of every token.
+
+    Without ``cu_seqlens`` sequence b is batch row b; with it (B = 1) tokens are packed and each
+    sequence counts positions from its own start, continuing from ``offset``.
+    """
+    t = torch.arange(seq_len, device=offset.device)
+    if cu_seqlens is None:
+        seq = torch.arange(batch, device=offset.device)[:, None].expand(batch, seq_len)
+        return seq, offset[:, None] + t
+    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=offset.device), cu_seqlens.diff())[None]
+    return seq, t - cu_seqlens[seq] + offset[seq]
+
+
+def by_row(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H, ...] -> [B*H, T, ...]``: one row per (batch row, head)."""
+    batch, seq_len, heads = x.shape[:3]
+    return x.transpose(1, 2).reshape(batch * heads, seq_len, *x.shape[3:])
+
+
+def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None, memory_slots: int, num_seqs: int):
+    """Stable sort of event slots ``[R, E]`` by (sequence, slot). Returns the sorted slots (in the
+    key's integer type: index arithmetic with int64 tensors promotes), the permutation and a flag
+    marking where a new (sequence, slot) segment starts.
+
+    One sort of a combined key in the narrowest integer type that holds it: a radix sort then
+    makes fewer passes (int16 for the paper's M = 1024)."""
+    key_range = memory_slots * (num_seqs if event_seq is not None else 1)
+    key_type = next(t for t in (torch.int16, torch.int32, torch.int64) if key_range <= torch.iinfo(t).max + 1)
+    key = slots if event_seq is None else event_seq * memory_slots + slots
+    sorted_key, perm = torch.sort(key.to(key_type), dim=-1, stable=True)
+    boundary = sorted_key[:, 1:] != sorted_key[:, :-1]
+    first = torch.ones_like(boundary[:, :1])
+    sorted_slots = sorted_key if event_seq is None else sorted_key % memory_slots
+    return sorted_slots, perm, torch.cat([first, boundary], dim=1)
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """The decoded tokens of one call and their events sorted by (sequence, slot)."""
+
+    write_idx: torch.Tensor  # [B, T, H, K] slots (CAPE applied), weights and write decay
+    write_w: torch.Tensor
+    decay: torch.Tensor
+    read_idx: torch.Tensor
+    read_w: torch.Tensor
+    sorted_slots: torch.Tensor  # [B*H, 2TK], in sort_events' key type
+    perm: torch.Tensor  # [B*H, 2TK]: each sorted event's place t * 2K + lane (lanes < K write)
+    start: torch.Tensor  # [B*H, 2TK] bool: the event starts a (sequence, slot) segment
+    token_seq: torch.Tensor | None  # [T]: each packed token's sequence (None: sequence = batch row)
+    offset: torch.Tensor  # [N]: tokens consumed before this call
+    cu_seqlens: torch.Tensor | None
+    seq_len: int
+    heads: int
+    topk: int
+    memory_slots: int
+
+    def state_rows(self, slot: torch.Tensor, token: torch.Tensor | None = None) -> torch.Tensor:
+        """Row of each event's (sequence, head, slot) in the flat state, for events of ``slot``
+        ``[B*H, E]`` (one row per batch row and head) made by the tokens ``token`` (``[E]`` or
+        ``[B*H, E]``; None: the sorted events'). Tokens matter only for packed sequences."""
+        row = torch.arange(self.perm.shape[0], device=slot.device)[:, None]
+        if self.token_seq is None:
+            seq = row // self.heads
+        else:
+            seq = self.token_seq[self.perm // (2 * self.topk) if token is None else token]
+        return (seq * self.heads + row % self.heads) * self.memory_slots + slot
+
+    def final_state(self, rows: torch.Tensor) -> RAMState:
+        """The ``RAMState`` after this call from its flat state ``rows [N * H * M, d_v + 1]``."""
+        final = rows.view(len(self.offset), self.heads, self.memory_slots, rows.shape[-1])
+        d_v = rows.shape[-1] - 1
+        if self.cu_seqlens is None:
+            lengths = torch.full_like(self.offset, self.seq_len)
+        else:
+            lengths = self.cu_seqlens.diff()
+        return RAMState(final[..., :d_v].contiguous(), final[..., d_v].contiguous(), self.offset + lengths)
+
+
+def sorted_events(q, k, spec: RAMSpec, initial_state: RAMState | None, cu_seqlens, use_triton: bool = False):
+    """Decode every token of ``q, k [B, T, H, d_k]`` (``use_triton``: with the Triton decoder) and
+    sort its events: the ``EventStream`` of one call."""
+    batch, seq_len, heads, _ = q.shape
+    num_seqs = num_sequences(q, cu_seqlens)
+    if initial_state is not None:
+        offset = initial_state.offset
+    else:
+        offset = torch.zeros(num_seqs, dtype=torch.long, device=q.device)
+    seq, positions = token_positions(batch, seq_len, offset, cu_seqlens)
+    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions, use_triton=use_triton)
+    rows, topk = batch * heads, spec.topk
+    slots = torch.cat([by_row(write_idx), by_row(read_idx)], dim=-1).reshape(rows, 2 * seq_len * topk)
+    event_seq = None if cu_seqlens is None else seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
+    sorted_slots, perm, start = sort_events(slots, event_seq, spec.memory_slots, num_seqs)
+    return EventStream(
+        write_idx, write_w, decay, read_idx, read_w, sorted_slots, perm, start,
+        token_seq=None if cu_seqlens is None else seq[0],
+        offset=offset,
+        cu_seqlens=cu_seqlens,
+        seq_len=seq_len,
+        heads=heads, topk=topk, memory_slots=spec.memory_slots,
+    )
+
+
+def state_table(state: RAMState) -> torch.Tensor:
+    """``state`` as the flat rows ``[N * H * M, d_v + 1]`` of ``[S, z]``."""
+    return torch.cat([state.S, state.z[..., None]], dim=-1).reshape(-1, state.S.shape[-1] + 1)
