@@ -107,7 +107,8 @@ def add_lm_commands(sub) -> None:
     prep = data_sub.add_parser("prepare", help="tokenise a corpus into memory-mapped shards with EOS separators")
     prep.add_argument("--source", default="python-docs",
                       help="python-docs (built in, offline; default), python-stdlib (built in: the standard "
-                           "library's source code), a text file or directory (.txt/.md/.rst/.jsonl), "
+                           "library's source code), python-packages (built in: the installed packages' sources "
+                           "and docs, the largest offline corpus), a text file or directory (.txt/.md/.rst/.jsonl), "
                            "fineweb-edu, wikitext-103, wikitext-2, or hf:NAME[:CONFIG] (streamed)")
     prep.add_argument("--out", help="output directory (default: data/SOURCE-bpe or data/SOURCE-tok)")
     prep.add_argument("--tokenizer", default="bpe",

@@ -54,6 +54,8 @@ def config_keys(cls: type) -> set[str]:
     keys = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     keys |= {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in named}
+    # Old names a config still accepts (RAMNetConfig's RENAMED_FIELDS), so that older run configs load.
+    keys |= set(getattr(cls, "renamed_fields", {}))
     return keys - {"self"}
 
 

@@ -1,5 +1,7 @@
 """RAM-Net model configuration."""
 
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -85,6 +87,8 @@ class RAMNetConfig(PreTrainedConfig):
     """
 
     model_type = "ramnet"
+    # Not a field: the old names that `__post_init__` moves to their new ones (`RENAMED_FIELDS`).
+    renamed_fields: ClassVar[dict[str, str]] = RENAMED_FIELDS
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
