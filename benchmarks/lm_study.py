@@ -39,9 +39,11 @@ SCHEDULE = ["seq_len=2048", "batch_size=8", "micro_batch_size=8", "max_steps=200
 
 # name: (preset, overrides). The `small` presets keep the parameter count within 0.2% of each other.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
+    # CAPE: `small` takes the default schedule, in proportion to depth ([8, 4, 0, ...] for 8 layers);
+    # the paper's absolute layer numbers give [8, 8, 8, 8, 4, 4, 4, 4] (the `small` default before).
     "ramnet": ("small", []),
+    "ramnet-cape-absolute": ("small", ["model.num_cape_heads=[8,8,8,8,4,4,4,4]"]),
     "ramnet-cape-off": ("small", ["model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
-    "ramnet-cape-first2": ("small", ["model.num_cape_heads=[8,4,0,0,0,0,0,0]"]),
     "ramnet-u5": ("small", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
     "ramnet-u4dp6": ("small", ["model.partition_dim=6"]),  # M 1296, d_k 24
     "ramnet-k16": ("small", ["model.topk=16"]),

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM, RAMNetModel
+from ramnet.models.ramnet import paper_num_cape_heads
 from ramnet.ops import RAMState
 
 from model_helpers import VOCAB, random_ids, tiny_config, tiny_model
@@ -189,10 +190,17 @@ def test_cache_holds_one_state_per_layer_and_follows_beams():
 
 
 def test_default_cape_schedule():
-    # the paper: every head in layers 1-4, half of them in layers 5-8, none after
-    assert RAMNetConfig(num_hidden_layers=10, num_heads=6).num_cape_heads == [6] * 4 + [3] * 4 + [0] * 2
-    assert RAMNetConfig(num_hidden_layers=2, num_heads=5).num_cape_heads == [5, 5]
-    assert RAMNetConfig().num_cape_heads == [16] * 4 + [8] * 4 + [0] * 19
+    # the paper's 27 layers: every head in layers 1-4, half of them in layers 5-8, none after
+    assert RAMNetConfig().num_cape_heads == [16] * 4 + [8] * 4 + [0] * 19 == paper_num_cape_heads(27, 16)
+    # in proportion to depth: the small preset's 8 layers, the tiny preset's 4, 2 layers (half the heads of one)
+    assert RAMNetConfig(num_hidden_layers=8, num_heads=8).num_cape_heads == [8, 4, 0, 0, 0, 0, 0, 0]
+    assert RAMNetConfig(num_hidden_layers=4, num_heads=4).num_cape_heads == [4, 0, 0, 0]
+    assert RAMNetConfig(num_hidden_layers=2, num_heads=5).num_cape_heads == [2, 0]
+    # the absolute numbers stay available by name
+    assert paper_num_cape_heads(10, 6) == [6] * 4 + [3] * 4 + [0] * 2
+    # only RAM-Net layers get CAPE by default: not the hybrid's fast-weight memory, not attention
+    mixed = RAMNetConfig(num_hidden_layers=8, num_heads=8, mixer_types=["hybrid", "ramnet"] + ["sliding_attention"] * 6)
+    assert mixed.num_cape_heads == [0, 4, 0, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(

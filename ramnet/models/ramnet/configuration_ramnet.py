@@ -28,10 +28,23 @@ MIXER_OF_LAYER_TYPE = {layer_type: mixer for mixer, layer_type in LAYER_TYPE_OF_
 RENAMED_FIELDS = {"cape_heads": "num_cape_heads", "layer_types": "mixer_types"}
 
 
-def default_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
-    """The paper's LM schedule: CAPE on all heads of layers 1-4, on half of them in layers 5-8,
-    absolute addressing after that."""
+def paper_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
+    """The paper's LM schedule as it states it, in absolute layer numbers: CAPE on all heads of layers
+    1-4, on half of them in layers 5-8, absolute addressing after that."""
     return [num_heads if i < 4 else num_heads // 2 if i < 8 else 0 for i in range(num_hidden_layers)]
+
+
+def default_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
+    """The paper's schedule in proportion to depth: its 27 layers put CAPE on all heads of the first 4
+    (15%) and on half the heads of the next 4; a model of L layers does the same for its first
+    round(4L/27) and next round(8L/27) - round(4L/27) layers. At 27 layers this is
+    `paper_num_cape_heads`; shallower models keep the paper's share of CAPE heads (a CAPE head can only
+    match keys at fixed offsets), where the absolute numbers would put CAPE on 75% of an 8-layer
+    model's heads and on all of a 4-layer one's."""
+    all_heads = round(num_hidden_layers * 4 / 27)
+    half_heads = round(num_hidden_layers * 8 / 27) - all_heads
+    return [num_heads if i < all_heads else num_heads // 2 if i < all_heads + half_heads else 0
+            for i in range(num_hidden_layers)]
 
 
 @strict
@@ -60,7 +73,7 @@ class RAMNetConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`): share the input embedding with the LM head.
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
         num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
-            `None` gives the paper's schedule (see `default_num_cape_heads`); the resolved list is stored.
+            `None` gives the paper's schedule in proportion to depth (see `default_num_cape_heads`); the resolved list is stored.
             Why a count here: the layers and the op take CAPE as `cape`, a bool per head
             (`RAMAttention(cape=...)`, `layer.cape`, `ram_attention(cape=...)`), but a model turns it
             on for the first heads of a layer, so its config needs only how many: layer i gets
@@ -126,10 +139,13 @@ class RAMNetConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._take_renamed_fields(kwargs)
-        if self.num_cape_heads is None:
-            self.num_cape_heads = default_num_cape_heads(self.num_hidden_layers, self.num_heads)
         if self.mixer_types is None:
             self.mixer_types = ["ramnet"] * self.num_hidden_layers
+        if self.num_cape_heads is None:
+            # RAM-Net layers only: a hybrid's fast-weight memory reads without positions, as in the
+            # hybrid paper (its window branch has RoPE), and attention layers have no CAPE.
+            schedule = default_num_cape_heads(self.num_hidden_layers, self.num_heads)
+            self.num_cape_heads = [n if mixer == "ramnet" else 0 for n, mixer in zip(schedule, self.mixer_types)]
         # Checked here rather than in a `validate_*` method so that a bad value raises a plain
         # ValueError that names the field (strict wraps class validators in its own error type).
         self._check_values()
