@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ramnet.ops import ram_attention
+from ramnet.provenance import environment
 
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
 
@@ -131,20 +131,12 @@ def main() -> None:
     for row, (seq_len, _, step) in zip(rows, tqdm(cases, desc="peak memory")):
         row["peak_extra_bytes"] = peak_memory(step(seq_len, args.device), args.device)
 
-    machine = f"{platform.machine()} {platform.processor()}".strip()
-    meta = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "machine": machine,
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "shape": dict(B=1, H=HEADS, d_v=D_V, U=U, d_p=D_P, K=TOPK, sdpa_head_dim=D_V),
-        "pass": "forward+backward",
-    }
+    meta = dict(environment(args.device), cpu_threads=torch.get_num_threads(),
+                shape=dict(B=1, H=HEADS, d_v=D_V, U=U, d_p=D_P, K=TOPK, sdpa_head_dim=D_V), **{"pass": "forward+backward"})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
-    print(f"\n{meta['device']} ({machine}, {meta['cpu_threads']} threads), torch {meta['torch']}; fwd+bwd medians")
+    print(f"\n{meta['device']}, torch {meta['torch']} ({meta['git_rev']}); fwd+bwd medians")
     print("| T | RAM-Net parallel (s) | SDPA causal (s) | ratio RAM/SDPA | RAM peak extra (MiB) | SDPA peak extra (MiB) |")
     print("|---|---|---|---|---|---|")
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
