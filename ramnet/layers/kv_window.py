@@ -91,24 +91,71 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     return torch.cat([(x1 * cos - x2 * sin).to(x.dtype), (x2 * cos + x1 * sin).to(x.dtype), rest], -1)
 
 
-def window_attention(q, q_pos, keep, ctx: KVWindow, lower: torch.Tensor, theta: float) -> torch.Tensor:
+# FlexAttention with a block mask skips the key blocks outside every query block's window: at T = 2048
+# and a window of 64, 2 of the 16 key blocks of a query block instead of all 16 (a dense T x T mask
+# computes them all). Below one block of queries (decoding steps, short prompts) dense SDPA is cheaper.
+FLEX_MIN_QUERIES = 128
+
+
+def window_attention(q, q_pos, keep, ctx: KVWindow, lower: torch.Tensor, theta: float,
+                     kernel: str | None = None) -> torch.Tensor:
     """Causal softmax attention of the T new queries ``q [B, T, H, d]`` over the window ``ctx``
     (whose last T columns are the new tokens): query i sees the real keys at positions
     ``lower[i] <= p <= q_pos[i]``. RoPE on both sides; returns ``[B, T, H, d_v]``.
 
-    The boolean mask costs O(T * (W + T)) per row: a CPU reference, not a windowed kernel.
+    ``kernel``: ``"sdpa"`` (a dense boolean mask, O(T * (W + T)) per row: the reference),
+    ``"flex"`` (FlexAttention with the same mask as a block mask; compiled on CUDA), or None: flex
+    on CUDA from ``FLEX_MIN_QUERIES`` queries on, sdpa otherwise.
     """
+    if kernel not in (None, "sdpa", "flex"):
+        raise ValueError(f"kernel must be None, 'sdpa' or 'flex', got {kernel!r}")
     seq_len = q.shape[1]
+    if kernel is None:
+        kernel = "flex" if q.is_cuda and seq_len >= FLEX_MIN_QUERIES else "sdpa"
+    q = rotary(q, q_pos, theta).transpose(1, 2)
+    k = rotary(ctx.keys, ctx.positions, theta).transpose(1, 2)
+    v = ctx.values.transpose(1, 2)
+    if kernel == "flex":
+        return _flex_window(q, k, v, q_pos, keep, ctx, lower).transpose(1, 2)
     pos = ctx.positions[:, None, :]
     allowed = ctx.valid[:, None, :] & (pos <= q_pos[:, :, None]) & (pos >= lower[:, :, None])
     # A padding query sees only itself: no mask row is empty, which SDPA kernels treat differently
     # (zeros on CPU, arbitrary values on CUDA). Its output is dropped anyway.
     own = torch.eye(seq_len, dtype=torch.bool, device=q.device)
     allowed[:, :, -seq_len:] |= own & ~keep[:, :, None]
-    q = rotary(q, q_pos, theta).transpose(1, 2)
-    k = rotary(ctx.keys, ctx.positions, theta).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, ctx.values.transpose(1, 2), attn_mask=allowed[:, None])
-    return o.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None]).transpose(1, 2)
+
+
+def _flex_window(q, k, v, q_pos, keep, ctx: KVWindow, lower):
+    """``window_attention``'s mask as a FlexAttention block mask (q, k, v ``[B, H, *, d]``, rotated)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, seq_len, _ = q.shape
+    own_offset = k.shape[2] - seq_len  # the new tokens are the window's last T columns
+    positions, valid = ctx.positions, ctx.valid
+
+    def allowed(b, h, qi, kj):
+        p = positions[b, kj]
+        seen = valid[b, kj] & (p <= q_pos[b, qi]) & (p >= lower[b, qi])
+        return seen | ((kj == qi + own_offset) & ~keep[b, qi])  # a padding query sees only itself
+
+    block_mask = create_block_mask(allowed, batch, None, seq_len, k.shape[2], device=q.device)
+    return _flex_attention(q.is_cuda)(q, k, v, block_mask=block_mask)
+
+
+def _flex_attention(compiled: bool):
+    """FlexAttention, compiled once for CUDA (uncompiled it runs its slow reference, as on the CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if not compiled:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+_COMPILED_FLEX = None
 
 
 __all__ = ["KVWindow", "rotary", "take", "window_attention"]
