@@ -61,8 +61,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "transformer++": ("small-transformer", []),
     "sliding": ("small-sliding", []),
     "hybrid": ("small-hybrid", []),
-    "gla": ("small", ["model_type=fla.gla", "model.hidden_size=512", "model.num_hidden_layers=7",
-                      "model.num_heads=4", "model.intermediate_size=1408"]),
+    "gla": ("small-gla", []),  # the model of the earlier ad-hoc variant (7 layers, 4 heads), now a preset
+    "raven": ("small-raven", []),
 }
 
 

@@ -43,7 +43,7 @@ class TrainConfig:
     data: str = "data/python-docs-bpe4k"
     prepare: dict | None = field(default_factory=lambda: dict(source="python-docs", tokenizer="bpe", vocab_size=4096))
     # The model family (see ramnet/lm/families.py): "ramnet", "transformer++" (Hugging Face's Llama) or,
-    # with flash-linear-attention on a GPU, "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2".
+    # with flash-linear-attention on a GPU, "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2", "fla.raven".
     model_type: str = "ramnet"
     # Keyword arguments of the family's config class (RAMNetConfig, LlamaConfig, fla's GatedDeltaNetConfig,
     # ...); vocab_size and the special token ids come from the data's tokenizer.
@@ -150,11 +150,41 @@ PRESETS: dict[str, dict[str, Any]] = {
     # v, g 2 x 512 x 768 = 786,432; o 768 x 512 = 393,216; a, b 2 x 512 x 3 = 3,072; A_log, dt_bias 6;
     # depthwise convs 4 x (384 + 384 + 768) = 6,144; gated output norm 256; MLP 3 x 512 x 1408 = 2,162,688;
     # block norms 1,024: 3,746,054. 6 layers: 38,860,836 in all (0.998 x small; estimated, fla needs a
-    # GPU; tests/lm/test_lm_baselines.py checks the formula, and the real count where fla is installed).
+    # GPU; tests/lm/test_lm_baselines.py checks the formula, and the real count where fla is installed:
+    # fla 0.6.0 builds it on CPU, to the same count).
     "small-gated-deltanet": dict(
         _SMALL_RUN, out_dir="runs/small-gated-deltanet", model_type="fla.gated_deltanet",
         model=dict(hidden_size=512, num_hidden_layers=6, num_heads=3, head_dim=128, expand_v=2, conv_size=4,
                    intermediate_size=1408),
+    ),
+    # fla's GLA (GatedLinearAttention in GLABlock) with fla's defaults: key dim 0.5 x width, value dim the
+    # width, no short convolutions, a swish output gate through the per-head output norm, and a low-rank
+    # (16) forget gate; 4 heads at width 512: key dim 256, value dim 512 (heads of 64 x 128). A layer (no
+    # biases but the gate's): q, k 2 x 512 x 256 = 262,144; v, g 2 x 512 x 512 = 524,288; o 512 x 512 = 262,144;
+    # forget gate 512 x 16 + 16 x 256 + 256 = 12,544; gated output norm 128; MLP 3 x 512 x 1408 = 2,162,688;
+    # block norms 1,024: 3,224,960. 7 layers: 38,959,232 in all (1.0006 x small; 6 layers: 0.918 x). A test
+    # checks the formula, and fla's own count where fla is installed (fla 0.6.0 builds it on CPU: equal).
+    # The model of the study's earlier ad-hoc `gla` variant (`small` with model_type=fla.gla, 7 layers, 4 heads).
+    "small-gla": dict(
+        _SMALL_RUN, out_dir="runs/small-gla", model_type="fla.gla",
+        model=dict(hidden_size=512, num_hidden_layers=7, num_heads=4, expand_k=0.5, expand_v=1,
+                   intermediate_size=1408),
+    ),
+    # fla's Raven (Raven in RavenBlock; fla 0.6.0): per head, num_slots key and value slots that a linear
+    # sigmoid router writes top-k at a time (Gumbel noise in training), Mamba2 decay, QK RMSNorm, no
+    # short convolution, no output gate. The authors' published shape (their ~400M model, 24 x 1024: 4 heads,
+    # 256 slots, top-k 32; fla's config defaults to 64 slots) at width 512: heads of 128 (expand_k = expand_v
+    # = 1); 256 slots are also `small`'s memory rows (M = 4^4, top-k 8). A layer (no biases): q, k, v,
+    # o 4 x 512^2 = 1,048,576; router 512 x 4 x 256 = 524,288; decay a 512 x 4 = 2,048, A_log and dt_bias 8;
+    # q, k norms 2 x 128 = 256; output norm 512; MLP 3 x 512 x 1424 = 2,187,264; block norms 1,024: 3,763,976.
+    # Depth alone misses by more than 0.2% (with the MLP at 1408, 6 layers are 38,820,912, 0.9970 x small;
+    # 7 are 1.093 x), so the MLP is 1424 wide (1421 would match best; 1424 keeps a multiple of 16 for the
+    # matmuls): 6 layers, 38,968,368 in all (1.0008 x small). A test checks the formula, and fla's own count
+    # where fla is installed (fla 0.6.0 builds it on CPU: equal).
+    "small-raven": dict(
+        _SMALL_RUN, out_dir="runs/small-raven", model_type="fla.raven",
+        model=dict(hidden_size=512, num_hidden_layers=6, num_heads=4, num_slots=256, topk=32,
+                   intermediate_size=1424),
     ),
     # Issue 6's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
     # over 64 tokens on shared projections, per-channel gate). The gate (512 x 512 + bias) and the

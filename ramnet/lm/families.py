@@ -1,9 +1,9 @@
 """The model families that `ramnet train` builds (`TrainConfig.model_type`): RAM-Net; Transformer++,
 which is Hugging Face's Llama (RoPE, SwiGLU, RMSNorm, no biases, untied embeddings; fla and the RAM-Net
 paper call it that); and, with flash-linear-attention installed (its kernels need a CUDA GPU), fla's
-Gated DeltaNet, GLA, Mamba2 and HGRN2. `TrainConfig.model` holds the keyword arguments of the
-family's config class. Every family is a `PreTrainedModel` that the Auto classes load, so the trainer,
-checkpoints, `eval ppl`, `generate` and the lm-eval adapter treat them alike.
+Gated DeltaNet, GLA, Mamba2, HGRN2 and Raven (top-k slot routing; fla 0.6.0 or later). `TrainConfig.model`
+holds the keyword arguments of the family's config class. Every family is a `PreTrainedModel` that the Auto
+classes load, so the trainer, checkpoints, `eval ppl`, `generate` and the lm-eval adapter treat them alike.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..models import RAMNetConfig
 # model_type -> the name of the fla config class (in `fla.models`). `model_type` minus "fla." is the
 # model_type that fla's checkpoints write to config.json.
 FLA_CONFIGS = {"fla.gated_deltanet": "GatedDeltaNetConfig", "fla.gla": "GLAConfig", "fla.mamba2": "Mamba2Config",
-               "fla.hgrn2": "HGRN2Config"}
+               "fla.hgrn2": "HGRN2Config", "fla.raven": "RavenConfig"}
 FLA_CHECKPOINT_TYPES = {name.removeprefix("fla.") for name in FLA_CONFIGS}
 MODEL_TYPES = ("ramnet", "transformer++", *FLA_CONFIGS)  # TrainConfig.model_type
 
