@@ -125,10 +125,11 @@ def add_lm_commands(sub) -> None:
     train = sub.add_parser("train", help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
                            description="Config: dataclass defaults < --preset < --config file < key=value overrides "
                                        "(nested as model.hidden_size=256). model_type=ramnet|transformer++|fla.gated_deltanet|"
-                                       "fla.gla|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
+                                       "fla.gla|fla.raven|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
     train.add_argument("--preset", choices=sorted(PRESETS),
-                       help="tiny (CPU, minutes), small (one GPU) and its baselines small-transformer and "
-                            "small-gated-deltanet, the hybrid small-hybrid, paper-340m (8 GPUs)")
+                       help="tiny (CPU, minutes), small (one GPU) and its baselines small-transformer, "
+                            "small-gated-deltanet, small-gla, small-raven, small-sliding, the hybrid small-hybrid, "
+                            "paper-340m (8 GPUs)")
     train.add_argument("--config", help="YAML or JSON file of config keys (it may name a preset)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides after the options, e.g. max_steps=100 lr=1e-3 model.hidden_size=256")
