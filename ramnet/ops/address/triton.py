@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..autograd_support import first_order_backward, without_autocast
 from ..triton_support import require_triton
 from . import triton_kernels as kernels
 
@@ -48,6 +49,7 @@ def beam_search_constants(constants: dict, topk: int) -> dict:
 
 class _BeamTopK(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, x, shift, num_partitions, topk, tau):
         constants = decoder_constants(x.shape[1], num_partitions, topk, shift is not None)
         n = x.shape[0]
@@ -65,6 +67,7 @@ class _BeamTopK(torch.autograd.Function):
         return index, weight
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_index, grad_weight):
         x, shift, index, weight = ctx.saved_tensors
         grad_x = torch.empty_like(x)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from ..autograd_support import first_order_backward, without_autocast
 from .scan import linear_scan
 
 
 class _SegmentPDMA(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, decay, write_w, v_ext, h0, read_w, miss_rows, write_token, seg_start, read_src, hit, topk,
                 eps, empty_z):
         # b = w * [v, 1] at each write, plus a * h0 where a segment starts; the chain is cut there.
@@ -44,6 +46,7 @@ class _SegmentPDMA(torch.autograd.Function):
         return o, h
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_o, grad_h_out):
         a, h, decay, write_w, v_ext, h0, miss_rows, write_token, seg_start, read_src, hit, denom, coef = ctx.saved_tensors
         topk = ctx.topk

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..autograd_support import first_order_backward, without_autocast
 from . import triton_kernels as kernels
 
 GROUP = 8  # events per unrolled group; also the spacing of the states saved for the backward
@@ -25,6 +26,7 @@ def _chunk_size(rows: int, events: int) -> int:
 
 class _TritonSegmentPDMA(torch.autograd.Function):
     @staticmethod
+    @without_autocast
     def forward(ctx, decay, write_w, read_w, v, h0, perm, start, sidx, final_rows, empty_z, eps):
         batch, seq_len, heads, topk = decay.shape
         d_v = v.shape[-1]
@@ -56,6 +58,7 @@ class _TritonSegmentPDMA(torch.autograd.Function):
         return out.sum(3), final
 
     @staticmethod
+    @first_order_backward
     def backward(ctx, grad_o, grad_final):
         decay, write_w, read_w, v, h0, perm, start, sidx, group_state = ctx.saved_tensors
         chunk, chunks, empty_z, eps = ctx.config
