@@ -11,7 +11,7 @@ from ..accounting import hybrid_state
 from ..ops.checks import check_choice, check_int, check_positive
 from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .kv_window import KVWindow, take, window_attention
-from .memories import DeltaRuleMemory, RAMMemory
+from .memories import DELTANET_ACTIVATIONS, DeltaRuleMemory, RAMMemory
 from .padding import pack, real_token_mask, unpack
 from .ram_attention import RAMProjections
 
@@ -33,7 +33,10 @@ class HybridRAMAttention(RAMProjections):
     because sharing is the point of the hybrid (one key per token, stored once in the window)
     and attention scores are well defined at any width; ``e^alpha`` then doubles as its
     temperature. With ``fast_weight="deltanet"`` the same ``d_k`` is DeltaNet's key width (set
-    ``num_partitions=1, partition_dim=d_k`` to choose it freely).
+    ``num_partitions=1, partition_dim=d_k`` to choose it freely). ``deltanet_activation``: the
+    DeltaNet memory's feature map, ``"silu"`` (the paper's: SiLU on q and k before their L2 norm,
+    and on v) or ``"identity"`` (this layer before the SiLU was added); the KV memory always reads
+    the raw q, k, v.
 
     ``window_size`` S and ``blend``:
     - ``"delayed_stream"``: KV sees the last S tokens (the current one included); a pair enters the
@@ -67,6 +70,7 @@ class HybridRAMAttention(RAMProjections):
         blend: str = "synchronous",
         mix: str = "vector",
         fast_weight: str = "ramnet",
+        deltanet_activation: str = "silu",
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         mode: str | None = None,
@@ -75,6 +79,7 @@ class HybridRAMAttention(RAMProjections):
         check_choice("blend", blend, BLENDS)
         check_choice("mix", mix, MIXES)
         check_choice("fast_weight", fast_weight, FAST_WEIGHTS)
+        check_choice("deltanet_activation", deltanet_activation, DELTANET_ACTIVATIONS)  # whatever the FW memory
         check_int("window_size", window_size, 1 if blend == "delayed_chunk" else 0)
         check_positive("rope_theta", rope_theta)
         # Checked whatever the FW memory: d_k = num_partitions * partition_dim is the key width of both.
@@ -82,13 +87,14 @@ class HybridRAMAttention(RAMProjections):
                         cape, mode)
         super().__init__(hidden_size, num_heads, ram.head_k_dim, head_v_dim)
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
+        self.deltanet_activation = deltanet_activation
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
         self.cape = ram.cape  # one bool per head, as in RAMAttention
         self.memory_slots, self.topk = ram.memory_slots, topk
 
         if fast_weight == "deltanet":
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.memory = DeltaRuleMemory(num_heads, ram.head_k_dim, head_v_dim)
+            self.memory = DeltaRuleMemory(num_heads, ram.head_k_dim, head_v_dim, deltanet_activation)
         else:
             self.memory = ram
         if mix == "scalar":

@@ -65,9 +65,10 @@ def reference_attention(q, k, v, lower, theta=10000.0):
     return o
 
 
-def reference_fast_weight(layer, q, k, v, beta, written, read_at, t):
+def reference_fast_weight(layer, q, k, v, beta, written, read_at, t, act=F.silu):
     """What query t reads from a fast-weight memory holding the pairs 0..written-1, read at CAPE
-    position read_at: a dense read of the state for RAM-Net, an explicit delta rule for DeltaNet."""
+    position read_at: a dense read of the state for RAM-Net, an explicit delta rule for DeltaNet
+    (the paper's: on normalize(act(q)), normalize(act(k)) and act(v), act SiLU)."""
     batch = q.shape[0]
     if layer.fast_weight == "ramnet":
         state = RAMState.empty(batch, HEADS, D_P**U, D_V, dtype=torch.float64, device="cpu")
@@ -78,10 +79,10 @@ def reference_fast_weight(layer, q, k, v, beta, written, read_at, t):
         return torch.einsum("bhm,bhmd->bhd", read, state.S / (state.z[..., None] + 1e-6))
     S = torch.zeros(batch, HEADS, U * D_P, D_V, dtype=torch.float64)
     for j in range(written):
-        kj = F.normalize(k[:, j], dim=-1)
-        error = v[:, j] - torch.einsum("bhk,bhkv->bhv", kj, S)
+        kj = F.normalize(act(k[:, j]), dim=-1)
+        error = act(v[:, j]) - torch.einsum("bhk,bhkv->bhv", kj, S)
         S = S + torch.einsum("bhk,bhv->bhkv", kj, beta[:, j, :, None] * error)
-    return torch.einsum("bhk,bhkv->bhv", F.normalize(q[:, t], dim=-1), S) / math.sqrt(U * D_P)
+    return torch.einsum("bhk,bhkv->bhv", F.normalize(act(q[:, t]), dim=-1), S) / math.sqrt(U * D_P)
 
 
 @pytest.mark.parametrize("fast_weight", ["ramnet", "deltanet"])
@@ -102,6 +103,24 @@ def test_each_memory_matches_its_definition(blend, fast_weight):
         torch.testing.assert_close(o_fw[:, t], reference_fast_weight(layer, q, k, v, beta, written, read_at, t))
     lower = (lambda t: t // window * window) if blend == "delayed_chunk" else (lambda t: t - window + 1)
     torch.testing.assert_close(o_kv, reference_attention(q, k, v, lower))
+
+
+@pytest.mark.parametrize("blend", BLENDS)
+def test_deltanet_identity_activation_reads_the_raw_projections(blend):
+    """``deltanet_activation="identity"``: the DeltaNet memory as it was before the paper's SiLU
+    (what older checkpoints were trained with); the KV memory is the same under either map."""
+    window, seq_len = 3, 8
+    layer = hybrid(blend=blend, fast_weight="deltanet", deltanet_activation="identity", window_size=window)
+    x = inputs(seq_len=seq_len)
+    q, k, v, beta = projections(layer, x)
+    o_fw, o_kv = layer.memories(x)
+    written = {"delayed_stream": lambda t: max(t - window + 1, 0), "delayed_chunk": lambda t: t // window * window,
+               "synchronous": lambda t: t + 1}[blend]
+    for t in range(seq_len):
+        expected = reference_fast_weight(layer, q, k, v, beta, written(t), t, t, act=lambda x: x)
+        torch.testing.assert_close(o_fw[:, t], expected)
+    silu_fw, silu_kv = hybrid(blend=blend, fast_weight="deltanet", window_size=window).memories(x)
+    assert torch.equal(silu_kv, o_kv) and not torch.allclose(silu_fw, o_fw)
 
 
 def test_delayed_stream_without_window_is_ramnet():
@@ -247,6 +266,7 @@ def test_sliding_window_attention(window):
         (dict(blend="delayed"), r"blend must be one of \['delayed_stream', 'delayed_chunk', 'synchronous'\]"),
         (dict(mix="gate"), r"mix must be one of \['sum', 'scalar', 'vector'\]"),
         (dict(fast_weight="gla"), r"fast_weight must be one of \['ramnet', 'deltanet'\]"),
+        (dict(deltanet_activation="relu"), r"deltanet_activation must be one of \['silu', 'identity'\]"),
         (dict(window_size=-1), "window_size must be an int >= 0"),
         (dict(window_size=2.5), "window_size must be an int >= 0"),
         (dict(blend="delayed_chunk", window_size=0), "window_size must be an int >= 1"),
