@@ -1,5 +1,7 @@
 """RAM-Net models with hybrid and softmax-attention layers (`mixer_types`)."""
 
+import json
+
 import pytest
 import torch
 
@@ -120,6 +122,7 @@ def test_save_and_load_round_trip(tmp_path):
         ("hybrid_blend", "delayed", {}),
         ("hybrid_mix", "gate", {}),
         ("hybrid_fw", "gla", {}),
+        ("hybrid_deltanet_activation", "relu", {}),
         ("window_size", -1, {}),
         ("window_size", 0, {}),  # a sliding_attention layer needs a window
         ("window_size", 0, dict(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_chunk")),
@@ -134,3 +137,38 @@ def test_config_rejects_bad_values(field, value, extra):
 def test_window_zero_is_allowed_without_a_windowed_layer():
     config = tiny_config(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_stream", window_size=0)
     assert config.window_size == 0
+
+
+def test_deltanet_hybrids_use_the_papers_silu_by_default():
+    model = tiny_model(hybrid_fw="deltanet")
+    assert model.config.hybrid_deltanet_activation == "silu"
+    assert model.model.layers[0].attn.memory.activation == "silu"
+    # a config from a run's model settings (no transformers_version: not a saved config) too
+    assert RAMNetConfig(mixer_types=["hybrid"] * 2, num_hidden_layers=2, hybrid_fw="deltanet").hybrid_deltanet_activation == "silu"
+
+
+def without_field(directory, field):
+    """Rewrite a saved config.json as it was before `field` existed."""
+    path = directory / "config.json"
+    saved = json.loads(path.read_text())
+    assert field in saved  # save_pretrained writes every RAMNetConfig field
+    del saved[field]
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+def test_deltanet_checkpoints_load_as_they_were_trained(tmp_path, activation):
+    """A DeltaNet hybrid saved before `hybrid_deltanet_activation` existed computed without SiLU:
+    it loads as "identity" and gives its logits; a checkpoint saved since keeps its stored map."""
+    model = tiny_model(torch.float32, hybrid_fw="deltanet", hybrid_deltanet_activation=activation)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    if activation == "identity":  # the only map a checkpoint from before the field can have
+        without_field(tmp_path, "hybrid_deltanet_activation")
+    loaded = RAMNetForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.hybrid_deltanet_activation == activation
+    assert loaded.model.layers[0].attn.memory.activation == activation
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)

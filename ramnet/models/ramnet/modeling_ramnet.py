@@ -82,6 +82,7 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
         blend=config.hybrid_blend,
         mix=config.hybrid_mix,
         fast_weight=config.hybrid_fw,
+        deltanet_activation=config.hybrid_deltanet_activation,
         rope_theta=config.rope_theta,
         norm_eps=config.norm_eps,
     )
