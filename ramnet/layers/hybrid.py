@@ -48,9 +48,17 @@ class HybridRAMAttention(RAMProjections):
       chunk, FW is read from the state after the previous chunks (no intra-chunk FW term).
     - ``"synchronous"``: every (k_t, v_t) goes to both memories; KV sees the last S tokens.
 
-    ``mix``: ``"sum"`` (o_fw + o_kv), ``"scalar"`` (a learned sigmoid gate per head) or ``"vector"``
-    (a sigmoid gate per channel from the input): ``g * o_fw + (1 - g) * o_kv``. Then a per-head
-    RMSNorm and ``o_proj``.
+    ``mix``, each weight computed from the layer input x at every token:
+    - ``"sum"``: ``o_fw + o_kv``.
+    - ``"scalar"`` (the paper's dynamic mix): two independent sigmoids per head,
+      ``s_fw, s_kv = sigmoid(mix_proj(x))`` (``mix_proj``: hidden -> 2H, with bias; the first H
+      outputs weight the FW memory), ``o = s_fw * o_fw + s_kv * o_kv``. Independent, not ``s`` and
+      ``1 - s``: a head may use both memories fully, or neither. With zero weights and biases
+      ``(b, -b)`` it is a static gate ``sigmoid(b) * o_fw + (1 - sigmoid(b)) * o_kv``, the form this
+      mix had before (one learned logit per head, ``mix_logit``), whose checkpoints it cannot load.
+    - ``"vector"``: a sigmoid gate per channel, ``g = sigmoid(g_proj(x))``,
+      ``o = g * o_fw + (1 - g) * o_kv``.
+    Then a per-head RMSNorm and ``o_proj``.
     """
 
     def __init__(
@@ -98,7 +106,7 @@ class HybridRAMAttention(RAMProjections):
         else:
             self.memory = ram
         if mix == "scalar":
-            self.mix_logit = nn.Parameter(torch.zeros(num_heads))  # sigmoid(0): both memories at 1/2
+            self.mix_proj = nn.Linear(hidden_size, 2 * num_heads, bias=True)
         elif mix == "vector":
             self.g_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=True)
         self.o_norm = nn.RMSNorm(head_v_dim, eps=norm_eps)
@@ -122,11 +130,11 @@ class HybridRAMAttention(RAMProjections):
         batch, seq_len = keep.shape
         if self.mix == "sum":
             o = o_fw + o_kv
+        elif self.mix == "scalar":
+            weights = torch.sigmoid(self.mix_proj(hidden_states)).view(batch, seq_len, 2, self.num_heads, 1)
+            o = weights[:, :, 0] * o_fw + weights[:, :, 1] * o_kv
         else:
-            if self.mix == "scalar":
-                gate = torch.sigmoid(self.mix_logit)[:, None].to(o_fw.dtype)
-            else:
-                gate = torch.sigmoid(self.g_proj(hidden_states)).view_as(o_fw)
+            gate = torch.sigmoid(self.g_proj(hidden_states)).view_as(o_fw)
             o = gate * o_fw + (1 - gate) * o_kv
         o = self.o_norm(o).masked_fill(~keep[:, :, None, None], 0.0)  # padded positions output zeros
         return self.o_proj(o.reshape(batch, seq_len, -1)), None, past_key_values

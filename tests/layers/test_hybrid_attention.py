@@ -144,9 +144,12 @@ def test_delayed_stream_with_window_covering_the_sequence_is_sliding_attention(w
 
 
 def pin_gate(layer, value):
+    """Weight 1 on the FW memory and 0 on the KV memory (value 1), or the reverse (value 0)."""
     with torch.no_grad():
         if layer.mix == "scalar":
-            layer.mix_logit.fill_(1e4 if value else -1e4)
+            layer.mix_proj.weight.zero_()
+            layer.mix_proj.bias[:HEADS] = 1e4 if value else -1e4  # s_fw
+            layer.mix_proj.bias[HEADS:] = -1e4 if value else 1e4  # s_kv
         else:
             layer.g_proj.weight.zero_()
             layer.g_proj.bias.fill_(1e4 if value else -1e4)
@@ -163,17 +166,48 @@ def test_synchronous_with_the_gate_pinned_is_one_branch(mix):
     torch.testing.assert_close(layer(x)[0], finish(layer, reference_attention(q, k, v, lambda t: t - 2)))
 
 
-def test_mix_weights_the_memories():
+def test_vector_mix_is_a_gate_per_channel_from_the_input():
     layer = hybrid(mix="vector")
     x = inputs()
     o_fw, o_kv = layer.memories(x)
     gate = torch.sigmoid(layer.g_proj(x)).view_as(o_fw)
     torch.testing.assert_close(layer(x)[0], finish(layer, gate * o_fw + (1 - gate) * o_kv))
-    scalar = hybrid(mix="scalar")
+
+
+@pytest.mark.parametrize("fast_weight", ["ramnet", "deltanet"])
+def test_scalar_mix_is_two_sigmoids_per_head_from_the_input(fast_weight):
+    """The paper's dynamic scalar mix: o = s_fw(x) * o_fw + s_kv(x) * o_kv, with
+    [s_fw, s_kv] = sigmoid(W x + b) per token and head, written out from the weights."""
+    layer = hybrid(mix="scalar", fast_weight=fast_weight)
+    with torch.no_grad():  # biases away from the init's zero, so that a dropped bias would show
+        layer.mix_proj.bias.copy_(torch.tensor([-1.0, 2.0, 0.5, -0.3]))
+    x = inputs()
+    o_fw, o_kv = layer.memories(x)
+    W, b = layer.mix_proj.weight, layer.mix_proj.bias
+    assert W.shape == (2 * HEADS, HIDDEN)
+    s_fw = torch.sigmoid(torch.einsum("btc,hc->bth", x, W[:HEADS]) + b[:HEADS])[..., None]
+    s_kv = torch.sigmoid(torch.einsum("btc,hc->bth", x, W[HEADS:]) + b[HEADS:])[..., None]
+    torch.testing.assert_close(layer(x)[0], finish(layer, s_fw * o_fw + s_kv * o_kv))
+    assert s_fw.std(dim=(0, 1)).min() > 1e-3  # the weights change from token to token
+
+
+def test_scalar_mix_weights_are_independent():
+    """Both sigmoids at 1 give the sum of the memories, which a gate g, 1 - g cannot."""
+    scalar, summed = hybrid(mix="scalar"), hybrid(mix="sum")  # the same seed: the same q, k, v, o projections
     with torch.no_grad():
-        scalar.mix_logit.copy_(torch.tensor([-1.0, 2.0]))
-    gate = torch.sigmoid(scalar.mix_logit)[:, None]
-    torch.testing.assert_close(scalar(x)[0], finish(scalar, gate * o_fw + (1 - gate) * o_kv))
+        scalar.mix_proj.weight.zero_()
+        scalar.mix_proj.bias.fill_(1e4)
+    x = inputs()
+    torch.testing.assert_close(scalar(x)[0], summed(x)[0])
+
+
+def test_static_scalar_mix_weights_are_refused():
+    """The scalar mix's former parameters (one logit per head, `mix_logit`) do not load silently."""
+    layer = hybrid(mix="scalar")
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith("mix_proj.")}
+    old["mix_logit"] = torch.zeros(HEADS, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*mix_proj\.weight.*Unexpected key.*mix_logit"):
+        layer.load_state_dict(old)
 
 
 def run_in_pieces(layer, x, sizes, mask=None):

@@ -33,7 +33,8 @@ def test_mixer_types_pick_the_mixers():
     )
     assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     assert (mixers[1].window_size, mixers[2].window_size) == (3, None)
-    assert torch.equal(mixers[0].mix_logit, torch.zeros(4))
+    # the scalar mix: hidden -> two sigmoids per head, from zero biases (each weight 1/2 at x = 0)
+    assert mixers[0].mix_proj.weight.shape == (2 * 4, 32) and torch.equal(mixers[0].mix_proj.bias, torch.zeros(8))
     # the default keeps every layer RAM-Net
     default = RAMNetConfig(num_hidden_layers=3, num_heads=4)
     assert default.mixer_types == ["ramnet"] * 3
@@ -172,3 +173,19 @@ def test_deltanet_checkpoints_load_as_they_were_trained(tmp_path, activation):
     assert loaded.model.layers[0].attn.memory.activation == activation
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_scalar_mix_checkpoints_from_before_the_dynamic_mix_are_refused(tmp_path):
+    """A checkpoint saved when the scalar mix was a static logit per head (its config.json lacks
+    `hybrid_deltanet_activation`) would load with a freshly initialised mix_proj: refused."""
+    model = tiny_model(torch.float32, hybrid_mix="scalar")
+    model.save_pretrained(tmp_path)
+    RAMNetForCausalLM.from_pretrained(tmp_path)  # saved since: loads
+    without_field(tmp_path, "hybrid_deltanet_activation")
+    with pytest.raises(ValueError, match=r"scalar mix became input-dependent.*mix_proj.bias = \[mix_logit, -mix_logit\]"):
+        RAMNetForCausalLM.from_pretrained(tmp_path)
+    # other mixes of that time are unchanged and still load
+    vector = tiny_model(torch.float32, hybrid_mix="vector")
+    vector.save_pretrained(tmp_path / "vector")
+    without_field(tmp_path / "vector", "hybrid_deltanet_activation")
+    assert RAMNetForCausalLM.from_pretrained(tmp_path / "vector").config.hybrid_mix == "vector"

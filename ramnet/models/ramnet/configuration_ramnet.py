@@ -179,11 +179,24 @@ class RAMNetConfig(PreTrainedConfig):
     def _resolve_hybrid_revision(self, kwargs: dict) -> None:
         """Fill in `hybrid_deltanet_activation` (see its entry in the class docstring). A config saved
         by `save_pretrained` or `to_dict` always has `transformers_version` and, since this field
-        exists, the field itself; a saved config without it predates the paper's DeltaNet SiLU."""
+        exists, the field itself; a saved config without it predates the hybrid layer's paper forms:
+        the DeltaNet SiLU (such checkpoints load as "identity") and the input-dependent scalar mix
+        (such checkpoints are refused: their weights have no equivalent the layer can load)."""
         if self.hybrid_deltanet_activation is not None:
             return
         saved = (getattr(self, "transformers_version", None) or kwargs.get("transformers_version")) is not None
-        if saved and "hybrid" in self.mixer_types and self.hybrid_fw == "deltanet":
+        hybrid = "hybrid" in self.mixer_types
+        if saved and hybrid and self.hybrid_mix == "scalar":
+            raise ValueError(
+                "This config was saved before the hybrid layers' scalar mix became input-dependent (the hybrid "
+                "paper's): its checkpoint holds one static logit per head (`mix_logit`), which the layers no longer "
+                "have; they compute sigmoid(mix_proj(x)) per head for each memory. Loading it would leave mix_proj "
+                "freshly initialised. The old gate is exactly mix_proj.weight = 0, mix_proj.bias = "
+                "[mix_logit, -mix_logit]: convert the weights so and add `hybrid_deltanet_activation` to config.json "
+                "(its presence marks a config of the current form; \"identity\" for DeltaNet layers, as they were "
+                "trained), or retrain"
+            )
+        if saved and hybrid and self.hybrid_fw == "deltanet":
             logger.warning(
                 "This config was saved before `hybrid_deltanet_activation` existed: its DeltaNet hybrid layers "
                 "were trained without the paper's SiLU feature map, so they keep computing that way "

@@ -138,8 +138,6 @@ class RAMNetPreTrainedModel(PreTrainedModel):
             init.zeros_(module.k_log_scale)
         if isinstance(module, ShortConvolution):  # starts as the identity (init.copy_ keeps loaded weights)
             init.copy_(module.weight, module.identity_weight())
-        if isinstance(module, HybridRAMAttention) and module.mix == "scalar":
-            init.zeros_(module.mix_logit)  # both memories weighted 1/2
 
 
 class RAMNetModel(RAMNetPreTrainedModel):
