@@ -201,6 +201,20 @@ def test_scalar_mix_weights_are_independent():
     torch.testing.assert_close(scalar(x)[0], summed(x)[0])
 
 
+def test_the_former_static_gate_is_the_scalar_mix_with_zero_weights():
+    """What the refusal of old scalar-mix checkpoints tells users: a logit l per head (the former
+    sigmoid(l) * o_fw + (1 - sigmoid(l)) * o_kv) is mix_proj.weight = 0, mix_proj.bias = [l, -l]."""
+    layer = hybrid(mix="scalar")
+    logit = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    with torch.no_grad():
+        layer.mix_proj.weight.zero_()
+        layer.mix_proj.bias.copy_(torch.cat([logit, -logit]))
+    x = inputs()
+    o_fw, o_kv = layer.memories(x)
+    gate = torch.sigmoid(logit)[:, None]
+    torch.testing.assert_close(layer(x)[0], finish(layer, gate * o_fw + (1 - gate) * o_kv))
+
+
 def test_static_scalar_mix_weights_are_refused():
     """The scalar mix's former parameters (one logit per head, `mix_logit`) do not load silently."""
     layer = hybrid(mix="scalar")
