@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ramnet.layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
@@ -189,3 +190,30 @@ def test_scalar_mix_checkpoints_from_before_the_dynamic_mix_are_refused(tmp_path
     vector.save_pretrained(tmp_path / "vector")
     without_field(tmp_path / "vector", "hybrid_deltanet_activation")
     assert RAMNetForCausalLM.from_pretrained(tmp_path / "vector").config.hybrid_mix == "vector"
+
+
+def test_hybrid_output_norm_starts_small_and_other_norms_at_one():
+    model = RAMNetForCausalLM(tiny_config())  # as built for training: float32, post_init's weights
+    hybrid_layer, ramnet_layer = model.model.layers[0], model.model.layers[3]
+    assert torch.equal(hybrid_layer.attn.o_norm.weight, torch.full((8,), 0.02))
+    for norm in (hybrid_layer.attn_norm, hybrid_layer.mlp_norm, ramnet_layer.attn_norm, model.model.norm):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_loaded_hybrid_output_norm_keeps_its_trained_gain(tmp_path, complete):
+    """Incomplete: a checkpoint missing another parameter of the hybrid layer, so that
+    `_init_weights` runs on that layer while loading; the loaded gain must survive it."""
+    model = tiny_model(torch.float32)
+    trained = torch.linspace(0.5, 1.5, 8)
+    with torch.no_grad():
+        model.model.layers[0].attn.o_norm.weight.copy_(trained)
+        model.model.layers[0].attn.q_log_scale.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    if not complete:
+        weights = load_file(tmp_path / "model.safetensors")
+        del weights["model.layers.0.attn.q_log_scale"]
+        save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = RAMNetForCausalLM.from_pretrained(tmp_path).model.layers[0].attn
+    assert torch.equal(loaded.o_norm.weight, trained)
+    assert torch.equal(loaded.q_log_scale, torch.full((4,), 0.3 if complete else 0.0))  # re-initialised if missing
