@@ -94,7 +94,8 @@ class RAMNetConfig(PreTrainedConfig):
             the delayed-chunk blend); 0 turns off the KV memory of a delayed-stream or synchronous
             hybrid.
         hybrid_blend (`str`): `"synchronous"`, `"delayed_stream"` or `"delayed_chunk"`.
-        hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate), `"scalar"` (per head) or `"sum"`.
+        hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate g, 1 - g), `"scalar"` (the paper's dynamic
+            mix: two independent sigmoids per head from the input, one per memory) or `"sum"`.
         hybrid_fw (`str`): the fast-weight memory of hybrid layers, `"ramnet"` or `"deltanet"`.
         hybrid_deltanet_activation (`str`, *optional*): the feature map of a DeltaNet fast-weight
             memory: `"silu"` (the hybrid paper's DeltaNet: SiLU on q and k before their L2 norm, and
