@@ -11,7 +11,7 @@ from ..accounting import hybrid_state
 from ..ops.checks import check_choice, check_int, check_positive
 from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .kv_window import KVWindow, take, window_attention
-from .memories import DeltaRuleMemory, RAMMemory
+from .memories import DELTANET_ACTIVATIONS, DeltaRuleMemory, RAMMemory
 from .padding import pack, real_token_mask, unpack
 from .ram_attention import RAMProjections
 
@@ -33,7 +33,10 @@ class HybridRAMAttention(RAMProjections):
     because sharing is the point of the hybrid (one key per token, stored once in the window)
     and attention scores are well defined at any width; ``e^alpha`` then doubles as its
     temperature. With ``fast_weight="deltanet"`` the same ``d_k`` is DeltaNet's key width (set
-    ``num_partitions=1, partition_dim=d_k`` to choose it freely).
+    ``num_partitions=1, partition_dim=d_k`` to choose it freely). ``deltanet_activation``: the
+    DeltaNet memory's feature map, ``"silu"`` (the paper's: SiLU on q and k before their L2 norm,
+    and on v) or ``"identity"`` (this layer before the SiLU was added); the KV memory always reads
+    the raw q, k, v.
 
     ``window_size`` S and ``blend``:
     - ``"delayed_stream"``: KV sees the last S tokens (the current one included); a pair enters the
@@ -45,9 +48,17 @@ class HybridRAMAttention(RAMProjections):
       chunk, FW is read from the state after the previous chunks (no intra-chunk FW term).
     - ``"synchronous"``: every (k_t, v_t) goes to both memories; KV sees the last S tokens.
 
-    ``mix``: ``"sum"`` (o_fw + o_kv), ``"scalar"`` (a learned sigmoid gate per head) or ``"vector"``
-    (a sigmoid gate per channel from the input): ``g * o_fw + (1 - g) * o_kv``. Then a per-head
-    RMSNorm and ``o_proj``.
+    ``mix``, each weight computed from the layer input x at every token:
+    - ``"sum"``: ``o_fw + o_kv``.
+    - ``"scalar"`` (the paper's dynamic mix): two independent sigmoids per head,
+      ``s_fw, s_kv = sigmoid(mix_proj(x))`` (``mix_proj``: hidden -> 2H, with bias; the first H
+      outputs weight the FW memory), ``o = s_fw * o_fw + s_kv * o_kv``. Independent, not ``s`` and
+      ``1 - s``: a head may use both memories fully, or neither. With zero weights and biases
+      ``(b, -b)`` it is a static gate ``sigmoid(b) * o_fw + (1 - sigmoid(b)) * o_kv``, the form this
+      mix had before (one learned logit per head, ``mix_logit``), whose checkpoints it cannot load.
+    - ``"vector"``: a sigmoid gate per channel, ``g = sigmoid(g_proj(x))``,
+      ``o = g * o_fw + (1 - g) * o_kv``.
+    Then a per-head RMSNorm and ``o_proj``.
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class HybridRAMAttention(RAMProjections):
         blend: str = "synchronous",
         mix: str = "vector",
         fast_weight: str = "ramnet",
+        deltanet_activation: str = "silu",
         rope_theta: float = 10000.0,
         norm_eps: float = 1e-6,
         mode: str | None = None,
@@ -75,6 +87,7 @@ class HybridRAMAttention(RAMProjections):
         check_choice("blend", blend, BLENDS)
         check_choice("mix", mix, MIXES)
         check_choice("fast_weight", fast_weight, FAST_WEIGHTS)
+        check_choice("deltanet_activation", deltanet_activation, DELTANET_ACTIVATIONS)  # whatever the FW memory
         check_int("window_size", window_size, 1 if blend == "delayed_chunk" else 0)
         check_positive("rope_theta", rope_theta)
         # Checked whatever the FW memory: d_k = num_partitions * partition_dim is the key width of both.
@@ -82,17 +95,18 @@ class HybridRAMAttention(RAMProjections):
                         cape, mode)
         super().__init__(hidden_size, num_heads, ram.head_k_dim, head_v_dim)
         self.window_size, self.blend, self.mix, self.fast_weight = window_size, blend, mix, fast_weight
+        self.deltanet_activation = deltanet_activation
         self.rope_theta, self.layer_idx = rope_theta, layer_idx
         self.cape = ram.cape  # one bool per head, as in RAMAttention
         self.memory_slots, self.topk = ram.memory_slots, topk
 
         if fast_weight == "deltanet":
             self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-            self.memory = DeltaRuleMemory(num_heads, ram.head_k_dim, head_v_dim)
+            self.memory = DeltaRuleMemory(num_heads, ram.head_k_dim, head_v_dim, deltanet_activation)
         else:
             self.memory = ram
         if mix == "scalar":
-            self.mix_logit = nn.Parameter(torch.zeros(num_heads))  # sigmoid(0): both memories at 1/2
+            self.mix_proj = nn.Linear(hidden_size, 2 * num_heads, bias=True)
         elif mix == "vector":
             self.g_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=True)
         self.o_norm = nn.RMSNorm(head_v_dim, eps=norm_eps)
@@ -116,11 +130,11 @@ class HybridRAMAttention(RAMProjections):
         batch, seq_len = keep.shape
         if self.mix == "sum":
             o = o_fw + o_kv
+        elif self.mix == "scalar":
+            weights = torch.sigmoid(self.mix_proj(hidden_states)).view(batch, seq_len, 2, self.num_heads, 1)
+            o = weights[:, :, 0] * o_fw + weights[:, :, 1] * o_kv
         else:
-            if self.mix == "scalar":
-                gate = torch.sigmoid(self.mix_logit)[:, None].to(o_fw.dtype)
-            else:
-                gate = torch.sigmoid(self.g_proj(hidden_states)).view_as(o_fw)
+            gate = torch.sigmoid(self.g_proj(hidden_states)).view_as(o_fw)
             o = gate * o_fw + (1 - gate) * o_kv
         o = self.o_norm(o).masked_fill(~keep[:, :, None, None], 0.0)  # padded positions output zeros
         return self.o_proj(o.reshape(batch, seq_len, -1)), None, past_key_values

@@ -123,33 +123,59 @@ def delta_rule(q, k, v, beta, scale: float, S: torch.Tensor):
     return torch.stack(outputs, 1), S
 
 
-class DeltaRuleMemory:
-    """DeltaNet as the fast-weight memory (the hybrid paper's choice): L2-normalised q and k, a
-    write strength beta per token and head, scale ``d_k ** -0.5`` as in fla. fla's
-    ``chunk_delta_rule`` on CUDA when fla is installed, the step-by-step torch rule otherwise."""
+DELTANET_ACTIVATIONS = ("silu", "identity")
 
-    def __init__(self, num_heads: int, head_k_dim: int, head_v_dim: int):
+
+def _delta_rule_kernel(like: torch.Tensor):
+    """fla's ``chunk_delta_rule`` for CUDA inputs when fla is installed, else None (the torch rule).
+    One function so that a test can stand in for the kernel and see what it is given."""
+    return _fla_chunk_delta_rule() if like.is_cuda else None
+
+
+class DeltaRuleMemory:
+    """DeltaNet as the fast-weight memory (the hybrid paper's choice): a feature map on q, k and v,
+    L2-normalised q and k, a write strength beta per token and head, scale ``d_k ** -0.5`` as in fla.
+    fla's ``chunk_delta_rule`` on CUDA when fla is installed, the step-by-step torch rule otherwise;
+    both get the same mapped inputs (``features``).
+
+    ``activation``: ``"silu"`` (the paper's DeltaNet, fla's default: SiLU on q and k before the L2
+    norm, SiLU on v) or ``"identity"`` (raw projections; what this memory computed before the SiLU
+    was added, kept so that checkpoints trained that way still load as they were trained). The
+    hybrid's KV memory reads the raw q, k, v: the map belongs to this memory only."""
+
+    def __init__(self, num_heads: int, head_k_dim: int, head_v_dim: int, activation: str = "silu"):
         self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_k_dim, head_v_dim
+        self.activation = check_choice("activation", activation, DELTANET_ACTIVATIONS)
         self.scale = head_k_dim**-0.5
 
     def empty(self, batch: int, like: torch.Tensor) -> DeltaState:
         shape = (batch, self.num_heads, self.head_k_dim, self.head_v_dim)
         return DeltaState(torch.zeros(shape, dtype=compute_dtype(like.dtype), device=like.device))
 
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) if self.activation == "silu" else x
+
+    def features(self, q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        """What the delta rule sees, in the compute dtype: ``normalize(act(q))``, ``normalize(act(k))``
+        and ``act(v)`` (None stays None)."""
+        compute = compute_dtype(q.dtype)
+        q, k = (None if x is None else F.normalize(self._act(x.to(compute)), dim=-1) for x in (q, k))
+        return q, k, None if v is None else self._act(v.to(compute))
+
     def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
         dtype = v.dtype
         compute = compute_dtype(dtype)
-        q, k = (F.normalize(x.to(compute), dim=-1) for x in (q, k))
+        q, k, v = self.features(q, k, v)
         num_seqs = q.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
         S0 = (state if state is not None else self.empty(num_seqs, v)).S
-        kernel = _fla_chunk_delta_rule() if q.is_cuda else None
+        kernel = _delta_rule_kernel(q)
         if kernel is not None:
             o, final = kernel(
-                q.to(dtype), k.to(dtype), v, beta.to(dtype), scale=self.scale, initial_state=S0,
+                q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), scale=self.scale, initial_state=S0,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens,
             )
             return o.to(dtype), (DeltaState(final) if output_final_state else None)
-        v, beta = v.to(compute), beta.to(compute)
+        beta = beta.to(compute)
 
         def one_sequence(q, k, v, beta, S):  # the delta rule loops over T, which may be 0 for a packed sequence
             return delta_rule(q, k, v, beta, self.scale, S) if q.shape[1] else (v, S)
@@ -158,9 +184,10 @@ class DeltaRuleMemory:
         return o.to(dtype), (DeltaState(final) if output_final_state else None)
 
     def read(self, q: torch.Tensor, positions: torch.Tensor, state: DeltaState, rows: torch.Tensor) -> torch.Tensor:
-        """``scale * S^T q`` for ``q [N, H, d_k]`` from the states of ``rows [N]`` (positions unused)."""
-        unit = F.normalize(q.to(state.S.dtype), dim=-1)
+        """``scale * S^T q'`` for ``q [N, H, d_k]`` (``q'`` its features, as ``run`` reads with) from the
+        states of ``rows [N]`` (positions unused)."""
+        unit = self.features(q.to(state.S.dtype))[0]
         return (self.scale * torch.einsum("nhk,nhkv->nhv", unit, state.S[rows])).to(q.dtype)
 
 
-__all__ = ["DeltaRuleMemory", "DeltaState", "RAMMemory", "delta_rule"]
+__all__ = ["DELTANET_ACTIVATIONS", "DeltaRuleMemory", "DeltaState", "RAMMemory", "delta_rule"]

@@ -65,9 +65,10 @@ def reference_attention(q, k, v, lower, theta=10000.0):
     return o
 
 
-def reference_fast_weight(layer, q, k, v, beta, written, read_at, t):
+def reference_fast_weight(layer, q, k, v, beta, written, read_at, t, act=F.silu):
     """What query t reads from a fast-weight memory holding the pairs 0..written-1, read at CAPE
-    position read_at: a dense read of the state for RAM-Net, an explicit delta rule for DeltaNet."""
+    position read_at: a dense read of the state for RAM-Net, an explicit delta rule for DeltaNet
+    (the paper's: on normalize(act(q)), normalize(act(k)) and act(v), act SiLU)."""
     batch = q.shape[0]
     if layer.fast_weight == "ramnet":
         state = RAMState.empty(batch, HEADS, D_P**U, D_V, dtype=torch.float64, device="cpu")
@@ -78,10 +79,10 @@ def reference_fast_weight(layer, q, k, v, beta, written, read_at, t):
         return torch.einsum("bhm,bhmd->bhd", read, state.S / (state.z[..., None] + 1e-6))
     S = torch.zeros(batch, HEADS, U * D_P, D_V, dtype=torch.float64)
     for j in range(written):
-        kj = F.normalize(k[:, j], dim=-1)
-        error = v[:, j] - torch.einsum("bhk,bhkv->bhv", kj, S)
+        kj = F.normalize(act(k[:, j]), dim=-1)
+        error = act(v[:, j]) - torch.einsum("bhk,bhkv->bhv", kj, S)
         S = S + torch.einsum("bhk,bhv->bhkv", kj, beta[:, j, :, None] * error)
-    return torch.einsum("bhk,bhkv->bhv", F.normalize(q[:, t], dim=-1), S) / math.sqrt(U * D_P)
+    return torch.einsum("bhk,bhkv->bhv", F.normalize(act(q[:, t]), dim=-1), S) / math.sqrt(U * D_P)
 
 
 @pytest.mark.parametrize("fast_weight", ["ramnet", "deltanet"])
@@ -102,6 +103,24 @@ def test_each_memory_matches_its_definition(blend, fast_weight):
         torch.testing.assert_close(o_fw[:, t], reference_fast_weight(layer, q, k, v, beta, written, read_at, t))
     lower = (lambda t: t // window * window) if blend == "delayed_chunk" else (lambda t: t - window + 1)
     torch.testing.assert_close(o_kv, reference_attention(q, k, v, lower))
+
+
+@pytest.mark.parametrize("blend", BLENDS)
+def test_deltanet_identity_activation_reads_the_raw_projections(blend):
+    """``deltanet_activation="identity"``: the DeltaNet memory as it was before the paper's SiLU
+    (what older checkpoints were trained with); the KV memory is the same under either map."""
+    window, seq_len = 3, 8
+    layer = hybrid(blend=blend, fast_weight="deltanet", deltanet_activation="identity", window_size=window)
+    x = inputs(seq_len=seq_len)
+    q, k, v, beta = projections(layer, x)
+    o_fw, o_kv = layer.memories(x)
+    written = {"delayed_stream": lambda t: max(t - window + 1, 0), "delayed_chunk": lambda t: t // window * window,
+               "synchronous": lambda t: t + 1}[blend]
+    for t in range(seq_len):
+        expected = reference_fast_weight(layer, q, k, v, beta, written(t), t, t, act=lambda x: x)
+        torch.testing.assert_close(o_fw[:, t], expected)
+    silu_fw, silu_kv = hybrid(blend=blend, fast_weight="deltanet", window_size=window).memories(x)
+    assert torch.equal(silu_kv, o_kv) and not torch.allclose(silu_fw, o_fw)
 
 
 def test_delayed_stream_without_window_is_ramnet():
@@ -125,9 +144,12 @@ def test_delayed_stream_with_window_covering_the_sequence_is_sliding_attention(w
 
 
 def pin_gate(layer, value):
+    """Weight 1 on the FW memory and 0 on the KV memory (value 1), or the reverse (value 0)."""
     with torch.no_grad():
         if layer.mix == "scalar":
-            layer.mix_logit.fill_(1e4 if value else -1e4)
+            layer.mix_proj.weight.zero_()
+            layer.mix_proj.bias[:HEADS] = 1e4 if value else -1e4  # s_fw
+            layer.mix_proj.bias[HEADS:] = -1e4 if value else 1e4  # s_kv
         else:
             layer.g_proj.weight.zero_()
             layer.g_proj.bias.fill_(1e4 if value else -1e4)
@@ -144,17 +166,62 @@ def test_synchronous_with_the_gate_pinned_is_one_branch(mix):
     torch.testing.assert_close(layer(x)[0], finish(layer, reference_attention(q, k, v, lambda t: t - 2)))
 
 
-def test_mix_weights_the_memories():
+def test_vector_mix_is_a_gate_per_channel_from_the_input():
     layer = hybrid(mix="vector")
     x = inputs()
     o_fw, o_kv = layer.memories(x)
     gate = torch.sigmoid(layer.g_proj(x)).view_as(o_fw)
     torch.testing.assert_close(layer(x)[0], finish(layer, gate * o_fw + (1 - gate) * o_kv))
-    scalar = hybrid(mix="scalar")
+
+
+@pytest.mark.parametrize("fast_weight", ["ramnet", "deltanet"])
+def test_scalar_mix_is_two_sigmoids_per_head_from_the_input(fast_weight):
+    """The paper's dynamic scalar mix: o = s_fw(x) * o_fw + s_kv(x) * o_kv, with
+    [s_fw, s_kv] = sigmoid(W x + b) per token and head, written out from the weights."""
+    layer = hybrid(mix="scalar", fast_weight=fast_weight)
+    with torch.no_grad():  # biases away from the init's zero, so that a dropped bias would show
+        layer.mix_proj.bias.copy_(torch.tensor([-1.0, 2.0, 0.5, -0.3]))
+    x = inputs()
+    o_fw, o_kv = layer.memories(x)
+    W, b = layer.mix_proj.weight, layer.mix_proj.bias
+    assert W.shape == (2 * HEADS, HIDDEN)
+    s_fw = torch.sigmoid(torch.einsum("btc,hc->bth", x, W[:HEADS]) + b[:HEADS])[..., None]
+    s_kv = torch.sigmoid(torch.einsum("btc,hc->bth", x, W[HEADS:]) + b[HEADS:])[..., None]
+    torch.testing.assert_close(layer(x)[0], finish(layer, s_fw * o_fw + s_kv * o_kv))
+    assert s_fw.std(dim=(0, 1)).min() > 1e-3  # the weights change from token to token
+
+
+def test_scalar_mix_weights_are_independent():
+    """Both sigmoids at 1 give the sum of the memories, which a gate g, 1 - g cannot."""
+    scalar, summed = hybrid(mix="scalar"), hybrid(mix="sum")  # the same seed: the same q, k, v, o projections
     with torch.no_grad():
-        scalar.mix_logit.copy_(torch.tensor([-1.0, 2.0]))
-    gate = torch.sigmoid(scalar.mix_logit)[:, None]
-    torch.testing.assert_close(scalar(x)[0], finish(scalar, gate * o_fw + (1 - gate) * o_kv))
+        scalar.mix_proj.weight.zero_()
+        scalar.mix_proj.bias.fill_(1e4)
+    x = inputs()
+    torch.testing.assert_close(scalar(x)[0], summed(x)[0])
+
+
+def test_the_former_static_gate_is_the_scalar_mix_with_zero_weights():
+    """What the refusal of old scalar-mix checkpoints tells users: a logit l per head (the former
+    sigmoid(l) * o_fw + (1 - sigmoid(l)) * o_kv) is mix_proj.weight = 0, mix_proj.bias = [l, -l]."""
+    layer = hybrid(mix="scalar")
+    logit = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    with torch.no_grad():
+        layer.mix_proj.weight.zero_()
+        layer.mix_proj.bias.copy_(torch.cat([logit, -logit]))
+    x = inputs()
+    o_fw, o_kv = layer.memories(x)
+    gate = torch.sigmoid(logit)[:, None]
+    torch.testing.assert_close(layer(x)[0], finish(layer, gate * o_fw + (1 - gate) * o_kv))
+
+
+def test_static_scalar_mix_weights_are_refused():
+    """The scalar mix's former parameters (one logit per head, `mix_logit`) do not load silently."""
+    layer = hybrid(mix="scalar")
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith("mix_proj.")}
+    old["mix_logit"] = torch.zeros(HEADS, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*mix_proj\.weight.*Unexpected key.*mix_logit"):
+        layer.load_state_dict(old)
 
 
 def run_in_pieces(layer, x, sizes, mask=None):
@@ -247,6 +314,7 @@ def test_sliding_window_attention(window):
         (dict(blend="delayed"), r"blend must be one of \['delayed_stream', 'delayed_chunk', 'synchronous'\]"),
         (dict(mix="gate"), r"mix must be one of \['sum', 'scalar', 'vector'\]"),
         (dict(fast_weight="gla"), r"fast_weight must be one of \['ramnet', 'deltanet'\]"),
+        (dict(deltanet_activation="relu"), r"deltanet_activation must be one of \['silu', 'identity'\]"),
         (dict(window_size=-1), "window_size must be an int >= 0"),
         (dict(window_size=2.5), "window_size must be an int >= 0"),
         (dict(blend="delayed_chunk", window_size=0), "window_size must be an int >= 1"),

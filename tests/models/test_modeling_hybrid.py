@@ -1,7 +1,10 @@
 """RAM-Net models with hybrid and softmax-attention layers (`mixer_types`)."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ramnet.layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
@@ -31,7 +34,8 @@ def test_mixer_types_pick_the_mixers():
     )
     assert mixers[0].cape == (True,) * 4 and mixers[3].cape == (True, True, False, False)
     assert (mixers[1].window_size, mixers[2].window_size) == (3, None)
-    assert torch.equal(mixers[0].mix_logit, torch.zeros(4))
+    # the scalar mix: hidden -> two sigmoids per head, from zero biases (each weight 1/2 at x = 0)
+    assert mixers[0].mix_proj.weight.shape == (2 * 4, 32) and torch.equal(mixers[0].mix_proj.bias, torch.zeros(8))
     # the default keeps every layer RAM-Net
     default = RAMNetConfig(num_hidden_layers=3, num_heads=4)
     assert default.mixer_types == ["ramnet"] * 3
@@ -120,6 +124,7 @@ def test_save_and_load_round_trip(tmp_path):
         ("hybrid_blend", "delayed", {}),
         ("hybrid_mix", "gate", {}),
         ("hybrid_fw", "gla", {}),
+        ("hybrid_deltanet_activation", "relu", {}),
         ("window_size", -1, {}),
         ("window_size", 0, {}),  # a sliding_attention layer needs a window
         ("window_size", 0, dict(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_chunk")),
@@ -134,3 +139,81 @@ def test_config_rejects_bad_values(field, value, extra):
 def test_window_zero_is_allowed_without_a_windowed_layer():
     config = tiny_config(mixer_types=["hybrid"] * 4, hybrid_blend="delayed_stream", window_size=0)
     assert config.window_size == 0
+
+
+def test_deltanet_hybrids_use_the_papers_silu_by_default():
+    model = tiny_model(hybrid_fw="deltanet")
+    assert model.config.hybrid_deltanet_activation == "silu"
+    assert model.model.layers[0].attn.memory.activation == "silu"
+    # a config from a run's model settings (no transformers_version: not a saved config) too
+    assert RAMNetConfig(mixer_types=["hybrid"] * 2, num_hidden_layers=2, hybrid_fw="deltanet").hybrid_deltanet_activation == "silu"
+
+
+def without_field(directory, field):
+    """Rewrite a saved config.json as it was before `field` existed."""
+    path = directory / "config.json"
+    saved = json.loads(path.read_text())
+    assert field in saved  # save_pretrained writes every RAMNetConfig field
+    del saved[field]
+    path.write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+def test_deltanet_checkpoints_load_as_they_were_trained(tmp_path, activation):
+    """A DeltaNet hybrid saved before `hybrid_deltanet_activation` existed computed without SiLU:
+    it loads as "identity" and gives its logits; a checkpoint saved since keeps its stored map."""
+    model = tiny_model(torch.float32, hybrid_fw="deltanet", hybrid_deltanet_activation=activation)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    if activation == "identity":  # the only map a checkpoint from before the field can have
+        without_field(tmp_path, "hybrid_deltanet_activation")
+    loaded = RAMNetForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.hybrid_deltanet_activation == activation
+    assert loaded.model.layers[0].attn.memory.activation == activation
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_scalar_mix_checkpoints_from_before_the_dynamic_mix_are_refused(tmp_path):
+    """A checkpoint saved when the scalar mix was a static logit per head (its config.json lacks
+    `hybrid_deltanet_activation`) would load with a freshly initialised mix_proj: refused."""
+    model = tiny_model(torch.float32, hybrid_mix="scalar")
+    model.save_pretrained(tmp_path)
+    RAMNetForCausalLM.from_pretrained(tmp_path)  # saved since: loads
+    without_field(tmp_path, "hybrid_deltanet_activation")
+    with pytest.raises(ValueError, match=r"scalar mix became input-dependent.*mix_proj.bias = \[mix_logit, -mix_logit\]"):
+        RAMNetForCausalLM.from_pretrained(tmp_path)
+    # other mixes of that time are unchanged and still load
+    vector = tiny_model(torch.float32, hybrid_mix="vector")
+    vector.save_pretrained(tmp_path / "vector")
+    without_field(tmp_path / "vector", "hybrid_deltanet_activation")
+    assert RAMNetForCausalLM.from_pretrained(tmp_path / "vector").config.hybrid_mix == "vector"
+
+
+def test_hybrid_output_norm_starts_small_and_other_norms_at_one():
+    model = RAMNetForCausalLM(tiny_config())  # as built for training: float32, post_init's weights
+    hybrid_layer, ramnet_layer = model.model.layers[0], model.model.layers[3]
+    assert torch.equal(hybrid_layer.attn.o_norm.weight, torch.full((8,), 0.02))
+    for norm in (hybrid_layer.attn_norm, hybrid_layer.mlp_norm, ramnet_layer.attn_norm, model.model.norm):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_loaded_hybrid_output_norm_keeps_its_trained_gain(tmp_path, complete):
+    """Incomplete: a checkpoint missing another parameter of the hybrid layer, so that
+    `_init_weights` runs on that layer while loading; the loaded gain must survive it."""
+    model = tiny_model(torch.float32)
+    trained = torch.linspace(0.5, 1.5, 8)
+    with torch.no_grad():
+        model.model.layers[0].attn.o_norm.weight.copy_(trained)
+        model.model.layers[0].attn.q_log_scale.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    if not complete:
+        weights = load_file(tmp_path / "model.safetensors")
+        del weights["model.layers.0.attn.q_log_scale"]
+        save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = RAMNetForCausalLM.from_pretrained(tmp_path).model.layers[0].attn
+    assert torch.equal(loaded.o_norm.weight, trained)
+    assert torch.equal(loaded.q_log_scale, torch.full((4,), 0.3 if complete else 0.0))  # re-initialised if missing

@@ -4,8 +4,10 @@ from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
 
 from ...layers.hybrid import BLENDS, FAST_WEIGHTS, MIXES
+from ...layers.memories import DELTANET_ACTIVATIONS
 from ...ops.checks import check_choice, check_int, check_positive, check_topk, memory_geometry
 from ...ops.ram import PATHS
 from ...ops.ram.spec import DEFAULT_PROXY_EPS
@@ -26,6 +28,8 @@ MIXER_OF_LAYER_TYPE = {layer_type: mixer for mixer, layer_type in LAYER_TYPE_OF_
 # still uses these, so they are accepted as aliases (and the new name is what gets saved).
 # `layer_types` held the mixers in transformers' vocabulary.
 RENAMED_FIELDS = {"cape_heads": "num_cape_heads", "layer_types": "mixer_types"}
+
+logger = logging.get_logger(__name__)
 
 
 def paper_num_cape_heads(num_hidden_layers: int, num_heads: int) -> list[int]:
@@ -90,8 +94,16 @@ class RAMNetConfig(PreTrainedConfig):
             the delayed-chunk blend); 0 turns off the KV memory of a delayed-stream or synchronous
             hybrid.
         hybrid_blend (`str`): `"synchronous"`, `"delayed_stream"` or `"delayed_chunk"`.
-        hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate), `"scalar"` (per head) or `"sum"`.
+        hybrid_mix (`str`): `"vector"` (per-channel sigmoid gate g, 1 - g), `"scalar"` (the paper's dynamic
+            mix: two independent sigmoids per head from the input, one per memory) or `"sum"`.
         hybrid_fw (`str`): the fast-weight memory of hybrid layers, `"ramnet"` or `"deltanet"`.
+        hybrid_deltanet_activation (`str`, *optional*): the feature map of a DeltaNet fast-weight
+            memory: `"silu"` (the hybrid paper's DeltaNet: SiLU on q and k before their L2 norm, and
+            on v) or `"identity"` (raw projections, what that memory computed before the SiLU was
+            added). `None` resolves to `"silu"`, except in a config saved before this field existed
+            (one that has `transformers_version` but not this field) whose hybrid layers are DeltaNet:
+            that checkpoint was trained without the SiLU, so it gets `"identity"` and computes what it
+            was trained to. The resolved value is stored.
         rope_theta (`float`): RoPE base of the softmax attention (hybrid and attention layers).
         short_conv_size (`int`): RAM-Net layers only: 0 (the paper's mixer), or the width of a causal
             depthwise convolution over time of the q, k and v projections (Gated DeltaNet uses 4).
@@ -130,6 +142,7 @@ class RAMNetConfig(PreTrainedConfig):
     hybrid_blend: str = "synchronous"
     hybrid_mix: str = "vector"
     hybrid_fw: str = "ramnet"
+    hybrid_deltanet_activation: str | None = None
     rope_theta: float | int = 10000.0
     short_conv_size: int = 0
     output_gate: bool = False
@@ -146,6 +159,7 @@ class RAMNetConfig(PreTrainedConfig):
             # hybrid paper (its window branch has RoPE), and attention layers have no CAPE.
             schedule = default_num_cape_heads(self.num_hidden_layers, self.num_heads)
             self.num_cape_heads = [n if mixer == "ramnet" else 0 for n, mixer in zip(schedule, self.mixer_types)]
+        self._resolve_hybrid_revision(kwargs)
         # Checked here rather than in a `validate_*` method so that a bad value raises a plain
         # ValueError that names the field (strict wraps class validators in its own error type).
         self._check_values()
@@ -162,6 +176,36 @@ class RAMNetConfig(PreTrainedConfig):
             if old == "layer_types" and value is not None:
                 value = [MIXER_OF_LAYER_TYPE.get(kind, kind) for kind in value]
             setattr(self, new, value)
+
+    def _resolve_hybrid_revision(self, kwargs: dict) -> None:
+        """Fill in `hybrid_deltanet_activation` (see its entry in the class docstring). A config saved
+        by `save_pretrained` or `to_dict` always has `transformers_version` and, since this field
+        exists, the field itself; a saved config without it predates the hybrid layer's paper forms:
+        the DeltaNet SiLU (such checkpoints load as "identity") and the input-dependent scalar mix
+        (such checkpoints are refused: their weights have no equivalent the layer can load)."""
+        if self.hybrid_deltanet_activation is not None:
+            return
+        saved = (getattr(self, "transformers_version", None) or kwargs.get("transformers_version")) is not None
+        hybrid = "hybrid" in self.mixer_types
+        if saved and hybrid and self.hybrid_mix == "scalar":
+            raise ValueError(
+                "This config was saved before the hybrid layers' scalar mix became input-dependent (the hybrid "
+                "paper's): its checkpoint holds one static logit per head (`mix_logit`), which the layers no longer "
+                "have; they compute sigmoid(mix_proj(x)) per head for each memory. Loading it would leave mix_proj "
+                "freshly initialised. The old gate is exactly mix_proj.weight = 0, mix_proj.bias = "
+                "[mix_logit, -mix_logit]: convert the weights so and add `hybrid_deltanet_activation` to config.json "
+                "(its presence marks a config of the current form; \"identity\" for DeltaNet layers, as they were "
+                "trained), or retrain"
+            )
+        if saved and hybrid and self.hybrid_fw == "deltanet":
+            logger.warning(
+                "This config was saved before `hybrid_deltanet_activation` existed: its DeltaNet hybrid layers "
+                "were trained without the paper's SiLU feature map, so they keep computing that way "
+                "(hybrid_deltanet_activation='identity')"
+            )
+            self.hybrid_deltanet_activation = "identity"
+        else:
+            self.hybrid_deltanet_activation = "silu"
 
     @property
     def layer_types(self) -> list[str]:
@@ -217,7 +261,8 @@ class RAMNetConfig(PreTrainedConfig):
             )
         if not set(self.mixer_types) <= set(MIXER_TYPES):
             raise ValueError(f"`mixer_types` entries must be in {list(MIXER_TYPES)}, got {self.mixer_types}")
-        for name, allowed in (("hybrid_blend", BLENDS), ("hybrid_mix", MIXES), ("hybrid_fw", FAST_WEIGHTS)):
+        for name, allowed in (("hybrid_blend", BLENDS), ("hybrid_mix", MIXES), ("hybrid_fw", FAST_WEIGHTS),
+                              ("hybrid_deltanet_activation", DELTANET_ACTIVATIONS)):
             check_choice(name, getattr(self, name), allowed)
         # Sliding attention and the delayed chunk need a window of at least one token; the other
         # blends accept 0 (no KV memory).

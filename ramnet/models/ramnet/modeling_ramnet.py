@@ -19,6 +19,14 @@ from .configuration_ramnet import RAMNetConfig
 
 logger = logging.get_logger(__name__)
 
+# The initial gain of a hybrid layer's per-head output RMSNorm (`HybridRAMAttention.o_norm`). The norm
+# makes every head's mix unit-RMS however little the memories hold, so at gain 1 the hybrid's mixer
+# starts much louder than RAM-Net's, whose un-normalised read averages values from projections of
+# std initializer_range. The LM issue's CPU tiny run: loss 5.48 at gain 1, 4.91 at 0.02 (RAM-Net alone
+# 4.95). Small rather than zero: at zero no gradient would reach anything before the norm (the
+# projections, the memories, the mix) until the gain itself had moved.
+HYBRID_O_NORM_INIT_GAIN = 0.02
+
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the
 # old name still works there, with a warning); 5.17, the GPU image's, knows only the old name.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -82,6 +90,7 @@ def token_mixer(config: RAMNetConfig, layer_idx: int) -> nn.Module:
         blend=config.hybrid_blend,
         mix=config.hybrid_mix,
         fast_weight=config.hybrid_fw,
+        deltanet_activation=config.hybrid_deltanet_activation,
         rope_theta=config.rope_theta,
         norm_eps=config.norm_eps,
     )
@@ -129,16 +138,17 @@ class RAMNetPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # Linear/Embedding: normal(0, initializer_range), biases zero; RMSNorm weights one.
+        # Linear/Embedding: normal(0, initializer_range), biases zero; RMSNorm weights one (but below).
         super()._init_weights(module)
         if isinstance(module, RAMProjections):  # RAMAttention and HybridRAMAttention
             # e^0 = 1: the learnable per-head q/k temperatures start neutral.
             init.zeros_(module.q_log_scale)
             init.zeros_(module.k_log_scale)
+        if isinstance(module, HybridRAMAttention):
+            # Children are initialised first, so this overrides o_norm's ones; a loaded gain is kept.
+            init.constant_(module.o_norm.weight, HYBRID_O_NORM_INIT_GAIN)
         if isinstance(module, ShortConvolution):  # starts as the identity (init.copy_ keeps loaded weights)
             init.copy_(module.weight, module.identity_weight())
-        if isinstance(module, HybridRAMAttention) and module.mix == "scalar":
-            init.zeros_(module.mix_logit)  # both memories weighted 1/2
 
 
 class RAMNetModel(RAMNetPreTrainedModel):
