@@ -11,7 +11,7 @@ from . import __version__
 from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
 from .ops.ram import PATHS
-from .ops.triton_support import HAS_TRITON, interpreting
+from .ops.triton_support import HAS_TRITON, triton_runs_on
 from .provenance import device_name, environment
 
 
@@ -24,13 +24,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     for device in devices:
         print(f"device {device}: {device_name(device)}")
-    print(f"ram_attention paths: {', '.join(PATHS)}")
-    if HAS_TRITON:
-        where = "CUDA" if torch.cuda.is_available() else ("CPU, interpreted" if interpreting() else
-                                                          "none here (no CUDA; TRITON_INTERPRET=1 runs them on CPU)")
+    # Only the paths that can run here: the triton path needs Triton, and CUDA or its interpreter.
+    runnable = [p for p in PATHS if p != "triton" or any(triton_runs_on(d) for d in devices)]
+    print(f"ram_attention paths: {', '.join(runnable)}")
+    if not HAS_TRITON:
+        print("triton not installed: the triton path is unavailable (pip install 'ramnet[triton]')")
+    elif "triton" in runnable:
+        where = "CUDA" if torch.cuda.is_available() else "CPU, interpreted (TRITON_INTERPRET=1)"
         print(f"triton {env['triton']}: kernels run on {where}")
     else:
-        print("triton not installed: the triton path is unavailable (pip install 'ramnet[triton]')")
+        print(f"triton {env['triton']}: no CUDA here, so the triton path is unavailable "
+              "(TRITON_INTERPRET=1 runs its kernels on the CPU, slowly)")
     return 0
 
 
