@@ -3,7 +3,7 @@ read fixed-length training windows from them.
 
 Layout of a prepared directory::
 
-    meta.json               splits, shard sizes, dtype, vocabulary size, EOS id, unigram entropy
+    meta.json               splits, shard sizes, dtype, vocabulary size, largest token id, EOS id, unigram entropy
     tokenizer/              the tokenizer (save_pretrained), copied into every checkpoint
     train-00000.bin ...     raw token ids (uint16 when the vocabulary fits, else uint32),
     val-00000.bin ...       each document followed by EOS
@@ -47,6 +47,7 @@ class _ShardWriter:
         self.shards: list[list] = []  # [file name, tokens]
         self.file = None
         self.tokens = self.documents = 0
+        self.max_id = -1
 
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
@@ -55,6 +56,7 @@ class _ShardWriter:
             room = self.shard_tokens - self.shards[-1][1]
             part, ids = ids[:room], ids[room:]
             part.astype(self.dtype).tofile(self.file)
+            self.max_id = max(self.max_id, int(part.max()))
             self.shards[-1][1] += len(part)
             self.tokens += len(part)
 
@@ -142,6 +144,7 @@ def prepare(
         "vocab_size": vocab,
         "eos_token_id": eos,
         "dtype": dtype.name,
+        "max_token_id": max(w.max_id for w in writers.values()),
         "val_every": val_every,
         # H = -sum p log p over the training tokens, in nats: the loss of the best context-free model.
         "unigram_entropy": float(-(p * np.log(p)).sum()),
@@ -156,20 +159,74 @@ def prepare(
     return meta
 
 
+DTYPES = ("uint16", "uint32")
+
+
+def _meta_error(meta_file: Path, what: str) -> ValueError:
+    return ValueError(f"data: {meta_file} is malformed: {what}; prepare the data again (`ramnet data prepare`)")
+
+
+def read_meta(path: Path) -> dict:
+    """The meta.json of prepared directory `path`, checked for the fields that reading the shards needs."""
+    meta_file = path / "meta.json"
+    if not meta_file.exists():
+        raise ValueError(f"data: {path} is not a prepared data directory (no meta.json); run `ramnet data prepare`")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _meta_error(meta_file, f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise _meta_error(meta_file, "not a JSON object")
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise _meta_error(meta_file, f"`vocab_size` must be a positive integer, got {vocab!r}")
+    if meta.get("dtype") not in DTYPES:
+        raise _meta_error(meta_file, f"`dtype` must be one of {', '.join(DTYPES)}, got {meta.get('dtype')!r}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or set(SPLITS) - set(splits):
+        raise _meta_error(meta_file, f"`splits` must hold {' and '.join(SPLITS)}")
+    for split in SPLITS:
+        info = splits[split]
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and Path(e[0]).name == e[0] and e[0]
+            and isinstance(e[1], int) and not isinstance(e[1], bool) and e[1] >= 0 for e in shards
+        ):
+            raise _meta_error(meta_file, f"`splits.{split}.shards` must be a list of [file name, token count]")
+        if info.get("tokens") != sum(n for _, n in shards):
+            raise _meta_error(meta_file, f"`splits.{split}.tokens` ({info.get('tokens')!r}) is not the sum of its shards' "
+                                         f"token counts ({sum(n for _, n in shards)})")
+    top = meta.get("max_token_id")
+    if top is not None and (not isinstance(top, int) or top >= vocab):
+        raise ValueError(f"data: {meta_file} says the shards hold token id {top!r}, not below its vocab_size {vocab}")
+    return meta
+
+
 class TokenData:
-    """A prepared directory: its meta, tokenizer and memory-mapped shards."""
+    """A prepared directory: its meta, tokenizer and memory-mapped shards. Opening it checks meta.json
+    and that every shard it lists is there with the size that it says; `Windows.batch` checks the ids
+    that it reads against the vocabulary."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.exists():
-            raise ValueError(f"data: {self.path} is not a prepared data directory (no meta.json); run `ramnet data prepare`")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_meta(self.path)
         dtype = np.dtype(self.meta["dtype"])
-        self.shards = {
-            s: [np.memmap(self.path / name, dtype=dtype, mode="r", shape=(n,)) for name, n in info["shards"] if n]
-            for s, info in self.meta["splits"].items()
-        }
+        self.shards, self.shard_files = {}, {}
+        for s, info in self.meta["splits"].items():
+            if s not in SPLITS:
+                continue
+            self.shards[s], self.shard_files[s] = [], []
+            for name, n in info["shards"]:
+                file = self.path / name
+                if not file.is_file():
+                    raise ValueError(f"data: {file} is missing (meta.json lists it in the {s} split with {n} tokens)")
+                size = file.stat().st_size
+                if size != n * dtype.itemsize:
+                    raise ValueError(f"data: {file} has {size} bytes, but meta.json says {n} {dtype.name} tokens "
+                                     f"({n * dtype.itemsize} bytes): the shard is truncated or from another preparation")
+                if n:
+                    self.shards[s].append(np.memmap(file, dtype=dtype, mode="r", shape=(n,)))
+                    self.shard_files[s].append(file)
 
     @property
     def vocab_size(self) -> int:
@@ -187,7 +244,7 @@ class Windows:
 
     def __init__(self, data: TokenData, split: str, seq_len: int, shuffle: bool, seed: int = 0):
         self.seq_len, self.shuffle, self.seed = seq_len, shuffle, seed
-        self.shards = data.shards[split]
+        self.shards, self.files, self.vocab_size = data.shards[split], data.shard_files[split], data.vocab_size
         per_shard = [(len(s) - 1) // seq_len for s in self.shards]
         self.starts = np.cumsum([0] + per_shard)
         if self.starts[-1] == 0:
@@ -213,5 +270,10 @@ class Windows:
             w = self._window(int(pos))
             shard = int(np.searchsorted(self.starts, w, side="right")) - 1
             start = (w - int(self.starts[shard])) * self.seq_len
-            rows.append(np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64))
+            row = np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
+            if row.max() >= self.vocab_size:  # cheap: only the tokens read, which are in memory now
+                bad = int(np.argmax(row >= self.vocab_size))
+                raise ValueError(f"data: {self.files[shard]} holds token id {int(row[bad])} at token {start + bad}, "
+                                 f"not below the vocabulary size {self.vocab_size} of meta.json")
+            rows.append(row)
         return torch.from_numpy(np.stack(rows))

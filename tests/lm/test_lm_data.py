@@ -167,3 +167,60 @@ def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config("tiny", overrides=overrides)
     assert math.isclose(TrainConfig().lr, 3e-3)
+
+
+def _copy(data: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(data, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _edit_meta(path: Path, edit) -> None:
+    meta = json.loads((path / "meta.json").read_text())
+    edit(meta)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_data_faults_are_reported_with_the_file_that_is_wrong(data, tmp_path):
+    bad = _copy(data, tmp_path)
+    assert json.loads((bad / "meta.json").read_text())["max_token_id"] < 512
+    shard = bad / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])  # truncated (and an odd size)
+    with pytest.raises(ValueError, match=f"{shard}.*bytes, but meta.json says .* uint16 tokens.*truncated"):
+        TokenData(bad)
+    (bad / "val-00000.bin").unlink()
+    shard.write_bytes((data / "train-00000.bin").read_bytes())
+    with pytest.raises(ValueError, match=f"{bad / 'val-00000.bin'} is missing .*val split"):
+        TokenData(bad)
+    (bad / "meta.json").write_text('{"vocab_size": 512,')
+    with pytest.raises(ValueError, match=f"{bad / 'meta.json'} is malformed: not valid JSON"):
+        TokenData(bad)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [(lambda m: m.update(dtype="int8"), "`dtype` must be one of uint16, uint32, got 'int8'"),
+     (lambda m: m.pop("vocab_size"), "`vocab_size` must be a positive integer, got None"),
+     (lambda m: m["splits"].pop("val"), "`splits` must hold train and val"),
+     (lambda m: m["splits"]["train"].update(shards=[["../x.bin", 3]]), r"`splits.train.shards` must be a list"),
+     (lambda m: m["splits"]["train"].update(tokens=1), r"`splits.train.tokens` \(1\) is not the sum"),
+     (lambda m: m.update(max_token_id=512), "says the shards hold token id 512, not below its vocab_size 512")],
+)
+def test_malformed_meta_is_refused_naming_the_field(data, tmp_path, edit, match):
+    bad = _copy(data, tmp_path)
+    _edit_meta(bad, edit)
+    with pytest.raises(ValueError, match=f"{bad / 'meta.json'}.*" + match):
+        TokenData(bad)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_shard(data, tmp_path):
+    bad = _copy(data, tmp_path)
+    _edit_meta(bad, lambda m: m.pop("max_token_id"))  # data prepared before max_token_id was recorded
+    tokens = np.fromfile(bad / "train-00000.bin", dtype=np.uint16)
+    tokens[100] = 600
+    tokens.tofile(bad / "train-00000.bin")
+    w = Windows(TokenData(bad), "train", 32, shuffle=False)
+    assert w.batch([0]).shape == (1, 33)  # the windows without it read as before
+    with pytest.raises(ValueError, match=f"{bad / 'train-00000.bin'} holds token id 600 at token 100, not below the vocabulary size 512"):
+        w.batch(range(len(w)))
