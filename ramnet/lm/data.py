@@ -102,7 +102,21 @@ def prepare(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        meta = _prepare_into(tmp, source, tokenizer, vocab_size, split, text_column, val_every, max_tokens,
+                             shard_tokens, bpe_max_chars, progress)
+    except BaseException:  # a failed (or interrupted) preparation leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)  # a directory without meta.json: an earlier broken run
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return meta
 
+
+def _prepare_into(tmp: Path, source, tokenizer, vocab_size, split, text_column, val_every, max_tokens, shard_tokens,
+                  bpe_max_chars, progress) -> dict:
+    """`prepare`'s work, written into `tmp`; returns the meta that it wrote there."""
     if tokenizer == "bpe":
         tok = train_bpe(_bpe_texts(source, split, text_column, val_every, bpe_max_chars), vocab_size)
     else:
@@ -153,9 +167,6 @@ def prepare(
     if source == "python-packages":  # its content is whatever is installed: say what that was
         meta["distributions"] = python_packages_manifest()
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)  # a directory without meta.json: an earlier broken run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
     return meta
 
 

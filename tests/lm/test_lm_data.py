@@ -72,6 +72,12 @@ def test_prepare_caps_tokens_splits_shards_and_reads_jsonl(tmp_path):
         prepare(tmp_path / "out", source=str(corpus), progress=False)
     with pytest.raises(ValueError, match="'text'"):
         prepare(tmp_path / "other", source=str(corpus), progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    with pytest.raises(ValueError, match="gave no training text"):  # fails after the shards were opened
+        prepare(tmp_path / "none", source=str(tmp_path / "empty"), vocab_size=300, progress=False)
+    assert not (tmp_path / "other.tmp").exists() and not (tmp_path / "none.tmp").exists()  # a failed prepare cleans up
+    assert not (tmp_path / "other").exists() and not (tmp_path / "none").exists()
 
 
 def test_prepare_with_a_hugging_face_tokenizer_file(tmp_path, data):
