@@ -137,13 +137,13 @@ class Trainer:
     def restore(self) -> None:
         """Continues from the checkpoint that `resume` names, if any: weights, optimizer, schedule,
         step and data position, and each process's RNG states when the process count is the same."""
-        path = checkpoint.resume_from(self.config.resume, self.out_dir)
-        if path is None:
+        found = checkpoint.restore_point(self.config.resume, self.out_dir, self.unwrapped)
+        if found is None:
             return
+        path, state, weights = found
         config, optimizer = self.config, self.optimizer
-        state = checkpoint.load_trainer_state(path)
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, checkpoint.load_weights(path, self.unwrapped), options=full)
+        set_model_state_dict(self.model, weights, options=full)
         set_optimizer_state_dict(self.model, optimizer, state["optimizer"], options=full)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.samples = state["step"], state["samples"]
