@@ -59,6 +59,27 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trim_metrics(file: Path, step: int) -> None:
+    """Drops the rows of `file` (a metrics.jsonl) for steps after `step`, where a run continues (they are
+    about to be logged again), and a last line cut off by a kill; rewrites it atomically if that changes it."""
+    if not file.exists():
+        return
+    lines = file.read_text().splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # a row torn by a kill
+                continue
+            kept.append(line)
+            continue
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        _write_atomic(file, "".join(kept))
+
+
 def save(out_dir: Path, step: int, model, state_dict: dict, tokenizer, train_config: dict, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint `step` (rank 0 only; `state_dict` is the full one) and keep the newest `keep`."""
     final = out_dir / f"{PREFIX}{step:06d}"

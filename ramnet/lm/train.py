@@ -234,6 +234,8 @@ class Trainer:
         config, processes = self.config, self.processes
         if processes.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # Rows of steps after the one this run starts from (a resumed run replays them) would be doubled.
+            checkpoint.trim_metrics(self.out_dir / "metrics.jsonl", self.step)
         reporter = Reporter(config, self.out_dir, processes.main)
         talk = processes.main and self.progress
         if talk:

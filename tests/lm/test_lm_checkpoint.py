@@ -109,3 +109,25 @@ def test_a_checkpoint_without_a_manifest_resumes_unverified_without_warnings(dat
     assert not [w for w in caught if "checkpoint" in str(w.message)]
     assert [r.getMessage() for r in caplog.records if r.name == "ramnet.lm.checkpoint"] == [
         f"checkpoint: {out / 'checkpoint-000003'} has no manifest.json (written before manifests): loading it unverified"]
+
+
+def test_a_resumed_run_logs_each_step_once(data, run, tmp_path):
+    out = _copy(run, tmp_path)
+    shutil.rmtree(out / "checkpoint-000006")  # killed after step 6 was logged, before its checkpoint
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "train/lo')  # and a row torn by the kill
+    _resume(data, out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [json.dumps(r) for r in rows[:3]] == before[:3]  # the rows up to the checkpoint are kept as they were
+    assert not list(out.glob("*.tmp"))
+
+
+def test_trim_metrics_keeps_rows_up_to_the_step(tmp_path):
+    file = tmp_path / "metrics.jsonl"
+    file.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 2}\n')
+    checkpoint.trim_metrics(file, 2)
+    assert file.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2}\n'
+    checkpoint.trim_metrics(tmp_path / "none.jsonl", 0)
+    assert not (tmp_path / "none.jsonl").exists()
