@@ -100,6 +100,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _override_hint(option: str, value: str | None, close: str | None) -> str | None:
+    """What `ramnet train --max-steps 10` gets told: config keys are not options but key=value overrides."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    key = option.lstrip("-").replace("-", "_")
+    if key.split(".")[0] in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return f"config keys are set as key=value, e.g. {key}={value if value is not None else 'VALUE'}"
+    if close:
+        return None  # a misspelt option: "did you mean ...?"
+    return ("it is neither an option (`ramnet train -h`) nor a config key (`--dump-config` prints them); "
+            "config keys are set as key=value, e.g. max_steps=10")
+
+
 def add_lm_commands(sub) -> None:
     """Adds the language-modelling subcommands to the `ramnet` parser's subparsers."""
     data = sub.add_parser("data", help="prepare token shards for language-model training")
@@ -122,7 +137,7 @@ def add_lm_commands(sub) -> None:
     prep.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file (default 2**28)")
     prep.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
+    train = sub.add_parser("train", unknown_option_hint=_override_hint, help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
                            description="Config: dataclass defaults < --preset < --config file < key=value overrides "
                                        "(nested as model.hidden_size=256). model_type=ramnet|transformer++|fla.gated_deltanet|"
                                        "fla.gla|fla.raven|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
