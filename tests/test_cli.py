@@ -1,6 +1,7 @@
 """The ramnet console script."""
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -87,3 +88,24 @@ def test_no_parser_takes_abbreviations(capsys):
     assert len(parsers) >= 9 and all(not p.allow_abbrev for p in parsers)
     assert _error(capsys, ["mqar", "--model", "attention"]) == "ramnet mqar: error: unknown option --model; did you mean --models?"
     assert "unknown option --max-new" in _error(capsys, ["generate", "--model", "x", "--max-new", "5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_sizes=10", "ramnet train: error: `model`: unknown RAMNetConfig key(s) ['hidden_sizes'] (model_type='ramnet')"),
+    ("device=cuda", "ramnet train: error: `device`: cuda was asked for, but torch sees no CUDA GPU"),
+])
+def test_train_checks_the_whole_config_before_dumping_it_or_preparing_data(capsys, monkeypatch, tmp_path, override, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dump-config", override]) == 2
+    assert capsys.readouterr() == ("", message + "\n")
+    assert main(["train", "--quiet", override]) == 2  # the tiny preset would prepare data/ first
+    assert capsys.readouterr().err == message + "\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dump_config_of_a_good_config_is_the_resolved_config(capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["train", "--dump-config", "--preset", "small-transformer", "model.num_hidden_layers=3", "device=cpu"]) == 0
+    dumped = json.loads(capsys.readouterr().out)
+    assert dumped["model_type"] == "transformer++" and dumped["model"]["num_hidden_layers"] == 3

@@ -25,12 +25,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_train_config(config) -> None:
+    """What `load_config` leaves to the trainer, checked before anything runs: the `model` keys, through
+    the family's config class (`families.make_config`, which refuses unknown keys; the vocabulary and
+    special tokens come from the data later), and the device (a GPU that is not there)."""
+    import os
+
+    from ..devices import local_device
+    from .families import make_config
+
+    try:
+        make_config(config.model_type, dict(config.model))
+    except TypeError as err:  # a config class's own refusal of an argument
+        raise ValueError(f"`model`: {err}") from err
+    local_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), option="`device`")
+
+
 @reports_errors("train")
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
     config = load_config(args.preset, args.config, args.overrides)
+    check_train_config(config)  # before --dump-config says it is fine, and before any data is prepared
     if args.dump_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
