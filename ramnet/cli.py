@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import __version__
+from .cli_support import Parser
 from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
 from .ops.ram import PATHS
@@ -39,7 +40,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ramnet", description="RAM-Net: Random Access Memory Network")
+    parser = Parser(prog="ramnet", description="RAM-Net: Random Access Memory Network")
     parser.add_argument("--version", action="version", version=f"ramnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the version, devices and available execution paths")

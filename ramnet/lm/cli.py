@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from ..cli_support import reports_errors
 from .config import PRESETS
@@ -25,12 +26,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_train_config(config) -> None:
+    """What `load_config` leaves to the trainer, checked before anything runs: the `model` keys, through
+    the family's config class (`families.make_config`, which refuses unknown keys; the vocabulary and
+    special tokens come from the data later), and the device (a GPU that is not there)."""
+    import os
+
+    from ..devices import local_device
+    from .families import make_config
+
+    try:
+        make_config(config.model_type, dict(config.model))
+    except TypeError as err:  # a config class's own refusal of an argument
+        raise ValueError(f"`model`: {err}") from err
+    local_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), option="`device`")
+
+
 @reports_errors("train")
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
     config = load_config(args.preset, args.config, args.overrides)
+    check_train_config(config)  # before --dump-config says it is fine, and before any data is prepared
     if args.dump_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -45,12 +63,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_arg(command: str, model: str) -> str:
+    """--model DIR, where a run directory of `ramnet train` stands for its latest checkpoint; says which
+    checkpoint it took, in one line on stderr."""
+    from .evaluate import model_directory
+
+    found = model_directory(model)
+    if found != Path(model):
+        print(f"ramnet {command}: {model} is a run directory: using its latest checkpoint, {found}", file=sys.stderr)
+    return str(found)
+
+
+def harness_args(argv: list[str]) -> list[str]:
+    """lm-eval's arguments with a run directory in `--model_args pretrained=DIR` replaced by its latest
+    checkpoint (`model_arg`); anything else (a checkpoint, a hub name) is left as it is."""
+    out, follows = [], False
+    for arg in argv:
+        inline = arg.startswith("--model_args=")
+        if follows or inline:
+            head, text = ("--model_args=", arg[len("--model_args="):]) if inline else ("", arg)
+            items = text.split(",")
+            for i, item in enumerate(items):
+                key, _, value = item.partition("=")
+                if key.strip() == "pretrained" and Path(value).is_dir() and (Path(value) / "latest").exists() \
+                        and not (Path(value) / "config.json").exists():
+                    items[i] = f"{key}={model_arg('eval harness', value)}"
+            arg = head + ",".join(items)
+        follows = arg == "--model_args"
+        out.append(arg)
+    return out
+
+
 @reports_errors("eval ppl")
 def cmd_ppl(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
 
     result = perplexity(
-        args.model, source=args.data, split=args.split, text_column=args.text_column, held_out_every=args.held_out,
+        model_arg("eval ppl", args.model), source=args.data, split=args.split, text_column=args.text_column, held_out_every=args.held_out,
         context=args.context, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens, device=args.device,
     )
     if args.json:
@@ -69,7 +118,7 @@ def cmd_harness(args: argparse.Namespace) -> int:
         from .lm_eval_adapter import run_cli
     except ImportError as err:
         raise ValueError(f"lm-evaluation-harness is not installed (pip install 'ramnet[eval]'): {err}") from err
-    run_cli(args.lm_eval_args)
+    run_cli(harness_args(args.lm_eval_args))
     return 0
 
 
@@ -77,9 +126,14 @@ def cmd_harness(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from .evaluate import load
-    from .generate import new_cache, state_bytes, stream_text
+    from .generate import check_sampling, new_cache, state_bytes, stream_text
 
-    model, tok = load(args.model, resolve_device(args.device))
+    # All the arguments are checked before the prompt is echoed (or the model loaded).
+    check_sampling(args.temperature, args.top_k, args.top_p,
+                   names={"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"})
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model, tok = load(model_arg("generate", args.model), resolve_device(args.device))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     cache = new_cache(model)
     sizes = set()  # the state's size after every token: one value for a recurrent state, whatever the context
@@ -98,6 +152,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         state = f"recurrent state {', '.join(f'{s / 2**20:.2f} MiB' for s in sizes) or 'n/a'} at every step, whatever the context"
     print(f"[{count} tokens in {elapsed:.1f} s ({count / max(elapsed, 1e-9):.1f} tokens/s); {state}]", file=sys.stderr)
     return 0
+
+
+def _override_hint(option: str, value: str | None, close: str | None) -> str | None:
+    """What `ramnet train --max-steps 10` gets told: config keys are not options but key=value overrides."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    key = option.lstrip("-").replace("-", "_")
+    if key.split(".")[0] in {f.name for f in dataclasses.fields(TrainConfig)}:
+        return f"config keys are set as key=value, e.g. {key}={value if value is not None else 'VALUE'}"
+    if close:
+        return None  # a misspelt option: "did you mean ...?"
+    return ("it is neither an option (`ramnet train -h`) nor a config key (`--dump-config` prints them); "
+            "config keys are set as key=value, e.g. max_steps=10")
 
 
 def add_lm_commands(sub) -> None:
@@ -122,7 +191,7 @@ def add_lm_commands(sub) -> None:
     prep.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file (default 2**28)")
     prep.set_defaults(func=cmd_prepare)
 
-    train = sub.add_parser("train", help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
+    train = sub.add_parser("train", unknown_option_hint=_override_hint, help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
                            description="Config: dataclass defaults < --preset < --config file < key=value overrides "
                                        "(nested as model.hidden_size=256). model_type=ramnet|transformer++|fla.gated_deltanet|"
                                        "fla.gla|fla.raven|fla.mamba2|fla.hgrn2 picks the family; `model` holds its config class's arguments.")
@@ -140,7 +209,7 @@ def add_lm_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     ppl = ev_sub.add_parser("ppl", help="strided perplexity on any text")
-    ppl.add_argument("--model", required=True, help="checkpoint or save_pretrained directory")
+    ppl.add_argument("--model", required=True, help="checkpoint or save_pretrained directory, or a run directory (its latest checkpoint)")
     ppl.add_argument("--data", default="python-docs", help="text source, as for `data prepare --source` (default python-docs)")
     ppl.add_argument("--split", default="train", help="dataset split of a Hugging Face source (e.g. test)")
     ppl.add_argument("--text-column", help="text field of a Hugging Face dataset or .jsonl file")
@@ -155,13 +224,14 @@ def add_lm_commands(sub) -> None:
     ppl.set_defaults(func=cmd_ppl)
     # prefix_chars="+": every argument, --options included, goes to lm-eval untouched (lm-eval's own -h works).
     harness = ev_sub.add_parser("harness", help="lm-evaluation-harness with the `ramnet` model registered",
-                                description="Runs lm-eval's command line, e.g. --model ramnet --model_args pretrained=DIR --tasks wikitext",
+                                description="Runs lm-eval's command line, e.g. --model ramnet --model_args pretrained=DIR --tasks wikitext "
+                                            "(DIR: a checkpoint, or a run directory: its latest checkpoint)",
                                 prefix_chars="+", add_help=False)
     harness.add_argument("lm_eval_args", nargs="*", help="lm-eval arguments")
     harness.set_defaults(func=cmd_harness)
 
     gen = sub.add_parser("generate", help="stream text from a checkpoint")
-    gen.add_argument("--model", required=True, help="checkpoint or save_pretrained directory")
+    gen.add_argument("--model", required=True, help="checkpoint or save_pretrained directory, or a run directory (its latest checkpoint)")
     gen.add_argument("--prompt", default="", help="prompt text ('-' reads standard input)")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")

@@ -19,16 +19,32 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .. import models  # noqa: F401  (registers RAM-Net with the Auto classes)
 from ..devices import resolve_device
+from . import checkpoint
 from .corpus import documents, held_out
 from .families import register_checkpoint
 from .tokenizer import encode_batch
 
 
-def load(model_dir: str | Path, device: torch.device):
-    """Model (eval mode) and tokenizer of a checkpoint or `save_pretrained` directory, of any family."""
+def model_directory(model_dir: str | Path) -> Path:
+    """The model directory that `model_dir` names: a checkpoint or `save_pretrained` directory (one with
+    a config.json) as it is, or the run directory of `ramnet train` (its `out_dir`), whose newest complete
+    checkpoint (the one its `latest` file names) it stands for."""
     path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise ValueError(f"--model: {path} is not a model directory (no config.json)")
+    if (path / "config.json").exists():
+        return path
+    if (path / "latest").exists():
+        found = checkpoint.latest(path)
+        if found is not None and (found / "config.json").exists():
+            return found
+        raise ValueError(f"--model: {path} is a run directory, but its `latest` names no complete checkpoint and it has none")
+    raise ValueError(f"--model: {path} is not a model directory (no config.json) nor a run directory of `ramnet train` "
+                     "(no `latest`): pass a checkpoint directory, e.g. runs/tiny/checkpoint-000400, or its run, runs/tiny")
+
+
+def load(model_dir: str | Path, device: torch.device):
+    """Model (eval mode) and tokenizer of a checkpoint or `save_pretrained` directory, of any family (a
+    run directory stands for its latest checkpoint: `model_directory`)."""
+    path = model_directory(model_dir)
     register_checkpoint(path)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
@@ -99,6 +115,7 @@ def perplexity(
     """Perplexity of the checkpoint in `model_dir` on the documents of `source` (see `corpus.documents`).
     `held_out_every=N` keeps only the documents that `ramnet data prepare --val-every N` held out.
     `context` defaults to the checkpoint's training length, `stride` to half of it."""
+    model_dir = model_directory(model_dir)
     model, tok = load(model_dir, resolve_device(device))
     context = context or trained_context(model_dir) or 1024
     stride = stride or max(1, context // 2)

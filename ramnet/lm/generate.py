@@ -56,6 +56,18 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, names: dict[str, str] | None = None) -> None:
+    """Refuses sampling settings that `sample` cannot use; `names` maps the argument names to how the
+    messages call them (the command line's --top-p, ...)."""
+    name = (names or {}).get
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"{name('temperature', 'temperature')} must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{name('top_p', 'top_p')} must be in (0, 1] (1: no nucleus filter), got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"{name('top_k', 'top_k')} must be >= 0 (0: no top-k filter), got {top_k}")
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -72,8 +84,7 @@ def generate_ids(
     Pass a `cache` (`new_cache(model)`) to inspect the state while generating."""
     if not prompt_ids:
         raise ValueError("the prompt must have at least one token")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+    check_sampling(temperature, top_k, top_p)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = new_cache(model) if cache is None else cache
