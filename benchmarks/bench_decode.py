@@ -208,7 +208,7 @@ def case_ram_layer(batch, context, device, graph=False, tdec=False):
 
     def fn():
         with torch.no_grad():
-            q, k, v = layer.project(x)
+            q, k, v, _ = layer.project(x)
             o = step(q[:, 0], k[:, 0], v[:, 0], state, spec)
             return layer.o_proj(o.reshape(batch, 1, HEADS * D_V))
 

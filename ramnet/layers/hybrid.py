@@ -12,7 +12,7 @@ from ..ops.checks import check_choice, check_int, check_positive
 from ..ops.ram.spec import DEFAULT_PROXY_EPS
 from .kv_window import KVWindow, take, window_attention
 from .memories import DELTANET_ACTIVATIONS, DeltaRuleMemory, RAMMemory
-from .padding import pack, real_token_mask, unpack
+from .padding import check_hidden_states, pack, real_token_mask, unpack
 from .ram_attention import RAMProjections
 
 BLENDS = ("delayed_stream", "delayed_chunk", "synchronous")
@@ -145,8 +145,8 @@ class HybridRAMAttention(RAMProjections):
         return self._memories(hidden_states, attention_mask, past_key_values, use_cache)[:2]
 
     def _memories(self, hidden_states, attention_mask, past_key_values, use_cache):
-        q, k, v = self.project(hidden_states)
-        batch, seq_len = q.shape[:2]
+        batch, seq_len = check_hidden_states(hidden_states, self.hidden_size)
+        q, k, v, _ = self.project(hidden_states)  # no short convolution in the hybrid
         window = self.window_size
         beta = torch.sigmoid(self.b_proj(hidden_states)) if self.fast_weight == "deltanet" else None
         keep = real_token_mask(attention_mask, batch, seq_len, q.device)

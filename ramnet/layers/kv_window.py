@@ -9,6 +9,7 @@ decoding and left-padded batches whose rows sit at different positions.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -144,18 +145,17 @@ def _flex_window(q, k, v, q_pos, keep, ctx: KVWindow, lower):
 
 
 def _flex_attention(compiled: bool):
-    """FlexAttention, compiled once for CUDA (uncompiled it runs its slow reference, as on the CPU)."""
+    """FlexAttention, compiled for CUDA (uncompiled it runs its slow reference, as on the CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    global _COMPILED_FLEX
-    if not compiled:
-        return flex_attention
-    if _COMPILED_FLEX is None:
-        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED_FLEX
+    return _compiled_flex_attention() if compiled else flex_attention
 
 
-_COMPILED_FLEX = None
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 __all__ = ["KVWindow", "rotary", "take", "window_attention"]

@@ -34,21 +34,26 @@ class RAMProjections(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_v_dim, hidden_size, bias=False)
         self.q_log_scale = nn.Parameter(torch.zeros(num_heads))
         self.k_log_scale = nn.Parameter(torch.zeros(num_heads))
+        self.short_conv: ShortConvolution | None = None  # RAMAttention's short_conv_size option
 
-    def project(self, hidden_states: torch.Tensor, mix_time=None):
-        """``q, k [B, T, H, d_k]`` (scaled by ``e^alpha``) and ``v [B, T, H, d_v]``; ``mix_time``, when
-        given, maps the flat projections ``(q, k, v)`` (each ``[B, T, H * d]``) before that (a short
-        convolution)."""
-        batch, seq_len = check_hidden_states(hidden_states, self.hidden_size)
+    def project(self, hidden_states: torch.Tensor, keep: torch.Tensor | None = None,
+                history: torch.Tensor | None = None):
+        """``q, k [B, T, H, d_k]`` (scaled by ``e^alpha``), ``v [B, T, H, d_v]`` and the short
+        convolution's history after them (None without one). With ``short_conv`` set (RAMAttention's
+        option), the flat projections are convolved over time first, continuing from ``history``,
+        with padding (``keep`` False) zeroed. The caller has checked ``hidden_states``."""
+        batch, seq_len = hidden_states.shape[:2]
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        if mix_time is not None:
-            q, k, v = mix_time(q, k, v)
+        if self.short_conv is not None:
+            widths = (q.shape[-1], k.shape[-1], v.shape[-1])
+            qkv, history = self.short_conv(torch.cat([q, k, v], dim=-1), history, keep)
+            q, k, v = qkv.split(widths, dim=-1)
         q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
         k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)
         v = v.view(batch, seq_len, self.num_heads, self.head_v_dim)
         q = q * self.q_log_scale.exp()[:, None].to(q.dtype)
         k = k * self.k_log_scale.exp()[:, None].to(k.dtype)
-        return q, k, v
+        return q, k, v, history
 
 
 class RAMAttention(RAMProjections):
@@ -98,7 +103,6 @@ class RAMAttention(RAMProjections):
         self.memory, self.memory_slots, self.layer_idx = memory, memory.memory_slots, layer_idx
         # A plain tuple, not a buffer: it is configuration, and checkpoints need not carry it.
         self.cape = memory.cape
-        self.short_conv = None
         if short_conv_size:
             self.short_conv = ShortConvolution(num_heads * (2 * memory.head_k_dim + head_v_dim), short_conv_size)
         self.g_proj = self.o_norm = None
@@ -123,14 +127,7 @@ class RAMAttention(RAMProjections):
         keep = real_tokens(attention_mask, batch, seq_len)
         state = past_key_values.get_state(self.layer_idx) if past_key_values is not None else None
         history = past_key_values.get_conv_history(self.layer_idx) if past_key_values is not None else None
-        mix_time = None
-        if self.short_conv is not None:
-            def mix_time(q, k, v):
-                nonlocal history
-                widths = (q.shape[-1], k.shape[-1], v.shape[-1])
-                qkv, history = self.short_conv(torch.cat([q, k, v], dim=-1), history, keep)
-                return qkv.split(widths, dim=-1)
-        q, k, v = self.project(hidden_states, mix_time)
+        q, k, v, history = self.project(hidden_states, keep, history)
         cu_seqlens = None
         if keep is not None:  # drop padding: pack the real tokens as variable-length sequences
             (q, k, v), cu_seqlens = pack(keep, q, k, v)
