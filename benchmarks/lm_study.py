@@ -51,9 +51,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-gamma0": ("small", ["model.gamma=0.0"]),
     "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
     "ramnet-h16": ("small", ["model.num_heads=16", "model.head_v_dim=32"]),
+    # Sharper addresses: the product softmax at temperature 0.5 (logits x 2 from the start), or the
+    # per-head e^alpha learning 30x faster than the rest.
+    "ramnet-tau05": ("small", ["model.tau=0.5"]),
+    "ramnet-alpha-lr30": ("small", ["temperature_lr_scale=30"]),
     # Gated DeltaNet's ingredients added to RAM-Net: its short convolution (4) on q, k, v, and its gated
     # output norm, whose g_proj (512 x 512 a layer) the MLP pays for (1408 -> 1237: 448 fewer parameters a layer).
     "ramnet-conv": ("small", ["model.short_conv_size=4"]),
+    "ramnet-gate": ("small", ["model.output_gate=true", "model.intermediate_size=1237"]),
     "ramnet-conv-gate": ("small", ["model.short_conv_size=4", "model.output_gate=true", "model.intermediate_size=1237"]),
     "ramnet-conv-cape-off": ("small", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
     "gated_deltanet": ("small-gated-deltanet", []),

@@ -60,6 +60,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # The lr of RAM-Net's per-head address temperatures (e^alpha, `q_log_scale`/`k_log_scale`) as a
+    # multiple of `lr`: at lr 1e-3 alpha moves by at most about 1e-3 a step, while sharp addresses
+    # need e^alpha of several.
+    temperature_lr_scale: float = 1.0
     seed: int = 0
 
     eval_interval: int = 100  # steps between held-out evaluations (0: only at the end)
@@ -80,7 +84,7 @@ class TrainConfig:
 
     def __post_init__(self):
         # YAML 1.1 reads "1e-3" as a string (it wants "1.0e-3"), so the float fields accept number strings.
-        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "temperature_lr_scale"):
             setattr(self, name, _as_float(name, getattr(self, name)))
         self.betas = tuple(_as_float("betas", b) for b in self.betas)
         self.report_to = list(self.report_to)
@@ -90,6 +94,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_interval", "save_interval"):
             setattr(self, name, check_int(f"`{name}`", getattr(self, name), 0))
         check_positive("`min_lr`", self.min_lr, allow_zero=True, upper=self.lr)
+        check_positive("`temperature_lr_scale`", self.temperature_lr_scale)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
         choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES,

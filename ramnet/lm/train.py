@@ -33,7 +33,8 @@ from .reporting import Reporter
 # Excluded from weight decay besides the 1-D parameters (norm weights, biases, fla's and Mamba's
 # A_log, D, dt_bias) and those marked `_no_weight_decay` (as fla marks those): the per-head e^alpha
 # temperatures of RAM-Net's address decoder (spec section 5).
-NO_DECAY_SUFFIXES = ("q_log_scale", "k_log_scale")
+TEMPERATURE_SUFFIXES = ("q_log_scale", "k_log_scale")
+NO_DECAY_SUFFIXES = TEMPERATURE_SUFFIXES
 
 
 def lr_schedule(config: TrainConfig):
@@ -51,13 +52,23 @@ def lr_schedule(config: TrainConfig):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, temperature_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW's groups: decayed, not decayed, and, when `temperature_lr_scale` is not 1, RAM-Net's
+    per-head temperatures in a third group whose lr is that multiple of the schedule's (its
+    `lr_scale`). With the default there are two groups, so older checkpoints' optimizer states load."""
+    decay, no_decay, temperatures = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
+            if temperature_lr_scale != 1.0 and name.endswith(TEMPERATURE_SUFFIXES):
+                temperatures.append(p)
+                continue
             skip = p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES) or getattr(p, "_no_weight_decay", False)
             (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if temperature_lr_scale != 1.0:
+        groups.append({"params": temperatures, "weight_decay": 0.0, "lr_scale": temperature_lr_scale})
+    return groups
 
 
 def build_model(config: TrainConfig, data: TokenData):
@@ -123,8 +134,11 @@ class Trainer:
         self.parallel = parallelism(config.parallel, processes.world)
         self.model = self.parallel.wrap(self.unwrapped, processes)
         # Built after sharding: fully_shard replaces the parameters with sharded ones.
+        groups = param_groups(self.model, config.weight_decay, config.temperature_lr_scale)
+        for group in groups:
+            group["lr"] = config.lr * group["lr_scale"]
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.adam_eps,
+            groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
             fused=True,  # one kernel for all parameters (CPU and CUDA, DTensors included)
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
@@ -149,9 +163,9 @@ class Trainer:
         self.step, self.samples = state["step"], state["samples"]
         # The schedule of this run's config from the saved step on: the same as before unless lr,
         # min_lr, warmup_steps or max_steps were changed (e.g. to extend a run).
-        self.scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_schedule(config)(self.step)
+        self.scheduler.base_lrs = [config.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_schedule(config)(self.step)
         if len(state["rng"]) == self.processes.world:
             checkpoint.set_rng_state(state["rng"][self.processes.rank])
         self.resumed_from = path

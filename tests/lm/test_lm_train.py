@@ -117,3 +117,30 @@ def test_each_process_trains_on_its_own_gpu(monkeypatch):
     assert local_device("auto", 3) == torch.device("cpu")
     with pytest.raises(ValueError, match="`device`: cuda was asked for"):
         local_device("cuda", 0, option="`device`")
+
+
+def test_temperature_lr_scale_gives_the_alpha_scalars_their_own_lr(data, tmp_path):
+    """`temperature_lr_scale` puts q/k_log_scale in a third group at that multiple of the schedule's lr,
+    also after a resume; at 1 (the default) the two groups of older checkpoints stay."""
+    model = RAMNetForCausalLM(RAMNetConfig(vocab_size=64, **TINY_MODEL))
+    assert len(param_groups(model, 0.1)) == 2
+    decay, no_decay, temperatures = param_groups(model, 0.1, temperature_lr_scale=30.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in temperatures["params"]} == {"q_log_scale", "k_log_scale"}
+    assert temperatures["lr_scale"] == 30.0 and temperatures["weight_decay"] == 0.0
+    assert not {id(p) for p in temperatures["params"]} & {id(p) for p in decay["params"] + no_decay["params"]}
+    with pytest.raises(ValueError, match="temperature_lr_scale"):
+        tiny_config(data, tmp_path, "temperature_lr_scale=0")
+
+    from ramnet.lm.train import Trainer  # noqa: PLC0415
+    from ramnet.lm.distributed import training_processes  # noqa: PLC0415
+
+    config = tiny_config(data, tmp_path, "temperature_lr_scale=30", "max_steps=4", "save_interval=2", "eval_interval=0")
+    train(config, progress=False)
+    f = lr_schedule(config)
+    with training_processes("cpu") as processes:
+        trainer = Trainer(tiny_config(data, tmp_path, "temperature_lr_scale=30", "max_steps=4"), processes, False)
+        trainer.restore()
+        lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert trainer.step == 4
+    assert lrs == pytest.approx([1e-2 * f(4), 1e-2 * f(4), 30 * 1e-2 * f(4)])
