@@ -61,6 +61,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-gate": ("small", ["model.output_gate=true", "model.intermediate_size=1237"]),
     "ramnet-conv-gate": ("small", ["model.short_conv_size=4", "model.output_gate=true", "model.intermediate_size=1237"]),
     "ramnet-conv-cape-off": ("small", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
+    # What the 33M-token ablation favoured, together: CAPE on the paper's absolute layers, the gated
+    # output norm, the temperatures' lr x 30.
+    "ramnet-cape-absolute-gate-alpha-lr30": ("small", ["model.num_cape_heads=[8,8,8,8,4,4,4,4]", "model.output_gate=true",
+                                                       "model.intermediate_size=1237", "temperature_lr_scale=30"]),
     "gated_deltanet": ("small-gated-deltanet", []),
     "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
     "transformer++": ("small-transformer", []),
