@@ -13,7 +13,8 @@ included (one document per .py file; ~1,800 files and ~32M characters in 3.11, a
 tokens): offline text big enough for a GPU model, for comparisons on machines that cannot reach
 the Hugging Face hub.
 
-The third, ``python-packages``, is every installed distribution's Python sources and prose
+The third, ``python-packages``, is every distribution installed in the interpreter's site-packages
+(``install_dirs``; not other ``sys.path`` entries), its Python sources and prose
 (``python_packages``): on a machine with torch, transformers and their dependencies, hundreds of
 millions of characters of code, docstrings and docs written by people, and the largest offline text
 on a machine that cannot reach the hub. Its content follows what is installed (``meta.json`` records
@@ -27,6 +28,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+import site
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,11 +92,21 @@ _MAX_LINE_CHARS = {"code": 1000, "prose": 10_000}
 _MAX_MEAN_LINE_CHARS = 200  # code only
 
 
-def package_distributions() -> list[importlib.metadata.Distribution]:
-    """The installed distributions, one per normalised name (the first on ``sys.path`` wins, as for
-    imports), sorted by that name."""
+def install_dirs() -> list[str]:
+    """Where this interpreter installs distributions: its site-packages directories (and the user's,
+    when enabled). Not the rest of ``sys.path``: a directory put on ``PYTHONPATH`` to run something
+    else (on the GPU image, fla and tilelang unpacked into /tmp/site for the baselines) would
+    otherwise change the corpus."""
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else []),
+            sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
+
+
+def package_distributions(dirs: list[str] | None = None) -> list[importlib.metadata.Distribution]:
+    """The distributions installed in ``dirs`` (default ``install_dirs()``), one per normalised name
+    (the first directory wins, as for imports), sorted by that name."""
     chosen: dict[str, importlib.metadata.Distribution] = {}
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=install_dirs() if dirs is None else dirs):
         name = re.sub(r"[-_.]+", "-", (dist.metadata["Name"] or "")).lower()
         if name and name not in chosen:
             chosen[name] = dist

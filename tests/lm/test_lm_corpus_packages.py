@@ -52,3 +52,13 @@ def test_the_installed_packages_give_a_large_real_corpus():
     assert first == list(islice(python_packages(), 200))  # deterministic
     names = [d.metadata["Name"].lower().replace("_", "-") for d in corpus.package_distributions()]
     assert names == sorted(names) and len(names) == len(set(names)) and "torch" in names
+
+
+def test_only_the_interpreters_install_directories_are_read(tmp_path, monkeypatch):
+    """A directory on sys.path (PYTHONPATH) that is not an install directory does not change the corpus."""
+    _distribution(tmp_path, "extra-on-pythonpath", {"extra/__init__.py": CODE})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "extra-on-pythonpath" in {d.metadata["Name"] for d in importlib.metadata.distributions()}
+    assert "extra-on-pythonpath" not in {d.metadata["Name"] for d in corpus.package_distributions()}
+    assert [d.metadata["Name"] for d in corpus.package_distributions([str(tmp_path)])] == ["extra-on-pythonpath"]
+    assert str(tmp_path) not in corpus.install_dirs()
