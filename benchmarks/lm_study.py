@@ -14,7 +14,8 @@ study fits a time-limited machine.
 
     python benchmarks/lm_study.py --combine benchmarks/results/lm/ablation/batch*.json --out STEM
 
-draws one table and plot from the JSON of several studies (no training).
+draws one table and plot from the JSON of several studies (no training); `--scale` does the same and
+also writes the comparison's `OUT.json` (`scale_rows`: family, tokens, perplexity, tokens/s).
 """
 
 from __future__ import annotations
@@ -38,33 +39,38 @@ SCHEDULE = ["seq_len=2048", "batch_size=8", "micro_batch_size=8", "max_steps=200
             "log_interval=50"]
 
 # name: (preset, overrides). The `small` presets keep the parameter count within 0.2% of each other.
+# Each RAM-Net variant is written out so that it trains exactly the model its results came from:
+# `small-paper` is the paper's mixer with CAPE on the paper's absolute layers ([8, 8, 8, 8, 4, 4, 4, 4]),
+# which was `small` in the study's batches 1-4; batch 5 ran on CAPE in proportion to depth.
+CAPE_DEPTH = "model.num_cape_heads=[8,4,0,0,0,0,0,0]"  # the library's default schedule for 8 layers
+GATE = ["model.output_gate=true", "model.intermediate_size=1237"]  # g_proj (512 x 512 a layer) paid by the MLP
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    # CAPE: `small` takes the default schedule, in proportion to depth ([8, 4, 0, ...] for 8 layers);
-    # the paper's absolute layer numbers give [8, 8, 8, 8, 4, 4, 4, 4] (the `small` default before).
+    # `small`: the gated output norm, the temperatures' lr x 30, CAPE on the absolute layers (the
+    # comparison's RAM-Net, the same model as ramnet-cape-absolute-gate-alpha-lr30).
     "ramnet": ("small", []),
-    "ramnet-cape-absolute": ("small", ["model.num_cape_heads=[8,8,8,8,4,4,4,4]"]),
-    "ramnet-cape-off": ("small", ["model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
-    "ramnet-u5": ("small", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
-    "ramnet-u4dp6": ("small", ["model.partition_dim=6"]),  # M 1296, d_k 24
-    "ramnet-k16": ("small", ["model.topk=16"]),
-    "ramnet-k4": ("small", ["model.topk=4"]),
-    "ramnet-gamma0": ("small", ["model.gamma=0.0"]),
-    "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
-    "ramnet-h16": ("small", ["model.num_heads=16", "model.head_v_dim=32"]),
-    # Sharper addresses: the product softmax at temperature 0.5 (logits x 2 from the start), or the
-    # per-head e^alpha learning 30x faster than the rest.
-    "ramnet-tau05": ("small", ["model.tau=0.5"]),
-    "ramnet-alpha-lr30": ("small", ["temperature_lr_scale=30"]),
+    "ramnet-paper": ("small-paper", []),
+    "ramnet-cape-absolute": ("small-paper", []),  # `ramnet` of batches 1-4
+    "ramnet-cape-depth": ("small-paper", [CAPE_DEPTH]),  # `ramnet` of batch 5
+    "ramnet-cape-off": ("small-paper", ["model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
+    "ramnet-u5": ("small-paper", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
+    "ramnet-u4dp6": ("small-paper", ["model.partition_dim=6"]),  # M 1296, d_k 24
+    "ramnet-k16": ("small-paper", ["model.topk=16"]),
+    "ramnet-k4": ("small-paper", ["model.topk=4"]),
+    "ramnet-gamma0": ("small-paper", ["model.gamma=0.0"]),
+    "ramnet-gamma4": ("small-paper", ["model.gamma=4.0"]),
+    "ramnet-h16": ("small-paper", ["model.num_heads=16", "model.head_v_dim=32"]),
+    # Sharper addresses (batch 5, CAPE by depth): the product softmax at temperature 0.5 (logits x 2 from
+    # the start), or the per-head e^alpha learning 30x faster than the rest.
+    "ramnet-tau05": ("small-paper", [CAPE_DEPTH, "model.tau=0.5"]),
+    "ramnet-alpha-lr30": ("small-paper", [CAPE_DEPTH, "temperature_lr_scale=30"]),
     # Gated DeltaNet's ingredients added to RAM-Net: its short convolution (4) on q, k, v, and its gated
-    # output norm, whose g_proj (512 x 512 a layer) the MLP pays for (1408 -> 1237: 448 fewer parameters a layer).
-    "ramnet-conv": ("small", ["model.short_conv_size=4"]),
-    "ramnet-gate": ("small", ["model.output_gate=true", "model.intermediate_size=1237"]),
-    "ramnet-conv-gate": ("small", ["model.short_conv_size=4", "model.output_gate=true", "model.intermediate_size=1237"]),
-    "ramnet-conv-cape-off": ("small", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
-    # What the 33M-token ablation favoured, together: CAPE on the paper's absolute layers, the gated
-    # output norm, the temperatures' lr x 30.
-    "ramnet-cape-absolute-gate-alpha-lr30": ("small", ["model.num_cape_heads=[8,8,8,8,4,4,4,4]", "model.output_gate=true",
-                                                       "model.intermediate_size=1237", "temperature_lr_scale=30"]),
+    # output norm (batch 5, CAPE by depth).
+    "ramnet-conv": ("small-paper", ["model.short_conv_size=4"]),
+    "ramnet-gate": ("small-paper", [CAPE_DEPTH, *GATE]),
+    "ramnet-conv-gate": ("small-paper", ["model.short_conv_size=4", *GATE]),
+    "ramnet-conv-cape-off": ("small-paper", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
+    # What the 33M-token ablation favoured, together: the comparison's RAM-Net, now `small`.
+    "ramnet-cape-absolute-gate-alpha-lr30": ("small-paper", [*GATE, "temperature_lr_scale=30"]),
     "gated_deltanet": ("small-gated-deltanet", []),
     "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
     "transformer++": ("small-transformer", []),
@@ -73,6 +79,29 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "gla": ("small-gla", []),  # the model of the earlier ad-hoc variant (7 layers, 4 heads), now a preset
     "raven": ("small-raven", []),
 }
+
+
+# The comparison's families (`scale.json`), by preset.
+FAMILIES = {"small": "ramnet", "small-paper": "ramnet", "small-gated-deltanet": "gated_deltanet", "small-gla": "gla", "small-raven": "raven",
+            "small-transformer": "transformer++", "small-sliding": "sliding", "small-hybrid": "hybrid"}
+
+
+def scale_rows(studies: list[dict]) -> list[dict]:
+    """`scale.json`'s rows from studies' JSON: one per family and held-out evaluation, ``{family, tokens,
+    ppl, tok_s}`` and the run it comes from (its variant, whether it reached its max_steps, the study's
+    commit and how many runs shared the GPU, which is what its tokens/s measured)."""
+    rows = []
+    for study in studies:
+        meta = study["meta"]
+        for run in study["rows"]:
+            if "tokens" not in run:
+                continue
+            family = FAMILIES[run["preset"]]
+            for tokens, ppl in run["evals"]:
+                rows.append(dict(family=family, tokens=tokens, ppl=ppl, tok_s=run["tok_s"], variant=run["variant"],
+                                 complete=run["status"] == "done", final=tokens == run["evals"][-1][0],
+                                 git_rev=meta["git_rev"], jobs=meta["jobs"]))
+    return rows
 
 
 def prepare(data: Path, source: str, vocab_size: int) -> None:
@@ -142,6 +171,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="prepared data directory (prepared if missing)")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="STUDY.json",
                         help="draw the table and plot of earlier studies' JSON instead of training")
+    parser.add_argument("--scale", nargs="+", type=Path, metavar="STUDY.json",
+                        help="write OUT.json (the comparison's {meta, rows}), OUT.md and OUT.png from studies' JSON")
     parser.add_argument("--source", default="python-packages", help="corpus to prepare when --data is missing")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--variants", default="ramnet", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -155,6 +186,16 @@ def main() -> None:
     if args.combine:
         write_report({k: v for f in args.combine for k, v in summaries_of(json.loads(f.read_text())["rows"]).items()},
                      args.out)
+        return
+    if args.scale:
+        studies = [json.loads(f.read_text()) for f in args.scale]
+        meta = {k: v for k, v in studies[0]["meta"].items() if k not in ("git_rev", "argv", "jobs", "extra", "time")}
+        meta.update(git_rev=sorted({s["meta"]["git_rev"] for s in studies}), studies=[str(f) for f in args.scale])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": scale_rows(studies)}, indent=2) + "\n")
+        tmp.replace(args.out.with_suffix(".json"))
+        write_report({k: v for s in studies for k, v in summaries_of(s["rows"]).items()}, args.out)
         return
     if args.data is None:
         parser.error("--data is needed to train (or --combine to draw earlier studies)")

@@ -1,0 +1,57 @@
+"""benchmarks/lm_study.py: every variant builds a valid run config, the variants that stand for earlier
+runs train the same model, and the comparison's rows (scale.json) come out of studies' JSON."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from ramnet.lm.config import load_config
+from ramnet.models import RAMNetConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lm_study.py"
+sys.path.insert(0, str(SCRIPT.parent))  # lm_study imports summarize_lm from beside it
+spec = importlib.util.spec_from_file_location("lm_study", SCRIPT)
+lm_study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lm_study)
+
+
+def run_config(name):
+    preset, overrides = lm_study.VARIANTS[name]
+    return load_config(preset, overrides=overrides)
+
+
+@pytest.mark.parametrize("name", sorted(lm_study.VARIANTS))
+def test_every_variant_is_a_valid_run_of_a_known_family(name):
+    config = run_config(name)
+    assert lm_study.VARIANTS[name][0] in lm_study.FAMILIES
+    if config.model_type == "ramnet":
+        RAMNetConfig(vocab_size=8192, **config.model)  # the model's own checks
+
+
+def test_small_is_the_combination_the_ablation_favoured_and_the_paper_variants_are_the_old_runs():
+    small, combined = run_config("ramnet"), run_config("ramnet-cape-absolute-gate-alpha-lr30")
+    assert (small.model, small.temperature_lr_scale) == (combined.model, combined.temperature_lr_scale)
+    assert small.model["output_gate"] and small.temperature_lr_scale == 30
+    paper = RAMNetConfig(vocab_size=8192, **run_config("ramnet-paper").model)
+    assert not paper.output_gate and paper.num_cape_heads == [8, 8, 8, 8, 4, 4, 4, 4]
+    # Batch 5's `ramnet` was `small` with the default CAPE schedule, in proportion to depth.
+    depth = RAMNetConfig(vocab_size=8192, **run_config("ramnet-cape-depth").model)
+    default = RAMNetConfig(vocab_size=8192, **{k: v for k, v in run_config("ramnet-paper").model.items()
+                                                if k != "num_cape_heads"})
+    assert depth.num_cape_heads == default.num_cape_heads == [8, 4, 0, 0, 0, 0, 0, 0]
+
+
+def test_scale_rows_give_every_evaluation_of_every_family():
+    study = {"meta": {"git_rev": "abc", "jobs": 2}, "rows": [
+        {"variant": "ramnet", "preset": "small", "status": "done", "tok_s": 5.0,
+         "tokens": 20, "evals": [[10, 30.0], [20, 20.0]]},
+        {"variant": "sliding", "preset": "small-sliding", "status": "stopped at the deadline", "tok_s": 4.0,
+         "tokens": 12, "evals": [[10, 40.0]]},
+        {"variant": "gla", "status": "failed (exit 1)"},
+    ]}
+    rows = lm_study.scale_rows([study])
+    assert [(r["family"], r["tokens"], r["ppl"], r["final"], r["complete"]) for r in rows] == [
+        ("ramnet", 10, 30.0, False, True), ("ramnet", 20, 20.0, True, True), ("sliding", 10, 40.0, True, False)]
+    assert all(r["git_rev"] == "abc" and r["jobs"] == 2 for r in rows)
