@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.checks import check_int, check_positive
-from .kv_window import KVWindow, window_attention
+from .kv_window import Band, KVWindow, window_attention
 from .padding import check_hidden_states, real_token_mask
 
 
@@ -54,7 +54,9 @@ class SlidingWindowAttention(nn.Module):
         q_pos = ctx.positions[:, -seq_len:]
         window = self.window_size
         lower = torch.zeros_like(q_pos) if window is None else q_pos - window + 1
-        o = window_attention(q, q_pos, keep, ctx, lower, self.rope_theta)
+        # Without a cache or padding the mask is a function of token indices (one block mask per length).
+        band = Band(window) if cached is None and attention_mask is None else None
+        o = window_attention(q, q_pos, keep, ctx, lower, self.rope_theta, band=band)
         if use_cache and past_key_values is not None:
             # The next token attends the last S - 1 of them (all of them with no window).
             start = torch.zeros_like(ctx.seen) if window is None else ctx.seen - window + 1

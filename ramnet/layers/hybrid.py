@@ -10,7 +10,7 @@ import torch.nn as nn
 from ..accounting import hybrid_state
 from ..ops.checks import check_choice, check_int, check_positive
 from ..ops.ram.spec import DEFAULT_PROXY_EPS
-from .kv_window import KVWindow, take, window_attention
+from .kv_window import Band, KVWindow, take, window_attention
 from .memories import DELTANET_ACTIVATIONS, DeltaRuleMemory, RAMMemory
 from .padding import check_hidden_states, pack, real_token_mask, unpack
 from .ram_attention import RAMProjections
@@ -162,7 +162,8 @@ class HybridRAMAttention(RAMProjections):
             o_kv = v.new_zeros(v.shape)
         else:
             lower = (q_pos // window) * window if self.blend == "delayed_chunk" else q_pos - window + 1
-            o_kv = window_attention(q, q_pos, keep, ctx, lower, self.rope_theta)
+            band = Band(window, self.blend == "delayed_chunk") if cached is None and attention_mask is None else None
+            o_kv = window_attention(q, q_pos, keep, ctx, lower, self.rope_theta, band=band)
         if self.blend == "delayed_chunk":
             o_fw, state = self._chunked_fast_weights(q, q_pos, keep, ctx, state)
             start = (ctx.seen // window) * window  # the chunk in progress, not yet written to FW

@@ -98,15 +98,33 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
 FLEX_MIN_QUERIES = 128
 
 
+class Band(NamedTuple):
+    """``window_attention``'s mask when it depends on token indices alone: no cache and no padding, so
+    that token i is at position i. Query i sees keys ``lower(i) <= j <= i``, with ``lower(i)`` 0
+    (``window`` None), ``i - window + 1`` (a sliding window) or ``(i // window) * window`` (``chunked``:
+    from the start of i's chunk). FlexAttention's block mask for it is built once per length (and
+    device), instead of on every forward from the positions (a T x T evaluation each time)."""
+
+    window: int | None
+    chunked: bool = False
+
+    def lower(self, i):
+        if self.window is None:
+            return i * 0
+        return (i // self.window) * self.window if self.chunked else i - self.window + 1
+
+
 def window_attention(q, q_pos, keep, ctx: KVWindow, lower: torch.Tensor, theta: float,
-                     kernel: str | None = None) -> torch.Tensor:
+                     kernel: str | None = None, band: Band | None = None) -> torch.Tensor:
     """Causal softmax attention of the T new queries ``q [B, T, H, d]`` over the window ``ctx``
     (whose last T columns are the new tokens): query i sees the real keys at positions
     ``lower[i] <= p <= q_pos[i]``. RoPE on both sides; returns ``[B, T, H, d_v]``.
 
     ``kernel``: ``"sdpa"`` (a dense boolean mask, O(T * (W + T)) per row: the reference),
     ``"flex"`` (FlexAttention with the same mask as a block mask; compiled on CUDA), or None: flex
-    on CUDA from ``FLEX_MIN_QUERIES`` queries on, sdpa otherwise.
+    on CUDA from ``FLEX_MIN_QUERIES`` queries on, sdpa otherwise. ``band``, given by a caller that
+    has neither a cache nor padding, says the same mask by token index (``Band``): flex then reuses
+    one block mask per length.
     """
     if kernel not in (None, "sdpa", "flex"):
         raise ValueError(f"kernel must be None, 'sdpa' or 'flex', got {kernel!r}")
@@ -117,6 +135,12 @@ def window_attention(q, q_pos, keep, ctx: KVWindow, lower: torch.Tensor, theta: 
     k = rotary(ctx.keys, ctx.positions, theta).transpose(1, 2)
     v = ctx.values.transpose(1, 2)
     if kernel == "flex":
+        if band is not None:
+            if k.shape[2] != seq_len:
+                raise ValueError(f"band: a Band mask needs the window to hold only the {seq_len} new tokens "
+                                 f"(no cache), got {k.shape[2]}")
+            block_mask = _band_block_mask(band, seq_len, q.device)
+            return _flex_attention(q.is_cuda)(q, k, v, block_mask=block_mask).transpose(1, 2)
         return _flex_window(q, k, v, q_pos, keep, ctx, lower).transpose(1, 2)
     pos = ctx.positions[:, None, :]
     allowed = ctx.valid[:, None, :] & (pos <= q_pos[:, :, None]) & (pos >= lower[:, :, None])
@@ -144,6 +168,17 @@ def _flex_window(q, k, v, q_pos, keep, ctx: KVWindow, lower):
     return _flex_attention(q.is_cuda)(q, k, v, block_mask=block_mask)
 
 
+@functools.lru_cache(maxsize=32)
+def _band_block_mask(band: Band, seq_len: int, device: torch.device):
+    """The block mask of ``band`` over ``seq_len`` tokens, for every batch row and head."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, qi, kj):
+        return (kj <= qi) & (kj >= band.lower(qi))
+
+    return create_block_mask(allowed, None, None, seq_len, seq_len, device=device)
+
+
 def _flex_attention(compiled: bool):
     """FlexAttention, compiled for CUDA (uncompiled it runs its slow reference, as on the CPU)."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -158,4 +193,4 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-__all__ = ["KVWindow", "rotary", "take", "window_attention"]
+__all__ = ["Band", "KVWindow", "rotary", "take", "window_attention"]

@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from ramnet.layers.kv_window import KVWindow, window_attention
+from ramnet.layers import kv_window
+from ramnet.layers.kv_window import Band, KVWindow, window_attention
 
 
 def _case(batch=2, cached=5, seq_len=7, heads=3, dim=8, window=4, seed=0, pad=True):
@@ -46,6 +47,48 @@ def test_flex_matches_with_chunk_lower_bounds_and_a_long_sequence():
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("band, lower_of", [
+    (Band(None), lambda p: p * 0), (Band(40), lambda p: p - 39), (Band(50, chunked=True), lambda p: p - p % 50)])
+def test_band_masks_by_token_index_match_the_positions_mask_and_are_built_once(band, lower_of):
+    # 300 queries, no cache, no padding: the Band's mask (by index) equals the mask from positions.
+    q, q_pos, keep, ctx, _ = _case(batch=2, cached=0, seq_len=300, heads=2, dim=8, seed=3, pad=False)
+    kv_window._band_block_mask.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_index = [window_attention(q, q_pos, keep, ctx, lower_of(q_pos), 10000.0, kernel="flex", band=band)
+                    for _ in range(2)]
+    dense = window_attention(q, q_pos, keep, ctx, lower_of(q_pos), 10000.0, kernel="sdpa")
+    torch.testing.assert_close(by_index[0], dense, atol=1e-5, rtol=1e-5)
+    info = kv_window._band_block_mask.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_a_band_refuses_a_window_with_cached_tokens():
+    q, q_pos, keep, ctx, lower = _case(pad=False)
+    with pytest.raises(ValueError, match="band"):
+        window_attention(q, q_pos, keep, ctx, lower, 10000.0, kernel="flex", band=Band(4))
+
+
+def test_layers_pass_a_band_only_without_cache_or_padding(monkeypatch):
+    from ramnet.layers.attention import SlidingWindowAttention
+
+    seen = []
+    real = kv_window.window_attention
+
+    def spy(*args, band=None, **kwargs):
+        seen.append(band)
+        return real(*args, band=band, **kwargs)
+
+    monkeypatch.setattr("ramnet.layers.attention.window_attention", spy)
+    layer = SlidingWindowAttention(hidden_size=16, num_heads=2, head_dim=8, window_size=4)
+    x = torch.randn(2, 6, 16)
+    layer(x)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 0] = 0
+    layer(x, attention_mask=mask)
+    assert seen == [Band(4), None]
+
+
 def test_window_kernel_choice_is_checked():
     q, q_pos, keep, ctx, lower = _case()
     with pytest.raises(ValueError, match="kernel"):
@@ -62,3 +105,5 @@ def test_cuda_layers_take_compiled_flex_and_match_the_reference():
     auto = window_attention(q, q_pos, keep, ctx, lower, 10000.0)  # flex, compiled
     dense = window_attention(q, q_pos, keep, ctx, lower, 10000.0, kernel="sdpa")
     torch.testing.assert_close(auto, dense, atol=2e-3, rtol=2e-3)
+    banded = window_attention(q, q_pos, keep, ctx, lower, 10000.0, band=Band(64))  # the training layers' mask
+    torch.testing.assert_close(banded, dense, atol=2e-3, rtol=2e-3)
