@@ -31,14 +31,14 @@ from ..ops.checks import check_int
 from .mixers import check_dropout
 
 # name -> dotted path. The fla entries are the paper's MQAR baselines as flash-linear-attention
-# names them; fla has no H3, and its closest layer is Mamba (a selective SSM with short
-# convolution and output gating: H3's successor line).
+# names them; fla has no H3, which is written here (ramnet/mqar/h3.py).
 MIXERS = {
     "ramnet": "ramnet.layers.RAMAttention",
     "hybrid": "ramnet.layers.HybridRAMAttention",
     "attention": "ramnet.mqar.mixers.ZoologyAttention",
     "sliding_window": "ramnet.mqar.mixers.ZoologySlidingWindowAttention",
     "linear_attention": "ramnet.mqar.mixers.BasedLinearAttention",
+    "h3": "ramnet.mqar.h3.H3",
     "fla.GLA": "fla.layers.GatedLinearAttention",
     "fla.DeltaNet": "fla.layers.DeltaNet",
     "fla.GatedDeltaNet": "fla.layers.GatedDeltaNet",
