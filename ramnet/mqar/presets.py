@@ -87,9 +87,10 @@ PAPER = {
 QUICK = {
     **PAPER,
     "description": "a CPU smoke run of the paper protocol: RAM-Net vs three baselines at d_model 64",
-    # 1024 is the smallest power of two whose key range [1, 512) holds the 256 keys of the
-    # longest test setting; with 8192 the embeddings of 4096 keys barely train in a few epochs.
-    "vocab_size": 1024,
+    # 2048 is the smallest power of two larger than the longest test setting's L = 1024, as Zoology
+    # requires (vocab_size > seq_len; 1024, used before, is refused); with 8192 the embeddings of 4096
+    # keys barely train in a few epochs.
+    "vocab_size": 2048,
     "train": [[64, 4, 8000], [128, 8, 1000], [256, 16, 500]],
     "test": [[L, N, 100] for L, N, _ in PAPER_TEST],
     "batch_size": 32,

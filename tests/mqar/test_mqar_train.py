@@ -35,7 +35,7 @@ def test_presets_are_valid_and_quick_says_what_it_cuts():
     assert quick["d_models"] == [64]
     assert [L for L, _, _ in quick["test"]] == [L for L, _, _ in PAPER["test"]]  # all seven settings
     cuts = "\n".join(describe_cuts(quick))
-    assert "vocab_size: 1024 instead of 8192" in cuts and "epochs" in cuts and "(L=256, N=64): 0 examples" in cuts
+    assert "vocab_size: 2048 instead of 8192" in cuts and "epochs" in cuts and "(L=256, N=64): 0 examples" in cuts
     m = {(e["mixer"]["kwargs"]["num_partitions"], e["mixer"]["kwargs"]["partition_dim"])
          for e in get_preset("ablation-u")["models"].values()}
     assert m == {(1, 4096), (2, 64), (3, 16), (4, 8), (6, 4), (12, 2)}  # all M = 4096
