@@ -92,17 +92,21 @@ def cmd_mqar(args: argparse.Namespace) -> int:
     for line in cuts:
         print(f"  {line}")
     try:
-        rows = run_preset(preset, out, device, jobs=args.jobs)
-    except RunsFailed as failure:  # the finished runs still get their table and plot
-        _report(failure.rows, out)
+        run_preset(preset, out, device, jobs=args.jobs)
+    except RunsFailed as failure:  # the finished runs are in the results file: still tabled and drawn
+        if (out / "results.jsonl").exists():  # absent when no run has ever finished here
+            _report(load_rows(out / "results.jsonl"), out)
         print(f"ramnet mqar: error: {failure}", file=sys.stderr)
         return 1
-    _report(rows, out)
+    # The whole results file, not this invocation's rows: a re-run of one model must not redraw the
+    # figure with its points alone.
+    _report(load_rows(out / "results.jsonl"), out)
     return 0
 
 
 def _report(rows: list[dict], out: Path) -> None:
-    """Print the best-lr table of ``rows`` and write their figures to ``out`` (nothing for no rows)."""
+    """Print the best-lr table of ``rows`` (each run configuration apart: ``ramnet.mqar.report``)
+    and write their figures to ``out`` (nothing for no rows)."""
     if rows:
         print(format_table(rows))
         for path in plot_results(rows, out):

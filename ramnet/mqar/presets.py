@@ -145,6 +145,7 @@ PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m
 MODEL_ENTRY_KEYS = {"mixer", "model", "lrs"}
 MODEL_CONFIG_KEYS = {"n_layers", "short_conv", "mlp_mult", "embed_dropout"}  # MQARModel's own arguments
 ABLATIONS = (None, "U", "M")
+PROTOCOL_KEYS = ("vocab_size", "train", "test", "batch_size", "test_batch_size", "epochs", "weight_decay", "early_stop")
 
 
 @dataclass
@@ -206,6 +207,11 @@ class MQARPreset:
     def to_dict(self) -> dict:
         """The JSON form, which ``from_dict`` reads back."""
         return dataclasses.asdict(self)
+
+    def protocol(self) -> dict:
+        """What every run of this preset shares besides its seed, model and d_model: the data and the
+        optimisation. Stored with each row (``ramnet.mqar.report`` keys results by it)."""
+        return {key: copy.deepcopy(getattr(self, key)) for key in PROTOCOL_KEYS}
 
 
 def _check_settings(key: str, settings, vocab_size: int) -> list[list[int]]:

@@ -115,7 +115,7 @@ def train_run(preset: MQARPreset, name: str, d_model: int, lr: float, train_data
         "model": name, "d_model": d_model, "mixer": entry["mixer"], "model_config": model_cfg,
         "state_size": model.state_size(max_len), "state_seq_len": max_len,
         "params": sum(p.numel() for p in model.parameters()),
-        "lr": lr, "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _mean_accuracy(accuracy),
+        "lr": lr, "protocol": preset.protocol(), "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _mean_accuracy(accuracy),
         "wall_time_s": round(time.perf_counter() - start_time, 2), "device": device_name(device),
         "git_rev": git_revision(), "seed": preset.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
