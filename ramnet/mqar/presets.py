@@ -1,4 +1,4 @@
-"""MQAR presets (Zoology's protocol, spec section 8): the built-in ones as data, ``MQARPreset`` to
+"""MQAR presets (Zoology's protocol, as the RAM-Net paper runs it): the built-in ones as data, ``MQARPreset`` to
 validate one, and its JSON form.
 
 A preset holds the data settings ``[seq_len, kv_pairs, examples]``, the optimisation, the d_model
@@ -60,7 +60,7 @@ FLA_BASELINES = {
 }
 
 PAPER = {
-    "description": "the RAM-Net paper's MQAR protocol (Zoology / Based configs, spec section 8)",
+    "description": "the RAM-Net paper's MQAR protocol (Zoology / Based configs)",
     "seed": 0,
     "vocab_size": 8192,
     "train": PAPER_TRAIN,
@@ -122,14 +122,14 @@ ABLATION_M = {
 
 
 def hybrid_mixer(num_partitions: int, partition_dim: int, window: int = 64, num_heads: int = 2) -> dict:
-    """The synchronous hybrid (spec section 9): sliding-window attention over ``window`` tokens and
+    """The synchronous hybrid (Irie, Yau, Gershman, arXiv 2506.00744): sliding-window attention over ``window`` tokens and
     RAM-Net (U x d_p, K = 8) on shared projections, mixed by a per-channel gate."""
     return {"name": "hybrid", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
                                          "num_partitions": num_partitions, "partition_dim": partition_dim, "topk": 8,
                                          "window_size": window, "blend": "synchronous", "mix": "vector"}}
 
 
-# Issue 6's MQAR comparison: does the synchronous hybrid reach 0.99 at a smaller state than RAM-Net
+# The hybrid's MQAR comparison: does the synchronous hybrid reach 0.99 at a smaller state than RAM-Net
 # alone? The paper protocol at d_model 64 and 128, the hybrid at M = 64 and 256 against RAM-Net at
 # M = 256 and 4096, sliding window 64 and full attention.
 HYBRID = {

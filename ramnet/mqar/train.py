@@ -1,4 +1,4 @@
-"""One MQAR run (Zoology's protocol, spec section 8): its data, model, training loop and evaluation.
+"""One MQAR run (Zoology's protocol): its data, model, training loop and evaluation.
 
 Protocol, as Zoology's trainer: AdamW with weight decay on every parameter, cosine annealing
 stepped once per epoch down to 0, no warm-up or clipping; after every epoch the test settings
@@ -57,7 +57,7 @@ def setting_name(seq_len: int, kv_pairs: int) -> str:
 @torch.no_grad()
 def evaluate(model, segments: list[dict], batch_size: int) -> dict[str, float]:
     """Accuracy per test setting: per example the fraction of labelled positions predicted
-    right, then the mean over examples (spec section 8)."""
+    right, then the mean over examples (as Zoology)."""
     model.eval()
     result = {}
     for seg in segments:
