@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from .report import best_runs, run_group, variant_labels
+
+
+NO_MATPLOTLIB = "the figures need matplotlib, which is not installed: pip install 'ramnet[plot]'"
+
+
+def has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -16,6 +24,8 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
     - ``mqar_ablation_u.png`` / ``mqar_ablation_m.png``: accuracy against U at fixed M, and
       against M at fixed U (the paper's Fig. 4), one line per d_model.
     """
+    if not has_matplotlib():
+        raise ImportError(NO_MATPLOTLIB)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
