@@ -186,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=512, num_hidden_layers=6, num_heads=4, num_slots=256, topk=32,
                    intermediate_size=1424),
     ),
-    # Issue 6's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
+    # The hybrid's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
     # over 64 tokens on shared projections, per-channel gate). The gate (512 x 512 + bias) and the
     # per-head output norm add 262,720 parameters a layer, so the MLP is 1236 wide instead of 1408:
     # 38,925,440 in all (0.9997 x small; a test).
@@ -196,7 +196,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    partition_dim=4, topk=8, intermediate_size=1236, mixer_types=["hybrid"] * 8, window_size=64,
                    hybrid_blend="synchronous", hybrid_mix="vector"),
     ),
-    # Issue 6's sliding-window baseline: every layer softmax attention over the last 64 tokens
+    # The hybrid's sliding-window baseline: every layer softmax attention over the last 64 tokens
     # (the hybrid's KV branch alone, with its own q, k, v, o: 4 x 512^2 a layer), the MLP 1152 wide
     # to keep the parameters of `small`: 38,937,088 in all (a test).
     "small-sliding": dict(
@@ -204,7 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, intermediate_size=1152,
                    mixer_types=["sliding_attention"] * 8, window_size=64),
     ),
-    # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
+    # The paper's recipe: 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
     # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's
     # (RAMNetConfig's defaults, CAPE schedule included). Launch with `torchrun --nproc_per_node 8 -m ramnet.cli train --preset paper-340m`.
