@@ -9,6 +9,7 @@ position (samples seen) is a pure function of the step, which makes resuming exa
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from . import checkpoint, families
 from .config import TrainConfig
@@ -32,23 +34,24 @@ from .reporting import Reporter
 
 # Excluded from weight decay besides the 1-D parameters (norm weights, biases, fla's and Mamba's
 # A_log, D, dt_bias) and those marked `_no_weight_decay` (as fla marks those): the per-head e^alpha
-# temperatures of RAM-Net's address decoder (spec section 5).
+# temperatures of RAM-Net's address decoder.
 NO_DECAY_SUFFIXES = ("q_log_scale", "k_log_scale")
+log = logging.getLogger(__name__)
+
+
+def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' cosine-with-min-lr schedule (``lr_scheduler_type="cosine_with_min_lr"`` of its
+    Trainer): the lr of step ``s`` rises linearly as ``lr * s / warmup_steps``, then falls along a
+    cosine to ``min_lr`` at ``max_steps``."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps,
+        min_lr_rate=config.min_lr / config.lr if config.lr else 0.0)
 
 
 def lr_schedule(config: TrainConfig):
-    """Linear warm-up to `lr` over `warmup_steps`, then a cosine down to `min_lr` at `max_steps`
-    (as a factor of `lr`, for LambdaLR)."""
-
-    def factor(step: int) -> float:
-        if config.lr == 0:
-            return 0.0
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-        return (config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / config.lr
-
-    return factor
+    """The factor of `lr` at each step (``lr_scheduler``'s), as a function of the step."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return lr_scheduler(config, probe).lr_lambdas[0]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -127,7 +130,7 @@ class Trainer:
             param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, eps=config.adam_eps,
             fused=True,  # one kernel for all parameters (CPU and CUDA, DTensors included)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+        self.scheduler = lr_scheduler(config, self.optimizer)
         device = processes.device
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -151,7 +154,7 @@ class Trainer:
         # min_lr, warmup_steps or max_steps were changed (e.g. to extend a run).
         self.scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_schedule(config)(self.step)
+            group["lr"] = config.lr * self.scheduler.lr_lambdas[0](self.step)
         if len(state["rng"]) == self.processes.world:
             checkpoint.set_rng_state(state["rng"][self.processes.rank])
         self.resumed_from = path

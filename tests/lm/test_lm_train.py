@@ -66,10 +66,28 @@ def test_two_processes_match_one_at_the_same_global_batch(data, tmp_path, parall
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr(data, tmp_path):
     config = tiny_config(data, tmp_path, "max_steps=100", "warmup_steps=10", "lr=1e-3", "min_lr=1e-4")
     f = lr_schedule(config)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    # transformers' warm-up: s / warmup_steps (the hand-written schedule before it had (s + 1) / warmup_steps)
+    assert f(0) == 0.0 and f(1) == pytest.approx(0.1) and f(9) == pytest.approx(0.9)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx((1e-4 + 0.9e-3 * 0.5) / 1e-3)
-    assert f(100) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
+    assert f(100) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_lr_schedule_is_transformers_cosine_with_min_lr(data, tmp_path):
+    from transformers import get_scheduler
+
+    config = tiny_config(data, tmp_path, "max_steps=50", "warmup_steps=7", "lr=2e-3", "min_lr=3e-4")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    theirs = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=7, num_training_steps=50,
+                           scheduler_specific_kwargs={"min_lr": 3e-4})
+    f = lr_schedule(config)
+    for step in range(50):
+        assert 2e-3 * f(step) == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        optimizer.step()
+        theirs.step()
+    # after the warm-up it is the hand-written schedule it replaced, step for step
+    old = lambda s: (3e-4 + (2e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * (s - 7) / 43))) / 2e-3  # noqa: E731
+    assert [f(s) for s in range(7, 51)] == pytest.approx([old(s) for s in range(7, 51)])
 
 
 def test_weight_decay_skips_norms_biases_and_the_alpha_scalars():
