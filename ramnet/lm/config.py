@@ -39,8 +39,9 @@ class TrainConfig:
     # Where checkpoints, logs and TensorBoard events go.
     out_dir: str = "runs/tiny"
     # A directory written by `ramnet data prepare`. When it does not exist yet and `prepare` is set,
-    # rank 0 prepares it first (so that a preset runs from nothing).
-    data: str = "data/python-docs-bpe4k"
+    # rank 0 prepares it first (so that a preset runs from nothing). Unset: where `ramnet data prepare`
+    # writes with the settings of `prepare` (`data.default_data_dir`: data/python-docs-bpe4k here).
+    data: str | None = None
     prepare: dict | None = field(default_factory=lambda: dict(source="python-docs", tokenizer="bpe", vocab_size=4096))
     # The model family (see ramnet/lm/families.py): "ramnet", "transformer++" (Hugging Face's Llama) or,
     # with flash-linear-attention on a GPU, "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2", "fla.raven".
@@ -51,7 +52,9 @@ class TrainConfig:
 
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation steps
-    micro_batch_size: int = 8  # sequences per forward pass on one process
+    # Sequences per forward pass on one process. Unset: batch_size / processes (no accumulation), so that
+    # a config runs unchanged on one process or under torchrun.
+    micro_batch_size: int | None = None
     max_steps: int = 400
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -75,7 +78,10 @@ class TrainConfig:
     # "auto": continue from the newest checkpoint in out_dir if there is one; "none": start afresh
     # (fails if out_dir has checkpoints); or a checkpoint directory.
     resume: str = "auto"
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])  # each when installed
+    # Where metrics go besides out_dir/metrics.jsonl: "tensorboard" (pip install 'ramnet[tensorboard]')
+    # and/or "wandb" (pip install wandb), e.g. report_to=[tensorboard,wandb]. None by default, as in
+    # transformers' TrainingArguments.
+    report_to: list[str] = field(default_factory=list)
     wandb_project: str = "ramnet"
 
     def __post_init__(self):
@@ -84,18 +90,30 @@ class TrainConfig:
             setattr(self, name, _as_float(name, getattr(self, name)))
         self.betas = tuple(_as_float("betas", b) for b in self.betas)
         self.report_to = list(self.report_to)
-        for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints",
-                     "log_interval"):
+        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "keep_checkpoints", "log_interval"):
             setattr(self, name, check_int(f"`{name}`", getattr(self, name), 1))
+        if self.micro_batch_size is not None:
+            self.micro_batch_size = check_int("`micro_batch_size`", self.micro_batch_size, 1)
         for name in ("warmup_steps", "eval_interval", "save_interval"):
             setattr(self, name, check_int(f"`{name}`", getattr(self, name), 0))
         check_positive("`min_lr`", self.min_lr, allow_zero=True, upper=self.lr)
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
         choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES,
                    "device": DEVICES}
         for name, allowed in choices.items():
             check_choice(f"`{name}`", getattr(self, name), allowed)
+        if self.prepare is not None and not isinstance(self.prepare, dict):
+            raise ValueError(f"`prepare` must be a mapping of `ramnet data prepare` settings or null, got {self.prepare!r}")
+        if self.data is None:
+            if self.prepare is None:
+                raise ValueError("`data` is not set and there are no `prepare` settings to name it: set data=DIR "
+                                 "(a directory written by `ramnet data prepare`)")
+            from .data import default_data_dir
+
+            self.data = default_data_dir(**self.prepare)
+        if not isinstance(self.data, str):
+            raise ValueError(f"`data` must be a directory name, got {self.data!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"`model` must be a mapping of config arguments, got {self.model!r}")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
@@ -117,7 +135,6 @@ def _as_float(name: str, value) -> float:
 
 # The data, batch and schedule of `small`, shared by its baselines.
 _SMALL_RUN = dict(
-    data="data/fineweb-edu-llama2",
     prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=700_000_000),
     seq_len=2048, batch_size=32, micro_batch_size=16, max_steps=10_000, lr=1e-3, min_lr=1e-4,
     warmup_steps=500, eval_interval=500, eval_batches=16, save_interval=1000,
@@ -209,7 +226,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's
     # (RAMNetConfig's defaults, CAPE schedule included). Launch with `torchrun --nproc_per_node 8 -m ramnet.cli train --preset paper-340m`.
     "paper-340m": dict(
-        out_dir="runs/paper-340m", data="data/fineweb-edu-10b-llama2",
+        out_dir="runs/paper-340m",
         prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=10_000_000_000),
         model=dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, num_partitions=5,
                    partition_dim=4, topk=8, intermediate_size=2816),
@@ -269,7 +286,9 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    values = TrainConfig().to_dict()  # `model` is merged key by key
+    # `model` is merged key by key; `data` stays unset unless a layer sets it, so that TrainConfig names
+    # it after the final `prepare`.
+    values = dict(TrainConfig().to_dict(), data=None)
     from_file = read_config_file(file) if file else {}
     preset = preset or from_file.pop("preset", None)
     from_file.pop("preset", None)

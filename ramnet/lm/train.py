@@ -91,15 +91,23 @@ def prepared_data(config: TrainConfig, processes: Processes, progress: bool) -> 
     return TokenData(data_dir)
 
 
-def accumulation_steps(config: TrainConfig, world: int) -> int:
-    """Micro-batches per process and optimizer step, so that a step reads `batch_size` sequences."""
-    per_step = config.micro_batch_size * world
-    if config.batch_size % per_step:
+def batch_layout(config: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per process and optimizer step), so that a step reads
+    `batch_size` sequences over `world` processes. Without an explicit `micro_batch_size`, each process
+    takes its share of the batch at once: batch_size / world."""
+    micro = config.micro_batch_size
+    if micro is None:
+        if config.batch_size % world:
+            raise ValueError(f"`batch_size` ({config.batch_size}) cannot be split over {world} processes: set "
+                             f"batch_size to a multiple of {world}, or micro_batch_size so that batch_size is a "
+                             f"multiple of micro_batch_size x {world}")
+        return config.batch_size // world, 1
+    if config.batch_size % (micro * world):
         raise ValueError(
             f"`batch_size` ({config.batch_size}) must be a multiple of micro_batch_size x processes "
-            f"({config.micro_batch_size} x {world})"
+            f"({micro} x {world}): change micro_batch_size, or leave it unset for batch_size / processes"
         )
-    return config.batch_size // per_step
+    return micro, config.batch_size // (micro * world)
 
 
 class Trainer:
@@ -110,7 +118,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, processes: Processes, progress: bool):
         self.config, self.processes, self.progress = config, processes, progress
         self.out_dir = Path(config.out_dir)
-        self.accum_steps = accumulation_steps(config, processes.world)
+        self.micro_batch, self.accum_steps = batch_layout(config, processes.world)
         self.data = prepared_data(config, processes, progress)
         self.train_windows = Windows(self.data, "train", config.seq_len, shuffle=True, seed=config.seed)
         has_val = self.data.meta["splits"]["val"]["tokens"] > config.seq_len
@@ -122,7 +130,10 @@ class Trainer:
         self.n_embed = self.unwrapped.get_input_embeddings().weight.numel()
         self.unwrapped.to(processes.device)
         if config.gradient_checkpointing:
-            self.unwrapped.gradient_checkpointing_enable()
+            # transformers >= 5.2x names it activation checkpointing (gradient_checkpointing_enable is its
+            # deprecated alias); 5.17 has only gradient_checkpointing_enable.
+            enable = getattr(self.unwrapped, "activation_checkpointing_enable", None)
+            (enable or self.unwrapped.gradient_checkpointing_enable)()
         self.parallel = parallelism(config.parallel, processes.world)
         self.model = self.parallel.wrap(self.unwrapped, processes)
         # Built after sharding: fully_shard replaces the parameters with sharded ones.
@@ -168,7 +179,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over `batch_size` sequences: this process's `accum` micro-batches of
         them, the mean loss over all; returns the step's train/ metrics."""
-        config, processes, micro = self.config, self.processes, self.config.micro_batch_size
+        config, processes, micro = self.config, self.processes, self.micro_batch
         loss_sum = torch.zeros((), device=processes.device)
         for m in range(self.accum_steps):
             first = self.samples + (m * processes.world + processes.rank) * micro
@@ -196,8 +207,8 @@ class Trainer:
         mine = list(range(processes.rank, n, processes.world))
         totals = torch.zeros(2, dtype=torch.float64, device=processes.device)
         self.model.eval()
-        for i in range(0, len(mine), config.micro_batch_size):
-            batch = windows.batch(mine[i : i + config.micro_batch_size]).to(processes.device)
+        for i in range(0, len(mine), self.micro_batch):
+            batch = windows.batch(mine[i : i + self.micro_batch]).to(processes.device)
             totals[0] += self.loss(batch, reduction="sum").double()
             totals[1] += batch[:, 1:].numel()
         self.model.train()
@@ -227,14 +238,18 @@ class Trainer:
         return (
             f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the input embedding); "
             f"data: {meta['splits']['train']['tokens']:,} training tokens, unigram entropy {meta['unigram_entropy']:.3f} nats; "
-            f"{self.processes.world} process(es) x {self.accum_steps} accumulation step(s) x {config.micro_batch_size} "
+            f"{self.processes.world} process(es) x {self.accum_steps} accumulation step(s) x {self.micro_batch} "
             f"sequences of {config.seq_len}"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
         )
 
     def run(self) -> dict:
-        """Trains to `max_steps`, logging every step, evaluating and saving at their intervals and at the end."""
+        """Trains to `max_steps`, logging every step, evaluating and saving at their intervals and at the end.
+        A run already at `max_steps` (a finished run started again) does nothing: no history."""
         config, processes = self.config, self.processes
+        if self.step >= config.max_steps:
+            return {"history": [], "evals": [], "checkpoint": self.resumed_from, "step": self.step,
+                    "unigram_entropy": self.data.meta["unigram_entropy"]}
         if processes.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # Rows of steps after the one this run starts from (a resumed run replays them) would be doubled.
@@ -242,7 +257,7 @@ class Trainer:
         reporter = Reporter(config, self.out_dir, processes.main)
         talk = processes.main and self.progress
         if talk:
-            tqdm.write(self.describe())
+            log.info(self.describe())
         history, evals, last_checkpoint = [], [], self.resumed_from
         tokens_per_step = config.batch_size * config.seq_len
         bar = tqdm(total=config.max_steps, initial=self.step, unit="step", disable=not talk, dynamic_ncols=True)
@@ -263,7 +278,7 @@ class Trainer:
                 metrics.update({"val/loss": val, "val/ppl": math.exp(min(val, 700.0))})
                 evals.append({"step": step, "loss": val})
                 if talk:
-                    tqdm.write(f"step {step}: train loss {loss:.4f}, held-out loss {val:.4f} (ppl {math.exp(val):.2f})")
+                    log.info(f"step {step}: train loss {loss:.4f}, held-out loss {val:.4f} (ppl {math.exp(val):.2f})")
             metrics["tokens"] = self.samples * config.seq_len
             history.append({"step": step, **metrics})
             reporter.log(step, metrics)
@@ -272,7 +287,7 @@ class Trainer:
                 last_checkpoint = self.save()
         bar.close()
         reporter.close()
-        return {"history": history, "evals": evals, "checkpoint": last_checkpoint,
+        return {"history": history, "evals": evals, "checkpoint": last_checkpoint, "step": self.step,
                 "unigram_entropy": self.data.meta["unigram_entropy"]}
 
 

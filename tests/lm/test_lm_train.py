@@ -3,15 +3,21 @@ weight-decay groups."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 from lm_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
-    TINY_MODEL, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_config,
+    TINY_MODEL, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_args, tiny_config,
 )
 
+from ramnet.cli import main
 from ramnet.lm import checkpoint
-from ramnet.lm.train import lr_schedule, param_groups, train
+from ramnet.lm.config import TrainConfig
+from ramnet.lm.train import batch_layout, lr_schedule, param_groups, train
 from ramnet.models import RAMNetConfig, RAMNetForCausalLM
 
 
@@ -135,3 +141,52 @@ def test_each_process_trains_on_its_own_gpu(monkeypatch):
     assert local_device("auto", 3) == torch.device("cpu")
     with pytest.raises(ValueError, match="`device`: cuda was asked for"):
         local_device("cuda", 0, option="`device`")
+
+
+def test_the_micro_batch_is_the_batch_over_the_processes_unless_given():
+    assert batch_layout(TrainConfig(batch_size=8), 1) == (8, 1)
+    assert batch_layout(TrainConfig(batch_size=8), 2) == (4, 1)  # torchrun --nproc_per_node 2 on the tiny preset
+    assert batch_layout(TrainConfig(batch_size=8, micro_batch_size=2), 2) == (2, 2)
+    with pytest.raises(ValueError, match=r"`batch_size` \(9\) cannot be split over 2 processes: set batch_size to a "
+                                         r"multiple of 2"):
+        batch_layout(TrainConfig(batch_size=9), 2)
+    with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(8 x 2\): change "
+                                         r"micro_batch_size, or leave it unset"):
+        batch_layout(TrainConfig(batch_size=8, micro_batch_size=8), 2)
+
+
+def test_torchrun_derives_the_micro_batch_and_speaks_once(data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m ramnet.cli train` without micro_batch_size: 2 gloo processes of
+    batch_size / 2 each; one final line, one describe line; an impossible split is one error line."""
+    def torchrun(out_dir, *overrides):
+        args = tiny_args(data, tmp_path / out_dir, "micro_batch_size=null", "max_steps=2", "eval_interval=0",
+                         "save_interval=0", *overrides)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "ramnet.cli", "train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=240)
+
+    done = torchrun("run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done in ") == 1 and done.stdout.startswith("done in ")
+    assert done.stderr.count("2 process(es) x 1 accumulation step(s) x 2 sequences of 32") == 1
+    failed = torchrun("bad", "batch_size=3")
+    assert failed.returncode != 0
+    assert failed.stderr.count("ramnet train: error: `batch_size` (3) cannot be split over 2 processes") == 1
+
+
+def test_a_finished_run_started_again_has_nothing_to_do(data, tmp_path, capsys):
+    args = tiny_args(data, tmp_path, "max_steps=3", "eval_interval=0")
+    assert main(["train", "--quiet", *args]) == 0
+    capsys.readouterr()
+    assert main(["train", *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"nothing to do: {tmp_path} is at step 3, and max_steps is 3. To train further, "
+                                   "raise max_steps, e.g. `ramnet train ... max_steps=6`")
+    assert "3/3" not in captured.err and "model:" not in captured.err  # no bar, no describe line
+
+
+def test_gradient_checkpointing_raises_no_deprecation_warning(data, tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*deprecated.*")
+        train(tiny_config(data, tmp_path, "gradient_checkpointing=true", "max_steps=1", "eval_interval=0"),
+              progress=False)
