@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..ops.checks import check_choice, check_int, check_positive
 from .families import MODEL_TYPES
@@ -238,18 +237,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value). The value is read as JSON when it is JSON (numbers such as
-    1e-3, true, null, lists), else as YAML (bare strings, [a, b]); a path stays a string."""
+    1e-3, true, null, lists), else as YAML would read it without PyYAML: True/False/yes/no/on/off and
+    null/~ (any case) as booleans and None, anything else as a string (a path stays a string), and
+    ``[a, b]`` as a list of such values."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r} must look like key=value (e.g. lr=1e-3 or model.hidden_size=256)")
+    return key.split("."), _value(text)
+
+
+def _value(text: str):
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: cannot read the value: {err}") from err
-    return key.split("."), value
+        pass
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):  # [a, b]: JSON would want ["a", "b"]
+        inner = text[1:-1].strip()
+        return [_value(part) for part in inner.split(",")] if inner else []
+    return _YAML_WORDS.get(text.lower(), text)
+
+
+# The words that YAML (1.1, PyYAML's) reads as booleans and null, which overrides were once read as.
+_YAML_WORDS = {**dict.fromkeys(("true", "yes", "on"), True), **dict.fromkeys(("false", "no", "off"), False),
+               "null": None, "~": None}
 
 
 def _apply(values: dict, layer: dict) -> dict:
@@ -270,15 +281,26 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _yaml():
+    """PyYAML, which only YAML config files need."""
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("--config: a YAML config file needs PyYAML: pip install 'ramnet[yaml]' "
+                         "(or write the file as JSON, FILE.json)") from None
+    return yaml
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ValueError(f"--config: cannot read {path}: {err}") from err
+    reader = json if path.suffix == ".json" else _yaml()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        data = json.loads(text) if reader is json else reader.safe_load(text)
+    except (json.JSONDecodeError, getattr(reader, "YAMLError", json.JSONDecodeError)) as err:
         raise ValueError(f"--config: cannot parse {path}: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of config keys")

@@ -143,6 +143,9 @@ def test_config_precedence_preset_file_overrides(tmp_path):
     assert load_config() == TrainConfig() == load_config("tiny")
     assert parse_override("report_to=[tensorboard]") == (["report_to"], ["tensorboard"])
     assert parse_override("resume=none") == (["resume"], "none")
+    # read as PyYAML read them, without PyYAML
+    assert [parse_override(f"k={v}")[1] for v in ("False", "true", "off", "Null", "~", "[a, False, 2]", "[]")] == [
+        False, True, False, None, None, ["a", False, 2], []]
 
 
 def test_presets_are_valid_and_sized_as_documented():
