@@ -105,7 +105,7 @@ def batch_layout(config: TrainConfig, world: int) -> tuple[int, int]:
     if config.batch_size % (micro * world):
         raise ValueError(
             f"`batch_size` ({config.batch_size}) must be a multiple of micro_batch_size x processes "
-            f"({micro} x {world}): change micro_batch_size, or leave it unset for batch_size / processes"
+            f"({micro} x {world}): change micro_batch_size, or set micro_batch_size=null for batch_size / processes"
         )
     return micro, config.batch_size // (micro * world)
 

@@ -151,7 +151,7 @@ def test_the_micro_batch_is_the_batch_over_the_processes_unless_given():
                                          r"multiple of 2"):
         batch_layout(TrainConfig(batch_size=9), 2)
     with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(8 x 2\): change "
-                                         r"micro_batch_size, or leave it unset"):
+                                         r"micro_batch_size, or set micro_batch_size=null for batch_size / processes"):
         batch_layout(TrainConfig(batch_size=8, micro_batch_size=8), 2)
 
 
