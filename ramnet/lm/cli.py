@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         step = result["step"]
         print(f"nothing to do: {config.out_dir} is at step {step}, and max_steps is {config.max_steps}. To train "
               f"further, raise max_steps, e.g. `ramnet train ... max_steps={2 * step}` (the run continues from "
-              f"step {step} on the new schedule); to start afresh, use another out_dir=DIR or resume=none")
+              f"step {step} on the new schedule); to start afresh, use another out_dir=DIR")
     return 0
 
 
