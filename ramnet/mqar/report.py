@@ -78,7 +78,8 @@ def config_hash(row: dict) -> str:
 
 
 def _epochs_seed(row: dict) -> str:
-    return f"{epochs(row) if epochs(row) is not None else '?'} epochs, seed {row.get('seed', '?')}"
+    n = epochs(row)
+    return f"{'?' if n is None else n} epoch{'' if n == 1 else 's'}, seed {row.get('seed', '?')}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -139,6 +139,11 @@ def test_the_figure_draws_every_configuration_of_the_results_file(tmp_path, monk
     rows = [_row(d_model=64, state_size=10), _row(d_model=128, state_size=20, avg_accuracy=0.7),
             _row(d_model=64, state_size=10, seed=1, avg_accuracy=0.8)]
     plot.plot_results(rows, tmp_path)
+    drawn.clear()
+    plot.plot_results([*rows[:2], {**rows[2], "protocol": {"epochs": 1}}], tmp_path)
+    assert sorted(label for label, _, _ in drawn) == ["a (1 epoch, seed 1)", "a (7 epochs, seed 0)"]
+    drawn.clear()
+    plot.plot_results(rows, tmp_path)
     assert sorted(drawn) == [("a (7 epochs, seed 0)", [10, 20], [0.5, 0.7]), ("a (7 epochs, seed 1)", [10], [0.8])]
 
 
