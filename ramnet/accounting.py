@@ -1,4 +1,4 @@
-"""State-size accounting of a RAM-Net model, per sequence, in floats (spec sections 5 and 9).
+"""State-size accounting of a RAM-Net model, per sequence, in floats.
 
 What each mixer type (``RAMNetConfig.mixer_types``) keeps between tokens (``total``) and touches
 for one token (``active_per_token``), with ``H = num_heads``, ``d_v = head_v_dim``, ``d_k =

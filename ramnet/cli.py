@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import __version__
-from .cli_support import Parser
+from .cli_support import Parser, configure_logging
 from .lm.cli import add_lm_commands
 from .mqar.cli import add_mqar_commands
 from .ops.ram import PATHS
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "verbosity", 0))
     return args.func(args)
 
 

@@ -5,14 +5,67 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import logging
+import os
 import re
 import sys
+
+LOGGER = "ramnet"  # the commands' own messages: logging.getLogger("ramnet.<module>")
+
+
+def main_process() -> bool:
+    """Whether this is the process that speaks: the only one, or torchrun's rank 0."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def add_verbosity(parser: argparse.ArgumentParser, quiet_help: str = "warnings and errors only") -> None:
+    """``-v/--verbose`` (debug messages too) and ``-q/--quiet``, into ``args.verbosity`` (1, -1; 0 without)."""
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=0,
+                        help="say more: debug messages too")
+    parser.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, help=quiet_help)
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes through tqdm, so that a message does not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """The ``ramnet`` logger's level from ``verbosity`` (-1: warnings, 0: info, 1: debug), on stderr
+    (``_Formatter``). Processes other than torchrun's rank 0
+    say only warnings and errors, so that a message is printed once."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    if not main_process():
+        level = max(level, logging.WARNING)
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    for handler in [h for h in logger.handlers if isinstance(h, _TqdmHandler)]:
+        logger.removeHandler(handler)
+    handler = _TqdmHandler()
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+
+
+class _Formatter(logging.Formatter):
+    """Information as it is (progress lines); ``ramnet: warning: ...`` and ``ramnet: error: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno < logging.WARNING:
+            return record.getMessage()
+        return f"ramnet: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def reports_errors(name: str, also: tuple[type[BaseException], ...] = ()):
     """Decorate a ``cmd_*(args) -> int``: a ``ValueError`` (bad arguments or configuration), or one of
     the exception types in ``also``, ends the command with ``ramnet NAME: error: ...`` on stderr and
-    status 2 instead of a traceback."""
+    status 2 instead of a traceback (printed by one process: rank 0 under torchrun)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -20,7 +73,8 @@ def reports_errors(name: str, also: tuple[type[BaseException], ...] = ()):
             try:
                 return fn(args)
             except (ValueError, *also) as err:
-                print(f"ramnet {name}: error: {err}", file=sys.stderr)
+                if main_process():  # under torchrun every rank fails alike: one message
+                    print(f"ramnet {name}: error: {err}", file=sys.stderr)
                 return 2
 
         return run

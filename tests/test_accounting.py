@@ -16,7 +16,7 @@ def config(mixer_types, **kw):
 
 
 def test_paper_config_state_size():
-    # Spec section 5: 27 * 16 * 1024 * 65 in total, 27 * 16 * 2 * 8 * 65 touched per token.
+    # The paper's 340M model: 27 * 16 * 1024 * 65 in total, 27 * 16 * 2 * 8 * 65 touched per token.
     assert state_size(RAMNetConfig()) == {"total": 28_753_920, "active_per_token": 449_280}
 
 

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
-from ..cli_support import reports_errors
+from ..cli_support import add_verbosity, main_process, reports_errors
 from .config import PRESETS
+
+log = logging.getLogger(__name__)
 
 
 @reports_errors("data prepare")
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
+    from .data import default_data_dir, prepare
 
-    out = args.out or f"data/{args.source.replace('/', '_').replace(':', '_')}-{'bpe' if args.tokenizer == 'bpe' else 'tok'}"
+    out = args.out or default_data_dir(args.source, args.tokenizer, args.vocab_size, args.max_tokens)
     meta = prepare(
         out, source=args.source, tokenizer=args.tokenizer, vocab_size=args.vocab_size, split=args.split,
         text_column=args.text_column, val_every=args.val_every, max_tokens=args.max_tokens, shard_tokens=args.shard_tokens,
+        progress=args.verbosity >= 0,
     )
     splits = ", ".join(f"{s} {info['tokens']:,} tokens / {info['documents']:,} documents" for s, info in meta["splits"].items())
     print(f"{out}: {splits}; vocabulary {meta['vocab_size']}; unigram entropy {meta['unigram_entropy']:.3f} nats")
@@ -29,17 +33,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def check_train_config(config) -> None:
     """What `load_config` leaves to the trainer, checked before anything runs: the `model` keys, through
     the family's config class (`families.make_config`, which refuses unknown keys; the vocabulary and
-    special tokens come from the data later), and the device (a GPU that is not there)."""
+    special tokens come from the data later), the device (a GPU that is not there) and `report_to` (a sink that
+is not installed)."""
     import os
 
     from ..devices import local_device
     from .families import make_config
+    from .reporting import check_report_to
 
     try:
         make_config(config.model_type, dict(config.model))
     except TypeError as err:  # a config class's own refusal of an argument
         raise ValueError(f"`model`: {err}") from err
     local_device(config.device, int(os.environ.get("LOCAL_RANK", "0")), option="`device`")
+    check_report_to(config.report_to)
 
 
 @reports_errors("train")
@@ -52,14 +59,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dump_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    log.debug(f"config: {json.dumps(config.to_dict())}")
     start = time.perf_counter()
-    result = train(config, progress=not args.quiet)
+    result = train(config, progress=args.verbosity >= 0)
+    if not main_process():  # under torchrun: rank 0 has the last word
+        return 0
     if result["history"]:
         last = result["history"][-1]
         print(
             f"done in {time.perf_counter() - start:.0f} s: step {last['step']}, train loss {last['train/loss']:.4f} "
             f"(unigram entropy of the data {result['unigram_entropy']:.4f}); checkpoint {result['checkpoint']}"
         )
+    else:
+        step = result["step"]
+        print(f"nothing to do: {config.out_dir} is at step {step}, and max_steps is {config.max_steps}. To train "
+              f"further, raise max_steps, e.g. `ramnet train ... max_steps={2 * step}` (the run continues from "
+              f"step {step} on the new schedule); to start afresh, use another out_dir=DIR")
     return 0
 
 
@@ -70,7 +85,7 @@ def model_arg(command: str, model: str) -> str:
 
     found = model_directory(model)
     if found != Path(model):
-        print(f"ramnet {command}: {model} is a run directory: using its latest checkpoint, {found}", file=sys.stderr)
+        log.info(f"ramnet {command}: {model} is a run directory: using its latest checkpoint, {found}")
     return str(found)
 
 
@@ -179,7 +194,8 @@ def add_lm_commands(sub) -> None:
                            "library's source code), python-packages (built in: the installed packages' sources "
                            "and docs, the largest offline corpus), a text file or directory (.txt/.md/.rst/.jsonl), "
                            "fineweb-edu, wikitext-103, wikitext-2, or hf:NAME[:CONFIG] (streamed)")
-    prep.add_argument("--out", help="output directory (default: data/SOURCE-bpe or data/SOURCE-tok)")
+    prep.add_argument("--out", help="output directory (default: data/SOURCE-TOKENIZER, e.g. data/python-docs-bpe4k: "
+                                    "where a training preset with these settings reads it)")
     prep.add_argument("--tokenizer", default="bpe",
                       help="'bpe' (train a byte-level BPE on the corpus; default) or a Hugging Face tokenizer: "
                            "hub name, directory or tokenizer.json")
@@ -189,6 +205,7 @@ def add_lm_commands(sub) -> None:
     prep.add_argument("--val-every", type=int, default=20, help="every N-th document goes to the held-out split (default 20; 0: none)")
     prep.add_argument("--max-tokens", type=int, help="stop after this many training tokens")
     prep.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file (default 2**28)")
+    add_verbosity(prep, "no progress bars; warnings and errors only")
     prep.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", unknown_option_hint=_override_hint, help="train a language model: RAM-Net or a baseline (torchrun for several GPUs or nodes)",
@@ -203,7 +220,7 @@ def add_lm_commands(sub) -> None:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides after the options, e.g. max_steps=100 lr=1e-3 model.hidden_size=256")
     train.add_argument("--dump-config", action="store_true", help="print the resolved config as JSON and exit")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_verbosity(train, "no progress bar and no progress lines; warnings and errors only")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
@@ -221,6 +238,7 @@ def add_lm_commands(sub) -> None:
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens")
     ppl.add_argument("--device", default="auto")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_verbosity(ppl)
     ppl.set_defaults(func=cmd_ppl)
     # prefix_chars="+": every argument, --options included, goes to lm-eval untouched (lm-eval's own -h works).
     harness = ev_sub.add_parser("harness", help="lm-evaluation-harness with the `ramnet` model registered",
@@ -240,4 +258,5 @@ def add_lm_commands(sub) -> None:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     gen.add_argument("--device", default="auto")
+    add_verbosity(gen)
     gen.set_defaults(func=cmd_generate)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..ops.checks import check_choice, check_int, check_positive
 from .families import MODEL_TYPES
@@ -39,8 +38,9 @@ class TrainConfig:
     # Where checkpoints, logs and TensorBoard events go.
     out_dir: str = "runs/tiny"
     # A directory written by `ramnet data prepare`. When it does not exist yet and `prepare` is set,
-    # rank 0 prepares it first (so that a preset runs from nothing).
-    data: str = "data/python-docs-bpe4k"
+    # rank 0 prepares it first (so that a preset runs from nothing). Unset: where `ramnet data prepare`
+    # writes with the settings of `prepare` (`data.default_data_dir`: data/python-docs-bpe4k here).
+    data: str | None = None
     prepare: dict | None = field(default_factory=lambda: dict(source="python-docs", tokenizer="bpe", vocab_size=4096))
     # The model family (see ramnet/lm/families.py): "ramnet", "transformer++" (Hugging Face's Llama) or,
     # with flash-linear-attention on a GPU, "fla.gated_deltanet", "fla.gla", "fla.mamba2", "fla.hgrn2", "fla.raven".
@@ -51,7 +51,9 @@ class TrainConfig:
 
     seq_len: int = 256
     batch_size: int = 8  # sequences per optimizer step, over all processes and accumulation steps
-    micro_batch_size: int = 8  # sequences per forward pass on one process
+    # Sequences per forward pass on one process. Unset: batch_size / processes (no accumulation), so that
+    # a config runs unchanged on one process or under torchrun.
+    micro_batch_size: int | None = None
     max_steps: int = 400
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -79,7 +81,10 @@ class TrainConfig:
     # "auto": continue from the newest checkpoint in out_dir if there is one; "none": start afresh
     # (fails if out_dir has checkpoints); or a checkpoint directory.
     resume: str = "auto"
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])  # each when installed
+    # Where metrics go besides out_dir/metrics.jsonl: "tensorboard" (pip install 'ramnet[tensorboard]')
+    # and/or "wandb" (pip install wandb), e.g. report_to=[tensorboard,wandb]. None by default, as in
+    # transformers' TrainingArguments.
+    report_to: list[str] = field(default_factory=list)
     wandb_project: str = "ramnet"
 
     def __post_init__(self):
@@ -88,19 +93,31 @@ class TrainConfig:
             setattr(self, name, _as_float(name, getattr(self, name)))
         self.betas = tuple(_as_float("betas", b) for b in self.betas)
         self.report_to = list(self.report_to)
-        for name in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_batches", "keep_checkpoints",
-                     "log_interval"):
+        for name in ("seq_len", "batch_size", "max_steps", "eval_batches", "keep_checkpoints", "log_interval"):
             setattr(self, name, check_int(f"`{name}`", getattr(self, name), 1))
+        if self.micro_batch_size is not None:
+            self.micro_batch_size = check_int("`micro_batch_size`", self.micro_batch_size, 1)
         for name in ("warmup_steps", "eval_interval", "save_interval"):
             setattr(self, name, check_int(f"`{name}`", getattr(self, name), 0))
         check_positive("`min_lr`", self.min_lr, allow_zero=True, upper=self.lr)
         check_positive("`temperature_lr_scale`", self.temperature_lr_scale)
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"`batch_size` ({self.batch_size}) must be a multiple of `micro_batch_size` ({self.micro_batch_size})")
         choices = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "model_type": MODEL_TYPES,
                    "device": DEVICES}
         for name, allowed in choices.items():
             check_choice(f"`{name}`", getattr(self, name), allowed)
+        if self.prepare is not None and not isinstance(self.prepare, dict):
+            raise ValueError(f"`prepare` must be a mapping of `ramnet data prepare` settings or null, got {self.prepare!r}")
+        if self.data is None:
+            if self.prepare is None:
+                raise ValueError("`data` is not set and there are no `prepare` settings to name it: set data=DIR "
+                                 "(a directory written by `ramnet data prepare`)")
+            from .data import default_data_dir
+
+            self.data = default_data_dir(**self.prepare)
+        if not isinstance(self.data, str):
+            raise ValueError(f"`data` must be a directory name, got {self.data!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"`model` must be a mapping of config arguments, got {self.model!r}")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
@@ -122,7 +139,6 @@ def _as_float(name: str, value) -> float:
 
 # The data, batch and schedule of `small`, shared by its baselines.
 _SMALL_RUN = dict(
-    data="data/fineweb-edu-llama2",
     prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=700_000_000),
     seq_len=2048, batch_size=32, micro_batch_size=16, max_steps=10_000, lr=1e-3, min_lr=1e-4,
     warmup_steps=500, eval_interval=500, eval_batches=16, save_interval=1000,
@@ -204,7 +220,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=512, num_hidden_layers=6, num_heads=4, num_slots=256, topk=32,
                    intermediate_size=1424),
     ),
-    # Issue 6's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
+    # The hybrid's LM comparison: every layer the synchronous hybrid (RAM-Net + sliding-window attention
     # over 64 tokens on shared projections, per-channel gate). The gate (512 x 512 + bias) and the
     # per-head output norm add 262,720 parameters a layer, so the MLP is 1236 wide instead of 1408:
     # 38,925,440 in all (0.9997 x small; a test).
@@ -214,7 +230,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    partition_dim=4, topk=8, intermediate_size=1236, mixer_types=["hybrid"] * 8, window_size=64,
                    hybrid_blend="synchronous", hybrid_mix="vector"),
     ),
-    # Issue 6's sliding-window baseline: every layer softmax attention over the last 64 tokens
+    # The hybrid's sliding-window baseline: every layer softmax attention over the last 64 tokens
     # (the hybrid's KV branch alone, with its own q, k, v, o: 4 x 512^2 a layer), the MLP 1152 wide
     # to keep the parameters of `small`: 38,937,088 in all (a test).
     "small-sliding": dict(
@@ -222,12 +238,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=dict(hidden_size=512, num_hidden_layers=8, num_heads=8, head_v_dim=64, intermediate_size=1152,
                    mixer_types=["sliding_attention"] * 8, window_size=64),
     ),
-    # The paper's recipe (spec section 5): 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
+    # The paper's recipe: 340M, FineWeb-Edu 10B tokens, context 4096, 0.5M-token
     # batches (128 sequences: 8 GPUs x 4 sequences x 4 accumulation steps), 500M-token warm-up
     # (954 steps), 19073 steps, AdamW 1e-3 -> 1e-4, wd 0.1, clip 1.0. The model is the paper's
     # (RAMNetConfig's defaults, CAPE schedule included). Launch with `torchrun --nproc_per_node 8 -m ramnet.cli train --preset paper-340m`.
     "paper-340m": dict(
-        out_dir="runs/paper-340m", data="data/fineweb-edu-10b-llama2",
+        out_dir="runs/paper-340m",
         prepare=dict(source="fineweb-edu", tokenizer="hf-internal-testing/llama-tokenizer", max_tokens=10_000_000_000),
         model=dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, num_partitions=5,
                    partition_dim=4, topk=8, intermediate_size=2816),
@@ -239,18 +255,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value). The value is read as JSON when it is JSON (numbers such as
-    1e-3, true, null, lists), else as YAML (bare strings, [a, b]); a path stays a string."""
+    1e-3, true, null, lists), else as YAML would read it without PyYAML: True/False/yes/no/on/off and
+    null/~ (any case) as booleans and None, anything else as a string (a path stays a string), and
+    ``[a, b]`` as a list of such values."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r} must look like key=value (e.g. lr=1e-3 or model.hidden_size=256)")
+    return key.split("."), _value(text)
+
+
+def _value(text: str):
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as err:
-            raise ValueError(f"override {item!r}: cannot read the value: {err}") from err
-    return key.split("."), value
+        pass
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):  # [a, b]: JSON would want ["a", "b"]
+        inner = text[1:-1].strip()
+        return [_value(part) for part in inner.split(",")] if inner else []
+    return _YAML_WORDS.get(text.lower(), text)
+
+
+# The words that YAML (1.1, PyYAML's) reads as booleans and null, which overrides were once read as.
+_YAML_WORDS = {**dict.fromkeys(("true", "yes", "on"), True), **dict.fromkeys(("false", "no", "off"), False),
+               "null": None, "~": None}
 
 
 def _apply(values: dict, layer: dict) -> dict:
@@ -271,15 +299,26 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _yaml():
+    """PyYAML, which only YAML config files need."""
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError("--config: a YAML config file needs PyYAML: pip install 'ramnet[yaml]' "
+                         "(or write the file as JSON, FILE.json)") from None
+    return yaml
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ValueError(f"--config: cannot read {path}: {err}") from err
+    reader = json if path.suffix == ".json" else _yaml()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        data = json.loads(text) if reader is json else reader.safe_load(text)
+    except (json.JSONDecodeError, getattr(reader, "YAMLError", json.JSONDecodeError)) as err:
         raise ValueError(f"--config: cannot parse {path}: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of config keys")
@@ -287,7 +326,9 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    values = TrainConfig().to_dict()  # `model` is merged key by key
+    # `model` is merged key by key; `data` stays unset unless a layer sets it, so that TrainConfig names
+    # it after the final `prepare`.
+    values = dict(TrainConfig().to_dict(), data=None)
     from_file = read_config_file(file) if file else {}
     preset = preset or from_file.pop("preset", None)
     from_file.pop("preset", None)

@@ -14,6 +14,7 @@ Documents go to `val` one in `val_every` (see `corpus.held_out`), so a stream ne
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -29,13 +30,15 @@ SPLITS = ("train", "val")
 _BATCH_DOCS = 512
 
 
-def _bpe_texts(source: str, split: str, text_column: str | None, val_every: int, max_chars: int):
-    """The training documents that the BPE learns from, up to `max_chars` characters."""
+def _bpe_texts(source: str, split: str, text_column: str | None, val_every: int, max_chars: int, bar=None):
+    """The training documents that the BPE learns from, up to `max_chars` characters (counted on `bar`)."""
     seen = 0
     for i, doc in enumerate(documents(source, split, text_column)):
         if held_out(i, val_every):
             continue
         yield doc
+        if bar is not None:
+            bar.update(len(doc))
         seen += len(doc)
         if seen >= max_chars:
             return
@@ -71,6 +74,32 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
         return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+
+
+def default_data_dir(source: str = "python-docs", tokenizer: str = "bpe", vocab_size: int = 4096,
+                     max_tokens: int | None = None, **_other) -> str:
+    """Where `prepare` with these settings goes unless told otherwise: `data/SOURCE-TOKENIZER[-MAX]`,
+    e.g. data/python-docs-bpe4k, data/fineweb-edu-llama-tokenizer-700M. `ramnet data prepare` writes
+    there by default and a training config without `data` reads from there (the settings of its
+    `prepare`), so the two agree; the other settings of `prepare` (`_other`) do not change the name."""
+    def clean(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+
+    name = clean(Path(source.rstrip("/")).name if Path(source).exists() else source.replace("hf:", ""))
+    if tokenizer == "bpe":
+        tok = f"bpe{vocab_size // 1024}k" if vocab_size % 1024 == 0 else f"bpe{vocab_size}"
+    else:  # a hub name, a directory or a tokenizer.json: its last meaningful component
+        path = Path(tokenizer.rstrip("/"))
+        tok = clean(path.parent.name if path.suffix == ".json" and path.parent.name else path.name)
+    size = ""
+    if max_tokens is not None:
+        for unit, scale in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+            if max_tokens >= scale and max_tokens % scale == 0:
+                size = f"-{max_tokens // scale}{unit}"
+                break
+        else:
+            size = f"-{max_tokens}"
+    return f"data/{name}-{tok}{size}"
 
 
 def prepare(
@@ -118,7 +147,11 @@ def _prepare_into(tmp: Path, source, tokenizer, vocab_size, split, text_column, 
                   bpe_max_chars, progress) -> dict:
     """`prepare`'s work, written into `tmp`; returns the meta that it wrote there."""
     if tokenizer == "bpe":
-        tok = train_bpe(_bpe_texts(source, split, text_column, val_every, bpe_max_chars), vocab_size)
+        # Reading the corpus gets a bar here; the merges get the tokenizers library's own (on a terminal).
+        with tqdm(desc=f"BPE {vocab_size}: reading {source}", unit=" char", unit_scale=True,
+                  disable=not progress) as bar:
+            texts = _bpe_texts(source, split, text_column, val_every, bpe_max_chars, bar)
+            tok = train_bpe(texts, vocab_size, progress=progress)
     else:
         tok = load_tokenizer(tokenizer)
     tok.save_pretrained(tmp / "tokenizer")

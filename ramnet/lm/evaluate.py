@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .. import models  # noqa: F401  (registers RAM-Net with the Auto classes)
 from ..devices import resolve_device
@@ -46,7 +47,14 @@ def load(model_dir: str | Path, device: torch.device):
     run directory stands for its latest checkpoint: `model_directory`)."""
     path = model_directory(model_dir)
     register_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    # No "Loading weights" bar: a local checkpoint of this size loads in a moment, on every eval and generate.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return model, AutoTokenizer.from_pretrained(path)
 
 

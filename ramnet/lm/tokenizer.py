@@ -17,9 +17,10 @@ EOS = "<|endoftext|>"
 KNOWN_EOS = (EOS, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe(texts: Iterable[str], vocab_size: int, progress: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2's scheme: every byte is a token, so any text encodes) with one special
-    token, `<|endoftext|>`, that separates documents and serves as BOS, EOS and padding."""
+    token, `<|endoftext|>`, that separates documents and serves as BOS, EOS and padding. `progress`:
+    the tokenizers library's progress bars (shown on a terminal)."""
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}")
     tok = Tokenizer(models.BPE())
@@ -29,7 +30,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)

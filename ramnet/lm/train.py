@@ -9,6 +9,7 @@ position (samples seen) is a pure function of the step, which makes resuming exa
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from . import checkpoint, families
 from .config import TrainConfig
@@ -32,24 +34,25 @@ from .reporting import Reporter
 
 # Excluded from weight decay besides the 1-D parameters (norm weights, biases, fla's and Mamba's
 # A_log, D, dt_bias) and those marked `_no_weight_decay` (as fla marks those): the per-head e^alpha
-# temperatures of RAM-Net's address decoder (spec section 5).
+# temperatures of RAM-Net's address decoder.
 TEMPERATURE_SUFFIXES = ("q_log_scale", "k_log_scale")
 NO_DECAY_SUFFIXES = TEMPERATURE_SUFFIXES
+log = logging.getLogger(__name__)
+
+
+def lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' cosine-with-min-lr schedule (``lr_scheduler_type="cosine_with_min_lr"`` of its
+    Trainer): the lr of step ``s`` rises linearly as ``lr * s / warmup_steps``, then falls along a
+    cosine to ``min_lr`` at ``max_steps``."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps,
+        min_lr_rate=config.min_lr / config.lr if config.lr else 0.0)
 
 
 def lr_schedule(config: TrainConfig):
-    """Linear warm-up to `lr` over `warmup_steps`, then a cosine down to `min_lr` at `max_steps`
-    (as a factor of `lr`, for LambdaLR)."""
-
-    def factor(step: int) -> float:
-        if config.lr == 0:
-            return 0.0
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-        return (config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / config.lr
-
-    return factor
+    """The factor of `lr` at each step (``lr_scheduler``'s), as a function of the step."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return lr_scheduler(config, probe).lr_lambdas[0]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, temperature_lr_scale: float = 1.0) -> list[dict]:
@@ -99,15 +102,23 @@ def prepared_data(config: TrainConfig, processes: Processes, progress: bool) -> 
     return TokenData(data_dir)
 
 
-def accumulation_steps(config: TrainConfig, world: int) -> int:
-    """Micro-batches per process and optimizer step, so that a step reads `batch_size` sequences."""
-    per_step = config.micro_batch_size * world
-    if config.batch_size % per_step:
+def batch_layout(config: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per process and optimizer step), so that a step reads
+    `batch_size` sequences over `world` processes. Without an explicit `micro_batch_size`, each process
+    takes its share of the batch at once: batch_size / world."""
+    micro = config.micro_batch_size
+    if micro is None:
+        if config.batch_size % world:
+            raise ValueError(f"`batch_size` ({config.batch_size}) cannot be split over {world} processes: set "
+                             f"batch_size to a multiple of {world}, or micro_batch_size so that batch_size is a "
+                             f"multiple of micro_batch_size x {world}")
+        return config.batch_size // world, 1
+    if config.batch_size % (micro * world):
         raise ValueError(
             f"`batch_size` ({config.batch_size}) must be a multiple of micro_batch_size x processes "
-            f"({config.micro_batch_size} x {world})"
+            f"({micro} x {world}): change micro_batch_size, or set micro_batch_size=null for batch_size / processes"
         )
-    return config.batch_size // per_step
+    return micro, config.batch_size // (micro * world)
 
 
 class Trainer:
@@ -118,7 +129,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, processes: Processes, progress: bool):
         self.config, self.processes, self.progress = config, processes, progress
         self.out_dir = Path(config.out_dir)
-        self.accum_steps = accumulation_steps(config, processes.world)
+        self.micro_batch, self.accum_steps = batch_layout(config, processes.world)
         self.data = prepared_data(config, processes, progress)
         self.train_windows = Windows(self.data, "train", config.seq_len, shuffle=True, seed=config.seed)
         has_val = self.data.meta["splits"]["val"]["tokens"] > config.seq_len
@@ -130,7 +141,10 @@ class Trainer:
         self.n_embed = self.unwrapped.get_input_embeddings().weight.numel()
         self.unwrapped.to(processes.device)
         if config.gradient_checkpointing:
-            self.unwrapped.gradient_checkpointing_enable()
+            # transformers >= 5.2x names it activation checkpointing (gradient_checkpointing_enable is its
+            # deprecated alias); 5.17 has only gradient_checkpointing_enable.
+            enable = getattr(self.unwrapped, "activation_checkpointing_enable", None)
+            (enable or self.unwrapped.gradient_checkpointing_enable)()
         self.parallel = parallelism(config.parallel, processes.world)
         self.model = self.parallel.wrap(self.unwrapped, processes)
         # Built after sharding: fully_shard replaces the parameters with sharded ones.
@@ -141,7 +155,7 @@ class Trainer:
             groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
             fused=True,  # one kernel for all parameters (CPU and CUDA, DTensors included)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(config))
+        self.scheduler = lr_scheduler(config, self.optimizer)
         device = processes.device
         bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -165,7 +179,7 @@ class Trainer:
         # min_lr, warmup_steps or max_steps were changed (e.g. to extend a run).
         self.scheduler.base_lrs = [config.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
         for group, base in zip(optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * lr_schedule(config)(self.step)
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
         if len(state["rng"]) == self.processes.world:
             checkpoint.set_rng_state(state["rng"][self.processes.rank])
         self.resumed_from = path
@@ -179,7 +193,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over `batch_size` sequences: this process's `accum` micro-batches of
         them, the mean loss over all; returns the step's train/ metrics."""
-        config, processes, micro = self.config, self.processes, self.config.micro_batch_size
+        config, processes, micro = self.config, self.processes, self.micro_batch
         loss_sum = torch.zeros((), device=processes.device)
         for m in range(self.accum_steps):
             first = self.samples + (m * processes.world + processes.rank) * micro
@@ -207,8 +221,8 @@ class Trainer:
         mine = list(range(processes.rank, n, processes.world))
         totals = torch.zeros(2, dtype=torch.float64, device=processes.device)
         self.model.eval()
-        for i in range(0, len(mine), config.micro_batch_size):
-            batch = windows.batch(mine[i : i + config.micro_batch_size]).to(processes.device)
+        for i in range(0, len(mine), self.micro_batch):
+            batch = windows.batch(mine[i : i + self.micro_batch]).to(processes.device)
             totals[0] += self.loss(batch, reduction="sum").double()
             totals[1] += batch[:, 1:].numel()
         self.model.train()
@@ -238,14 +252,18 @@ class Trainer:
         return (
             f"model: {n_params / 1e6:.2f}M parameters ({(n_params - n_embed) / 1e6:.2f}M without the input embedding); "
             f"data: {meta['splits']['train']['tokens']:,} training tokens, unigram entropy {meta['unigram_entropy']:.3f} nats; "
-            f"{self.processes.world} process(es) x {self.accum_steps} accumulation step(s) x {config.micro_batch_size} "
+            f"{self.processes.world} process(es) x {self.accum_steps} accumulation step(s) x {self.micro_batch} "
             f"sequences of {config.seq_len}"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else "")
         )
 
     def run(self) -> dict:
-        """Trains to `max_steps`, logging every step, evaluating and saving at their intervals and at the end."""
+        """Trains to `max_steps`, logging every step, evaluating and saving at their intervals and at the end.
+        A run already at `max_steps` (a finished run started again) does nothing: no history."""
         config, processes = self.config, self.processes
+        if self.step >= config.max_steps:
+            return {"history": [], "evals": [], "checkpoint": self.resumed_from, "step": self.step,
+                    "unigram_entropy": self.data.meta["unigram_entropy"]}
         if processes.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # Rows of steps after the one this run starts from (a resumed run replays them) would be doubled.
@@ -253,7 +271,7 @@ class Trainer:
         reporter = Reporter(config, self.out_dir, processes.main)
         talk = processes.main and self.progress
         if talk:
-            tqdm.write(self.describe())
+            log.info(self.describe())
         history, evals, last_checkpoint = [], [], self.resumed_from
         tokens_per_step = config.batch_size * config.seq_len
         bar = tqdm(total=config.max_steps, initial=self.step, unit="step", disable=not talk, dynamic_ncols=True)
@@ -274,7 +292,7 @@ class Trainer:
                 metrics.update({"val/loss": val, "val/ppl": math.exp(min(val, 700.0))})
                 evals.append({"step": step, "loss": val})
                 if talk:
-                    tqdm.write(f"step {step}: train loss {loss:.4f}, held-out loss {val:.4f} (ppl {math.exp(val):.2f})")
+                    log.info(f"step {step}: train loss {loss:.4f}, held-out loss {val:.4f} (ppl {math.exp(val):.2f})")
             metrics["tokens"] = self.samples * config.seq_len
             history.append({"step": step, **metrics})
             reporter.log(step, metrics)
@@ -283,7 +301,7 @@ class Trainer:
                 last_checkpoint = self.save()
         bar.close()
         reporter.close()
-        return {"history": history, "evals": evals, "checkpoint": last_checkpoint,
+        return {"history": history, "evals": evals, "checkpoint": last_checkpoint, "step": self.step,
                 "unigram_entropy": self.data.meta["unigram_entropy"]}
 
 

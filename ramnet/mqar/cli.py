@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..cli_support import reports_errors
 from ..devices import resolve_device
-from .plot import plot_results
+from .plot import NO_MATPLOTLIB, has_matplotlib, plot_results
 from .presets import PRESETS, MQARPreset, describe_cuts, get_preset, read_preset_file
 from .report import format_table, load_rows
 from .sweep import RunsFailed, run_preset
@@ -23,7 +23,7 @@ def add_mqar_commands(sub) -> None:
                     "the best-lr table and plot accuracy vs state size. `ramnet mqar plot` redraws the "
                     "figures from the results file.")
     mqar.add_argument("--preset", default="quick", choices=list(PRESETS),
-                      help="quick (default): a few CPU minutes; paper: the spec protocol; ablation-u / "
+                      help="quick (default): a few CPU minutes; paper: the paper's protocol; ablation-u / "
                            "ablation-m: RAM-Net at fixed M over U, and over M at fixed U; hybrid: the "
                            "RAM-Net + sliding-window hybrid against its parts")
     mqar.add_argument("--config", help="a JSON preset file instead of --preset (see --dump-config)")
@@ -77,33 +77,43 @@ def preset_from_args(args: argparse.Namespace) -> MQARPreset:
 def cmd_mqar(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.mqar_command == "plot":
-        _report(load_rows(out / "results.jsonl"), out)
+        _report(load_rows(out / "results.jsonl"), out, plotting_only=True)  # without matplotlib: its error
         return 0
     preset = preset_from_args(args)
     if args.dump_config:
         print(json.dumps(preset.to_dict(), indent=1))
         return 0
     device = resolve_device(args.device)
+    if not has_matplotlib():  # said before training, not after it
+        print(f"ramnet mqar: warning: {NO_MATPLOTLIB}; the table is printed, the figures are not drawn",
+              file=sys.stderr)
     print(f"MQAR preset {preset.name}: {preset.description}")
     print(f"device {device}, results appended to {out / 'results.jsonl'}")
     cuts = describe_cuts(preset)
     if cuts:
-        print("cut or changed from the paper protocol (spec section 8):")
+        print("cut or changed from the paper protocol:")
     for line in cuts:
         print(f"  {line}")
     try:
-        rows = run_preset(preset, out, device, jobs=args.jobs)
-    except RunsFailed as failure:  # the finished runs still get their table and plot
-        _report(failure.rows, out)
+        run_preset(preset, out, device, jobs=args.jobs)
+    except RunsFailed as failure:  # the finished runs are in the results file: still tabled and drawn
+        if (out / "results.jsonl").exists():  # absent when no run has ever finished here
+            _report(load_rows(out / "results.jsonl"), out)
         print(f"ramnet mqar: error: {failure}", file=sys.stderr)
         return 1
-    _report(rows, out)
+    # The whole results file, not this invocation's rows: a re-run of one model must not redraw the
+    # figure with its points alone.
+    _report(load_rows(out / "results.jsonl"), out)
     return 0
 
 
-def _report(rows: list[dict], out: Path) -> None:
-    """Print the best-lr table of ``rows`` and write their figures to ``out`` (nothing for no rows)."""
+def _report(rows: list[dict], out: Path, plotting_only: bool = False) -> None:
+    """Print the best-lr table of ``rows`` (each run configuration apart: ``ramnet.mqar.report``)
+    and write their figures to ``out`` (nothing for no rows). Without matplotlib, the table only,
+    unless the figures are the point (``plotting_only``: `ramnet mqar plot`), which then fails naming the extra."""
     if rows:
         print(format_table(rows))
+        if not has_matplotlib() and not plotting_only:
+            return
         for path in plot_results(rows, out):
             print(f"wrote {path}")

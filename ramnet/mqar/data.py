@@ -81,7 +81,8 @@ def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
 
 def check_setting(seq_len, num_kv_pairs, vocab_size) -> None:
     """Raise ValueError, naming the argument, unless ``num_kv_pairs`` pairs and their queries fit in
-    ``seq_len`` tokens and the key half of the vocabulary holds that many distinct keys."""
+    ``seq_len`` tokens and ``vocab_size > seq_len`` (Zoology's condition, which also makes the key half
+    of the vocabulary hold that many distinct keys)."""
     check_int("num_kv_pairs", num_kv_pairs, 1)
     check_int("seq_len", seq_len, 1)
     check_int("vocab_size", vocab_size, 1)
@@ -91,9 +92,11 @@ def check_setting(seq_len, num_kv_pairs, vocab_size) -> None:
     if 4 * N > L:
         raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * N} to hold "
                          f"{N} pairs and {N} query slots, got {L}")
-    if V // 2 - 1 < N:
-        raise ValueError(f"vocab_size must be >= 2 * num_kv_pairs + 2 = {2 * N + 2} "
-                         f"so that keys [1, V/2) hold {N} distinct keys, got {V}")
+    if V <= L:
+        # Zoology's `assert vocab_size > input_seq_len`. It also leaves room for the keys: V > L >= 4N
+        # gives V // 2 - 1 >= N distinct keys in [1, V/2).
+        raise ValueError(f"vocab_size must be larger than seq_len (Zoology requires vocab_size > "
+                         f"input_seq_len), got vocab_size {V} for seq_len {L}: use a vocab_size of at least {L + 1}")
 
 
 def _distinct(n, k, m, g):

@@ -4,7 +4,7 @@ Each takes ``hidden_size`` and ``layer_idx`` like an fla layer, runs
 ``forward(hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kw)``
 and returns ``(o, None, past_key_values)``. They train and evaluate on whole sequences only
 (no decoding cache, no padding: MQAR batches have neither), and each reports its recurrent
-state in floats with Zoology's formula via ``state_size(seq_len)`` (spec section 8).
+state in floats with Zoology's formula via ``state_size(seq_len)``.
 """
 
 from __future__ import annotations

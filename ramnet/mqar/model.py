@@ -53,7 +53,7 @@ def _conv_states(layer) -> int:
     return sum(m.in_channels * m.kernel_size[0] for m in layer.modules() if type(m).__name__ == "ShortConvolution")
 
 
-# Zoology's per-layer state formulas (spec section 8) for classes that have no state_size method
+# Zoology's per-layer state formulas for classes that have no state_size method
 # of their own, keyed by the class's full name. Counts are floats of one sequence.
 STATE_FORMULAS = {
     "fla.layers.gla.GatedLinearAttention": lambda m, L: m.key_dim * m.head_v_dim + _conv_states(m),

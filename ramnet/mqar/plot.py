@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
-from .report import best_runs
+from .report import best_runs, run_group, variant_labels
+
+
+NO_MATPLOTLIB = "the figures need matplotlib, which is not installed: pip install 'ramnet[plot]'"
+
+
+def has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -16,27 +24,31 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
     - ``mqar_ablation_u.png`` / ``mqar_ablation_m.png``: accuracy against U at fixed M, and
       against M at fixed U (the paper's Fig. 4), one line per d_model.
     """
+    if not has_matplotlib():
+        raise ImportError(NO_MATPLOTLIB)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     best = best_runs(rows)
+    labels = variant_labels(best, across_d_models=True)  # a line runs through the d_models
     written = []
     main = [r for r in best if not r.get("ablation") and r["state_size"] is not None]
     if main:
         presets = list(dict.fromkeys(r["preset"] for r in main))
         fig, axes = plt.subplots(1, len(presets), figsize=(8 * len(presets), 5.5), squeeze=False)
         for ax, preset in zip(axes[0], presets):
-            models = list(dict.fromkeys(r["model"] for r in main if r["preset"] == preset))
-            # A colour per model (tab10 repeats after ten); RAM-Net's own models solid, baselines dashed.
-            colors = plt.get_cmap("tab10" if len(models) <= 10 else "tab20").colors
-            for i, model in enumerate(models):
+            # One line per model and variant (other epochs, seed or protocol: never one line).
+            lines = list(dict.fromkeys((r["model"], labels[run_group(r)]) for r in main if r["preset"] == preset))
+            # A colour per line (tab10 repeats after ten); RAM-Net's own models solid, baselines dashed.
+            colors = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20").colors
+            for i, (model, variant) in enumerate(lines):
                 pts = sorted((r["state_size"], r["avg_accuracy"], r["d_model"]) for r in main
-                             if r["preset"] == preset and r["model"] == model)
+                             if r["preset"] == preset and r["model"] == model and labels[run_group(r)] == variant)
                 style = "o-" if model.startswith(("ramnet", "hybrid")) else "s--"
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=model,
-                                color=colors[i % len(colors)])
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                                label=f"{model} ({variant})" if variant else model, color=colors[i % len(colors)])
                 for x, y, d in pts:
                     ax.annotate(f"d={d}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=line.get_color())
@@ -51,9 +63,14 @@ def plot_results(rows: list[dict], out_dir: Path) -> list[Path]:
         if not abl:
             continue
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for d_model in sorted({r["d_model"] for r in abl}):
-            pts = sorted((_ram_x(r, kind), r["avg_accuracy"]) for r in abl if r["d_model"] == d_model)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"d_model {d_model}")
+        # One line per d_model and variant: the variants of each of the ablation's models, labelled
+        # by their epochs and seed (the models of one line differ only in U or M).
+        variants = variant_labels(abl)
+        for d_model, variant in sorted({(r["d_model"], variants[run_group(r)]) for r in abl}):
+            pts = sorted((_ram_x(r, kind), r["avg_accuracy"]) for r in abl
+                         if r["d_model"] == d_model and variants[run_group(r)] == variant)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                    label=f"d_model {d_model}" + (f" ({variant})" if variant else ""))
         ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel=xlabel, ylabel="average accuracy (7 test settings)",
                title=f"RAM-Net ablation over {kind}")
         if kind == "U":

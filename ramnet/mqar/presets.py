@@ -1,4 +1,4 @@
-"""MQAR presets (Zoology's protocol, spec section 8): the built-in ones as data, ``MQARPreset`` to
+"""MQAR presets (Zoology's protocol, as the RAM-Net paper runs it): the built-in ones as data, ``MQARPreset`` to
 validate one, and its JSON form.
 
 A preset holds the data settings ``[seq_len, kv_pairs, examples]``, the optimisation, the d_model
@@ -60,7 +60,7 @@ FLA_BASELINES = {
 }
 
 PAPER = {
-    "description": "the RAM-Net paper's MQAR protocol (Zoology / Based configs, spec section 8)",
+    "description": "the RAM-Net paper's MQAR protocol (Zoology / Based configs)",
     "seed": 0,
     "vocab_size": 8192,
     "train": PAPER_TRAIN,
@@ -87,9 +87,10 @@ PAPER = {
 QUICK = {
     **PAPER,
     "description": "a CPU smoke run of the paper protocol: RAM-Net vs three baselines at d_model 64",
-    # 1024 is the smallest power of two whose key range [1, 512) holds the 256 keys of the
-    # longest test setting; with 8192 the embeddings of 4096 keys barely train in a few epochs.
-    "vocab_size": 1024,
+    # 2048 is the smallest power of two larger than the longest test setting's L = 1024, as Zoology
+    # requires (vocab_size > seq_len; 1024, used before, is refused); with 8192 the embeddings of 4096
+    # keys barely train in a few epochs.
+    "vocab_size": 2048,
     "train": [[64, 4, 8000], [128, 8, 1000], [256, 16, 500]],
     "test": [[L, N, 100] for L, N, _ in PAPER_TEST],
     "batch_size": 32,
@@ -121,14 +122,14 @@ ABLATION_M = {
 
 
 def hybrid_mixer(num_partitions: int, partition_dim: int, window: int = 64, num_heads: int = 2) -> dict:
-    """The synchronous hybrid (spec section 9): sliding-window attention over ``window`` tokens and
+    """The synchronous hybrid (Irie, Yau, Gershman, arXiv 2506.00744): sliding-window attention over ``window`` tokens and
     RAM-Net (U x d_p, K = 8) on shared projections, mixed by a per-channel gate."""
     return {"name": "hybrid", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
                                          "num_partitions": num_partitions, "partition_dim": partition_dim, "topk": 8,
                                          "window_size": window, "blend": "synchronous", "mix": "vector"}}
 
 
-# Issue 6's MQAR comparison: does the synchronous hybrid reach 0.99 at a smaller state than RAM-Net
+# The hybrid's MQAR comparison: does the synchronous hybrid reach 0.99 at a smaller state than RAM-Net
 # alone? The paper protocol at d_model 64 and 128, the hybrid at M = 64 and 256 against RAM-Net at
 # M = 256 and 4096, sliding window 64 and full attention.
 HYBRID = {
@@ -144,6 +145,7 @@ PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m
 MODEL_ENTRY_KEYS = {"mixer", "model", "lrs"}
 MODEL_CONFIG_KEYS = {"n_layers", "short_conv", "mlp_mult", "embed_dropout"}  # MQARModel's own arguments
 ABLATIONS = (None, "U", "M")
+PROTOCOL_KEYS = ("vocab_size", "train", "test", "batch_size", "test_batch_size", "epochs", "weight_decay", "early_stop")
 
 
 @dataclass
@@ -205,6 +207,11 @@ class MQARPreset:
     def to_dict(self) -> dict:
         """The JSON form, which ``from_dict`` reads back."""
         return dataclasses.asdict(self)
+
+    def protocol(self) -> dict:
+        """What every run of this preset shares besides its seed, model and d_model: the data and the
+        optimisation. Stored with each row (``ramnet.mqar.report`` keys results by it)."""
+        return {key: copy.deepcopy(getattr(self, key)) for key in PROTOCOL_KEYS}
 
 
 def _check_settings(key: str, settings, vocab_size: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """An MQAR sweep: every (d_model, model, lr) of a preset, one after another or several at once.
 
-Every run is written as one JSONL row as it finishes; the reported result of a (model, d_model)
-is its run with the best average accuracy (``ramnet.mqar.report``).
+Every run is written as one JSONL row as it finishes, with its whole configuration; the reported
+result of a run configuration is its lr with the best average accuracy (``ramnet.mqar.report``).
 """
 
 from __future__ import annotations

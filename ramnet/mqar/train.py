@@ -1,4 +1,4 @@
-"""One MQAR run (Zoology's protocol, spec section 8): its data, model, training loop and evaluation.
+"""One MQAR run (Zoology's protocol): its data, model, training loop and evaluation.
 
 Protocol, as Zoology's trainer: AdamW with weight decay on every parameter, cosine annealing
 stepped once per epoch down to 0, no warm-up or clipping; after every epoch the test settings
@@ -57,7 +57,7 @@ def setting_name(seq_len: int, kv_pairs: int) -> str:
 @torch.no_grad()
 def evaluate(model, segments: list[dict], batch_size: int) -> dict[str, float]:
     """Accuracy per test setting: per example the fraction of labelled positions predicted
-    right, then the mean over examples (spec section 8)."""
+    right, then the mean over examples (as Zoology)."""
     model.eval()
     result = {}
     for seg in segments:
@@ -115,7 +115,7 @@ def train_run(preset: MQARPreset, name: str, d_model: int, lr: float, train_data
         "model": name, "d_model": d_model, "mixer": entry["mixer"], "model_config": model_cfg,
         "state_size": model.state_size(max_len), "state_seq_len": max_len,
         "params": sum(p.numel() for p in model.parameters()),
-        "lr": lr, "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _mean_accuracy(accuracy),
+        "lr": lr, "protocol": preset.protocol(), "epochs_run": epochs_run, "accuracy": accuracy, "avg_accuracy": _mean_accuracy(accuracy),
         "wall_time_s": round(time.perf_counter() - start_time, 2), "device": device_name(device),
         "git_rev": git_revision(), "seed": preset.seed, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -37,6 +37,14 @@ def test_generate_follows_a_run_directorys_latest_checkpoint(run, capsys):
     assert "run directory" not in direct.err
 
 
+def test_loading_a_checkpoint_draws_no_weights_bar_and_quiet_says_nothing(run, capsys):
+    assert main(["generate", "--model", str(run), *GENERATE]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "run directory" in err
+    assert main(["generate", "--quiet", "--model", str(run), *GENERATE]) == 0
+    assert "run directory" not in capsys.readouterr().err  # an info line: -q leaves warnings and errors only
+
+
 def test_eval_ppl_follows_a_run_directorys_latest_checkpoint(run, capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Return the value of the expression. " * 20)

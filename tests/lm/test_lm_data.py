@@ -16,7 +16,7 @@ from lm_helpers import one_thread, prepared_data, write_corpus  # noqa: F401  (a
 
 from ramnet.lm.config import PRESETS, TINY_MODELS, TrainConfig, load_config, parse_override
 from ramnet.lm.corpus import documents, held_out, python_docs
-from ramnet.lm.data import TokenData, Windows, prepare
+from ramnet.lm.data import TokenData, Windows, default_data_dir, prepare
 from ramnet.lm.tokenizer import train_bpe
 
 
@@ -143,6 +143,9 @@ def test_config_precedence_preset_file_overrides(tmp_path):
     assert load_config() == TrainConfig() == load_config("tiny")
     assert parse_override("report_to=[tensorboard]") == (["report_to"], ["tensorboard"])
     assert parse_override("resume=none") == (["resume"], "none")
+    # read as PyYAML read them, without PyYAML
+    assert [parse_override(f"k={v}")[1] for v in ("False", "true", "off", "Null", "~", "[a, False, 2]", "[]")] == [
+        False, True, False, None, None, ["a", False, 2], []]
 
 
 def test_presets_are_valid_and_sized_as_documented():
@@ -151,7 +154,8 @@ def test_presets_are_valid_and_sized_as_documented():
 
     for name, values in PRESETS.items():
         config = load_config(name)
-        assert config.batch_size % config.micro_batch_size == 0, name
+        assert config.batch_size % (config.micro_batch_size or 1) == 0, name
+        assert Path(config.data) == Path(default_data_dir(**config.prepare)), name  # where `data prepare` writes
         if not config.model_type.startswith("fla.") or importlib.util.find_spec("fla"):
             make_config(config.model_type, dict(config.model, vocab_size=32000))
     small = RAMNetConfig(vocab_size=32000, **PRESETS["small"]["model"])
@@ -161,6 +165,26 @@ def test_presets_are_valid_and_sized_as_documented():
     assert 20e6 <= no_embedding <= 50e6
     paper = load_config("paper-340m")
     assert paper.batch_size * paper.seq_len == 2**19 and paper.warmup_steps * 2**19 == pytest.approx(500e6, rel=1e-3)
+
+
+def test_data_prepare_writes_by_default_where_the_presets_read(tmp_path, monkeypatch, capsys):
+    from ramnet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    # the tiny preset reads data/python-docs-bpe4k, which is where `ramnet data prepare` writes
+    assert load_config("tiny").data == "data/python-docs-bpe4k" == default_data_dir()
+    write_corpus(tmp_path / "texts", n_docs=8)
+    assert main(["data", "prepare", "--quiet", "--source", "texts", "--vocab-size", "300"]) == 0
+    assert capsys.readouterr().out.startswith("data/texts-bpe300: ")
+    assert (tmp_path / "data/texts-bpe300/meta.json").exists()
+    assert load_config("tiny", overrides=["prepare.source=texts", "prepare.vocab_size=300"]).data == "data/texts-bpe300"
+    # another prepare setting names another directory, for `data prepare` and for the config alike
+    assert load_config("tiny", overrides=["prepare.vocab_size=8192"]).data == "data/python-docs-bpe8k"
+    assert load_config("tiny", overrides=["prepare.max_tokens=20000"]).data == "data/python-docs-bpe4k-20k"
+    assert default_data_dir("fineweb-edu", "hf-internal-testing/llama-tokenizer", max_tokens=700_000_000) == \
+        load_config("small").data == "data/fineweb-edu-llama-tokenizer-700M"
+    with pytest.raises(ValueError, match="`data` is not set and there are no `prepare` settings"):
+        load_config("tiny", overrides=["prepare=null"])
 
 
 @pytest.mark.parametrize(
@@ -230,3 +254,17 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_the_shard(data, tmp_
     assert w.batch([0]).shape == (1, 33)  # the windows without it read as before
     with pytest.raises(ValueError, match=f"{bad / 'train-00000.bin'} holds token id 600 at token 100, not below the vocabulary size 512"):
         w.batch(range(len(w)))
+
+
+def test_bpe_training_shows_its_progress(tmp_path, capsys):
+    source = write_corpus(tmp_path / "texts", n_docs=4)
+    prepare(tmp_path / "quiet", source=str(source), vocab_size=300, progress=False)
+    assert "BPE" not in capsys.readouterr().err
+    prepare(tmp_path / "shown", source=str(source), vocab_size=300, progress=True)
+    assert "BPE 300: reading" in capsys.readouterr().err
+
+
+def test_metrics_go_to_no_third_party_sink_unless_asked():
+    # transformers' TrainingArguments default is none too; report_to=[tensorboard,wandb] turns them on
+    assert TrainConfig().report_to == [] and all(load_config(name).report_to == [] for name in PRESETS)
+    assert load_config("tiny", overrides=["report_to=[tensorboard,wandb]"]).report_to == ["tensorboard", "wandb"]

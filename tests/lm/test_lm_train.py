@@ -3,15 +3,21 @@ weight-decay groups."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
 from lm_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
-    TINY_MODEL, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_config,
+    TINY_MODEL, check_resume_is_exact, check_two_processes_match_one, one_thread, prepared_data, tiny_args, tiny_config,
 )
 
+from ramnet.cli import main
 from ramnet.lm import checkpoint
-from ramnet.lm.train import lr_schedule, param_groups, train
+from ramnet.lm.config import TrainConfig
+from ramnet.lm.train import batch_layout, lr_schedule, param_groups, train
 from ramnet.models import RAMNetConfig, RAMNetForCausalLM
 
 
@@ -66,10 +72,28 @@ def test_two_processes_match_one_at_the_same_global_batch(data, tmp_path, parall
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr(data, tmp_path):
     config = tiny_config(data, tmp_path, "max_steps=100", "warmup_steps=10", "lr=1e-3", "min_lr=1e-4")
     f = lr_schedule(config)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    # transformers' warm-up: s / warmup_steps (the hand-written schedule before it had (s + 1) / warmup_steps)
+    assert f(0) == 0.0 and f(1) == pytest.approx(0.1) and f(9) == pytest.approx(0.9)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx((1e-4 + 0.9e-3 * 0.5) / 1e-3)
-    assert f(100) == pytest.approx(0.1) and f(200) == pytest.approx(0.1)
+    assert f(100) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_lr_schedule_is_transformers_cosine_with_min_lr(data, tmp_path):
+    from transformers import get_scheduler
+
+    config = tiny_config(data, tmp_path, "max_steps=50", "warmup_steps=7", "lr=2e-3", "min_lr=3e-4")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    theirs = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=7, num_training_steps=50,
+                           scheduler_specific_kwargs={"min_lr": 3e-4})
+    f = lr_schedule(config)
+    for step in range(50):
+        assert 2e-3 * f(step) == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        optimizer.step()
+        theirs.step()
+    # after the warm-up it is the hand-written schedule it replaced, step for step
+    old = lambda s: (3e-4 + (2e-3 - 3e-4) * 0.5 * (1 + math.cos(math.pi * (s - 7) / 43))) / 2e-3  # noqa: E731
+    assert [f(s) for s in range(7, 51)] == pytest.approx([old(s) for s in range(7, 51)])
 
 
 def test_weight_decay_skips_norms_biases_and_the_alpha_scalars():
@@ -144,3 +168,52 @@ def test_temperature_lr_scale_gives_the_alpha_scalars_their_own_lr(data, tmp_pat
         lrs = [g["lr"] for g in trainer.optimizer.param_groups]
     assert trainer.step == 4
     assert lrs == pytest.approx([1e-2 * f(4), 1e-2 * f(4), 30 * 1e-2 * f(4)])
+
+
+def test_the_micro_batch_is_the_batch_over_the_processes_unless_given():
+    assert batch_layout(TrainConfig(batch_size=8), 1) == (8, 1)
+    assert batch_layout(TrainConfig(batch_size=8), 2) == (4, 1)  # torchrun --nproc_per_node 2 on the tiny preset
+    assert batch_layout(TrainConfig(batch_size=8, micro_batch_size=2), 2) == (2, 2)
+    with pytest.raises(ValueError, match=r"`batch_size` \(9\) cannot be split over 2 processes: set batch_size to a "
+                                         r"multiple of 2"):
+        batch_layout(TrainConfig(batch_size=9), 2)
+    with pytest.raises(ValueError, match=r"multiple of micro_batch_size x processes \(8 x 2\): change "
+                                         r"micro_batch_size, or set micro_batch_size=null for batch_size / processes"):
+        batch_layout(TrainConfig(batch_size=8, micro_batch_size=8), 2)
+
+
+def test_torchrun_derives_the_micro_batch_and_speaks_once(data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m ramnet.cli train` without micro_batch_size: 2 gloo processes of
+    batch_size / 2 each; one final line, one describe line; an impossible split is one error line."""
+    def torchrun(out_dir, *overrides):
+        args = tiny_args(data, tmp_path / out_dir, "micro_batch_size=null", "max_steps=2", "eval_interval=0",
+                         "save_interval=0", *overrides)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "ramnet.cli", "train", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=240)
+
+    done = torchrun("run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("done in ") == 1 and done.stdout.startswith("done in ")
+    assert done.stderr.count("2 process(es) x 1 accumulation step(s) x 2 sequences of 32") == 1
+    failed = torchrun("bad", "batch_size=3")
+    assert failed.returncode != 0
+    assert failed.stderr.count("ramnet train: error: `batch_size` (3) cannot be split over 2 processes") == 1
+
+
+def test_a_finished_run_started_again_has_nothing_to_do(data, tmp_path, capsys):
+    args = tiny_args(data, tmp_path, "max_steps=3", "eval_interval=0")
+    assert main(["train", "--quiet", *args]) == 0
+    capsys.readouterr()
+    assert main(["train", *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"nothing to do: {tmp_path} is at step 3, and max_steps is 3. To train further, "
+                                   "raise max_steps, e.g. `ramnet train ... max_steps=6`")
+    assert "3/3" not in captured.err and "model:" not in captured.err  # no bar, no describe line
+
+
+def test_gradient_checkpointing_raises_no_deprecation_warning(data, tmp_path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*deprecated.*")
+        train(tiny_config(data, tmp_path, "gradient_checkpointing=true", "max_steps=1", "eval_interval=0"),
+              progress=False)

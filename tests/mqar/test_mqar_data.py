@@ -34,9 +34,9 @@ def _assert_freq(observed, n, p, sigmas=5.0):
 
 @pytest.mark.parametrize("n,L,N,V", [
     (500, 64, 8, 100),     # sparse key sampling path
-    (500, 64, 16, 40),     # dense path (few keys to choose from)
+    (500, 64, 16, 66),     # dense path (few keys to choose from)
     (500, 32, 8, 8192),    # L == 4N: every query slot is used
-    (200, 66, 1, 4),       # smallest vocab for one pair: key 1, value 2 or 3
+    (200, 4, 1, 5),        # smallest vocab for one pair (V > L = 4): key 1, value 2, 3 or 4
 ])
 def test_layout_ranges_and_labels(n, L, N, V):
     x, y = generate(n, L, N, vocab_size=V, random_non_queries=False, seed=3)
@@ -67,8 +67,9 @@ def test_layout_ranges_and_labels(n, L, N, V):
 
 
 def test_zoology_docstring_example_shape():
-    # Zoology's docstring: V=12, N=2, L=16: keys in [1, 6), values in [6, 12).
-    x, y = generate(1, 16, 2, vocab_size=12, random_non_queries=False, seed=0)
+    # Zoology's docstring has V=12, N=2, L=16, which its own `assert vocab_size > input_seq_len`
+    # refuses; V=18: keys in [1, 9), values in [9, 18).
+    x, y = generate(1, 16, 2, vocab_size=18, random_non_queries=False, seed=0)
     k0, v0, k1, v1 = x[0, :4].tolist()
     pos = (y[0] != -100).nonzero().flatten().tolist()
     assert len(pos) == 2
@@ -92,7 +93,7 @@ def test_random_non_queries_only_replaces_filler():
     assert (noise == 0).double().mean() < 0.01
 
 
-@pytest.mark.parametrize("V,N", [(1000, 8), (40, 8)])  # sparse / dense sampler
+@pytest.mark.parametrize("V,N", [(1000, 8), (34, 8)])  # sparse / dense sampler
 def test_keys_and_values_uniform(V, N):
     n = 20000
     x, _ = generate(n, 4 * N, N, vocab_size=V, random_non_queries=False, seed=11)
@@ -112,7 +113,7 @@ def test_keys_and_values_uniform(V, N):
 def test_gap_power_law():
     n, L, N, a = 40000, 64, 4, 0.01
     S = (L - 2 * N) // 2
-    x, y = generate(n, L, N, vocab_size=64, power_a=a, random_non_queries=False, seed=5)
+    x, y = generate(n, L, N, vocab_size=128, power_a=a, random_non_queries=False, seed=5)
     p = _power_law(S, a)
     # Pair 0's gap is the first draw, so it follows p exactly (Zoology's order).
     g0 = _gap_of_pair(x, y, N, 0)
@@ -162,7 +163,7 @@ def test_does_not_touch_global_rng():
     (dict(num_kv_pairs=0), "num_kv_pairs"),
     (dict(seq_len=31), "seq_len"),            # odd
     (dict(seq_len=30, num_kv_pairs=8), "seq_len"),  # 4N > L
-    (dict(vocab_size=17, num_kv_pairs=8), "vocab_size"),  # needs 2N + 2 = 18
+    (dict(vocab_size=17, num_kv_pairs=8), "vocab_size"),  # needs V > L = 32
     (dict(power_a=0.0), "power_a"),
     (dict(power_a=-1.0), "power_a"),
     (dict(power_a=float("nan")), "power_a"),
@@ -175,5 +176,14 @@ def test_bad_arguments(kwargs, arg):
 
 
 def test_vocab_size_boundary_is_accepted():
-    x, _ = generate(50, 32, 8, vocab_size=18, random_non_queries=False)
-    assert torch.equal(x[:, 0:16:2].sort(1).values[0], torch.arange(1, 9))
+    x, _ = generate(50, 32, 8, vocab_size=33, random_non_queries=False)
+    assert ((x[:, 0:16:2] >= 1) & (x[:, 0:16:2] < 16)).all()
+
+
+@pytest.mark.parametrize("V", [32, 16, 8])
+def test_vocab_no_larger_than_the_sequence_is_refused(V):
+    # Zoology asserts vocab_size > input_seq_len; at V = 32, L = 32 the keys [1, 16) would still hold
+    # N = 4 distinct keys, so only this condition refuses it.
+    with pytest.raises(ValueError, match=r"vocab_size must be larger than seq_len .* got vocab_size "
+                                         rf"{V} for seq_len 32: use a vocab_size of at least 33"):
+        generate(4, 32, 4, vocab_size=V)

@@ -42,7 +42,8 @@ def test_model_entries_are_checked_at_construction():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(vocab_size=100), r"preset\['test'\] setting \[256, 64, 100\]: vocab_size must be >= 2 \* num_kv_pairs"),
+    (dict(vocab_size=100), r"preset\['train'\] setting \[128, 8, 1000\]: vocab_size must be larger than seq_len"),
+    (dict(vocab_size=1024), r"preset\['test'\] setting \[1024, 256, 100\]: vocab_size must be larger than seq_len"),
     (dict(test=[[64, 4, 0]]), r"preset\['test'\] setting \[64, 4, 0\]: examples must be an int >= 1"),
     (dict(seed=-1), r"preset\['seed'\] must be an int >= 0"),
     (dict(weight_decay=float("nan")), r"preset\['weight_decay'\] must be a finite number >= 0"),

@@ -35,7 +35,7 @@ def test_presets_are_valid_and_quick_says_what_it_cuts():
     assert quick["d_models"] == [64]
     assert [L for L, _, _ in quick["test"]] == [L for L, _, _ in PAPER["test"]]  # all seven settings
     cuts = "\n".join(describe_cuts(quick))
-    assert "vocab_size: 1024 instead of 8192" in cuts and "epochs" in cuts and "(L=256, N=64): 0 examples" in cuts
+    assert "vocab_size: 2048 instead of 8192" in cuts and "epochs" in cuts and "(L=256, N=64): 0 examples" in cuts
     m = {(e["mixer"]["kwargs"]["num_partitions"], e["mixer"]["kwargs"]["partition_dim"])
          for e in get_preset("ablation-u")["models"].values()}
     assert m == {(1, 4096), (2, 64), (3, 16), (4, 8), (6, 4), (12, 2)}  # all M = 4096
@@ -92,6 +92,61 @@ def test_best_lr_selection_and_table():
     assert "0.900" in table and "0.01" in table and "?" in table and "preset" not in table
 
 
+def _row(**change):
+    row = {"preset": "p", "model": "a", "d_model": 64, "lr": 1e-3, "avg_accuracy": 0.5, "state_size": 10,
+           "seed": 0, "epochs_run": 7, "protocol": {"epochs": 7, "vocab_size": 2048},
+           "mixer": {"name": "attention"}, "accuracy": {"L64/N4": 0.5}}
+    return {**row, **change}
+
+
+def test_rows_of_other_epochs_seeds_or_protocols_are_never_merged():
+    rows = [_row(), _row(lr=1e-2, avg_accuracy=0.6),  # an lr sweep: one result, its best lr
+            _row(seed=1, avg_accuracy=0.9),  # another seed
+            _row(protocol={"epochs": 1, "vocab_size": 2048}, epochs_run=1, avg_accuracy=0.2),  # other epochs
+            _row(protocol={"epochs": 7, "vocab_size": 8192}, avg_accuracy=0.3),  # other vocabulary
+            _row(mixer={"name": "attention", "kwargs": {"num_heads": 2}}, avg_accuracy=0.95)]  # other mixer
+    best = best_runs(rows)
+    assert [(r["lr"], r["avg_accuracy"]) for r in best] == [(1e-2, 0.6), (1e-3, 0.9), (1e-3, 0.2), (1e-3, 0.3),
+                                                            (1e-3, 0.95)]
+
+
+def test_a_rerun_of_the_same_configuration_replaces_only_itself():
+    rows = [_row(avg_accuracy=0.9), _row(lr=1e-2, avg_accuracy=0.6), _row(seed=1, avg_accuracy=0.4),
+            _row(avg_accuracy=0.5)]  # the first run again, later: it counts, not the earlier 0.9
+    assert [(r["lr"], r["seed"], r["avg_accuracy"]) for r in best_runs(rows)] == [(1e-2, 0, 0.6), (1e-3, 1, 0.4)]
+
+
+def test_the_table_shows_epochs_and_seed_and_tells_equal_looking_configurations_apart():
+    table = format_table([_row(), _row(seed=3, epochs_run=2, protocol={"epochs": 4})]).splitlines()
+    assert table[0].split()[:7] == ["model", "d_model", "state", "lr", "epochs", "seed", "avg"]
+    assert table[2].split()[4:6] == ["7/7", "0"] and table[3].split()[4:6] == ["2/4", "3"]
+    # same epochs and seed, other vocabulary: a config column with a hash of each configuration
+    table = format_table([_row(), _row(protocol={"epochs": 7, "vocab_size": 8192})]).splitlines()
+    assert table[0].split()[:2] == ["model", "config"]
+    assert len({line.split()[1] for line in table[2:]}) == 2
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the stand-in plot below adds no artist
+def test_the_figure_draws_every_configuration_of_the_results_file(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    import ramnet.mqar.plot as plot
+
+    drawn = []
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, label=None, **k: (
+        drawn.append((label, list(x), list(y))), [matplotlib.lines.Line2D([], [])])[1])
+    rows = [_row(d_model=64, state_size=10), _row(d_model=128, state_size=20, avg_accuracy=0.7),
+            _row(d_model=64, state_size=10, seed=1, avg_accuracy=0.8)]
+    plot.plot_results(rows, tmp_path)
+    drawn.clear()
+    plot.plot_results([*rows[:2], {**rows[2], "protocol": {"epochs": 1}}], tmp_path)
+    assert sorted(label for label, _, _ in drawn) == ["a (1 epoch, seed 1)", "a (7 epochs, seed 0)"]
+    drawn.clear()
+    plot.plot_results(rows, tmp_path)
+    assert sorted(drawn) == [("a (7 epochs, seed 0)", [10, 20], [0.5, 0.7]), ("a (7 epochs, seed 1)", [10], [0.8])]
+
+
 def _tiny_quick():
     """The quick preset, same models and protocol, with every size shrunk to seconds."""
     preset = copy.deepcopy(PRESETS["quick"])
@@ -118,13 +173,36 @@ def test_quick_preset_end_to_end_on_a_tiny_size(tmp_path, capsys):
         assert f"{r['model']}" in printed
     png = out / "mqar_accuracy_vs_state.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
-    # same seed, same results; the plot subcommand redraws from the JSONL (now 8 rows)
+    # same seed, same results; the plot subcommand redraws from the JSONL (now 5 rows)
     assert main(["mqar", "--config", str(config), "--out", str(out), "--models", "attention"]) == 0
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rows2[-1]["accuracy"] == rows[1]["accuracy"]
     png.unlink()
     assert main(["mqar", "--out", str(out), "plot"]) == 0
     assert png.exists()
+
+
+def test_a_rerun_of_one_model_reports_the_whole_results_file(tmp_path, capsys, monkeypatch):
+    import ramnet.mqar.cli as mqar_cli
+
+    preset = _tiny_quick()
+    preset["models"] = {m: preset["models"][m] for m in ("attention", "sliding_window")}
+    preset["epochs"] = 1
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(preset))
+    out = tmp_path / "res"
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    drawn = []
+    monkeypatch.setattr(mqar_cli, "plot_results", lambda rows, out: drawn.append(rows) or [])
+    capsys.readouterr()
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--models", "sliding_window",
+                 "--epochs", "2", "--seed", "1"]) == 0
+    table = capsys.readouterr().out.split("d_model")[-1].splitlines()[2:]
+    # the earlier two runs and the new one, apart: the table shows all three, the figure gets all rows
+    assert sorted((line.split()[0], line.split()[4], line.split()[5]) for line in table) == [
+        ("attention", "1/1", "0"), ("sliding_window", "1/1", "0"), ("sliding_window", "2/2", "1")]
+    assert [(r["model"], r["seed"]) for r in drawn[0]] == [("attention", 0), ("sliding_window", 0),
+                                                           ("sliding_window", 1)]
 
 
 def test_concurrent_runs_give_the_rows_of_sequential_runs(tmp_path):

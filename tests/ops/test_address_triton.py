@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from ramnet.ops.address import beam_topk, cape_shift, dense_product_softmax
+from triton_skip import needs_triton
+
 from ramnet.ops.triton_support import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE),
-                                reason="Triton cannot run here (on CPU: set TRITON_INTERPRET=1)")
+pytestmark = needs_triton  # the reason names what is missing: Triton, or its interpreter on CPU
 
 if triton_runs_on(DEVICE):
     from ramnet.ops.address.triton import triton_beam_topk

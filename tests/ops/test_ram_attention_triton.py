@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from ramnet.ops import RAMState, ram_attention
-from ramnet.ops.triton_support import triton_runs_on
+from triton_skip import needs_triton
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="needs Triton on CUDA, or TRITON_INTERPRET=1")
+pytestmark = needs_triton  # the reason names what is missing: Triton, or its interpreter on CPU
 
 def _run(mode, q, k, v, state=None, final=True, **kw):
     q, k, v = (x.detach().to(DEVICE).requires_grad_() for x in (q, k, v))

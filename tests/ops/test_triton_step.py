@@ -11,12 +11,12 @@ import torch
 
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.ram import pdma_step
+from triton_skip import needs_triton
+
 from ramnet.ops.triton_support import triton_runs_on
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    not triton_runs_on(DEVICE), reason="Triton cannot run here (on CPU it needs TRITON_INTERPRET=1)"
-)
+pytestmark = needs_triton  # the reason names what is missing: Triton, or its interpreter on CPU
 
 if triton_runs_on(DEVICE):
     from ramnet.ops.ram.step import decode_spec, pdma_step_triton, ram_decode_step
