@@ -7,6 +7,7 @@ never turns into a silent broadcast or a wrong answer deeper down.
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
 
 import torch
@@ -107,3 +108,32 @@ def per_head(name: str, value, num_heads: int, dtype: torch.dtype, device: torch
             raise ValueError(f"{name} must have one entry per head ({num_heads}), got {len(value)}")
         return torch.tensor(value, dtype=dtype, device=device)
     return torch.full((num_heads,), value, dtype=dtype, device=device)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (a CUDA device's total, the host's physical memory for the CPU),
+    or None where unknown (meta and other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
+
+
+def check_state_size(what: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                     hint: str) -> None:
+    """Refuse, before allocating anything, a computation whose M-sized tensors ``shapes`` (name ->
+    shape, exact Python ints: M may be 2**62) in ``dtype`` would not fit in ``device``'s memory: a
+    ValueError naming ``what`` needs them, their sizes, and ``hint`` (what to do instead). Without
+    it torch fails late with "Storage size calculation overflowed" or a petabyte allocation."""
+    item = torch.empty((), dtype=dtype).element_size()
+    needed = sum(math.prod(shape) for shape in shapes.values()) * item
+    available = device_memory(device)
+    if available is None or needed <= available:
+        return
+    sizes = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+    raise ValueError(f"{what} builds {sizes} in {dtype}: {needed:.3g} bytes, more than the {available:.3g} bytes of "
+                     f"memory on {device}; {hint}")

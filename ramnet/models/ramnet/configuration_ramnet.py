@@ -73,7 +73,8 @@ class RAMNetConfig(PreTrainedConfig):
         hidden_act (`str`): activation of the SwiGLU gate.
         norm_eps (`float`): RMSNorm epsilon.
         initializer_range (`float`): std of the normal init of linear and embedding weights.
-        use_cache (`bool`): whether eval-mode forwards return the recurrent state.
+        use_cache (`bool`): whether eval-mode forwards without `labels` return the recurrent state (and
+            `generate`'s default); training forwards and forwards with `labels` build it only when asked.
         tie_word_embeddings (`bool`): share the input embedding with the LM head.
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
         num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.

@@ -185,6 +185,7 @@ class RAMNetModel(RAMNetPreTrainedModel):
             )
 
         # Training forwards do not build the final state unless asked: it is M * d_v per head and sequence.
+        # (`generate` asks: it passes its generation config's use_cache.)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and self.gradient_checkpointing and self.training:
@@ -238,7 +239,10 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are the input ids themselves (shifted inside the loss), -100 where ignored.
-        `logits_to_keep` computes logits only for the last positions (an int) or the given ones."""
+        `logits_to_keep` computes logits only for the last positions (an int) or the given ones.
+        A forward with `labels` scores: it builds no cache unless `use_cache=True` asks for one."""
+        if use_cache is None and labels is not None:
+            use_cache = False
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

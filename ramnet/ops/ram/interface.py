@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
+from ..checks import check_choice, check_finite, check_float_tensor, check_same, check_state_size, compute_dtype
 from ..triton_support import kernels_apply
 from .naive import naive_forward
 from .parallel import parallel_forward
@@ -101,8 +101,9 @@ def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_fina
     if spec.inplace_state:
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
-        mode = default_mode(q, seq_len)
+        mode = default_mode(q, seq_len, stateful=initial_state is not None or bool(output_final_state))
     check_choice("mode", mode, (None, *sorted(PATHS)))
+    _check_state_size(mode, spec, num_seqs, q, v.shape[-1], compute, bool(output_final_state))
 
     o, final = PATHS[mode](
         q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or spec.inplace_state),
@@ -122,11 +123,31 @@ def _check_spec(spec: RAMSpec, heads: int, d_k: int, compute: torch.dtype, devic
                          f"{spec.gamma.dtype} on {spec.gamma.device}")
 
 
-def default_mode(q: torch.Tensor, seq_len: int) -> str:
-    """One token: the recurrent step (a Triton kernel on CUDA without autograd). Otherwise the
-    Triton kernels on CUDA when Triton is installed, else the torch parallel path. fp64 input
-    stays on the torch paths, which compute in fp64 (the kernels compute in fp32)."""
-    if seq_len == 1:
+def _check_state_size(mode: str, spec: RAMSpec, num_seqs: int, q: torch.Tensor, d_v: int, compute,
+                      output_final_state: bool) -> None:
+    """The one size check of the paths that build an ``N x H x M`` state: the naive and recurrent
+    paths (the naive one also builds dense ``[B, T, H, M]`` addresses) and any path asked for the
+    final state. A decoding step updating its state in place allocates nothing M-sized."""
+    if spec.inplace_state or (mode in ("parallel", "triton") and not output_final_state):
+        return
+    batch, seq_len, heads = q.shape[:3]
+    shapes = {"S": (num_seqs, heads, spec.memory_slots, d_v), "z": (num_seqs, heads, spec.memory_slots)}
+    if mode == "naive":
+        shapes["dense addresses"] = (2, batch, seq_len, heads, spec.memory_slots)
+    what = f"mode={mode!r}" + (" with output_final_state=True" if output_final_state else "")
+    check_state_size(what, shapes, compute, q.device,
+                     "with this many memory slots (M = {:,}) use mode='parallel' or 'triton' without "
+                     "output_final_state (in a model, use_cache=False): their memory grows with T * K, not M"
+                     .format(spec.memory_slots))
+
+
+def default_mode(q: torch.Tensor, seq_len: int, stateful: bool = True) -> str:
+    """One token continuing or returning a state (decoding): the recurrent step (a Triton kernel on
+    CUDA without autograd). Otherwise the Triton kernels on CUDA when Triton is installed, else the
+    torch parallel path; these are also what one token without a state gets (the recurrent path
+    would build an M-sized state only to drop it). fp64 input stays on the torch paths, which
+    compute in fp64 (the kernels compute in fp32)."""
+    if seq_len == 1 and stateful:
         return "recurrent"
     return "triton" if kernels_apply(q) else "parallel"
 
