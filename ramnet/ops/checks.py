@@ -94,8 +94,18 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def per_head(name: str, value, num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Turn a scalar or a ``[H]`` tensor/sequence into a ``[H]`` tensor, with no silent broadcast."""
+    """Turn a scalar or a ``[H]`` tensor/sequence into a ``[H]`` tensor, with no silent broadcast.
+
+    ``dtype`` bool takes bools only (a bool, a sequence of bools or a bool tensor; 2 or "yes" are
+    refused rather than read as True); other dtypes take real numbers (not bools, strings or None).
+    A value of the wrong kind raises TypeError, a tensor of the wrong shape or dtype ValueError;
+    both name the argument."""
+    flag = dtype == torch.bool
+    kinds = (f"a bool, one bool per head ({num_heads}) or a bool tensor [H]" if flag
+             else f"a real number, one per head ({num_heads}) or a tensor [H]")
     if isinstance(value, torch.Tensor):
+        if flag != (value.dtype == torch.bool) or value.is_complex():
+            raise ValueError(f"{name} must be {kinds}, got a tensor of dtype {value.dtype}")
         if value.requires_grad:
             raise ValueError(f"{name} is a fixed hyper-parameter: pass a tensor that does not require grad")
         if value.dim() == 0:
@@ -103,11 +113,20 @@ def per_head(name: str, value, num_heads: int, dtype: torch.dtype, device: torch
         elif value.shape != (num_heads,):
             raise ValueError(f"{name} must be a scalar or have shape [H]=[{num_heads}], got {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype)
+    entries = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(_is_bool(x) if flag else (isinstance(x, Real) and not _is_bool(x)) for x in entries):
+        raise TypeError(f"{name} must be {kinds}, got {value!r}")
     if isinstance(value, (list, tuple)):
         if len(value) != num_heads:
-            raise ValueError(f"{name} must have one entry per head ({num_heads}), got {len(value)}")
-        return torch.tensor(value, dtype=dtype, device=device)
-    return torch.full((num_heads,), value, dtype=dtype, device=device)
+            each = "a bool or one bool" if flag else "a number or one"
+            raise ValueError(f"{name} must be {each} per head ({num_heads}), got {len(value)} entries")
+        return torch.tensor([bool(x) if flag else float(x) for x in value], dtype=dtype, device=device)
+    return torch.full((num_heads,), bool(value) if flag else float(value), dtype=dtype, device=device)
+
+
+def _is_bool(x) -> bool:
+    """A Python or NumPy bool (``numpy.bool_`` is no subclass of bool)."""
+    return isinstance(x, bool) or type(x).__name__ == "bool_"
 
 
 def device_memory(device: torch.device) -> int | None:

@@ -94,7 +94,7 @@ def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_fina
         # A decoding step (inplace_state) trusts the values of the state it updates: they come from
         # earlier checked steps, and scanning all M slots for NaN on every token would make the
         # step's cost grow with the memory size and synchronise with the GPU.
-        state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute,
+        state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute, spec.eps,
                              scan=not spec.inplace_state)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
@@ -168,7 +168,7 @@ def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:
         )
 
 
-def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute,
+def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute, eps: float,
                  scan: bool = True) -> RAMState:
     if not isinstance(state, tuple) or len(state) != 3:
         raise ValueError("initial_state must be a RAMState or a tuple (S, z, offset)")
@@ -190,6 +190,11 @@ def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.T
     if scan:
         check_finite("initial_state.S", S)
         check_finite("initial_state.z", z)
+        # Reads divide by z + eps: every state the op returns has z > 0 (it starts at 1/M and each write adds
+        # w > 0 to a decayed, still positive z), and a z + eps <= 0 would make the output non-finite.
+        if bool((z + eps <= 0).any()):
+            raise ValueError(f"initial_state.z must be > -eps = {-eps} (the reads divide by z + eps; the op's states "
+                             f"have z > 0), got min {z.min().item()}")
     if bool((offset < 0).any()):
         raise ValueError("initial_state.offset must be >= 0")
     return RAMState(S.to(compute), z.to(compute), offset)
