@@ -224,3 +224,17 @@ def test_inplace_decoding_errors():
         ram_attention(q.requires_grad_(), k, v, initial_state=state, **kw)
     with pytest.raises(ValueError, match="compute dtype"):
         ram_attention(q.detach(), k, v, initial_state=RAMState(state.S.double(), state.z.double(), state.offset), **kw)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_parallel_path_continues_a_state_with_one_slot_per_token_and_several_heads(batch):
+    # Found by tests/ops/test_fuzz.py: with K = 1 and H > 1 the read slots stayed a transposed view, the
+    # initial rows gathered by them too, and the parallel path's .view of them failed.
+    q, k, v = _inputs(21, batch, 4, 2, 2, 2, 3, torch.float64)
+    kw = dict(num_partitions=2, topk=1, output_final_state=True)
+    start = RAMState(torch.randn(batch, 2, 4, 3, dtype=torch.float64), torch.rand(batch, 2, 4, dtype=torch.float64) + 0.1,
+                     torch.arange(batch) + 3)
+    ref, ref_state = ram_attention(q, k, v, initial_state=start, mode="naive", **kw)
+    o, state = ram_attention(q, k, v, initial_state=start, mode="parallel", **kw)
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.S, ref_state.S, rtol=1e-10, atol=1e-10)
