@@ -1,6 +1,6 @@
 """One top-K tie rule on every path and kernel (issue 15, item 6, ``ramnet/ops/address/beam.py``):
-the K largest scores ``sum_u x_u[m_u] / tau`` (log rho up to a constant of the row), and among
-equal scores the lower slot index (before CAPE) first.
+the K largest scores ``sum_u x_u[m_u]`` (tau log rho up to a constant of the row), and among equal
+scores the lower slot index (before CAPE) first.
 
 Exact ties come from equal logits inside a partition (every address that differs only in those
 entries has the same score) or from sums of different logits that are equal (frequent on bf16
@@ -24,7 +24,7 @@ def rule_topk(x: torch.Tensor, num_partitions: int, topk: int, tau: float = 1.0)
     """The tie rule by brute force over all M slots, in Python (rows of ``x [N, d_k]``): scores
     summed from the first partition in x's dtype, sorted by (-score, slot)."""
     d_p = x.shape[-1] // num_partitions
-    logp = x.unflatten(-1, (num_partitions, d_p)) / tau
+    logp = x.unflatten(-1, (num_partitions, d_p))  # the scores' terms: the same order for every tau
     out = []
     for row in logp:
         scores = []

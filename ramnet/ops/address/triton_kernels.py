@@ -19,18 +19,19 @@ import triton.language as tl
 
 @triton.jit
 def _partition(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
-    """Partition u of BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: its logits
-    ``x / tau`` (the tie rule's scores, ``beam.py``) and log-softmax ``log p_u``, both ``[DP_PAD,
-    BLOCK_N]`` fp32 and -inf on the padding. (Row pointers, not one base and a stride: the decoding
-    step decodes a key and a query from two tensors in one tile.)"""
+    """Partition u of BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: its entries ``x``
+    (the tie rule's score terms, ``beam.py``) and log-softmax ``log p_u`` at temperature ``tau``,
+    both ``[DP_PAD, BLOCK_N]`` fp32 and -inf on the padding. (Row pointers, not one base and a
+    stride: the decoding step decodes a key and a query from two tensors in one tile.)"""
     cols = tl.arange(0, DP_PAD)[:, None]
     col_mask = cols < DP
     ptrs = row_ptr[None, :] + u * DP + cols
     # Masked-off rows load 0 (not -inf) so they stay finite instead of producing NaN.
-    logits = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32) / tau
-    logits = tl.where(col_mask, logits, float("-inf"))
-    z = logits - tl.max(logits, axis=0)[None, :]
-    return logits, z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
+    x = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32)
+    x = tl.where(col_mask, x, float("-inf"))
+    z = x / tau
+    z = z - tl.max(z, axis=0)[None, :]
+    return x, z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
 
 
 @triton.jit
@@ -68,8 +69,8 @@ def _extend_beams(row_ptr, row_mask, tau, u, score, log_w, index, DP: tl.constex
                   K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
     """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1, with their
     scores and log weights."""
-    logits, logp = _partition(row_ptr, row_mask, tau, u, DP, DP_PAD)
-    part, part_entry, _ = _select_best(logits, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KPB, BLOCK_N)
+    entries, logp = _partition(row_ptr, row_mask, tau, u, DP, DP_PAD)
+    part, part_entry, _ = _select_best(entries, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KPB, BLOCK_N)
     part_log_w = _take(logp, part_entry, DP_PAD)
     # The score is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
     # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
@@ -87,8 +88,8 @@ def beam_topk_rows(row_ptr, row_mask, tau, U: tl.constexpr, DP: tl.constexpr, DP
     """The beam top-K of BLOCK_N rows (``row_ptr [BLOCK_N]`` pointers to their d_k logits), before
     any CAPE shift: ``(log weights, slot indices)``, each ``[KB, BLOCK_N]`` in the tie rule's order
     (decreasing score, then increasing slot)."""
-    logits, logp = _partition(row_ptr, row_mask, tau, 0, DP, DP_PAD)
-    score, index, _ = _select_best(logits, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KB, BLOCK_N)
+    entries, logp = _partition(row_ptr, row_mask, tau, 0, DP, DP_PAD)
+    score, index, _ = _select_best(entries, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KB, BLOCK_N)
     log_w = _take(logp, index, DP_PAD)
     if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
         index = index.to(tl.int64)
