@@ -210,7 +210,6 @@ class RAMNetModel(RAMNetPreTrainedModel):
             last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
-
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
         """The input embeddings ``[B, T, hidden_size]``, from ``input_ids`` (checked against the
         vocabulary) or ``inputs_embeds`` (checked for its shape); at least one token."""
