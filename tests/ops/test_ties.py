@@ -185,3 +185,21 @@ def test_triton_path_picks_the_fp64_slots_on_bf16_inputs():
     torch.testing.assert_close(o.double().cpu(), ref, rtol=1e-5, atol=1e-5)
     o16, _ = ram_attention(*(x.bfloat16().to(DEVICE) for x in (q, k, v)), mode="triton", **kw)
     torch.testing.assert_close(o16.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tau", [1.7, 0.3, 3.0])
+def test_grid_ties_pick_the_same_slots_at_any_tau(tau):
+    # Found by the fuzz suite: with scores x / tau, the rounding of the division let the beam prune the
+    # prefix (1, 1) for (2, 2) (x sums 1.25 = 1.25, divided: an ulp apart) whose slots 13 and 25 then tied.
+    row = torch.tensor([[-1.0, 3.0, 1.25, -3.0, -1.75, 0.0, 0.75, 6.25, 2.75]], dtype=torch.float64)
+    assert beam_topk(row, 3, 2, tau)[0].tolist() == rule_topk(row, 3, 2) == [[16, 13]]
+    x = grid_inputs(60, 3, 3, seed=17)
+    want = rule_topk(x, 3, 4)
+    assert beam_topk(x, 3, 4, tau)[0].tolist() == want
+    dense = dense_topk_address(x, 3, 4, tau)
+    assert [sorted(r.nonzero().flatten().tolist()) for r in dense] == [sorted(r) for r in want]
+    q, k, v = _bf16_inputs(3, 1, 16, 2, 3, 3, 2)
+    kw = dict(num_partitions=3, topk=2, tau=tau, cape=True, output_final_state=True)
+    ref, _ = ram_attention(q, k, v, mode="naive", **kw)
+    for mode in ("recurrent", "parallel"):
+        torch.testing.assert_close(ram_attention(q, k, v, mode=mode, **kw)[0], ref, rtol=1e-12, atol=1e-12)
