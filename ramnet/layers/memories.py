@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops import RAMState, address_decode
 from ..ops.address import cape_shift
-from ..ops.checks import check_choice, compute_dtype
+from ..ops.checks import check_choice, check_int, compute_dtype
 from ..ops.ram.common import run_per_sequence
 from ..ops.ram.interface import PATHS, run_ram_attention
 from ..ops.ram.spec import RAMSpec, build_spec
@@ -40,18 +40,17 @@ class RAMMemory:
 
     def __init__(self, num_heads: int, head_v_dim: int, num_partitions: int, partition_dim: int, topk: int,
                  gamma, tau, eps, proxy_eps, cape: bool | Sequence[bool], mode: str | None):
-        if isinstance(cape, bool):
-            cape = [cape] * num_heads
-        if len(cape) != num_heads:
-            raise ValueError(f"cape must be a bool or one bool per head ({num_heads}), got {len(cape)} entries")
+        for name, value in (("num_heads", num_heads), ("head_v_dim", head_v_dim), ("partition_dim", partition_dim)):
+            check_int(name, value, 1)
         self.num_heads, self.head_v_dim, self.head_k_dim = num_heads, head_v_dim, num_partitions * partition_dim
-        self.cape, self.mode = tuple(bool(c) for c in cape), check_choice("mode", mode, (None, *sorted(PATHS)))
+        self.mode = check_choice("mode", mode, (None, *sorted(PATHS)))
         # On the CPU whatever the default device (a model may be built on "meta"), gamma in fp64 so
         # that casting it to the compute dtype rounds it as building it there would.
         self._spec = build_spec(
             num_heads, self.head_k_dim, num_partitions=num_partitions, topk=topk, gamma=gamma, tau=tau, eps=eps,
-            proxy_eps=proxy_eps, cape=list(self.cape), dtype=torch.float64, device=torch.device("cpu"),
+            proxy_eps=proxy_eps, cape=cape, dtype=torch.float64, device=torch.device("cpu"),
         )
+        self.cape = tuple(self._spec.cape.tolist())
         self.memory_slots, self.topk = self._spec.memory_slots, self._spec.topk
         self._specs: dict[tuple, RAMSpec] = {}
 

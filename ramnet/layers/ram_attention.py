@@ -26,6 +26,9 @@ class RAMProjections(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int):
         super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_k_dim", head_k_dim),
+                            ("head_v_dim", head_v_dim)):
+            check_int(name, value, 1)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * head_k_dim, bias=False)

@@ -7,6 +7,7 @@ never turns into a silent broadcast or a wrong answer deeper down.
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
 
 import torch
@@ -93,8 +94,18 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def per_head(name: str, value, num_heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Turn a scalar or a ``[H]`` tensor/sequence into a ``[H]`` tensor, with no silent broadcast."""
+    """Turn a scalar or a ``[H]`` tensor/sequence into a ``[H]`` tensor, with no silent broadcast.
+
+    ``dtype`` bool takes bools only (a bool, a sequence of bools or a bool tensor; 2 or "yes" are
+    refused rather than read as True); other dtypes take real numbers (not bools, strings or None).
+    A value of the wrong kind raises TypeError, a tensor of the wrong shape or dtype ValueError;
+    both name the argument."""
+    flag = dtype == torch.bool
+    kinds = (f"a bool, one bool per head ({num_heads}) or a bool tensor [H]" if flag
+             else f"a real number, one per head ({num_heads}) or a tensor [H]")
     if isinstance(value, torch.Tensor):
+        if flag != (value.dtype == torch.bool) or value.is_complex():
+            raise ValueError(f"{name} must be {kinds}, got a tensor of dtype {value.dtype}")
         if value.requires_grad:
             raise ValueError(f"{name} is a fixed hyper-parameter: pass a tensor that does not require grad")
         if value.dim() == 0:
@@ -102,8 +113,46 @@ def per_head(name: str, value, num_heads: int, dtype: torch.dtype, device: torch
         elif value.shape != (num_heads,):
             raise ValueError(f"{name} must be a scalar or have shape [H]=[{num_heads}], got {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype)
+    entries = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(_is_bool(x) if flag else (isinstance(x, Real) and not _is_bool(x)) for x in entries):
+        raise TypeError(f"{name} must be {kinds}, got {value!r}")
     if isinstance(value, (list, tuple)):
         if len(value) != num_heads:
-            raise ValueError(f"{name} must have one entry per head ({num_heads}), got {len(value)}")
-        return torch.tensor(value, dtype=dtype, device=device)
-    return torch.full((num_heads,), value, dtype=dtype, device=device)
+            each = "a bool or one bool" if flag else "a number or one"
+            raise ValueError(f"{name} must be {each} per head ({num_heads}), got {len(value)} entries")
+        return torch.tensor([bool(x) if flag else float(x) for x in value], dtype=dtype, device=device)
+    return torch.full((num_heads,), bool(value) if flag else float(value), dtype=dtype, device=device)
+
+
+def _is_bool(x) -> bool:
+    """A Python or NumPy bool (``numpy.bool_`` is no subclass of bool)."""
+    return isinstance(x, bool) or type(x).__name__ == "bool_"
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (a CUDA device's total, the host's physical memory for the CPU),
+    or None where unknown (meta and other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    return None
+
+
+def check_state_size(what: str, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                     hint: str) -> None:
+    """Refuse, before allocating anything, a computation whose M-sized tensors ``shapes`` (name ->
+    shape, exact Python ints: M may be 2**62) in ``dtype`` would not fit in ``device``'s memory: a
+    ValueError naming ``what`` needs them, their sizes, and ``hint`` (what to do instead). Without
+    it torch fails late with "Storage size calculation overflowed" or a petabyte allocation."""
+    item = torch.empty((), dtype=dtype).element_size()
+    needed = sum(math.prod(shape) for shape in shapes.values()) * item
+    available = device_memory(device)
+    if available is None or needed <= available:
+        return
+    sizes = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+    raise ValueError(f"{what} builds {sizes} in {dtype}: {needed:.3g} bytes, more than the {available:.3g} bytes of "
+                     f"memory on {device}; {hint}")

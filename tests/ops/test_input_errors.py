@@ -148,3 +148,34 @@ def test_decoding_steps_do_not_scan_the_whole_state():
 
 def test_unknown_mode():
     _expect("mode must be one of", mode="fast")
+
+
+@pytest.mark.parametrize("gamma", ["1", None, [1.0, "a"], True, [True, False]])
+def test_gamma_of_the_wrong_kind_is_a_type_error_naming_it(gamma):
+    with pytest.raises(TypeError, match=r"gamma must be a real number, one per head \(2\) or a tensor \[H\]"):
+        _call(gamma=gamma)
+
+
+@pytest.mark.parametrize("cape", ["yes", 2, 1, None, [1, 0], [True, "no"], 0.5])
+def test_cape_of_the_wrong_kind_is_a_type_error_naming_it(cape):
+    # 2 or "yes" were taken as True before.
+    with pytest.raises(TypeError, match=r"cape must be a bool, one bool per head \(2\) or a bool tensor \[H\]"):
+        _call(cape=cape)
+
+
+def test_gamma_and_cape_of_the_right_kinds_are_taken():
+    for gamma, cape in ((0, False), (2, [True, False]), ([0.5, 1], (False, True)), (torch.tensor(0.5), torch.tensor(True))):
+        _call(gamma=gamma, cape=cape)
+
+
+def test_initial_state_whose_reads_would_divide_by_zero():
+    q, k, v = _qkv()
+    memory_slots = D_P**U
+    zero_z = RAMState(torch.zeros(B, H, memory_slots, D_V), torch.zeros(B, H, memory_slots), torch.zeros(B, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"initial_state.z must be > -eps = -0.0 .*got min 0.0"):
+        ram_attention(q, k, v, num_partitions=U, topk=2, eps=0.0, initial_state=zero_z)
+    negative = zero_z._replace(z=torch.full_like(zero_z.z, -1e-3))
+    with pytest.raises(ValueError, match="initial_state.z must be > -eps"):
+        ram_attention(q, k, v, num_partitions=U, topk=2, initial_state=negative)
+    o, _ = ram_attention(q, k, v, num_partitions=U, topk=2, initial_state=zero_z)  # z = 0, eps > 0: finite reads
+    assert bool(o.isfinite().all())

@@ -6,7 +6,7 @@ import torch
 from ramnet.ops.ram.events import sort_events
 
 
-@pytest.mark.parametrize("memory_slots", [9, 2**20, 2**40])  # int16, int32 and int64 keys
+@pytest.mark.parametrize("memory_slots", [9, 2**20, 2**40, 2**62])  # int16, int32, int64 keys; 3 x 2**62: two sorts
 @pytest.mark.parametrize("with_seq", [False, True])
 def test_matches_a_lexicographic_reference(memory_slots, with_seq):
     gen = torch.Generator().manual_seed(memory_slots % 1000 + with_seq)

@@ -73,7 +73,8 @@ class RAMNetConfig(PreTrainedConfig):
         hidden_act (`str`): activation of the SwiGLU gate.
         norm_eps (`float`): RMSNorm epsilon.
         initializer_range (`float`): std of the normal init of linear and embedding weights.
-        use_cache (`bool`): whether eval-mode forwards return the recurrent state.
+        use_cache (`bool`): whether eval-mode forwards without `labels` return the recurrent state (and
+            `generate`'s default); training forwards and forwards with `labels` build it only when asked.
         tie_word_embeddings (`bool`): share the input embedding with the LM head.
         attn_mode (`str`, *optional*): execution path of the RAM attention op; `None` lets it choose.
         num_cape_heads (`list[int]`, *optional*): per layer, how many heads (the first ones) use CAPE.
@@ -114,6 +115,9 @@ class RAMNetConfig(PreTrainedConfig):
     model_type = "ramnet"
     # Not a field: the old names that `__post_init__` moves to their new ones (`RENAMED_FIELDS`).
     renamed_fields: ClassVar[dict[str, str]] = RENAMED_FIELDS
+    # transformers' standard names of fields that have another name here (read, set and passed to the
+    # constructor under either; saved under ours), which its common model tests and helpers expect.
+    attribute_map: ClassVar[dict[str, str]] = {"num_attention_heads": "num_heads"}
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
@@ -152,6 +156,7 @@ class RAMNetConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self._take_renamed_fields(kwargs)
+        self._take_standard_names(kwargs)
         if self.mixer_types is None:
             self.mixer_types = ["ramnet"] * self.num_hidden_layers
         if self.num_cape_heads is None:
@@ -176,6 +181,18 @@ class RAMNetConfig(PreTrainedConfig):
             if old == "layer_types" and value is not None:
                 value = [MIXER_OF_LAYER_TYPE.get(kind, kind) for kind in value]
             setattr(self, new, value)
+
+    def _take_standard_names(self, kwargs: dict) -> None:
+        """Move the fields of `kwargs` under transformers' names (`attribute_map`) to ours, before the
+        fields that depend on them (`num_cape_heads`) are resolved and checked."""
+        for standard, field in self.attribute_map.items():
+            if standard not in kwargs:
+                continue
+            value = kwargs.pop(standard)
+            default = type(self).__dataclass_fields__[field].default
+            if getattr(self, field) not in (default, value):
+                raise ValueError(f"`{standard}` is transformers' name of `{field}`: pass one of them (or the same value)")
+            setattr(self, field, value)
 
     def _resolve_hybrid_revision(self, kwargs: dict) -> None:
         """Fill in `hybrid_deltanet_activation` (see its entry in the class docstring). A config saved

@@ -11,6 +11,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from ...layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
+from ...layers.padding import real_tokens
 from ...layers.ram_attention import RAMProjections
 from ...layers.short_conv import ShortConvolution
 from ..cache import RAMNetCache
@@ -185,6 +186,7 @@ class RAMNetModel(RAMNetPreTrainedModel):
             )
 
         # Training forwards do not build the final state unless asked: it is M * d_v per head and sequence.
+        # (`generate` asks: it passes its generation config's use_cache.)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and self.gradient_checkpointing and self.training:
@@ -193,8 +195,8 @@ class RAMNetModel(RAMNetPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = RAMNetCache()
 
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if attention_mask is not None and bool(attention_mask[:, -hidden_states.shape[1] :].all()):
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        if real_tokens(attention_mask, *hidden_states.shape[:2]) is None:  # the mask checked, once
             attention_mask = None  # no padding among the new tokens: spare every layer the check
         for layer in self.layers:
             hidden_states = layer(
@@ -207,6 +209,31 @@ class RAMNetModel(RAMNetPreTrainedModel):
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
+
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings ``[B, T, hidden_size]``, from ``input_ids`` (checked against the
+        vocabulary) or ``inputs_embeds`` (checked for its shape); at least one token."""
+        if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or (
+                    inputs_embeds.shape[-1] != self.config.hidden_size):
+                shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else inputs_embeds
+                raise ValueError(f"inputs_embeds must be [B, T, hidden_size={self.config.hidden_size}], got {shape}")
+            tokens = inputs_embeds
+        else:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+                shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise ValueError(f"input_ids must be an integer tensor [B, T], got {shape}")
+            tokens = input_ids
+        if tokens.shape[1] == 0:
+            what = "input_ids" if inputs_embeds is None else "inputs_embeds"
+            raise ValueError(f"{what} must hold at least one token (T >= 1), got shape {tuple(tokens.shape)}; "
+                             "a prompt to generate from needs one too")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got the id {bad}")
+        return self.embed_tokens(input_ids)
 
 
 class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
@@ -224,6 +251,15 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         # cache to the first forward, which creates a RAMNetCache (as with use_cache outside generate).
         return False
 
+    def _prepare_model_inputs(self, *args, **kwargs):
+        # `generate`'s first look at the prompt (transformers' hook, in every release we run on): an empty
+        # one is refused here, before transformers' right-padding check indexes its last token.
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[1] == 0:
+            raise ValueError(f"generate needs a prompt of at least one token, got {input_name} of shape "
+                             f"{tuple(inputs.shape)}")
+        return inputs, input_name, model_kwargs
+
     @can_return_tuple
     def forward(
         self,
@@ -238,7 +274,13 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` are the input ids themselves (shifted inside the loss), -100 where ignored.
-        `logits_to_keep` computes logits only for the last positions (an int) or the given ones."""
+        `logits_to_keep` computes logits only for the last positions (an int) or the given ones.
+        A forward with `labels` scores: it builds no cache unless `use_cache=True` asks for one."""
+        if use_cache is None and labels is not None:
+            use_cache = False
+        if isinstance(logits_to_keep, bool) or isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position) or a tensor of positions, got "
+                             f"{logits_to_keep!r}")
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

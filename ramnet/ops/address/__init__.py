@@ -16,8 +16,9 @@ def address_decode(x: torch.Tensor, *, num_partitions: int, topk: int, tau: floa
     """Decode ``x [..., d_k]`` into K-hot addresses over ``M = (d_k / U) ** U`` slots.
 
     Returns ``(indices, weights)``, both ``[..., K]``: int64 slot indices (first partition most
-    significant) and the product-softmax weights, sorted by decreasing weight, in ``x``'s dtype
-    (computed in fp32, or fp64 for fp64 input). Exact top-K by log-domain beam search, so M may be
+    significant) and the product-softmax weights, in the order of the tie rule (decreasing weight;
+    equal scores by increasing slot, ``beam.py``), in ``x``'s dtype (computed in fp32, or fp64 for
+    fp64 input). Exact top-K by log-domain beam search, so M may be
     as large as 2**62. Only ``weights`` is differentiable.
     """
     check_float_tensor("x", x)

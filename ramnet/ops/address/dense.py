@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .beam import partition_log_probs
+from .beam import partition_log_probs, partitions
 
 
 def dense_product_softmax(x: torch.Tensor, num_partitions: int, tau: float) -> torch.Tensor:
@@ -17,11 +17,24 @@ def dense_product_softmax(x: torch.Tensor, num_partitions: int, tau: float) -> t
     return out
 
 
+def dense_scores(x: torch.Tensor, num_partitions: int) -> torch.Tensor:
+    """``[..., d_k] -> [..., M]``: the tie rule's score ``sum_u x_u[m_u]`` of every slot (``beam.py``;
+    the same order for every tau), summed from the first partition as the beam search sums it."""
+    entries = partitions(x, num_partitions)
+    out = entries[..., 0, :]
+    for u in range(1, num_partitions):
+        out = (out.unsqueeze(-1) + entries[..., u, None, :]).flatten(-2)
+    return out
+
+
 def dense_topk_address(x: torch.Tensor, num_partitions: int, topk: int, tau: float) -> torch.Tensor:
-    """The product softmax with everything but its K largest entries set to zero (no renormalising)."""
+    """The product softmax with everything but its K largest entries set to zero (no renormalising).
+
+    The K slots are those of the tie rule (``beam.py``): the K largest scores, and among equal
+    scores the lower slot index (slots are in increasing order: a stable descending sort)."""
     rho = dense_product_softmax(x, num_partitions, tau)
-    values, index = rho.topk(topk, dim=-1)
-    return torch.zeros_like(rho).scatter(-1, index, values)
+    index = dense_scores(x, num_partitions).sort(dim=-1, descending=True, stable=True).indices[..., :topk]
+    return torch.zeros_like(rho).scatter(-1, index, rho.gather(-1, index))
 
 
 def cape_dense(address: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ the backward to ``x``. ``beam_topk_rows`` and ``cape_shift_slots`` are also the 
 One program decodes BLOCK_N rows. Tiles are ``[candidates, rows]``: with rows on the last axis,
 Triton lays a row's candidates out in one thread's registers, so the top-K picks are compares
 inside a thread instead of shuffles across threads (4-6x fewer instructions per row than
-``[rows, candidates]`` tiles in the sm_90 SASS of Triton 3.6-3.9). Every top-k is repeated max + knock-out, because K
+``[rows, candidates]`` tiles in the sm_90 SASS of Triton 3.6-3.9). Every top-k is repeated max +
+knock-out (the lowest slot among the candidates at the max: the tie rule of ``beam.py``), because K
 is small and ``tl.sort`` / ``tl.topk`` are not available in every Triton version we run on. Padded
 lanes (d_p and K rounded up to powers of two) hold log-probability -inf, so they never win a max.
 Slot indices are int32 inside the kernels unless M >= 2**31.
@@ -17,35 +18,42 @@ import triton.language as tl
 
 
 @triton.jit
-def _log_softmax_part(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
-    """log p_u for BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: ``[DP_PAD, BLOCK_N]``
-    fp32, -inf on the padding. (Row pointers, not one base and a stride: the decoding step decodes a
-    key and a query from two tensors in one tile.)"""
+def _partition(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
+    """Partition u of BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: its entries ``x``
+    (the tie rule's score terms, ``beam.py``) and log-softmax ``log p_u`` at temperature ``tau``,
+    both ``[DP_PAD, BLOCK_N]`` fp32 and -inf on the padding. (Row pointers, not one base and a
+    stride: the decoding step decodes a key and a query from two tensors in one tile.)"""
     cols = tl.arange(0, DP_PAD)[:, None]
     col_mask = cols < DP
     ptrs = row_ptr[None, :] + u * DP + cols
     # Masked-off rows load 0 (not -inf) so they stay finite instead of producing NaN.
-    z = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32) / tau
-    z = tl.where(col_mask, z, float("-inf"))
+    x = tl.load(ptrs, mask=col_mask & row_mask[None, :], other=0.0).to(tl.float32)
+    x = tl.where(col_mask, x, float("-inf"))
+    z = x / tau
     z = z - tl.max(z, axis=0)[None, :]
-    return z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
+    return x, z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
 
 
 @triton.jit
-def _select_best(score, C: tl.constexpr, PICK: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The PICK best of the C candidates (axis 0) of each row, in decreasing order: their scores and
-    candidate numbers (int32) as ``[KB, BLOCK_N]``; unused slots are -inf / 0. Only candidate
-    numbers are tracked here: the callers map them to slot indices once, after the picks."""
+def _select_best(score, slot, C: tl.constexpr, PICK: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The PICK best of the C candidates (axis 0) of each row by the tie rule (``beam.py``):
+    decreasing score, and among equal scores the lower slot. ``slot [C, BLOCK_N]`` (or ``[C, 1]``)
+    is each candidate's slot, distinct among a row's real candidates. Returns their scores, slots
+    and candidate numbers (int32), each ``[KB, BLOCK_N]`` in that order; unused picks are -inf."""
     cands = tl.arange(0, C)[:, None]
     slots = tl.arange(0, KB)[:, None]
     best = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
+    best_slot = tl.zeros([KB, BLOCK_N], slot.dtype)
     best_cand = tl.zeros([KB, BLOCK_N], tl.int32)
+    above = tl.max(slot, axis=0)[None, :] + 1  # above every slot: never the lowest of a tie
     for j in tl.static_range(PICK):
-        top, arg = tl.max(score, axis=0, return_indices=True)
+        top = tl.max(score, axis=0)
+        low, arg = tl.min(tl.where(score == top[None, :], slot, above), axis=0, return_indices=True)
         best = tl.where(slots == j, top[None, :], best)
+        best_slot = tl.where(slots == j, low[None, :], best_slot)
         best_cand = tl.where(slots == j, arg[None, :], best_cand)
         score = tl.where(cands == arg[None, :], float("-inf"), score)
-    return best, best_cand
+    return best, best_slot, best_cand
 
 
 @triton.jit
@@ -57,17 +65,20 @@ def _take(x, cand, N: tl.constexpr):
 
 
 @triton.jit
-def _extend_beams(row_ptr, row_mask, tau, u, score, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
+def _extend_beams(row_ptr, row_mask, tau, u, score, log_w, index, DP: tl.constexpr, DP_PAD: tl.constexpr,
                   K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1."""
-    logp = _log_softmax_part(row_ptr, row_mask, tau, u, DP, DP_PAD)
-    part, part_entry = _select_best(logp, DP_PAD, KP, KPB, BLOCK_N)
-    # log rho is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
+    """One beam stage: the K best prefixes over partitions 0..u from those over 0..u-1, with their
+    scores and log weights."""
+    entries, logp = _partition(row_ptr, row_mask, tau, u, DP, DP_PAD)
+    part, part_entry, _ = _select_best(entries, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KPB, BLOCK_N)
+    part_log_w = _take(logp, part_entry, DP_PAD)
+    # The score is a sum over partitions, so the K best (beam, entry) pairs are exactly the K best
     # prefixes. Beams that do not exist yet (fewer than K candidates so far) are -inf and lose.
     cand = tl.reshape(score[:, None, :] + part[None, :, :], [KB * KPB, BLOCK_N])
-    score, pick = _select_best(cand, KB * KPB, K, KB, BLOCK_N)
-    index = _take(index, pick // KPB, KB) * DP + _take(part_entry, pick % KPB, KPB).to(index.dtype)
-    return score, index
+    cand_log_w = tl.reshape(log_w[:, None, :] + part_log_w[None, :, :], [KB * KPB, BLOCK_N])
+    cand_slot = tl.reshape(index[:, None, :] * DP + part_entry[None, :, :].to(index.dtype), [KB * KPB, BLOCK_N])
+    score, index, pick = _select_best(cand, cand_slot, KB * KPB, K, KB, BLOCK_N)
+    return score, _take(cand_log_w, pick, KB * KPB), index
 
 
 @triton.jit
@@ -75,18 +86,22 @@ def beam_topk_rows(row_ptr, row_mask, tau, U: tl.constexpr, DP: tl.constexpr, DP
                    K: tl.constexpr, KP: tl.constexpr, KPB: tl.constexpr, KB: tl.constexpr,
                    INDEX_64: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
     """The beam top-K of BLOCK_N rows (``row_ptr [BLOCK_N]`` pointers to their d_k logits), before
-    any CAPE shift: ``(log weights, slot indices)``, each ``[KB, BLOCK_N]`` in decreasing order."""
-    logp = _log_softmax_part(row_ptr, row_mask, tau, 0, DP, DP_PAD)
-    score, index = _select_best(logp, DP_PAD, KP, KB, BLOCK_N)
+    any CAPE shift: ``(log weights, slot indices)``, each ``[KB, BLOCK_N]`` in the tie rule's order
+    (decreasing score, then increasing slot)."""
+    entries, logp = _partition(row_ptr, row_mask, tau, 0, DP, DP_PAD)
+    score, index, _ = _select_best(entries, tl.arange(0, DP_PAD)[:, None], DP_PAD, KP, KB, BLOCK_N)
+    log_w = _take(logp, index, DP_PAD)
     if INDEX_64:  # slot indices need 64 bits only when M >= 2**31
         index = index.to(tl.int64)
     if UNROLL:
         for u in tl.static_range(1, U):
-            score, index = _extend_beams(row_ptr, row_mask, tau, u, score, index, DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
+            score, log_w, index = _extend_beams(row_ptr, row_mask, tau, u, score, log_w, index, DP, DP_PAD, K, KP,
+                                                KPB, KB, BLOCK_N)
     else:  # many partitions: a loop, since unrolling them all takes minutes to compile
         for u in range(1, U):
-            score, index = _extend_beams(row_ptr, row_mask, tau, u, score, index, DP, DP_PAD, K, KP, KPB, KB, BLOCK_N)
-    return score, index
+            score, log_w, index = _extend_beams(row_ptr, row_mask, tau, u, score, log_w, index, DP, DP_PAD, K, KP,
+                                                KPB, KB, BLOCK_N)
+    return log_w, index
 
 
 @triton.jit
@@ -104,7 +119,7 @@ def beam_topk_fwd_kernel(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride
                    INDEX_64: tl.constexpr, UNROLL: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    score, index = beam_topk_rows(x_ptr + rows * stride_x, row_mask, tau, U, DP, DP_PAD, K, KP, KPB, KB,
+    log_w, index = beam_topk_rows(x_ptr + rows * stride_x, row_mask, tau, U, DP, DP_PAD, K, KP, KPB, KB,
                                   INDEX_64, UNROLL, BLOCK_N)
     if HAS_SHIFT:
         index = cape_shift_slots(index, tl.load(shift_ptr + rows, mask=row_mask, other=0)[None, :], M)
@@ -112,7 +127,7 @@ def beam_topk_fwd_kernel(x_ptr, shift_ptr, index_ptr, weight_ptr, n_rows, stride
     out = rows[None, :] * K_OUT + slots
     out_mask = row_mask[None, :] & (slots < K_OUT)
     tl.store(index_ptr + out, index.to(tl.int64), mask=out_mask)
-    tl.store(weight_ptr + out, tl.exp(score), mask=out_mask)
+    tl.store(weight_ptr + out, tl.exp(log_w), mask=out_mask)
 
 
 @triton.jit
@@ -123,7 +138,7 @@ def _partition_grad(row_ptr, grad_row_ptr, row_mask, tau, u, index, gw, DP: tl.c
     digit = index % DP
     # dlogp[j, n] = sum over the K weights whose digit u is j: one [K, d_p, rows] reduction.
     dlogp = tl.sum(tl.where(digit[:, None, :] == cols[None, :, :], gw[:, None, :], 0.0), axis=0)
-    p = tl.exp(_log_softmax_part(row_ptr, row_mask, tau, u, DP, DP_PAD))
+    p = tl.exp(_partition(row_ptr, row_mask, tau, u, DP, DP_PAD)[1])
     dx = (dlogp - p * tl.sum(dlogp, axis=0)[None, :]) / tau
     ptrs = grad_row_ptr[None, :] + u * DP + cols
     tl.store(ptrs, dx.to(grad_row_ptr.dtype.element_ty), mask=row_mask[None, :] & (cols < DP))

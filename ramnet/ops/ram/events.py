@@ -44,16 +44,34 @@ def sort_events(slots: torch.Tensor, event_seq: torch.Tensor | None, memory_slot
     key's integer type: index arithmetic with int64 tensors promotes), the permutation and a flag
     marking where a new (sequence, slot) segment starts.
 
-    One sort of a combined key in the narrowest integer type that holds it: a radix sort then
-    makes fewer passes (int16 for the paper's M = 1024)."""
+    One sort of a combined key ``sequence * M + slot`` in the narrowest integer type that holds it:
+    a radix sort then makes fewer passes (int16 for the paper's M = 1024). When the combined key
+    would not fit in int64 (M x sequences > 2**63, e.g. M = 2**62 and 3 packed sequences), two stable
+    sorts instead, by slot and then by sequence, which order the events the same way."""
     key_range = memory_slots * (num_seqs if event_seq is not None else 1)
+    if key_range > torch.iinfo(torch.int64).max + 1:
+        return _sort_lexicographic(slots, event_seq)
     key_type = next(t for t in (torch.int16, torch.int32, torch.int64) if key_range <= torch.iinfo(t).max + 1)
     key = slots if event_seq is None else event_seq * memory_slots + slots
     sorted_key, perm = torch.sort(key.to(key_type), dim=-1, stable=True)
+    sorted_slots = sorted_key if event_seq is None else sorted_key % memory_slots
+    return sorted_slots, perm, _segment_starts(sorted_key)
+
+
+def _sort_lexicographic(slots: torch.Tensor, event_seq: torch.Tensor):
+    """``sort_events`` by two stable int64 sorts (slot, then sequence): for key ranges beyond int64."""
+    by_slot, perm = torch.sort(slots.to(torch.int64), dim=-1, stable=True)
+    sorted_seq, outer = torch.sort(event_seq.expand_as(slots).gather(-1, perm), dim=-1, stable=True)
+    perm = perm.gather(-1, outer)
+    sorted_slots = by_slot.gather(-1, outer)
+    return sorted_slots, perm, _segment_starts(sorted_slots) | _segment_starts(sorted_seq)
+
+
+def _segment_starts(sorted_key: torch.Tensor) -> torch.Tensor:
+    """``[R, E]`` bool: True where the sorted key differs from the one before (and at the first event)."""
     boundary = sorted_key[:, 1:] != sorted_key[:, :-1]
     first = torch.ones_like(boundary[:, :1])
-    sorted_slots = sorted_key if event_seq is None else sorted_key % memory_slots
-    return sorted_slots, perm, torch.cat([first, boundary], dim=1)
+    return torch.cat([first, boundary], dim=1)
 
 
 @dataclass(frozen=True)

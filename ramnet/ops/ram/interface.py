@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_choice, check_finite, check_float_tensor, check_same, compute_dtype
+from ..checks import check_choice, check_finite, check_float_tensor, check_same, check_state_size, compute_dtype
 from ..triton_support import kernels_apply
 from .naive import naive_forward
 from .parallel import parallel_forward
@@ -94,15 +94,16 @@ def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_fina
         # A decoding step (inplace_state) trusts the values of the state it updates: they come from
         # earlier checked steps, and scanning all M slots for NaN on every token would make the
         # step's cost grow with the memory size and synchronise with the GPU.
-        state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute,
+        state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute, spec.eps,
                              scan=not spec.inplace_state)
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
     if spec.inplace_state:
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
-        mode = default_mode(q, seq_len)
+        mode = default_mode(q, seq_len, stateful=initial_state is not None or bool(output_final_state))
     check_choice("mode", mode, (None, *sorted(PATHS)))
+    _check_state_size(mode, spec, num_seqs, q, v.shape[-1], compute, bool(output_final_state))
 
     o, final = PATHS[mode](
         q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or spec.inplace_state),
@@ -122,11 +123,31 @@ def _check_spec(spec: RAMSpec, heads: int, d_k: int, compute: torch.dtype, devic
                          f"{spec.gamma.dtype} on {spec.gamma.device}")
 
 
-def default_mode(q: torch.Tensor, seq_len: int) -> str:
-    """One token: the recurrent step (a Triton kernel on CUDA without autograd). Otherwise the
-    Triton kernels on CUDA when Triton is installed, else the torch parallel path. fp64 input
-    stays on the torch paths, which compute in fp64 (the kernels compute in fp32)."""
-    if seq_len == 1:
+def _check_state_size(mode: str, spec: RAMSpec, num_seqs: int, q: torch.Tensor, d_v: int, compute,
+                      output_final_state: bool) -> None:
+    """The one size check of the paths that build an ``N x H x M`` state: the naive and recurrent
+    paths (the naive one also builds dense ``[B, T, H, M]`` addresses) and any path asked for the
+    final state. A decoding step updating its state in place allocates nothing M-sized."""
+    if spec.inplace_state or (mode in ("parallel", "triton") and not output_final_state):
+        return
+    batch, seq_len, heads = q.shape[:3]
+    shapes = {"S": (num_seqs, heads, spec.memory_slots, d_v), "z": (num_seqs, heads, spec.memory_slots)}
+    if mode == "naive":
+        shapes["dense addresses"] = (2, batch, seq_len, heads, spec.memory_slots)
+    what = f"mode={mode!r}" + (" with output_final_state=True" if output_final_state else "")
+    check_state_size(what, shapes, compute, q.device,
+                     "with this many memory slots (M = {:,}) use mode='parallel' or 'triton' without "
+                     "output_final_state (in a model, use_cache=False): their memory grows with T * K, not M"
+                     .format(spec.memory_slots))
+
+
+def default_mode(q: torch.Tensor, seq_len: int, stateful: bool = True) -> str:
+    """One token continuing or returning a state (decoding): the recurrent step (a Triton kernel on
+    CUDA without autograd). Otherwise the Triton kernels on CUDA when Triton is installed, else the
+    torch parallel path; these are also what one token without a state gets (the recurrent path
+    would build an M-sized state only to drop it). fp64 input stays on the torch paths, which
+    compute in fp64 (the kernels compute in fp32)."""
+    if seq_len == 1 and stateful:
         return "recurrent"
     return "triton" if kernels_apply(q) else "parallel"
 
@@ -147,7 +168,7 @@ def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:
         )
 
 
-def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute,
+def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute, eps: float,
                  scan: bool = True) -> RAMState:
     if not isinstance(state, tuple) or len(state) != 3:
         raise ValueError("initial_state must be a RAMState or a tuple (S, z, offset)")
@@ -169,6 +190,11 @@ def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.T
     if scan:
         check_finite("initial_state.S", S)
         check_finite("initial_state.z", z)
+        # Reads divide by z + eps: every state the op returns has z > 0 (it starts at 1/M and each write adds
+        # w > 0 to a decayed, still positive z), and a z + eps <= 0 would make the output non-finite.
+        if bool((z + eps <= 0).any()):
+            raise ValueError(f"initial_state.z must be > -eps = {-eps} (the reads divide by z + eps; the op's states "
+                             f"have z > 0), got min {z.min().item()}")
     if bool((offset < 0).any()):
         raise ValueError("initial_state.offset must be >= 0")
     return RAMState(S.to(compute), z.to(compute), offset)

@@ -57,9 +57,11 @@ def parallel_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, out
 
     h0 = miss_rows = None
     if initial_state is not None:
-        h0 = init_flat[stream.state_rows(w_slot, w_step)].view(-1, width)
+        # reshape, not view: rows gathered by an index follow its strides, and by_row's reshape of the read
+        # slots stays a transposed view when it can (K = 1 with several heads), a fuzz-found failure.
+        h0 = init_flat[stream.state_rows(w_slot, w_step)].reshape(-1, width)
         r_slot = by_row(stream.read_idx).reshape(rows, events)
-        miss_rows = init_flat[stream.state_rows(r_slot, torch.arange(events, device=device) // topk)].view(-1, width)
+        miss_rows = init_flat[stream.state_rows(r_slot, torch.arange(events, device=device) // topk)].reshape(-1, width)
     v_ext = torch.cat([by_row(v), v.new_ones(rows, seq_len, 1)], dim=-1).view(rows * seq_len, width)
     o, h = segment_pdma(
         by_row(stream.decay).reshape(rows, events).gather(1, w_src).view(-1),

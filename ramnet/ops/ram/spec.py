@@ -34,8 +34,6 @@ def build_spec(heads: int, d_k: int, *, num_partitions: int, topk: int, gamma=1.
     gamma_h = per_head("gamma", gamma, heads, dtype, device)
     if not bool(torch.isfinite(gamma_h).all()) or bool((gamma_h < 0).any()):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    if isinstance(cape, torch.Tensor) and cape.dtype != torch.bool:
-        raise ValueError(f"cape must be a bool or a bool tensor of shape [H], got dtype {cape.dtype}")
     return RAMSpec(
         num_partitions=int(num_partitions),
         partition_dim=d_p,

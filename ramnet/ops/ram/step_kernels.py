@@ -82,10 +82,10 @@ def fused_step_kernel(
     b, h = row // num_heads, row % num_heads
     lane = tl.arange(0, 2)
     row_ptr = tl.where(lane == 0, k + b * k_b + h * k_h, q + b * q_b + h * q_h)
-    score, index = beam_topk_rows(row_ptr, lane < 2, tau, U, DP, DP_PAD, K, KP, KPB, KB, INDEX_64, UNROLL, 2)
+    log_w, index = beam_topk_rows(row_ptr, lane < 2, tau, U, DP, DP_PAD, K, KP, KPB, KB, INDEX_64, UNROLL, 2)
     # CAPE: the slot moves by the token's position on the heads that use it, (m - pos) mod M.
     index = cape_shift_slots(index, tl.where(tl.load(cape + h) != 0, tl.load(offset + b) % M, 0), M)
-    weight = tl.exp(score)
+    weight = tl.exp(log_w)
     is_write = lane[None, :] == 0
     live = tl.arange(0, KB) < K_OUT
     w_idx = tl.where(live, tl.sum(tl.where(is_write, index, 0), axis=1), -1).to(tl.int64)
