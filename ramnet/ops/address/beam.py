@@ -1,4 +1,4 @@
-"""Exact top-K of the product softmax by log-domain beam search (spec section 2).
+"""Exact top-K of the product softmax by log-domain beam search (docs/ops.md).
 
 ``log rho[m] = sum_u log p_u[m_u]`` is a sum of per-partition terms, so the K best full addresses
 only ever extend the K best prefixes with one of the K best entries of the next partition: keeping

@@ -1,4 +1,4 @@
-"""CAPE on sparse addresses (spec section 3).
+"""CAPE on sparse addresses (docs/ops.md).
 
 ``[P_t(a)]_i = a[(i + t) mod M]`` moves a slot ``j`` chosen at step ``t`` to ``(j - t) mod M``;
 applying it to both write and read addresses makes matches depend on ``t - t'`` only.

@@ -1,4 +1,4 @@
-"""The PDMA decay ``(1 - w) ** gamma`` with the paper's proxy gradient (spec section 4).
+"""The PDMA decay ``(1 - w) ** gamma`` with the paper's proxy gradient (docs/ops.md).
 
 The forward value is the exact power. The backward uses the derivative of the smoothed
 ``(pe + (1 - pe)(1 - w)) ** gamma``, which stays finite as w -> 1 when gamma < 1 (the exact

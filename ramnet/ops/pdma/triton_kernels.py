@@ -1,5 +1,5 @@
 """Jit code of segment-sorted PDMA (launched by ``triton.py`` beside it): kernels that walk the events
-one at a time (spec section 7).
+one at a time (docs/kernels.md).
 
 The recurrence and event stream are the parallel path's (a row's 2K events per token sorted by
 (sequence, slot), ``h_e = a_e h_{e-1} + b_e`` over ``h = [S, z]``, ``a = 0`` at a segment start,

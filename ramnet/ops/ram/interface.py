@@ -34,7 +34,7 @@ def ram_attention(
     mode: str | None = None,
     inplace_state: bool = False,
 ):
-    """RAM attention (RAM-Net, spec sections 2-4).
+    """RAM attention (RAM-Net: the address decoder, CAPE and PDMA of docs/ops.md).
 
     Args:
         q, k: ``[B, T, H, d_k]``; ``d_k`` splits into ``num_partitions`` (U) parts of ``d_p``, giving

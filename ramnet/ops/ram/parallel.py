@@ -1,4 +1,4 @@
-"""The training path: segment-based PDMA (spec section 7), no Python loop over time.
+"""The training path: segment-based PDMA (docs/kernels.md), no Python loop over time.
 
 Per (batch row, head), every token makes K write events and K read events. Sorting the events by
 (sequence, slot) with a stable sort keeps them in time order inside each slot, writes before reads
