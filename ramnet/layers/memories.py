@@ -87,6 +87,10 @@ class RAMMemory:
         # (the op's recurrent path only, without autograd).
         inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.mode in (None, "recurrent")
                    and not torch.is_grad_enabled())
+        if output_final_state:
+            # The state will be decoded from: the step's spec is built now, eagerly, so that a compiled
+            # decoding step finds it instead of adding it (a change that would make torch.compile trace again).
+            self.spec(q, inplace_state=True)
         return run_ram_attention(q, k, v, self.spec(q, inplace), initial_state=state,
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                  mode="recurrent" if inplace else self.mode)

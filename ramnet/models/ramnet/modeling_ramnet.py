@@ -13,7 +13,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ...layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ...layers.ram_attention import RAMProjections
 from ...layers.short_conv import ShortConvolution
-from ..cache import RAMNetCache
+from ..cache import RAMNetCache, RAMNetStaticCache, static_cache_supported
 from .configuration_ramnet import RAMNetConfig
 
 
@@ -223,6 +223,44 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         # `generate` would otherwise pre-build a key/value DynamicCache; returning False leaves the
         # cache to the first forward, which creates a RAMNetCache (as with use_cache outside generate).
         return False
+
+    def new_cache(self, cache_implementation: str | None = None) -> RAMNetCache:
+        """The cache `generate` decodes with. `"static"`: a `RAMNetStaticCache` (fixed buffers, RAM layers
+        only), `"dynamic"`: a `RAMNetCache`; None (the default): static on CUDA when every mixer is a RAM
+        layer, where `generate` then captures each decoding step in a CUDA graph (its auto-compilation
+        of a model with an `is_compileable` cache), else dynamic."""
+        if cache_implementation not in (None, "static", "dynamic"):
+            raise ValueError(f"cache_implementation must be None, 'static' or 'dynamic' for RAM-Net, got "
+                             f"{cache_implementation!r}")
+        if cache_implementation is None:
+            static = self.device.type == "cuda" and static_cache_supported(self.config)
+            cache_implementation = "static" if static else "dynamic"
+        return RAMNetStaticCache(self.config) if cache_implementation == "static" else RAMNetCache()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # transformers builds its own caches here (a StaticCache of keys and values for "static"); RAM-Net
+        # provides its own, under the cache argument's name in this transformers release.
+        implementation = generation_config.cache_implementation
+        if (model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False
+                and implementation in (None, "static", "dynamic")):
+            model_kwargs[CACHE_FIELD] = self.new_cache(implementation)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        ids = inputs.get("input_ids")
+        if not is_first_iteration and ids is not None and ids.shape[1] == 1:
+            # A decoding step feeds the token generate just chose: always a real token, so the padding
+            # mask has nothing to say about it (a left-padded prompt's padding is in the cached state's
+            # positions already). Dropped, the step does not read the mask on the host.
+            inputs["attention_mask"] = None
+        return inputs
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        # With an `is_compileable` cache, generate turns the 2-D padding mask into 4-D attention masks
+        # (for key/value caches) through this method; RAM-Net's layers take the 2-D mask itself.
+        return attention_mask
 
     @can_return_tuple
     def forward(
