@@ -28,8 +28,9 @@ class RAMNetCacheLayer:
     """The recurrent state of one layer (a `RAMState`, or DeltaNet's fast weights in a hybrid layer) and
     the `KVWindow` of hybrid and attention layers; each is `None` until the layer stores one."""
 
-    # The state replaces itself on every step (and starts as None), so there is no static buffer
-    # for torch.compile/cudagraphs to reuse, and no past copy to roll back to.
+    # The state is whatever the layer stores (None until then, a new tensor after every prompt, a
+    # window that grows and shrinks), so there is no fixed buffer for torch.compile/cudagraphs to
+    # reuse (RAMNetStaticCacheLayer has them), and no past copy to roll back to.
     is_compileable = False
     is_croppable = False
     supports_early_init = False
@@ -166,8 +167,9 @@ class RAMNetStaticCacheLayer(RAMNetCacheLayer):
             self.conv_history = None if conv_history is None else _static(conv_history.clone())
             self.length = _static(torch.zeros((), dtype=torch.long, device=state.S.device))
         else:
-            self.state = RAMState(*(_assign(buffer, new, "state") for buffer, new in zip(self.state, state)))
-            if conv_history is not None:
+            if state is not self.state:  # a decoding step stores the buffers it updated: nothing to copy
+                self.state = RAMState(*(_assign(buffer, new, "state") for buffer, new in zip(self.state, state)))
+            if conv_history is not None:  # the convolution's history is a new tensor after every call
                 self.conv_history = _assign(self.conv_history, conv_history, "conv_history")
         self.length.add_(num_new_tokens)
 

@@ -173,9 +173,14 @@ def test_decoding_steps_get_no_padding_mask(monkeypatch):
 
 
 @pytest.mark.usefixtures("torch_step")
-def test_new_cache_choices():
+def test_new_cache_choices(monkeypatch):
     model = _model()
-    assert type(model.new_cache()) is RAMNetCache  # on the CPU; on CUDA RAMNetStaticCache
+    assert type(model.new_cache()) is RAMNetCache  # on the CPU
+    with monkeypatch.context() as patch:  # on CUDA the static cache is the default (buffers come at the first write)
+        patch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+        assert type(model.new_cache()) is RAMNetStaticCache
+        hybrid = _model(mixer_types=["ramnet", "hybrid", "ramnet"])
+        assert type(hybrid.new_cache()) is RAMNetCache  # a hybrid keeps windows: no static cache for it
     assert type(model.new_cache("dynamic")) is RAMNetCache
     assert type(model.new_cache("static")) is RAMNetStaticCache
     with pytest.raises(ValueError, match="cache_implementation"):
