@@ -85,7 +85,7 @@ class RAMMemory:
         checks them but the hyper-parameters are not checked again on every call."""
         # Decoding: update the K touched rows of the cached state instead of copying all M
         # (the op's recurrent path only, without autograd).
-        inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.mode in (None, "recurrent")
+        inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.steps_in_place
                    and not torch.is_grad_enabled())
         if output_final_state:
             # The state will be decoded from: the step's spec is built now, eagerly, so that a compiled

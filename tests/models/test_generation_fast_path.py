@@ -191,3 +191,13 @@ def test_new_cache_choices(monkeypatch):
     with pytest.raises(ValueError, match="mixer_types"):
         hybrid.generate(random_ids(1, 3), max_new_tokens=2, cache_implementation="static")
     assert hybrid.generate(random_ids(1, 3), max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+@pytest.mark.usefixtures("torch_step")
+@torch.no_grad()
+def test_generate_from_inputs_embeds_still_works():
+    # prepare_inputs_for_generation is overridden: generate still finds inputs_embeds in its signature
+    model = _model()
+    ids = random_ids(2, 5)
+    from_embeds = model.generate(inputs_embeds=model.model.embed_tokens(ids), max_new_tokens=3, do_sample=False)
+    assert torch.equal(from_embeds, model.generate(ids, max_new_tokens=3, do_sample=False)[:, 5:])

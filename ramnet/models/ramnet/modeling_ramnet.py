@@ -247,8 +247,12 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
             return
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None,
+                                      is_first_iteration: bool | None = False, **kwargs):
+        # inputs_embeds named: generate looks for it in this signature before it accepts inputs_embeds.
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                       inputs_embeds=inputs_embeds,
+                                                       is_first_iteration=is_first_iteration, **kwargs)
         ids = inputs.get("input_ids")
         if not is_first_iteration and ids is not None and ids.shape[1] == 1:
             # A decoding step feeds the token generate just chose: always a real token, so the padding
