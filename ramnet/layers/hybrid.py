@@ -1,4 +1,4 @@
-"""``HybridRAMAttention``: the hybrid quadratic-linear memory (spec section 9; Irie, Yau, Gershman 2025)."""
+"""``HybridRAMAttention``: the hybrid quadratic-linear memory (Irie, Yau, Gershman 2025; docs/models.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ FAST_WEIGHTS = ("ramnet", "deltanet")
 
 
 class HybridRAMAttention(RAMProjections):
-    """One token mixer, two memories (spec section 9), with flash-linear-attention's signature.
+    """One token mixer, two memories (the hybrid paper's), with flash-linear-attention's signature.
 
     One set of q, k, v projections feeds two memories: a KV memory (causal sliding-window softmax
     attention with RoPE) and a fast-weight (FW) memory (RAM-Net, or DeltaNet to reproduce the

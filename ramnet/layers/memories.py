@@ -20,7 +20,10 @@ from ..ops.address import cape_shift
 from ..ops.checks import check_choice, check_int, compute_dtype
 from ..ops.ram.common import run_per_sequence
 from ..ops.ram.interface import PATHS, run_ram_attention
+from ..ops.ram.recurrent import recurrent_forward
 from ..ops.ram.spec import RAMSpec, build_spec
+from ..ops.ram.step import ram_decode_step
+from ..ops.triton_support import triton_runs_on
 
 
 class RAMMemory:
@@ -59,8 +62,14 @@ class RAMMemory:
         key = (like.device, compute_dtype(like.dtype), inplace_state)
         if key not in self._specs:
             base = self._spec
-            self._specs[key] = replace(base, gamma=base.gamma.to(like.device, key[1]), cape=base.cape.to(like.device),
-                                       inplace_state=inplace_state)
+            spec = replace(base, gamma=base.gamma.to(like.device, key[1]), cape=base.cape.to(like.device),
+                           inplace_state=inplace_state)
+            # The spec's tensors never change: marked static, a CUDA graph of the decode step
+            # (torch.compile's cudagraphs) reads them in place instead of copying them in each replay.
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(spec.gamma)
+                torch._dynamo.mark_static_address(spec.cape)
+            self._specs[key] = spec
         return self._specs[key]
 
     def empty(self, batch: int, like: torch.Tensor) -> RAMState:
@@ -75,11 +84,41 @@ class RAMMemory:
         checks them but the hyper-parameters are not checked again on every call."""
         # Decoding: update the K touched rows of the cached state instead of copying all M
         # (the op's recurrent path only, without autograd).
-        inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.mode in (None, "recurrent")
+        inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.steps_in_place
                    and not torch.is_grad_enabled())
+        if output_final_state:
+            # The state will be decoded from: the step's spec is built now, eagerly, so that a compiled
+            # decoding step finds it instead of adding it (a change that would make torch.compile trace again).
+            self.spec(q, inplace_state=True)
         return run_ram_attention(q, k, v, self.spec(q, inplace), initial_state=state,
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                  mode="recurrent" if inplace else self.mode)
+
+    @property
+    def steps_in_place(self) -> bool:
+        """Whether ``step`` serves this memory's one-token decoding steps: for ``mode`` None, "triton"
+        and "recurrent"; "naive" and "parallel" (reference paths, chosen to check the others) keep
+        the validated op for every call."""
+        return self.mode in (None, "triton", "recurrent")
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RAMState) -> torch.Tensor:
+        """One decoding token per sequence, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``state`` (S, z in
+        the compute dtype, offset) is updated in place, ``offset += 1`` included; returns ``o [B, H,
+        d_v]`` in v's dtype. The op's semantics, without its checks: the state is one the op made
+        (the prefill) or a cache allocated from it, q, k and v come from the layer's projections,
+        and the spec was checked once, when this memory was built. So nothing here reads a tensor's
+        values on the host, and one step can be captured in a CUDA graph.
+
+        Where Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1) and ``mode`` is not
+        "recurrent": ``ram_decode_step``, the fused kernel. Otherwise the op's recurrent path, one
+        step in place (on the CPU the torch step; on CUDA the Triton decoder and step kernel)."""
+        spec = self.spec(q, inplace_state=True)
+        if self.mode != "recurrent" and triton_runs_on(q.device):
+            return ram_decode_step(q, k, v, state, spec)
+        compute = state.S.dtype
+        o, _ = recurrent_forward(q[:, None].to(compute), k[:, None].to(compute), v[:, None].to(compute), spec, state,
+                                 True, None)
+        return o[:, 0].to(v.dtype)
 
     def read(self, q: torch.Tensor, positions: torch.Tensor, state: RAMState, rows: torch.Tensor) -> torch.Tensor:
         """Read ``q [N, H, d_k]`` (CAPE at ``positions [N]``) from the states of ``rows [N]``:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..accounting import ram_state
 from ..ops.checks import check_int
 from ..ops.ram.spec import DEFAULT_PROXY_EPS
+from .layer_cache import read_layer_cache, write_layer_cache
 from .memories import RAMMemory
 from .padding import check_hidden_states, pack, real_tokens, unpack
 from .short_conv import ShortConvolution
@@ -60,7 +61,7 @@ class RAMProjections(nn.Module):
 
 
 class RAMAttention(RAMProjections):
-    """RAM-Net's token mixer (spec section 5): q, k, v projections, K-hot addresses over
+    """RAM-Net's token mixer (docs/models.md): q, k, v projections, K-hot addresses over
     ``M = partition_dim ** num_partitions`` slots, PDMA memory, output projection.
 
     ``cape`` switches CAPE on for all heads (True), none (False) or per head (a sequence of
@@ -72,9 +73,12 @@ class RAMAttention(RAMProjections):
     (``ShortConvolution``, causal and depthwise); ``output_gate`` multiplies the per-head
     RMS-normalised read by ``silu(g_proj(x))`` before ``o_proj``, as Gated DeltaNet's gated output norm.
 
-    With a cache, a one-token step under ``torch.no_grad()`` (no padding in the step, ``mode``
-    None or "recurrent") updates the cached state in place; the convolution's last inputs are
-    cached beside it.
+    The cache is a ``RAMNetCache`` or flash-linear-attention's ``Cache`` (``layer_cache``). With one,
+    ``use_cache`` and a state cached, a one-token step under ``torch.no_grad()`` (no padding in the
+    step, ``mode`` None, "triton" or "recurrent") updates the cached state in place through
+    ``RAMMemory.step``: the fused Triton step kernel where Triton runs, else the torch recurrent
+    step; no checks, no host synchronisation. The prompt goes through the op (its training paths)
+    with ``output_final_state``. The convolution's last inputs are cached beside the state.
     """
 
     def __init__(
@@ -128,17 +132,22 @@ class RAMAttention(RAMProjections):
     ):
         batch, seq_len = check_hidden_states(hidden_states, self.hidden_size)
         keep = real_tokens(attention_mask, batch, seq_len)
-        state = past_key_values.get_state(self.layer_idx) if past_key_values is not None else None
-        history = past_key_values.get_conv_history(self.layer_idx) if past_key_values is not None else None
+        state, history = read_layer_cache(past_key_values, self.layer_idx)
         q, k, v, history = self.project(hidden_states, keep, history)
-        cu_seqlens = None
-        if keep is not None:  # drop padding: pack the real tokens as variable-length sequences
-            (q, k, v), cu_seqlens = pack(keep, q, k, v)
-        o, new_state = self.memory.run(q, k, v, None, state, cu_seqlens, use_cache)
-        if keep is not None:  # padded positions output zeros
-            o = unpack(o, keep)
+        if (use_cache and state is not None and seq_len == 1 and keep is None and self.memory.steps_in_place
+                and not torch.is_grad_enabled()):
+            # A decoding step: the cached state is updated in place, with no checks and no host
+            # synchronisation (RAMMemory.step), so that the step can be captured in a CUDA graph.
+            o, new_state = self.memory.step(q[:, 0], k[:, 0], v[:, 0], state)[:, None], state
+        else:  # the prompt (prefill), training, padded steps: the validated op
+            cu_seqlens = None
+            if keep is not None:  # drop padding: pack the real tokens as variable-length sequences
+                (q, k, v), cu_seqlens = pack(keep, q, k, v)
+            o, new_state = self.memory.run(q, k, v, None, state, cu_seqlens, use_cache)
+            if keep is not None:  # padded positions output zeros
+                o = unpack(o, keep)
         if use_cache and past_key_values is not None:
-            past_key_values.update_state(self.layer_idx, new_state, num_new_tokens=seq_len, conv_history=history)
+            write_layer_cache(past_key_values, self.layer_idx, new_state, history, seq_len)
         if self.g_proj is not None:
             gate = self.g_proj(hidden_states).view(batch, seq_len, self.num_heads, self.head_v_dim)
             o = self.o_norm(o) * F.silu(gate)

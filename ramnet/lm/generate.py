@@ -1,24 +1,30 @@
-"""Streaming generation, for any family of `ramnet train`. The prompt is read in one parallel pass;
-then each new token is one step. For RAM-Net that step reads and writes K slots per head of a
-fixed-size state (`RAMNetCache`), so the memory and the time per token do not grow with the context,
-unlike a Transformer's KV cache (fla's models keep a fixed-size state too)."""
+"""Streaming generation, for any family of `ramnet train`, through transformers' `model.generate` (its
+sampling, stop tokens and caches) with a `TextIteratorStreamer` in another thread handing out the tokens
+as they come. The prompt is read in one parallel pass; then each new token is one step. For RAM-Net
+that step reads and writes K slots per head of a fixed-size state, so the memory and the time per token
+do not grow with the context, unlike a Transformer's KV cache (fla's models keep a fixed-size state too).
+A RAM-Net model decodes with its cache's fused step; with the static cache (`RAMNetForCausalLM.new_cache`)
+`generate` replays each step as a CUDA graph on CUDA."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import Cache, DynamicCache
+from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from ..models import RAMNetCache, RAMNetConfig
+from ..models import RAMNetConfig
+from ..models.ramnet.modeling_ramnet import CACHE_FIELD
 
 
 def new_cache(model) -> Cache:
-    """An empty cache of the kind `model` makes for itself: RAM-Net's `RAMNetCache`, fla's `Cache`, or
+    """An empty cache of the kind `model` generates with: RAM-Net's own (`RAMNetForCausalLM.new_cache`'s
+    default), fla's `Cache`, or
     transformers' `DynamicCache` (Transformer++)."""
     if model.config.model_type == RAMNetConfig.model_type:
-        return RAMNetCache()
+        return model.new_cache()
     if type(model).__module__.startswith("fla."):
         from fla.models.utils import Cache as FLACache
 
@@ -40,25 +46,9 @@ def state_bytes(cache: Cache) -> int:
     return sum(_tensor_bytes(list(vars(layer).values())) for layer in getattr(cache, "layers", []))
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from `[vocab]` logits: greedy at temperature 0, else from the tempered distribution
-    restricted to the `top_k` most likely tokens (0: all) and to the nucleus of mass `top_p`."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
-    probs = logits.softmax(-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # tokens after the nucleus is already full
-        probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0))
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def check_sampling(temperature: float, top_k: int, top_p: float, names: dict[str, str] | None = None) -> None:
-    """Refuses sampling settings that `sample` cannot use; `names` maps the argument names to how the
-    messages call them (the command line's --top-p, ...)."""
+    """Refuses sampling settings that `sampling_settings` cannot map; `names` maps the argument names to
+    how the messages call them (the command line's --top-p, ...)."""
     name = (names or {}).get
     if not temperature >= 0:  # NaN too
         raise ValueError(f"{name('temperature', 'temperature')} must be >= 0 (0: greedy), got {temperature}")
@@ -68,7 +58,102 @@ def check_sampling(temperature: float, top_k: int, top_p: float, names: dict[str
         raise ValueError(f"{name('top_k', 'top_k')} must be >= 0 (0: no top-k filter), got {top_k}")
 
 
-@torch.no_grad()
+def sampling_settings(temperature: float, top_k: int, top_p: float) -> dict:
+    """`generate`'s arguments for these options: greedy at temperature 0, else sampling from the tempered
+    distribution restricted to the `top_k` most likely tokens (0: all) and to the nucleus of mass `top_p`
+    (1: all). A filter that is off is None, so that no default of the model's generation config applies."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    return dict(do_sample=True, temperature=float(temperature), top_k=top_k or None, top_p=top_p if top_p < 1 else None)
+
+
+class TokenStreamer(TextIteratorStreamer):
+    """`TextIteratorStreamer` (the queue between `generate`'s thread and the caller, an iterator that ends
+    with the generation) handing out every new token as `(token, text)`: the text that the token
+    completes ('' while it ends inside a character), from a `DecodeStream` primed with the prompt so
+    that the first token decodes in context (a leading space); None without a tokenizer.
+    `TextIteratorStreamer` itself holds text back to word boundaries, which would leave the caller
+    no count of the tokens and no way to stop at one."""
+
+    def __init__(self, tokenizer=None, prompt_ids: list[int] = (), timeout: float | None = None):
+        super().__init__(tokenizer, skip_prompt=True, timeout=timeout)
+        self._decoder = None if tokenizer is None else DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.next_tokens_are_prompt:  # generate's first call hands over the prompt
+            self.next_tokens_are_prompt = False
+            return
+        for token in value.reshape(-1).tolist():  # one sequence: one token per call
+            text = None if self._decoder is None else self._decoder.step(self.tokenizer.backend_tokenizer, token) or ""
+            self.text_queue.put((token, text), timeout=self.timeout)
+
+    def end(self) -> None:
+        self.text_queue.put(self.stop_signal, timeout=self.timeout)
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops `generate` once the caller has stopped reading (it left the loop, or an error came)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def check_prompt(prompt_ids: list[int]) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: generation needs at least one token to continue from")
+
+
+def _stream(model, prompt_ids: list[int], tokenizer, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+            seed: int | None, eos_token_id: int | None, cache: Cache | None) -> Iterator[tuple[int, str | None]]:
+    """`(token, text)` for every new token of `model.generate`, run in a thread; stops before `eos_token_id`."""
+    check_prompt(prompt_ids)
+    settings = sampling_settings(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    # Any pad id will do for one sequence; given, generate does not warn that it picked one itself.
+    pad = next((p for p in (model.generation_config.pad_token_id, eos_token_id) if p is not None), 0)
+    streamer = TokenStreamer(tokenizer, prompt_ids)
+    cancelled = threading.Event()
+    errors: list[BaseException] = []
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                  pad_token_id=pad, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
+                  **settings)
+    if cache is not None:
+        kwargs[CACHE_FIELD] = cache
+
+    def run():
+        try:
+            # A seed draws this generation's samples only: the caller's random state is restored after.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model.generate(ids, **kwargs)
+        except BaseException as error:  # handed to the caller's thread, which raises it
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=run, name="ramnet-generate", daemon=True)
+    thread.start()
+    try:
+        for token, text in streamer:
+            if token == eos_token_id:
+                break
+            yield token, text
+    finally:
+        cancelled.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def generate_ids(
     model,
     prompt_ids: list[int],
@@ -80,34 +165,25 @@ def generate_ids(
     eos_token_id: int | None = None,
     cache: Cache | None = None,
 ) -> Iterator[int]:
-    """Yields new token ids one at a time (stops after `max_new_tokens` or at `eos_token_id`).
-    Pass a `cache` (`new_cache(model)`) to inspect the state while generating."""
-    if not prompt_ids:
-        raise ValueError("the prompt must have at least one token")
-    check_sampling(temperature, top_k, top_p)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = new_cache(model) if cache is None else cache
-    ids = torch.tensor([prompt_ids], device=device)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-        token = sample(logits, temperature, top_k, top_p, generator)
-        if token == eos_token_id:
-            return
+    """Yields new token ids one at a time (stops after `max_new_tokens` or at `eos_token_id`, which is
+    not yielded). Pass a `cache` (`new_cache(model)`) to inspect the state while generating."""
+    for token, _ in _stream(model, prompt_ids, None, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                            cache):
         yield token
-        ids = torch.tensor([[token]], device=device)
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop_at_eos: bool = True, cache: Cache | None = None, **sampling) -> Iterator[str]:
+def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, stop_at_eos: bool = True, cache: Cache | None = None,
+                temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> Iterator[str]:
     """Yields, for every new token, the text that it completes ('' while it ends inside a character).
 
     The prompt is preceded by the BOS token when the tokenizer has one: in training data every
-    document follows an EOS/BOS, so this is how the model has seen texts begin."""
+    document follows an EOS/BOS, so this is how the model has seen texts begin (and an empty prompt
+    starts from it). Without a BOS token an empty prompt is refused."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    # Primed with the prompt, so the first new token decodes in context (e.g. a leading space).
-    decoder = DecodeStream(ids=prompt_ids, skip_special_tokens=True)
+    elif not prompt_ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from: give a prompt")
     eos = tokenizer.eos_token_id if stop_at_eos else None
-    for token in generate_ids(model, prompt_ids, max_new_tokens, eos_token_id=eos, cache=cache, **sampling):
-        yield decoder.step(tokenizer.backend_tokenizer, token) or ""
+    for _, text in _stream(model, prompt_ids, tokenizer, max_new_tokens, temperature, top_k, top_p, seed, eos, cache):
+        yield text

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 from lm_helpers import one_thread, prepared_data, tiny_config, write_corpus  # noqa: F401  (autouse fixture)
 
 from ramnet.cli import main
 from ramnet.lm.evaluate import load, perplexity, stream_nll, windows
-from ramnet.lm.generate import generate_ids, sample, state_bytes, stream_text
+from ramnet.lm.generate import generate_ids, sampling_settings, state_bytes, stream_text
 from ramnet.lm.train import train
 from ramnet.models import RAMNetCache
 
@@ -75,14 +76,47 @@ def test_generation_is_greedy_consistent_with_hf_generate_and_keeps_a_constant_s
     assert text == "".join(stream_text(model, tok, "The for statement", 30, temperature=0.8, seed=1, top_k=20, top_p=0.9))
 
 
-def test_sampling_filters():
-    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert sample(logits, 0, 0, 1.0, None) == 3
-    g = torch.Generator().manual_seed(0)
-    assert {sample(logits, 1.0, 2, 1.0, g) for _ in range(50)} == {2, 3}
-    assert {sample(logits, 1.0, 0, 0.5, g) for _ in range(50)} == {3}  # p(3) = 0.64 fills the nucleus
+def test_sampling_settings_and_filters(ckpt):
+    # generate's own sampler now (the hand-written one is gone): the options map onto its arguments,
+    # a filter that is off is None, and filters that keep one token leave the greedy tokens.
+    assert sampling_settings(0, 50, 0.9) == dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    assert sampling_settings(0.7, 0, 1.0) == dict(do_sample=True, temperature=0.7, top_k=None, top_p=None)
+    assert sampling_settings(1, 2, 0.5) == dict(do_sample=True, temperature=1.0, top_k=2, top_p=0.5)
+    model, tok = load(ckpt, torch.device("cpu"))
+    prompt = tok("Return", add_special_tokens=False).input_ids
+    greedy = list(generate_ids(model, prompt, 6, temperature=0))
+    assert list(generate_ids(model, prompt, 6, temperature=1.0, top_k=1, seed=3)) == greedy
+    assert list(generate_ids(model, prompt, 6, temperature=1.0, top_k=0, top_p=1e-6, seed=4)) == greedy
+    assert list(generate_ids(model, prompt, 0)) == []
     with pytest.raises(ValueError, match="temperature"):
         next(generate_ids(None, [1], 1, temperature=-1))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        next(generate_ids(model, [], 1))
+
+
+def test_stopping_early_and_errors_in_the_generation_thread(ckpt):
+    model, tok = load(ckpt, torch.device("cpu"))
+    prompt = tok("Return", add_special_tokens=False).input_ids
+    greedy = list(generate_ids(model, prompt, 8, temperature=0))
+    # the first greedy token as the stop token: nothing comes out, and the stop token never does
+    assert list(generate_ids(model, prompt, 8, temperature=0, eos_token_id=greedy[0])) == []
+    later = greedy[3]
+    stopped = list(generate_ids(model, prompt, 8, temperature=0, eos_token_id=later))
+    assert stopped == greedy[: greedy.index(later)]
+    tokens = generate_ids(model, prompt, 1000, temperature=0)
+    assert next(tokens) == greedy[0]
+    tokens.close()  # leaving early stops the generation thread, and returns once it has stopped
+    with pytest.raises(TypeError, match="RAMNetCache"):  # raised in generate's thread, re-raised here
+        next(generate_ids(model, prompt, 3, cache=DynamicCache()))
+
+
+def test_an_empty_prompt_starts_from_bos_or_is_refused(ckpt):
+    model, tok = load(ckpt, torch.device("cpu"))
+    assert tok.bos_token_id is not None  # the project's tokenizers: <|endoftext|>, as every document follows one
+    assert len(list(stream_text(model, tok, "", 3, temperature=0))) == 3
+    tok.bos_token = None
+    with pytest.raises(ValueError, match="the prompt is empty and the tokenizer has no BOS token"):
+        next(stream_text(model, tok, "", 3))
 
 
 def test_command_lines(ckpt, tmp_path, capsys, monkeypatch):

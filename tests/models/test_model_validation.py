@@ -21,6 +21,18 @@ def test_ids_outside_the_vocabulary(model, bad):
         model(ids)
 
 
+def test_a_one_token_prompt_through_generate_is_checked_and_a_decoding_step_reads_nothing(model, monkeypatch):
+    with pytest.raises(ValueError, match=rf"got the id {VOCAB}"):
+        model.generate(torch.tensor([[VOCAB]]), max_new_tokens=2, do_sample=False)
+    from ramnet.models.ramnet import modeling_ramnet
+
+    calls = []
+    real = modeling_ramnet.check_token_ids
+    monkeypatch.setattr(modeling_ramnet, "check_token_ids", lambda ids, v: (calls.append(ids.shape), real(ids, v)))
+    model.generate(random_ids(1, 3), max_new_tokens=4, do_sample=False)
+    assert calls == [(1, 3), (1, 3)]  # the prompt, in prepare_inputs_for_generation and the forward; no step
+
+
 def test_ids_at_the_ends_of_the_vocabulary_are_taken(model):
     model(torch.tensor([[0, VOCAB - 1]]))
 

@@ -89,6 +89,18 @@ def test_beam_and_dense_follow_the_rule(num_partitions, d_p, topk, dtype, kind):
     assert got == [sorted(row) for row in want]
 
 
+@pytest.mark.parametrize("num_partitions, d_p, topk", [(2, 4, 5), (3, 3, 7)])
+def test_beam_follows_the_rule_when_traced(num_partitions, d_p, topk):
+    """Traced (a compiled decoding step), the beam redoes every row without reading the device and
+    keeps the tied rows' redone positions: the same slots as eagerly."""
+    x = grid_inputs(40, num_partitions, d_p, seed=7)
+    torch._dynamo.reset()
+    traced = torch.compile(beam_topk, fullgraph=True, backend="eager")(x, num_partitions, topk, 1.0)
+    torch._dynamo.reset()
+    assert traced[0].tolist() == rule_topk(x, num_partitions, topk)
+    torch.testing.assert_close(traced[1], beam_topk(x, num_partitions, topk, 1.0)[1])
+
+
 @needs_triton
 @pytest.mark.parametrize("num_partitions, d_p, topk", CASES)
 @pytest.mark.parametrize("with_shift", [False, True])

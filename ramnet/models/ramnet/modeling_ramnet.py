@@ -14,7 +14,7 @@ from ...layers import HybridRAMAttention, RAMAttention, SlidingWindowAttention
 from ...layers.padding import real_tokens
 from ...layers.ram_attention import RAMProjections
 from ...layers.short_conv import ShortConvolution
-from ..cache import RAMNetCache
+from ..cache import RAMNetCache, RAMNetStaticCache, static_cache_supported
 from .configuration_ramnet import RAMNetConfig
 
 
@@ -27,6 +27,11 @@ logger = logging.get_logger(__name__)
 # 4.95). Small rather than zero: at zero no gradient would reach anything before the norm (the
 # projections, the memories, the mix) until the gain itself had moved.
 HYBRID_O_NORM_INIT_GAIN = 0.02
+
+# Whether `generate` on CUDA takes the static cache and its graph-captured step without being asked
+# (`cache_implementation="static"`). Off until tests/models/test_generation_cuda.py has passed on a GPU:
+# the compiled step launches the fused Triton kernel under dynamo, which has only been traced on CPU.
+STATIC_CACHE_BY_DEFAULT_ON_CUDA = False
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the
 # old name still works there, with a warning); 5.17, the GPU image's, knows only the old name.
@@ -195,7 +200,11 @@ class RAMNetModel(RAMNetPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = RAMNetCache()
 
-        hidden_states = self._embed(input_ids, inputs_embeds)
+        # The ids of a one-token step with a cache are not checked: that is generate's decoding step, whose
+        # token the model itself sampled, and the check would read the device (prepare_inputs_for_generation
+        # checks the prompt).
+        decoding = past_key_values is not None and input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+        hidden_states = self._embed(input_ids, inputs_embeds, check_ids=not decoding)
         if real_tokens(attention_mask, *hidden_states.shape[:2]) is None:  # the mask checked, once
             attention_mask = None  # no padding among the new tokens: spare every layer the check
         for layer in self.layers:
@@ -210,9 +219,11 @@ class RAMNetModel(RAMNetPreTrainedModel):
             last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
-    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+               check_ids: bool = True) -> torch.Tensor:
         """The input embeddings ``[B, T, hidden_size]``, from ``input_ids`` (checked against the
-        vocabulary) or ``inputs_embeds`` (checked for its shape); at least one token."""
+        vocabulary unless ``check_ids`` is False) or ``inputs_embeds`` (checked for its shape); at least
+        one token."""
         if inputs_embeds is not None:
             if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or (
                     inputs_embeds.shape[-1] != self.config.hidden_size):
@@ -230,10 +241,16 @@ class RAMNetModel(RAMNetPreTrainedModel):
                              "a prompt to generate from needs one too")
         if inputs_embeds is not None:
             return inputs_embeds
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got the id {bad}")
+        if check_ids:
+            check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_tokens(input_ids)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """``input_ids`` in ``[0, vocab_size)``, else a ValueError naming an id outside (one read of the device)."""
+    outside = (input_ids < 0) | (input_ids >= vocab_size)
+    if bool(outside.any()):
+        raise ValueError(f"input_ids must be in [0, vocab_size={vocab_size}), got the id {input_ids[outside][0].item()}")
 
 
 class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
@@ -259,6 +276,52 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
             raise ValueError(f"generate needs a prompt of at least one token, got {input_name} of shape "
                              f"{tuple(inputs.shape)}")
         return inputs, input_name, model_kwargs
+
+    def new_cache(self, cache_implementation: str | None = None) -> RAMNetCache:
+        """The cache `generate` decodes with. `"static"`: a `RAMNetStaticCache` (fixed buffers, RAM layers
+        only), with which `generate` captures each decoding step on CUDA in a CUDA graph (its
+        auto-compilation of a model with an `is_compileable` cache); `"dynamic"`: a `RAMNetCache`; None
+        (the default): dynamic, or static on CUDA when `STATIC_CACHE_BY_DEFAULT_ON_CUDA` is set and every
+        mixer is a RAM layer."""
+        if cache_implementation not in (None, "static", "dynamic"):
+            raise ValueError(f"cache_implementation must be None, 'static' or 'dynamic' for RAM-Net, got "
+                             f"{cache_implementation!r}")
+        if cache_implementation is None:
+            static = (STATIC_CACHE_BY_DEFAULT_ON_CUDA and self.device.type == "cuda"
+                      and static_cache_supported(self.config))
+            cache_implementation = "static" if static else "dynamic"
+        return RAMNetStaticCache(self.config) if cache_implementation == "static" else RAMNetCache()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # transformers builds its own caches here (a StaticCache of keys and values for "static"); RAM-Net
+        # provides its own, under the cache argument's name in this transformers release.
+        implementation = generation_config.cache_implementation
+        if (model_kwargs.get(CACHE_FIELD) is None and generation_config.use_cache is not False
+                and implementation in (None, "static", "dynamic")):
+            model_kwargs[CACHE_FIELD] = self.new_cache(implementation)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, inputs_embeds=None,
+                                      is_first_iteration: bool | None = False, **kwargs):
+        # inputs_embeds named: generate looks for it in this signature before it accepts inputs_embeds.
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                       inputs_embeds=inputs_embeds,
+                                                       is_first_iteration=is_first_iteration, **kwargs)
+        ids = inputs.get("input_ids")
+        if is_first_iteration and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            check_token_ids(ids, self.config.vocab_size)  # the prompt (the model skips a one-token step's)
+        if not is_first_iteration and ids is not None and ids.shape[1] == 1:
+            # A decoding step feeds the token generate just chose: always a real token, so the padding
+            # mask has nothing to say about it (a left-padded prompt's padding is in the cached state's
+            # positions already). Dropped, the step does not read the mask on the host.
+            inputs["attention_mask"] = None
+        return inputs
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        # With an `is_compileable` cache, generate turns the 2-D padding mask into 4-D attention masks
+        # (for key/value caches) through this method; RAM-Net's layers take the 2-D mask itself.
+        return attention_mask
 
     @can_return_tuple
     def forward(

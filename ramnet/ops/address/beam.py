@@ -75,6 +75,10 @@ def best_of(scores: torch.Tensor, index: torch.Tensor, keep: int) -> torch.Tenso
     are redone by sorting by index and then stably by score."""
     best, positions = scores.topk(keep, dim=-1)
     cut = (scores >= best[..., -1:]).sum(-1) > keep
+    if torch.compiler.is_compiling():  # a traced step (a CUDA graph) must not read the device: every row
+        by_index = index.sort(dim=-1).indices  # is redone and the tied ones take the redone positions
+        order = scores.gather(-1, by_index).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+        return torch.where(cut[..., None], by_index.gather(-1, order), positions)
     if bool(cut.any()):
         by_index = index[cut].sort(dim=-1).indices
         order = scores[cut].gather(-1, by_index).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
