@@ -42,6 +42,9 @@ BASELINES = {
     "sliding_window": {"mixer": {"name": "sliding_window", "kwargs": {"window": 64}}},
     "linear_attention": {"mixer": {"name": "linear_attention", "kwargs": {"feature_dim": 16, "feature_map": "taylor"}}},
 }
+# H3 with its paper's defaults (d_state 64, head_dim 1: state 2 d_model d_state per layer), written in
+# the project (ramnet/mqar/h3.py): fla has none.
+H3_MIXER = {"name": "h3", "kwargs": {"d_state": 64, "head_dim": 1}}
 # fla's layers with the settings of Zoology's models_repo where it has them. Mamba and Mamba2
 # carry their own short convolution (Zoology's Mamba blocks have no conv layer before them).
 FLA_BASELINES = {
@@ -80,8 +83,13 @@ PAPER = {
     # in 2 epochs on the GPU ablation over U, U 3 x d_p 16 0.978 in 4).
     # K = 16 as well: on the quick preset it lifts RAM-Net from 0.73 to 0.78 at the same state size
     # (benchmarks/results/mqar/README.md); K = 8 is the paper's LM setting.
-    "models": {"ramnet": {"mixer": ramnet_mixer(4, 4)}, "ramnet K=16": {"mixer": ramnet_mixer(4, 4, topk=16)},
-               "ramnet M=4096": {"mixer": ramnet_mixer(6, 4)}, **BASELINES, **FLA_BASELINES},
+    # The RAM-Net line of the accuracy-state figure: M = 4^U for U = 2 ... 6 (16 to 4096 slots), 2 heads of
+    # d_model / 2, so the state 2 M (d_model / 2 + 1) spans about 1k floats (M 16 at d_model 64) to 530k
+    # (M 4096 at d_model 128), between the baselines' sizes. No CAPE (see ramnet_mixer).
+    "models": {"ramnet M=16": {"mixer": ramnet_mixer(2, 4)}, "ramnet M=64": {"mixer": ramnet_mixer(3, 4)},
+               "ramnet": {"mixer": ramnet_mixer(4, 4)}, "ramnet K=16": {"mixer": ramnet_mixer(4, 4, topk=16)},
+               "ramnet M=1024": {"mixer": ramnet_mixer(5, 4)}, "ramnet M=4096": {"mixer": ramnet_mixer(6, 4)},
+               **BASELINES, "h3": {"mixer": H3_MIXER}, **FLA_BASELINES},
 }
 
 QUICK = {

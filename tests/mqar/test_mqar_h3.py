@@ -70,3 +70,20 @@ def test_h3_is_registered_checks_its_arguments_and_learns():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_the_paper_presets_ramnet_line_spans_1k_to_530k_floats_and_h3_is_a_baseline():
+    from ramnet.mqar.model import MQARModel
+    from ramnet.mqar.presets import PAPER
+
+    def state(name, d_model):
+        entry = PAPER["models"][name]
+        with torch.device("meta"):
+            return MQARModel(64, d_model, entry["mixer"], **{**PAPER["model"], **entry.get("model", {})}).state_size(1024)
+
+    # 2 heads of d_model / 2 and M slots: 2 M (d_model / 2 + 1), plus the first layer's short convolution (3 d_model).
+    assert state("ramnet M=16", 64) == 2 * 16 * 33 + 3 * 64 and state("ramnet M=16", 64) < 1_300
+    assert [state(f"ramnet M={m}", 64) for m in (16, 64, 1024, 4096)] == sorted(
+        [state(f"ramnet M={m}", 64) for m in (16, 64, 1024, 4096)])
+    assert state("ramnet M=4096", 128) == 2 * 4096 * 65 + 3 * 128 and state("ramnet M=4096", 128) > 500_000
+    assert state("h3", 64) == 2 * 64 * 64 + 3 * 64  # Zoology's H3 count, 2 d d_state

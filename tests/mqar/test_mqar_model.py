@@ -185,10 +185,11 @@ def test_fla_mixers_fail_clearly_without_fla_or_gpu():
 
 
 def test_every_preset_ramnet_builds_and_runs():
-    """The paper's (K 8 and 16) and both ablations' RAM-Net configs (U = 1 with d_p = 4096 up to U = 12)."""
+    """The paper's (M 16 to 4096, and K 16 at M 256) and both ablations' RAM-Net configs (U = 1 with d_p = 4096
+    up to U = 12)."""
     entries = [e for p in (PAPER, ABLATION_U, ABLATION_M) for e in p["models"].values()
                if e["mixer"]["name"] == "ramnet"]
-    assert len(entries) == 3 + 6 + 4
+    assert len(entries) == 6 + 6 + 4
     x = torch.randint(0, 64, (1, 8))
     for entry in entries:
         torch.manual_seed(0)
