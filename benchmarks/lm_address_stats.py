@@ -24,6 +24,7 @@ from ramnet.layers import RAMAttention
 from ramnet.lm.data import TokenData, Windows
 from ramnet.lm.evaluate import load, model_directory
 from ramnet.ops.address import address_decode
+from ramnet.provenance import environment
 
 STATS = ("write_top1", "write_mass", "read_top1", "read_mass", "slots_written")
 
@@ -110,7 +111,8 @@ def main(argv=None) -> None:
     layers = per_layer(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(model=str(path), layers=layers, heads=rows), indent=2) + "\n")
+    meta = dict(environment(device), model=str(path), data=str(args.data), sequences=args.batches, seq_len=args.seq_len)
+    tmp.write_text(json.dumps(dict(meta=meta, layers=layers, heads=rows), indent=2) + "\n")
     tmp.replace(args.out.with_suffix(".json"))
     text = table(layers, str(args.model))
     args.out.with_suffix(".md").write_text(text)

@@ -49,7 +49,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # comparison's RAM-Net, the same model as ramnet-cape-absolute-gate-alpha-lr30).
     "ramnet": ("small", []),
     "ramnet-paper": ("small-paper", []),
-    "ramnet-cape-absolute": ("small-paper", []),  # `ramnet` of batches 1-4
     "ramnet-cape-depth": ("small-paper", [CAPE_DEPTH]),  # `ramnet` of batch 5
     "ramnet-cape-off": ("small-paper", ["model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
     "ramnet-u5": ("small-paper", ["model.num_partitions=5"]),  # M 1024, d_k 20 (the paper's U 5 x d_p 4)
@@ -71,6 +70,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-conv-cape-off": ("small-paper", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
     # What the 33M-token ablation favoured, together: the comparison's RAM-Net, now `small`.
     "ramnet-cape-absolute-gate-alpha-lr30": ("small-paper", [*GATE, "temperature_lr_scale=30"]),
+    "ramnet-cape-absolute": ("small-paper", []),  # the name of `ramnet-paper` in batches 1-4
     "gated_deltanet": ("small-gated-deltanet", []),
     "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
     "transformer++": ("small-transformer", []),

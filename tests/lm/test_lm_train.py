@@ -17,7 +17,8 @@ from lm_helpers import (  # noqa: F401  (one_thread: an autouse fixture)
 from ramnet.cli import main
 from ramnet.lm import checkpoint
 from ramnet.lm.config import TrainConfig
-from ramnet.lm.train import batch_layout, lr_schedule, param_groups, train
+from ramnet.lm.distributed import training_processes
+from ramnet.lm.train import Trainer, batch_layout, lr_schedule, param_groups, train
 from ramnet.models import RAMNetConfig, RAMNetForCausalLM
 
 
@@ -155,9 +156,6 @@ def test_temperature_lr_scale_gives_the_alpha_scalars_their_own_lr(data, tmp_pat
     assert not {id(p) for p in temperatures["params"]} & {id(p) for p in decay["params"] + no_decay["params"]}
     with pytest.raises(ValueError, match="temperature_lr_scale"):
         tiny_config(data, tmp_path, "temperature_lr_scale=0")
-
-    from ramnet.lm.train import Trainer  # noqa: PLC0415
-    from ramnet.lm.distributed import training_processes  # noqa: PLC0415
 
     config = tiny_config(data, tmp_path, "temperature_lr_scale=30", "max_steps=4", "save_interval=2", "eval_interval=0")
     train(config, progress=False)

@@ -76,11 +76,15 @@ def best_of(scores: torch.Tensor, index: torch.Tensor, keep: int) -> torch.Tenso
     best, positions = scores.topk(keep, dim=-1)
     cut = (scores >= best[..., -1:]).sum(-1) > keep
     if torch.compiler.is_compiling():  # a traced step (a CUDA graph) must not read the device: every row
-        by_index = index.sort(dim=-1).indices  # is redone and the tied ones take the redone positions
-        order = scores.gather(-1, by_index).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
-        return torch.where(cut[..., None], by_index.gather(-1, order), positions)
+        return torch.where(cut[..., None], _by_rule(scores, index, keep), positions)  # is redone, tied ones kept
     if bool(cut.any()):
-        by_index = index[cut].sort(dim=-1).indices
-        order = scores[cut].gather(-1, by_index).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
-        positions[cut] = by_index.gather(-1, order)
+        positions[cut] = _by_rule(scores[cut], index[cut], keep)
     return positions
+
+
+def _by_rule(scores: torch.Tensor, index: torch.Tensor, keep: int) -> torch.Tensor:
+    """Positions of the ``keep`` best candidates by sorting: by increasing index, then stably by
+    decreasing score."""
+    by_index = index.sort(dim=-1).indices
+    order = scores.gather(-1, by_index).sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+    return by_index.gather(-1, order)
