@@ -10,7 +10,9 @@ The data directory is prepared first if it does not exist (`--source`, default p
 8192). `--jobs N` trains N runs at once on the one GPU: perplexity is unaffected, but tokens/s then
 measures a shared GPU, so speed comparisons need `--jobs 1` (the JSON records `jobs`). `--deadline-s`
 stops runs still going at that time and keeps their curves so far (marked incomplete), so that the
-study fits a time-limited machine.
+study fits a time-limited machine. With `--resumable` each run saves a checkpoint at every evaluation
+and continues from its latest one: the same command, run again (on the same machine, with the same
+`--runs`), takes every stopped run on from its last evaluation, with the same curve as one unbroken run.
 
     python benchmarks/lm_study.py --combine benchmarks/results/lm/ablation/batch*.json --out STEM
 
@@ -111,23 +113,28 @@ def prepare(data: Path, source: str, vocab_size: int) -> None:
                     str(vocab_size), "--out", str(data)], check=True)
 
 
-def command(name: str, data: Path, runs: Path, extra: list[str]) -> list[str]:
+# What `--resumable` adds to the schedule: a checkpoint at every evaluation, and continuing from the latest.
+RESUMABLE = ["resume=auto", "save_interval=250"]
+
+
+def command(name: str, data: Path, runs: Path, extra: list[str], resumable: bool = False) -> list[str]:
     """`ramnet train` for one variant: its preset, the shared schedule, its overrides, then ``extra``."""
     preset, overrides = VARIANTS[name]
     return [sys.executable, "-m", "ramnet", "train", "--preset", preset, "--quiet", f"data={data}",
-            f"out_dir={runs / name}", "resume=none", *SCHEDULE, *overrides, *extra]
+            f"out_dir={runs / name}", "resume=none", *SCHEDULE, *(RESUMABLE if resumable else []), *overrides,
+            *extra]
 
 
 def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str], deadline: float,
-            log) -> dict[str, str]:
+            log, resumable: bool = False) -> dict[str, str]:
     """Train the variants, ``jobs`` at a time; returns each one's status (done, failed, stopped)."""
     pending, running, status = list(names), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
             (runs / name).mkdir(parents=True, exist_ok=True)
-            logf = open(runs / name / "train.log", "w")
-            running[name] = (subprocess.Popen(command(name, data, runs, extra), stdout=logf,
+            logf = open(runs / name / "train.log", "a" if resumable else "w")
+            running[name] = (subprocess.Popen(command(name, data, runs, extra, resumable), stdout=logf,
                                               stderr=subprocess.STDOUT), logf, time.time())
             log(f"started {name}")
         time.sleep(2)
@@ -182,6 +189,8 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", nargs="*", default=[], metavar="KEY=VALUE",
                         help="`ramnet train` overrides applied to every variant after its own (e.g. max_steps=500)")
     parser.add_argument("--deadline-s", type=float, default=float("inf"), help="stop runs after this many seconds")
+    parser.add_argument("--resumable", action="store_true",
+                        help="checkpoint at every evaluation and continue stopped runs from their latest checkpoint")
     args = parser.parse_args()
     if args.combine:
         write_report({k: v for f in args.combine for k, v in summaries_of(json.loads(f.read_text())["rows"]).items()},
@@ -213,7 +222,7 @@ def main() -> None:
     start = time.time()
     prepare(args.data, args.source, args.vocab_size)
     log(f"data ready after {time.time() - start:.0f} s")
-    status = run_all(names, args.data, args.runs, args.jobs, args.extra, deadline, log)
+    status = run_all(names, args.data, args.runs, args.jobs, args.extra, deadline, log, args.resumable)
 
     rows = []
     for name in names:
@@ -230,7 +239,8 @@ def main() -> None:
     data_meta = json.loads((args.data / "meta.json").read_text())
     data_meta["distributions"] = len(data_meta.get("distributions", []))  # the count; the list is in meta.json
     meta = dict(environment("cuda" if torch.cuda.is_available() else "cpu"), jobs=args.jobs, schedule=SCHEDULE,
-                data=data_meta, extra=args.extra, argv=sys.argv[1:], time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                data=data_meta, extra=args.extra, resumable=args.resumable, argv=sys.argv[1:],
+                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -55,3 +55,15 @@ def test_scale_rows_give_every_evaluation_of_every_family():
     assert [(r["family"], r["tokens"], r["ppl"], r["final"], r["complete"]) for r in rows] == [
         ("ramnet", 10, 30.0, False, True), ("ramnet", 20, 20.0, True, True), ("sliding", 10, 40.0, True, False)]
     assert all(r["git_rev"] == "abc" and r["jobs"] == 2 for r in rows)
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_a_resumable_study_checkpoints_at_every_evaluation_and_continues(resumable, tmp_path):
+    argv = lm_study.command("ramnet", tmp_path / "data", tmp_path / "runs", ["max_steps=3052"], resumable)
+    preset = argv[argv.index("--preset") + 1]
+    config = load_config(preset, overrides=argv[argv.index("--quiet") + 1:])  # the key=value overrides
+    assert config.max_steps == 3052  # the extra overrides still come last
+    if resumable:
+        assert config.resume == "auto" and config.save_interval == config.eval_interval
+    else:
+        assert config.resume == "none" and config.save_interval == 0
