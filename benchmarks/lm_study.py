@@ -227,7 +227,7 @@ def main() -> None:
     rows = []
     for name in names:
         path = args.runs / name / "metrics.jsonl"
-        if not path.exists():
+        if not path.exists() or not path.read_text().strip():  # never started, or stopped before its first step
             rows.append(dict(variant=name, status=status[name]))
             continue
         s = summarize(last_run(path))
