@@ -101,6 +101,21 @@ def test_beam_follows_the_rule_when_traced(num_partitions, d_p, topk):
     torch.testing.assert_close(traced[1], beam_topk(x, num_partitions, topk, 1.0)[1])
 
 
+def test_beam_reads_nothing_on_the_host_inside_a_cuda_graph_capture(monkeypatch):
+    """Captured in a CUDA graph (``torch.cuda.graph``, no torch.compile), a host read of a device value
+    fails the capture: the beam takes its traced branch there too, with the same slots."""
+    x = grid_inputs(40, 3, 3, seed=7)
+    want = rule_topk(x, 3, 7)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if on the GPU...
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # ...and capturing
+
+    def no_host_read(t):
+        raise AssertionError("a device value was read on the host during the capture")
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_host_read)
+    assert beam_topk(x, 3, 7, 1.0)[0].tolist() == want
+
+
 @needs_triton
 @pytest.mark.parametrize("num_partitions, d_p, topk", CASES)
 @pytest.mark.parametrize("with_shift", [False, True])
