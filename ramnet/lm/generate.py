@@ -3,7 +3,7 @@ sampling, stop tokens and caches) with a `TextIteratorStreamer` in another threa
 as they come. The prompt is read in one parallel pass; then each new token is one step. For RAM-Net
 that step reads and writes K slots per head of a fixed-size state, so the memory and the time per token
 do not grow with the context, unlike a Transformer's KV cache (fla's models keep a fixed-size state too).
-A RAM-Net model decodes with its cache's fused step; with the static cache (`RAMNetForCausalLM.new_cache`)
+A RAM-Net model decodes with its cache's fused step; with the static cache (`RAMNetForCausalLM.new_cache`, the default on CUDA)
 `generate` replays each step as a CUDA graph on CUDA."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""`generate` on CUDA with `cache_implementation="static"` (the default once
-`STATIC_CACHE_BY_DEFAULT_ON_CUDA` is switched on): a `RAMNetStaticCache` and each decoding step
+"""`generate` on CUDA with `cache_implementation="static"` (the default there,
+`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache` and each decoding step
 through transformers' auto-compilation (torch.compile, mode "reduce-overhead": the step captured in
 a CUDA graph and replayed). Its tokens must be the eager loop's and the full forward's (skipped
 without a GPU).

@@ -177,13 +177,13 @@ def test_decoding_steps_get_no_padding_mask(monkeypatch):
 def test_new_cache_choices(monkeypatch):
     model = _model()
     assert type(model.new_cache()) is RAMNetCache  # on the CPU
-    with monkeypatch.context() as patch:  # on CUDA the static cache is the default once switched on
+    with monkeypatch.context() as patch:  # on CUDA the static cache is the default
         patch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
-        assert type(model.new_cache()) is RAMNetCache  # off until the CUDA tests have passed on a GPU
-        patch.setattr(modeling_ramnet, "STATIC_CACHE_BY_DEFAULT_ON_CUDA", True)
         assert type(model.new_cache()) is RAMNetStaticCache
         hybrid = _model(mixer_types=["ramnet", "hybrid", "ramnet"])
         assert type(hybrid.new_cache()) is RAMNetCache  # a hybrid keeps windows: no static cache for it
+        patch.setattr(modeling_ramnet, "STATIC_CACHE_BY_DEFAULT_ON_CUDA", False)  # the switch to turn it off
+        assert type(model.new_cache()) is RAMNetCache
     assert type(model.new_cache("dynamic")) is RAMNetCache
     assert type(model.new_cache("static")) is RAMNetStaticCache
     with pytest.raises(ValueError, match="cache_implementation"):

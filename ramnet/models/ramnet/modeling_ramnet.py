@@ -29,9 +29,10 @@ logger = logging.get_logger(__name__)
 HYBRID_O_NORM_INIT_GAIN = 0.02
 
 # Whether `generate` on CUDA takes the static cache and its graph-captured step without being asked
-# (`cache_implementation="static"`). Off until tests/models/test_generation_cuda.py has passed on a GPU:
-# the compiled step launches the fused Triton kernel under dynamo, which has only been traced on CPU.
-STATIC_CACHE_BY_DEFAULT_ON_CUDA = False
+# (`cache_implementation="static"`). On since tests/models/test_generation_cuda.py passed on an H200
+# (torch 2.11, Triton 3.6, 2026-12-02): the graph loop's tokens are the eager loop's and the full
+# forward's. Set it to False to decode eagerly by default (or pass cache_implementation="dynamic").
+STATIC_CACHE_BY_DEFAULT_ON_CUDA = True
 
 # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache` (the
 # old name still works there, with a warning); 5.17, the GPU image's, knows only the old name.
@@ -281,8 +282,8 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         """The cache `generate` decodes with. `"static"`: a `RAMNetStaticCache` (fixed buffers, RAM layers
         only), with which `generate` captures each decoding step on CUDA in a CUDA graph (its
         auto-compilation of a model with an `is_compileable` cache); `"dynamic"`: a `RAMNetCache`; None
-        (the default): dynamic, or static on CUDA when `STATIC_CACHE_BY_DEFAULT_ON_CUDA` is set and every
-        mixer is a RAM layer."""
+        (the default): static on CUDA when every mixer is a RAM layer (`STATIC_CACHE_BY_DEFAULT_ON_CUDA`),
+        else dynamic."""
         if cache_implementation not in (None, "static", "dynamic"):
             raise ValueError(f"cache_implementation must be None, 'static' or 'dynamic' for RAM-Net, got "
                              f"{cache_implementation!r}")
