@@ -31,19 +31,28 @@ row checks the length). Timing, per cell (model, B, prompt length P, mode), with
   tok_s = B * N / t_N (end to end, prefill included); prefill_ms = t_1;
   ms_per_token = (t_N - t_1) / (N - 1), the time of one decoding step of the whole batch.
 ``tokens_sha`` hashes the generated tokens; ``same_tokens_as_default`` says whether ``best`` generated
-the same tokens as ``default`` (on the CPU in fp32 they must; bf16 on CUDA may differ where a compiled
-step rounds differently).
+the same tokens as ``default``, ``tokens_equal_frac`` and ``first_diff_step`` how far they agree. On
+the CPU in fp32 they must be equal. In bf16 on CUDA a compiled step rounds differently (inductor fuses
+the norms and the MLP), which flips near-tied argmaxes of a random model, and the sequences part there.
 
-The cells run in order of importance (B=1 and B=64 at the shortest prompt, then those B at the longer
-prompts, then the other B), so ``--deadline-s`` (stop starting new cells after that many seconds)
-keeps the most important ones. The JSON (and the markdown table beside it) is rewritten after every
-cell, so a run that is killed keeps what it measured. An out-of-memory or an error in a cell is
-recorded in its row (``status``: "oom" / "error") and the sweep goes on.
+The cells (model, mode) run in order of importance (B=1 and B=64 at the shortest prompt, then those B
+at the longer prompts, then the other B), and ``--deadline-s`` starts no cell after that many seconds,
+so a cut run keeps the most important ones. The JSON (and the markdown table beside it) is rewritten
+after every cell, so a run that is killed keeps what it measured. An out-of-memory or an error in a
+cell is recorded in its row (``status``: "oom" / "error") and the sweep goes on. ``--resume`` keeps
+the rows of an existing ``--out`` and runs only the cells it lacks, so the grid can be spread over
+several calls (every row records its ``git_rev``).
+
+What takes the time on an H200 is the warm-ups, not the timed calls: fla autotunes its Triton kernels
+for every new shape (60-160 s a (B, prompt) cell, the first the longest), the static-cache modes
+compile their step (about 15-35 s a cell), RAM-Net's kernels compile on their first call (about 25 s).
+The full grid takes about 18 minutes; B=1 and B=64 at prompt 512, all models and modes, about 7.
 
     python benchmarks/bench_generate.py                                    # the full grid, CUDA
-    python benchmarks/bench_generate.py --deadline-s 330                   # the same, cut at 5.5 min
+    python benchmarks/bench_generate.py --deadline-s 330                   # cut: no cell starts after 5.5 min
+    python benchmarks/bench_generate.py --resume --deadline-s 330          # then the cells still missing
     python benchmarks/bench_generate.py --quick --out /tmp/generate.json   # a small grid, CUDA
-    python benchmarks/bench_generate.py --device cpu --batch 1 --prompt 512 --new-tokens 32 \\
+    python benchmarks/bench_generate.py --device cpu --batch 1 --prompt 512 --new-tokens 32 --repeats 2 \\
         --models ramnet,llama --out benchmarks/results/generate_cpu.json    # the CPU numbers
     python benchmarks/bench_generate.py --device cpu --tiny --batch 1 --prompt 16 --new-tokens 4  # seconds
 
@@ -105,13 +114,17 @@ def cell_order(batches: list[int], prompts: list[int]) -> list[tuple[int, int]]:
             + [(b, p) for b in rest for p in prompts])
 
 
-def build_model(name: str, device: str, dtype: torch.dtype, tiny: bool, seed: int):
-    """The preset's model with random weights (seeded), on ``device`` in ``dtype``, in eval mode."""
+def build_model(name: str, device: str, dtype: torch.dtype, tiny: bool, seed: int, max_length: int = 0):
+    """The preset's model with random weights (seeded), on ``device`` in ``dtype``, in eval mode.
+    ``max_length`` (prompt + new tokens) raises Llama's ``max_position_embeddings`` (2048 by default), which
+    only sets when transformers warns (RoPE is computed, not tabled: no parameter depends on it)."""
     config = load_config(MODELS[name])
     kwargs = dict(config.model, vocab_size=TINY_VOCAB if tiny else VOCAB, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0)
     if tiny:
         kwargs.update(TINY[name])
+    if config.model_type == "transformer++":
+        kwargs["max_position_embeddings"] = max(kwargs.get("max_position_embeddings", 2048), max_length)
     try:
         families.config_class(config.model_type)
     except ValueError as err:  # fla not installed
@@ -214,9 +227,20 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
         ms_per_token=(t_n - t_1) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None,
         prefill_ms=t_1 * 1e3, t_total_s=t_n, tokens_sha=tokens_hash(new),
     )
+    row["_tokens"] = new.cpu()  # compared with the default's, then dropped (not written)
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def agreement(tokens: torch.Tensor, default: torch.Tensor) -> dict:
+    """How far ``tokens`` follow the default mode's: the fraction of equal tokens, and the first step (0-based)
+    at which some sequence differs (None: identical). bf16 steps that round differently (a compiled step
+    fuses other ops) flip near-tied argmaxes of a random model, and the sequences diverge from there."""
+    equal = tokens == default
+    differs = (~equal).any(dim=0).nonzero()
+    return dict(tokens_equal_frac=equal.float().mean().item(),
+                first_diff_step=int(differs[0]) if len(differs) else None)
 
 
 def fmt(value, digits=4) -> str:
@@ -241,6 +265,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "compiled | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = r.get("same_tokens_as_default")
+        if same is False and r.get("tokens_equal_frac") is not None:
+            same = f"no: {r['tokens_equal_frac']:.2f} equal, apart from step {r['first_diff_step']}"
+        elif same is True:
+            same = "yes"
         status = r.get("status", "")
         if status not in ("ok", ""):
             status = f"{status}: {str(r.get('error') or r.get('note') or '')[:80]}"
@@ -248,9 +276,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['model']} | {r['mode']} | {r['B']} | {r['prompt']} | {fmt(r.get('tok_s'))} | "
             f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('prefill_ms'))} | {'' if same is None else same} | "
             f"{r.get('cache') or ''} | {r.get('compiled', '')} | {status} |")
+    revs = sorted({r["git_rev"] for r in rows if r.get("git_rev")})
+    if len(revs) > 1:
+        lines += ["", "Rows measured at several commits (each row's `git_rev` in the JSON): " + ", ".join(revs)]
     if meta.get("stopped_at_deadline"):
         lines += ["", f"Stopped at the deadline ({meta['deadline_s']} s); not run: "
-                  + ", ".join(f"B={b} P={p}" for b, p in meta["not_run"])]
+                  + ", ".join(f"{c['model']} {c['mode']} B={c['B']} P={c['prompt']}" for c in meta["not_run"])]
     return "\n".join(lines) + "\n"
 
 
@@ -282,6 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--deadline-s", type=float, default=None, help="start no cell after this many seconds")
     parser.add_argument("--quick", action="store_true", help="a small grid: B 1,16, prompt 128, 32 new tokens")
     parser.add_argument("--tiny", action="store_true", help="tiny models (2 layers of width 64), for tests")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                        help="auto: bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an existing --out (same device, dtype, tokens) and run only the cells "
+                             "it lacks (its errors again); every row records its own git_rev")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -303,7 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--new-tokens must be >= 2 (ms_per_token needs a decoding step past the first token)")
     out = args.out or Path(__file__).parent / "results" / ("generate.json" if args.device == "cuda"
                                                            else "generate_cpu.json")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = {"auto": torch.bfloat16 if args.device == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[args.dtype]
     if args.device == "cuda":
         # One compiled step per (B, cache length) shape: more than dynamo's default 8 recompiles per model.
         for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
@@ -322,12 +359,22 @@ def main(argv: list[str] | None = None) -> dict:
         "gated_deltanet_best": GDN_NOTE, "loadavg_at_start": list(os.getloadavg()), "argv": sys.argv[1:] if argv is None else list(argv),
     }
     rows: list[dict] = []
+    if args.resume and out.exists():
+        earlier = json.loads(out.read_text())
+        for key in ("device", "dtype", "new_tokens", "tiny", "seed"):
+            if earlier["meta"].get(key) != meta[key]:
+                parser.error(f"--resume: {out} has {key}={earlier['meta'].get(key)!r}, this run {meta[key]!r}")
+        rows = [r for r in earlier["rows"] if r.get("status") in ("ok", "skipped", "oom")]
+        keep = ("git_rev", "torch", "transformers", "triton", "fla", "argv", "elapsed_s", "stopped_at_deadline")
+        meta["earlier_runs"] = earlier["meta"].get("earlier_runs", []) + [
+            {k: earlier["meta"].get(k) for k in keep}]
+    done = {(r["model"], r["B"], r["prompt"], r["mode"]) for r in rows}
     built: dict[str, object] = {}
     skipped: dict[str, str] = {}
     for name in models:  # built once, reused by every cell
         meta["models"][name] = {"preset": MODELS[name]}
         try:
-            built[name] = build_model(name, args.device, dtype, args.tiny, args.seed)
+            built[name] = build_model(name, args.device, dtype, args.tiny, args.seed, max(prompts) + new_tokens)
             meta["models"][name].update(param_counts(built[name]), model_class=type(built[name]).__name__)
             print(f"{name}: {MODELS[name]}, {meta['models'][name]['params']:,} parameters", file=sys.stderr)
         except Skip as why:
@@ -336,54 +383,65 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: skipped ({why})", file=sys.stderr)
     vocab = TINY_VOCAB if args.tiny else VOCAB
     write(out, meta, rows)
-    for index, (batch, prompt) in enumerate(order):
+    cells = [(batch, prompt, name, mode) for batch, prompt in order for name in models for mode in modes]
+    default_tokens: dict[tuple, torch.Tensor] = {}  # (model, B, prompt) -> the default mode's new tokens
+    for index, (batch, prompt, name, mode) in enumerate(cells):
+        if (name, batch, prompt, mode) in done:
+            continue
         if args.deadline_s is not None and time.perf_counter() - start > args.deadline_s:
-            meta.update(stopped_at_deadline=True, not_run=order[index:])
-            print(f"deadline of {args.deadline_s} s reached: {len(order) - index} (B, prompt) cells not run",
-                  file=sys.stderr)
+            meta.update(stopped_at_deadline=True, not_run=[
+                dict(model=m, B=b, prompt=p, mode=o) for b, p, m, o in cells[index:] if (m, b, p, o) not in done])
+            print(f"deadline of {args.deadline_s} s reached: {len(meta['not_run'])} cells not run", file=sys.stderr)
             break
-        for name in models:
-            default_sha = None
-            for mode in modes:
-                row = {"model": name, "B": batch, "prompt": prompt, "mode": mode, "tok_s": None, "ms_per_token": None}
-                cell_start = time.perf_counter()
-                if name in skipped:
-                    row.update(status="skipped", error=skipped[name])
-                elif name == "gated_deltanet" and mode == "best":
-                    row.update(status="skipped", same_as="default", note=GDN_NOTE)
+        row = {"model": name, "B": batch, "prompt": prompt, "mode": mode, "tok_s": None, "ms_per_token": None,
+               "git_rev": meta["git_rev"]}
+        cell_start = time.perf_counter()
+        if name in skipped:
+            row.update(status="skipped", error=skipped[name])
+        elif name == "gated_deltanet" and mode == "best":
+            row.update(status="skipped", same_as="default", note=GDN_NOTE)
+        else:
+            model = built[name]
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                row.update(run_cell(model, name, batch, prompt, mode, new_tokens, args.repeats, args.device,
+                                    vocab, args.seed))
+            except torch.OutOfMemoryError as err:
+                row.update(status="oom", error=f"OutOfMemoryError: {str(err)[:300]}")
+            except Exception as err:  # noqa: BLE001 - every failure is a result to record
+                row.update(status="error", error=f"{type(err).__name__}: {err}"[:500],
+                           traceback=traceback.format_exc(limit=6)[-2000:])
+            finally:
+                forget_caches(model)
+                free(args.device)
+            if row.get("status") == "ok":
+                tokens = row.pop("_tokens")
+                if mode == "default":
+                    default_tokens[name, batch, prompt] = tokens
                 else:
-                    model = built[name]
-                    if args.device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    try:
-                        row.update(run_cell(model, name, batch, prompt, mode, new_tokens, args.repeats, args.device,
-                                            vocab, args.seed))
-                    except torch.OutOfMemoryError as err:
-                        row.update(status="oom", error=f"OutOfMemoryError: {str(err)[:300]}")
-                    except Exception as err:  # noqa: BLE001 - every failure is a result to record
-                        row.update(status="error", error=f"{type(err).__name__}: {err}"[:500],
-                                   traceback=traceback.format_exc(limit=6)[-2000:])
-                    finally:
-                        forget_caches(model)
-                        free(args.device)
-                    if row.get("status") == "ok":
-                        if mode == "default":
-                            default_sha = row["tokens_sha"]
-                        elif default_sha is not None:
-                            row["same_tokens_as_default"] = row["tokens_sha"] == default_sha
-                row["cell_s"] = time.perf_counter() - cell_start
-                rows.append(row)
-                write(out, meta, rows)
-                if row.get("status") == "ok":
-                    what = (f"{row['tok_s']:10.1f} tok/s {fmt(row['ms_per_token']):>8} ms/token "
-                            f"prefill {fmt(row['prefill_ms'])} ms (warm-up {row['warmup_s']:.1f} s)")
-                    if "same_tokens_as_default" in row:
-                        what += f" same tokens: {row['same_tokens_as_default']}"
-                else:
-                    what = f"{row['status']}: {str(row.get('error') or row.get('note'))[:120]}"
-                print(f"[{time.perf_counter() - start:6.0f} s] {name:<15} {mode:<8} B={batch:<4} P={prompt:<6} {what}",
-                      file=sys.stderr, flush=True)
+                    # (a default row of an earlier run has its hash only)
+                    default_sha = next((r["tokens_sha"] for r in rows if r.get("status") == "ok" and
+                                        (r["model"], r["B"], r["prompt"], r["mode"]) ==
+                                        (name, batch, prompt, "default")), None)
+                    if default_sha is not None:
+                        row["same_tokens_as_default"] = row["tokens_sha"] == default_sha
+                    if (name, batch, prompt) in default_tokens:
+                        row.update(agreement(tokens, default_tokens[name, batch, prompt]))
+        row["cell_s"] = time.perf_counter() - cell_start
+        rows.append(row)
+        write(out, meta, rows)
+        if row.get("status") == "ok":
+            what = (f"{row['tok_s']:10.1f} tok/s {fmt(row['ms_per_token']):>8} ms/token "
+                    f"prefill {fmt(row['prefill_ms'])} ms (warm-up {row['warmup_s']:.1f} s)")
+            if "same_tokens_as_default" in row:
+                what += f" same tokens: {row['same_tokens_as_default']}"
+        else:
+            what = f"{row['status']}: {str(row.get('error') or row.get('note'))[:120]}"
+        print(f"[{time.perf_counter() - start:6.0f} s] {name:<15} {mode:<8} B={batch:<4} P={prompt:<6} {what}",
+              file=sys.stderr, flush=True)
     meta["elapsed_s"] = time.perf_counter() - start
+    meta["loadavg_at_end"] = list(os.getloadavg())
     write(out, meta, rows)
     print(markdown(meta, rows))
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

@@ -72,4 +72,21 @@ def test_the_deadline_stops_the_sweep_and_keeps_what_ran(tmp_path):
                          "--prompt", "8", "--new-tokens", "2", "--deadline-s", "0", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["rows"] == [] and data["meta"]["stopped_at_deadline"]
-    assert [tuple(cell) for cell in data["meta"]["not_run"]] == [(1, 8), (2, 8)]
+    assert data["meta"]["not_run"] == [dict(model="ramnet", B=b, prompt=8, mode="default") for b in (1, 2)]
+
+
+@pytest.mark.usefixtures("torch_step")
+def test_resume_runs_only_the_missing_cells_and_keeps_the_earlier_rows(tmp_path):
+    out = tmp_path / "generate.json"
+    common = ["--device", "cpu", "--tiny", "--models", "ramnet", "--prompt", "8", "--new-tokens", "3", "--out", str(out)]
+    bench_generate.main(common + ["--batch", "1"])
+    first = json.loads(out.read_text())["rows"]
+    bench_generate.main(common + ["--batch", "1,2", "--resume"])
+    data = json.loads(out.read_text())
+    assert data["rows"][:2] == first  # kept as they were, not run again
+    assert [(r["B"], r["mode"]) for r in data["rows"]] == [(1, "default"), (1, "best"), (2, "default"), (2, "best")]
+    assert len(data["meta"]["earlier_runs"]) == 1 and all(r["git_rev"] == data["meta"]["git_rev"] for r in data["rows"])
+    best = data["rows"][3]
+    assert best["same_tokens_as_default"] is True and best["tokens_equal_frac"] == 1.0 and best["first_diff_step"] is None
+    with pytest.raises(SystemExit):  # another configuration is not mixed in
+        bench_generate.main(common + ["--batch", "1", "--new-tokens", "4", "--resume"])
