@@ -227,6 +227,8 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
         ms_per_token=(t_n - t_1) / (new_tokens - 1) * 1e3 if new_tokens > 1 else None,
         prefill_ms=t_1 * 1e3, t_total_s=t_n, tokens_sha=tokens_hash(new),
     )
+    if t_n <= t_1:
+        row["note"] = "t_N <= t_1: the timings are noise (a busy machine?); ms_per_token is meaningless"
     row["_tokens"] = new.cpu()  # compared with the default's, then dropped (not written)
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -280,8 +282,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if len(revs) > 1:
         lines += ["", "Rows measured at several commits (each row's `git_rev` in the JSON): " + ", ".join(revs)]
     if meta.get("stopped_at_deadline"):
-        lines += ["", f"Stopped at the deadline ({meta['deadline_s']} s); not run: "
-                  + ", ".join(f"{c['model']} {c['mode']} B={c['B']} P={c['prompt']}" for c in meta["not_run"])]
+        groups: dict[tuple, list[str]] = {}
+        for c in meta["not_run"]:
+            groups.setdefault((c["B"], c["prompt"]), []).append(f"{c['model']} {c['mode']}")
+        lines += ["", f"Stopped at the deadline ({meta['deadline_s']} s); not run: " + "; ".join(
+            f"B={b} P={p}" + ("" if len(cells) == len(meta["models"]) * len(meta["modes"]) else f" ({', '.join(cells)})")
+            for (b, p), cells in groups.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ramnet_static_cache_by_default_on_cuda": modeling_ramnet.STATIC_CACHE_BY_DEFAULT_ON_CUDA,
         "timing": "tok_s = B*N/t_N; ms_per_token = (t_N - t_1)/(N - 1); prefill_ms = t_1; t_N, t_1 the best of "
                   "`repeats` generate calls after one warm-up call with the same shapes, synchronized",
-        "gated_deltanet_best": GDN_NOTE, "loadavg_at_start": list(os.getloadavg()), "argv": sys.argv[1:] if argv is None else list(argv),
+        "gated_deltanet_best": GDN_NOTE, "loadavg_at_start": list(os.getloadavg()), "cpu_threads": torch.get_num_threads(), "argv": sys.argv[1:] if argv is None else list(argv),
     }
     rows: list[dict] = []
     if args.resume and out.exists():
