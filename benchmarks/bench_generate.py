@@ -259,6 +259,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "decoding step of the batch; prefill = t_1 (the prompt and one token).",
         "",
     ]
+    if meta["device"].startswith("cpu") and meta.get("loadavg_at_start"):
+        end = meta.get("loadavg_at_end") or ["?"]
+        lines += [f"The machine's load average (1 min) at the start: {meta['loadavg_at_start'][0]:.1f}, at the end: "
+                  f"{end[0] if isinstance(end[0], str) else f'{end[0]:.1f}'} ({meta.get('cpu_threads')} torch threads).",
+                  ""]
     for name, info in meta["models"].items():
         count = f"{info['params']:,} parameters ({info['params_without_input_embedding']:,} without the input " \
                 f"embedding)" if "params" in info else info.get("skipped", "")
