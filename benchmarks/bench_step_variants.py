@@ -41,8 +41,9 @@ PAPER = dict(H=16, d_v=64, U=5, d_p=4, K=8)
 QUICK_CPU = dict(H=2, d_v=24, U=3, d_p=4, K=5)  # the interpreter's smoke test: small and fast
 ACT = torch.bfloat16
 # name -> (layout, the split layout's d_v columns per program)
+# ("torch", the torch decoder + the step kernel, is the check's reference; its decoder does not
+# capture in a CUDA graph, so it is not a contender here.)
 VARIANTS = {
-    "torch": ("torch", None),
     "fused": ("fused", None),
     "dense": ("dense", None),
     "split16": ("split", 16),
@@ -176,6 +177,18 @@ def time_gdn(batch, device) -> dict:
     return dict(ms=ms, ms_do_bench=ms_do_bench, impl=impl)
 
 
+def sm_clocks() -> str | None:
+    """nvidia-smi's current and max SM clocks (the small kernels here are latency bound: clocks matter)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def markdown(meta, rows, batches) -> str:
     names = [n for n in [*VARIANTS, "gdn_h16_k128"] if any(r["variant"] == n for r in rows)]
     find = {(r["variant"], r["B"]): r for r in rows}
@@ -192,7 +205,8 @@ def markdown(meta, rows, batches) -> str:
         return f"{row[key]:.4f}" if row.get(key) is not None else "n/a"
 
     lines = [f"Decoding step layouts, {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, "
-             f"fla {meta['fla']}, git {meta.get('git_rev')}. Shape {meta['shape']}.", ""]
+             f"fla {meta['fla']}, git {meta.get('git_rev')}. Shape {meta['shape']}. SM clocks after the run "
+             f"(current, max): {meta.get('sm_clocks_after')}.", ""]
     for key, what in (("ms", "ms per step, CUDA graph, median of 20-replay bursts"),
                       ("ms_do_bench", "ms per step, CUDA graph, do_bench median (bench_decode's *_graph)")):
         lines += [f"{what}:", "", "| B | " + " | ".join(names) + " | best RAM layout |",
@@ -256,6 +270,7 @@ def main() -> None:
             rows.append(row)
             print(f"B={batch:<4} gdn        {row.get('ms', row.get('skipped') or row.get('error'))}",
                   file=sys.stderr, flush=True)
+    meta["sm_clocks_after"] = sm_clocks() if args.device == "cuda" else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(meta, rows, batches)

@@ -38,6 +38,19 @@ What shortens the chain:
    come from registers), so they go out together instead of one round trip after another;
    ``_write_then_read`` stores z last.
 
+First measurement (``benchmarks/bench_step_variants.py`` on an H200 at low clocks, do_bench of a CUDA
+graph replay, ms; B = 1 and 16 not captured in that run): B = 64: fused 0.150, dense 0.042, split
+(16 columns) 0.146, split (32) 0.069, separate 0.136; B = 256: fused 0.355, dense 0.141, split (16)
+0.549, split (32) 0.246, separate 0.144. The dense decoder is the gain; splitting d_v repeats the
+decode per program and loses as the blocks shrink. ``step.py``'s default is left as it was until
+the benchmark has run at working clocks with GDN beside it.
+
+Exactness: the dense decoder is the tie rule by its definition (every slot's fp32 score, the
+highest first, the lower slot among equal ones). The beam search gives the same slots whenever its
+pruning is exact, which fp32 rounding can break only when two prefixes that differ by an ulp become
+equal after an extension (``test_ties.py`` has such a case for x / tau; the beam scores x since);
+the tests compare every layout with the torch beam on quarter-grid inputs, whose sums are exact.
+
 Split (``split_step_kernel``): no program knows whether another of its (b, h) has already stored z,
 so no program stores z: each reads z of its rows (z_old, read-only in the kernel), computes z_new
 itself (the same numbers in every program), uses it for the read coefficients and updates only its
