@@ -26,7 +26,7 @@ POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_
 # The step kernels' pointers (named as their tensors): bf16 activations, fp32 state, int64 slots.
 STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
                  "offset": "*i64", "gamma": "*fp32", "cape": "*i1", "write_idx": "*i64", "read_idx": "*i64",
-                 "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32"}
+                 "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32"}
 
 
 def signature(fn, constexprs):
@@ -60,11 +60,19 @@ def cases():
     yield decoder_kernels.beam_topk_fwd_kernel, beam_search_constants(constants, 8)
     yield decoder_kernels.beam_topk_bwd_kernel, constants
     # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
-    yield step_kernels.pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64)
-    for d_k, u in ((20, 5), (128, 8)):
-        constants = dict(fused_step_constants(d_k, u, 8, 64))
+    for bump in (False, True):
+        yield step_kernels.pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64, BUMP_OFFSET=bump)
+    # The layouts of step.py: fused (the beam, and at M 1024 the dense decoder), split (dense), the
+    # split's z commit, the separate decoder. (The beam at M = 2**32 once: minutes of compile each.)
+    for d_k, u, dense, block_dv in ((20, 5, False, None), (128, 8, False, None), (20, 5, True, None), (20, 5, True, 16)):
+        constants = dict(fused_step_constants(d_k, u, 8, 64, dense, block_dv))
         constants.pop("num_warps")
-        yield step_kernels.fused_step_kernel, constants
+        yield step_kernels.split_step_kernel if block_dv else step_kernels.fused_step_kernel, constants
+    yield step_kernels.commit_z_kernel, dict(KB=8)
+    constants = beam_search_constants(decoder_constants(20, 5, 8, has_shift=True), 8)
+    for name in ("num_warps", "HAS_SHIFT"):
+        constants.pop(name)
+    yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=False, MB=1, TOP=1)
 
 
 def main() -> int:

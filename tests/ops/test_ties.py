@@ -133,11 +133,16 @@ def test_triton_decoder_follows_the_rule(num_partitions, d_p, topk, with_shift, 
     assert index.cpu().tolist() == want.tolist()
 
 
+_RULE_SLOT_CASES = [(2, 3, 4, False), (3, 2, 5, True), (1, 6, 3, True), (3, 3, 4, True)]
+
+
 @needs_triton
-@pytest.mark.parametrize("num_partitions, d_p, topk, cape", [(2, 3, 4, False), (3, 2, 5, True), (1, 6, 3, True),
-                                                            (3, 3, 4, True)])
-@pytest.mark.parametrize("kind", sorted(INPUTS))
-def test_fused_decode_step_writes_the_rule_slots(num_partitions, d_p, topk, cape, kind):
+@pytest.mark.parametrize("num_partitions, d_p, topk, cape, kind, layout",
+                         [(*case, kind, "fused") for case in _RULE_SLOT_CASES for kind in sorted(INPUTS)]
+                         # the other layouts of ram_decode_step (step.py): the dense decoder among them
+                         + [(*case, "grid", layout) for case in _RULE_SLOT_CASES[1:2]
+                            for layout in ("dense", "split", "separate")])
+def test_fused_decode_step_writes_the_rule_slots(num_partitions, d_p, topk, cape, kind, layout):
     from ramnet.ops.ram.step import decode_spec, ram_decode_step
 
     batch, heads, d_v = 16, 2, 3
@@ -150,7 +155,7 @@ def test_fused_decode_step_writes_the_rule_slots(num_partitions, d_p, topk, cape
     state = RAMState.empty(batch, heads, memory_slots, d_v, dtype=torch.float32, device=DEVICE)
     state = RAMState(state.S, state.z, offset.clone().to(DEVICE))  # the step advances it in place
     torch_state = RAMState(state.S.clone(), state.z.clone(), state.offset.clone())
-    o = ram_decode_step(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), state, spec, triton_decode=True)
+    o = ram_decode_step(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), state, spec, layout=layout)
     # The torch decoder, then the step kernel: the same slots written and read.
     torch_o = ram_decode_step(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch_state, spec, triton_decode=False)
     torch.testing.assert_close(o, torch_o, rtol=1e-5, atol=1e-6)

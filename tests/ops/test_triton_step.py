@@ -11,6 +11,7 @@ import torch
 
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.ram import pdma_step
+from ramnet.ops.ram.common import decode_tokens
 from triton_skip import needs_triton
 
 from ramnet.ops.triton_support import triton_runs_on
@@ -175,3 +176,72 @@ def test_fused_step_matches_the_torch_decoder_step(num_partitions, d_k, topk):
     for a, b in zip(states[True], states[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(states[True].offset.cpu(), state.offset + steps)
+
+
+# "fused" (today's kernel) is also checked by the tests above.
+TRITON_LAYOUTS = ["fused", "dense", "split", "separate"]
+
+
+def _torch_step(q, k, v, state, spec):
+    """recurrent.py's step in torch: the torch decoder (in the state's dtype), then ``pdma_step``."""
+    compute = state.S.dtype
+    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q[:, None].to(compute), k[:, None].to(compute), spec,
+                                                                state.offset[:, None])
+    _, _, o = pdma_step(state.S, state.z, write_idx[:, 0], write_w[:, 0], decay[:, 0], v.to(compute),
+                        read_idx[:, 0], read_w[:, 0], spec.eps, inplace=True)
+    state.offset.add_(1)
+    return o
+
+
+# (U, d_p, K, d_v, B, H, state dtype): K 1, 3, 5, 8 and 16 (= M), M not a power of two (9, 27),
+# d_v not a multiple of the split's 16 columns, fp64 state.
+LAYOUT_CASES = [
+    (3, 4, 5, 20, 2, 2, torch.float32),  # every layout here; the fused one only here below
+    (2, 3, 3, 7, 1, 3, torch.float32),
+    (1, 8, 1, 16, 2, 1, torch.float32),
+    (2, 4, 16, 5, 1, 2, torch.float32),
+    (4, 2, 8, 33, 1, 2, torch.float64),
+    (3, 3, 8, 12, 2, 1, torch.float32),
+]
+
+
+@pytest.mark.parametrize("layout, num_partitions, d_p, topk, d_v, batch, heads, dtype",
+                         [(layout, *case) for case in LAYOUT_CASES for layout in TRITON_LAYOUTS
+                          if layout != "fused" or case is LAYOUT_CASES[0]])
+def test_layouts_match_the_torch_recurrent_step(layout, num_partitions, d_p, topk, d_v, batch, heads, dtype):
+    """Every layout of ram_decode_step against the torch step over several steps: q, k on a
+    quarter grid (exact ties inside and across partitions), CAPE on some heads, gamma 0, 1, 2 and
+    0.5, positions far beyond M, in place, offset advanced."""
+    gen = torch.Generator().manual_seed(num_partitions * 100 + topk + d_v)
+    d_k, slots, steps = num_partitions * d_p, d_p**num_partitions, 2
+    q, k = (((torch.randn(steps, batch, heads, d_k, generator=gen) * 4).round() / 4) for _ in range(2))
+    v = torch.randn(steps, batch, heads, d_v, generator=gen)
+    gamma = torch.tensor([0.0, 1.0, 2.0, 0.5])[torch.arange(heads) % 4]
+    spec = decode_spec(heads, d_k, num_partitions=num_partitions, topk=topk, gamma=gamma,
+                       cape=torch.arange(heads) % 2 == 0, device=DEVICE, dtype=dtype)
+    start = RAMState(torch.randn(batch, heads, slots, d_v, generator=gen, dtype=dtype),
+                     torch.rand(batch, heads, slots, generator=gen, dtype=dtype) + 0.1,
+                     torch.tensor([0, 7, 123_456_789])[:batch])
+    ref, live = (RAMState(*(x.clone().to(DEVICE) for x in start)) for _ in range(2))
+    S_id = live.S.data_ptr()
+    for t in range(steps):
+        q_t, k_t, v_t = (x[t].to(DEVICE) for x in (q, k, v))
+        want = _torch_step(q_t, k_t, v_t, ref, spec)
+        got = ram_decode_step(q_t, k_t, v_t, live, spec, layout=layout)
+        assert got.dtype == v_t.dtype
+        torch.testing.assert_close(got.to(dtype), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(live.S, ref.S, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(live.z, ref.z, rtol=1e-5, atol=1e-5)
+    assert torch.equal(live.offset, ref.offset) and live.S.data_ptr() == S_id
+
+
+def test_default_layout_is_todays_step():
+    from ramnet.ops.ram import step
+
+    for batch in (1, 16, 64, 256, 1024):
+        assert step.default_layout(batch, torch.float32) in step.LAYOUTS
+        assert step.default_layout(batch, torch.float64) == "torch"
+    with pytest.raises(ValueError, match="layout"):
+        ram_decode_step(*(torch.zeros(1, 1, 4, device=DEVICE) for _ in range(3)),
+                        RAMState.empty(1, 1, 4, 4, dtype=torch.float32, device=DEVICE),
+                        decode_spec(1, 4, num_partitions=1, topk=1, device=DEVICE), layout="nope")

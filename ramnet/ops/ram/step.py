@@ -22,8 +22,37 @@ from .spec import DEFAULT_PROXY_EPS, RAMSpec, build_spec
 from .state import RAMState
 
 if HAS_TRITON:  # an optional dependency: without it the steps raise require_triton's error
+    import triton
+
     from ..address.triton import beam_search_constants, decoder_constants
     from . import step_kernels as kernels
+
+
+# The layouts of ``ram_decode_step`` (``step_kernels.py``'s docstring describes them):
+#   "fused"    one program per (b, h) decodes its key and query with the beam search, then steps
+#   "dense"    the same with the dense decoder (all M slots scored at once; M <= DENSE_MAX_SLOTS)
+#   "split"    grid (b, h) x d_v column blocks, each program decoding (densely where M allows);
+#              z is committed by a second kernel
+#   "separate" the Triton decoder over many rows per program, then the step kernel
+#   "torch"    the torch decoder (in the state's dtype), then the step kernel
+LAYOUTS = ("fused", "dense", "split", "separate", "torch")
+# The default layout by batch size: SMALL_BATCH_LAYOUT below LARGE_BATCH_FROM sequences, else
+# LARGE_BATCH_LAYOUT (both for fp32 states; fp64 ones default to "torch"). Until measured
+# (benchmarks/bench_step_variants.py), both are today's one-kernel step.
+SMALL_BATCH_LAYOUT = "fused"
+LARGE_BATCH_LAYOUT = "fused"
+LARGE_BATCH_FROM = 256
+# The dense decoder scores all M slots of a row in registers: only for small memories.
+DENSE_MAX_SLOTS = 4096
+# The split layout's d_v columns per program (None: _launch_config's block, i.e. no split at d_v 64).
+SPLIT_BLOCK_DV = 16
+
+
+def default_layout(batch: int, dtype: torch.dtype) -> str:
+    """``ram_decode_step``'s layout when none is asked for."""
+    if dtype == torch.float64:
+        return "torch"
+    return LARGE_BATCH_LAYOUT if batch >= LARGE_BATCH_FROM else SMALL_BATCH_LAYOUT
 
 
 def _launch_config(topk: int, d_v: int) -> tuple[int, int, int]:
@@ -56,10 +85,10 @@ def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: 
     k_pad, block_dv, num_warps = _launch_config(topk, d_v)
     kernels.pdma_step_kernel[(batch * heads,)](
         S, z, write_idx.contiguous(), write_w.contiguous(), decay.contiguous(), v.contiguous(),
-        read_idx.contiguous(), read_w.contiguous(), o,
+        read_idx.contiguous(), read_w.contiguous(), o, write_idx,  # offset: unused without BUMP_OFFSET
         heads, float(eps),
         *S.stride(), *z.stride(),
-        K=topk, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, num_warps=num_warps,
+        K=topk, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=False, num_warps=num_warps,
     )
     return o
 
@@ -67,7 +96,7 @@ def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: 
 @torch.no_grad()
 def ram_decode_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RAMState, spec: RAMSpec, *,
-    triton_decode: bool | None = None
+    triton_decode: bool | None = None, layout: str | None = None
 ) -> torch.Tensor:
     """Decode one token per sequence: ``q, k [B, H, d_k]``, ``v [B, H, d_v]``.
 
@@ -77,54 +106,115 @@ def ram_decode_step(
     (which validates its arguments; this function trusts them, never synchronises with the host
     and can be captured in a CUDA graph). ``spec`` comes from ``decode_spec``.
 
-    ``triton_decode`` picks the address decoder. True: decoded inside the step kernel (addresses in
-    fp32), so the whole step is that kernel and ``offset += 1``: two launches, where the torch
-    decoder takes a dozen small ones (``benchmarks/results/decode_h100.md``). False: the torch
-    decoder (in the state's dtype) and then the step kernel. None (default): True for fp32 states,
-    False for fp64 ones.
+    ``layout`` picks the kernels (``LAYOUTS``; the same step and the same slots in each, see
+    ``step_kernels.py``): "fused", "dense" and "split" decode the addresses inside the step kernel
+    (in fp32) and take two launches in all; "separate" the Triton decoder over many rows per
+    program, then the step kernel (two launches); "torch" the torch decoder (in the state's dtype)
+    and then the step kernel (a dozen small launches, ``benchmarks/results/decode_h100.md``).
+    ``triton_decode`` is the older switch: False is "torch", True the default Triton layout. With
+    neither, ``default_layout(B, dtype)``: "torch" for fp64 states, else by batch size
+    (``SMALL_BATCH_LAYOUT``, ``LARGE_BATCH_LAYOUT`` from ``LARGE_BATCH_FROM``).
     """
     compute = state.S.dtype
-    if triton_decode is None:
-        triton_decode = compute != torch.float64
-    if triton_decode:
-        o = _fused_step(q, k, v, state, spec)
-    else:
+    if layout is None:
+        if triton_decode is False:
+            layout = "torch"
+        else:
+            layout = default_layout(q.shape[0], torch.float32 if triton_decode else compute)
+    if layout == "torch":
         write_idx, write_w, decay, read_idx, read_w = decode_tokens(
             q[:, None].to(compute), k[:, None].to(compute), spec, state.offset[:, None]
         )
         o = pdma_step_triton(
             state.S, state.z, write_idx[:, 0], write_w[:, 0], decay[:, 0], v, read_idx[:, 0], read_w[:, 0], spec.eps
         ).to(v.dtype)
-    state.offset.add_(1)
-    return o
+        state.offset.add_(1)
+        return o
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return _triton_step(q, k, v, state, spec, layout)
 
 
 @functools.lru_cache(maxsize=None)
-def fused_step_constants(d_k: int, num_partitions: int, topk: int, d_v: int) -> dict:
-    """``fused_step_kernel``'s compile-time constants and warps for one geometry (computed once:
-    the step is on the serving hot path)."""
+def fused_step_constants(d_k: int, num_partitions: int, topk: int, d_v: int, dense: bool = False,
+                         block_dv: int | None = None) -> dict:
+    """The step kernels' compile-time constants and warps for one geometry (computed once: the step
+    is on the serving hot path). ``dense``: the dense decoder (where M <= DENSE_MAX_SLOTS);
+    ``block_dv``: the columns per program (the split layout)."""
     constants = beam_search_constants(decoder_constants(d_k, num_partitions, topk, has_shift=True), topk)
-    _, block_dv, num_warps = _launch_config(topk, d_v)  # its K_PAD is the decoder's KB
+    _, default_dv, num_warps = _launch_config(topk, d_v)  # its K_PAD is the decoder's KB
+    dense = bool(dense) and constants["M"] <= DENSE_MAX_SLOTS
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")
-    return dict({name: constants[name] for name in names}, D_V=d_v, BLOCK_DV=block_dv, num_warps=num_warps)
+    mb = triton.next_power_of_2(constants["M"]) if dense else 1
+    if dense:  # the dense decoder's [M, 2] tile: about 8 scores per thread
+        num_warps = max(num_warps, min(8, max(1, 2 * mb // 256)))
+    return dict({name: constants[name] for name in names}, D_V=d_v, BLOCK_DV=block_dv or default_dv, DENSE=dense,
+                MB=mb, TOP=constants["DP"] ** (num_partitions - 1) if dense else 1, num_warps=num_warps)
 
 
-def _fused_step(q, k, v, state: RAMState, spec: RAMSpec) -> torch.Tensor:
-    """``fused_step_kernel``: addresses, CAPE, decay and the PDMA step of one token in one launch."""
+def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.Tensor:
+    """The Triton layouts of ``ram_decode_step`` (all but "torch"), ``offset += 1`` included."""
     require_triton(q.device, "ram_decode_step")
     batch, heads, d_k = q.shape
     d_v = v.shape[-1]
     o = torch.empty_like(v)
     if batch * heads == 0 or d_v == 0:
+        state.offset.add_(1)
         return o
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    S, z, offset = state.S, state.z, state.offset
+    if layout == "separate":
+        return _separate_step(q, k, v, state, spec, o)
+    dense = layout in ("dense", "split")
+    block_dv = None
+    if layout == "split":
+        block_dv = min(SPLIT_BLOCK_DV or d_v, max(16, triton.next_power_of_2(d_v)))
+    constants = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, dense, block_dv)
+    args = (heads, float(spec.eps), float(spec.tau),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            *S.stride(), *z.stride())
+    if layout != "split":
+        kernels.fused_step_kernel[(batch * heads,)](q, k, v, S, z, offset, spec.gamma, spec.cape, o, *args,
+                                                   **constants)
+        offset.add_(1)
+        return o
+    kb = constants["KB"]
+    z_slot = torch.empty(batch * heads * kb, dtype=torch.int64, device=q.device)
+    z_val = torch.empty(batch * heads * kb, dtype=z.dtype, device=q.device)
+    grid = (batch * heads, triton.cdiv(d_v, constants["BLOCK_DV"]))
+    kernels.split_step_kernel[grid](q, k, v, S, z, offset, spec.gamma, spec.cape, o, z_slot, z_val, *args,
+                                    **constants)
+    kernels.commit_z_kernel[(batch * heads,)](z, offset, z_slot, z_val, heads, *z.stride(), KB=kb, num_warps=1)
+    return o
+
+
+def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
+    """The "separate" layout: ``decode_pairs_kernel`` (the beam decoder's rows per program), then
+    ``pdma_step_kernel`` advancing ``offset``."""
+    batch, heads, d_k = q.shape
+    d_v = v.shape[-1]
     S, z = state.S, state.z
-    kernels.fused_step_kernel[(batch * heads,)](
-        q, k, v, S, z, state.offset, spec.gamma, spec.cape, o,
-        heads, float(spec.eps), float(spec.tau),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        *S.stride(), *z.stride(),
-        **fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v),
+    constants = beam_search_constants(decoder_constants(d_k, spec.num_partitions, spec.topk, has_shift=True),
+                                      spec.topk)
+    k_out, block_n = constants["K_OUT"], constants["BLOCK_N"]
+    pairs = batch * heads
+    write_idx, read_idx = (torch.empty(pairs, k_out, dtype=torch.int64, device=q.device) for _ in range(2))
+    write_w, decay, read_w = (torch.empty(pairs, k_out, dtype=torch.float32, device=q.device) for _ in range(3))
+    names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL", "num_warps")
+    kernels.decode_pairs_kernel[(triton.cdiv(2 * pairs, block_n),)](
+        q, k, state.offset, spec.gamma, spec.cape, write_idx, write_w, decay, read_idx, read_w,
+        pairs, heads, float(spec.tau), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        **{name: constants[name] for name in names}, DENSE=False, MB=1, TOP=1, BLOCK_N=block_n,
+    )
+    k_pad, block_dv, num_warps = _launch_config(k_out, d_v)
+    v_flat = v.reshape(pairs, d_v)
+    if v_flat.stride(0) != d_v:
+        v_flat = v_flat.contiguous()
+    o = o if o.is_contiguous() else torch.empty(batch, heads, d_v, dtype=o.dtype, device=o.device)
+    kernels.pdma_step_kernel[(pairs,)](  # stores o in v's dtype, as the fused step does
+        S, z, write_idx, write_w, decay, v_flat, read_idx, read_w, o, state.offset,
+        heads, float(spec.eps), *S.stride(), *z.stride(),
+        K=k_out, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=True, num_warps=num_warps,
     )
     return o
 
@@ -138,4 +228,4 @@ def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: i
                       proxy_eps=proxy_eps, cape=cape, dtype=compute_dtype(dtype), device=device, inplace_state=True)
 
 
-__all__ = ["decode_spec", "pdma_step_triton", "ram_decode_step"]
+__all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "ram_decode_step"]
