@@ -36,23 +36,22 @@ if HAS_TRITON:  # an optional dependency: without it the steps raise require_tri
 #   "separate" the Triton decoder over many rows per program, then the step kernel
 #   "torch"    the torch decoder (in the state's dtype), then the step kernel
 LAYOUTS = ("fused", "dense", "split", "separate", "torch")
-# The default layout by batch size: SMALL_BATCH_LAYOUT below LARGE_BATCH_FROM sequences, else
-# LARGE_BATCH_LAYOUT (both for fp32 states; fp64 ones default to "torch"). Until measured
-# (benchmarks/bench_step_variants.py), both are today's one-kernel step.
-SMALL_BATCH_LAYOUT = "fused"
-LARGE_BATCH_LAYOUT = "fused"
-LARGE_BATCH_FROM = 256
+# The default layout (fp32 states; fp64 ones take "torch"). "dense" (which falls back to the beam
+# search where M > DENSE_MAX_SLOTS): on an H200 at the paper's layer shape, in CUDA graphs, it took
+# 0.042 / 0.141 ms at B 64 / 256 against the fused beam step's 0.150 / 0.355 and every other layout's
+# 0.069-0.549 (benchmarks/bench_step_variants.py at 3dfc8f1, one partial run: low SM clocks, B 1 and 16
+# not timed). At B 1 the beam decoder is about 90% of the fused step: one row per thread in a chain of
+# dependent picks, which the dense decoder spreads over all threads.
+DEFAULT_LAYOUT = "dense"
 # The dense decoder scores all M slots of a row in registers: only for small memories.
 DENSE_MAX_SLOTS = 4096
 # The split layout's d_v columns per program (None: _launch_config's block, i.e. no split at d_v 64).
 SPLIT_BLOCK_DV = 16
 
 
-def default_layout(batch: int, dtype: torch.dtype) -> str:
-    """``ram_decode_step``'s layout when none is asked for."""
-    if dtype == torch.float64:
-        return "torch"
-    return LARGE_BATCH_LAYOUT if batch >= LARGE_BATCH_FROM else SMALL_BATCH_LAYOUT
+def default_layout(dtype: torch.dtype) -> str:
+    """``ram_decode_step``'s layout when none is asked for, for a state of ``dtype``."""
+    return "torch" if dtype == torch.float64 else DEFAULT_LAYOUT
 
 
 def _launch_config(topk: int, d_v: int) -> tuple[int, int, int]:
@@ -112,15 +111,14 @@ def ram_decode_step(
     program, then the step kernel (two launches); "torch" the torch decoder (in the state's dtype)
     and then the step kernel (a dozen small launches, ``benchmarks/results/decode_h100.md``).
     ``triton_decode`` is the older switch: False is "torch", True the default Triton layout. With
-    neither, ``default_layout(B, dtype)``: "torch" for fp64 states, else by batch size
-    (``SMALL_BATCH_LAYOUT``, ``LARGE_BATCH_LAYOUT`` from ``LARGE_BATCH_FROM``).
+    neither, ``default_layout(dtype)``: "torch" for fp64 states, else ``DEFAULT_LAYOUT``.
     """
     compute = state.S.dtype
     if layout is None:
         if triton_decode is False:
             layout = "torch"
         else:
-            layout = default_layout(q.shape[0], torch.float32 if triton_decode else compute)
+            layout = default_layout(torch.float32 if triton_decode else compute)
     if layout == "torch":
         write_idx, write_w, decay, read_idx, read_w = decode_tokens(
             q[:, None].to(compute), k[:, None].to(compute), spec, state.offset[:, None]
