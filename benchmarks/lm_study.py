@@ -88,10 +88,17 @@ FAMILIES = {"small": "ramnet", "small-paper": "ramnet", "small-gated-deltanet": 
             "small-transformer": "transformer++", "small-sliding": "sliding", "small-hybrid": "hybrid"}
 
 
+def corpus_of(meta: dict) -> str:
+    """The corpus a study trained on, in a few words (perplexities compare only within one corpus)."""
+    data = meta["data"]
+    return (f"{data['source']}: {data['splits']['train']['tokens'] / 1e6:.2f}M training tokens, "
+            f"{data['distributions']} distributions")
+
+
 def scale_rows(studies: list[dict]) -> list[dict]:
     """`scale.json`'s rows from studies' JSON: one per family and held-out evaluation, ``{family, tokens,
     ppl, tok_s}`` and the run it comes from (its variant, whether it reached its max_steps, the study's
-    commit and how many runs shared the GPU, which is what its tokens/s measured)."""
+    commit and corpus, and how many runs shared the GPU, which is what its tokens/s measured)."""
     rows = []
     for study in studies:
         meta = study["meta"]
@@ -102,8 +109,26 @@ def scale_rows(studies: list[dict]) -> list[dict]:
             for tokens, ppl in run["evals"]:
                 rows.append(dict(family=family, tokens=tokens, ppl=ppl, tok_s=run["tok_s"], variant=run["variant"],
                                  complete=run["status"] == "done", final=tokens == run["evals"][-1][0],
-                                 git_rev=meta["git_rev"], jobs=meta["jobs"]))
+                                 git_rev=meta["git_rev"], jobs=meta["jobs"], corpus=corpus_of(meta)))
     return rows
+
+
+def scale_summaries(studies: list[dict]) -> dict[str, dict]:
+    """The runs of several studies for one table and plot, a later study's run replacing an earlier one
+    of the same variant on the same corpus, and a complete run replacing the same variant's incomplete
+    ones on any corpus; where the studies span corpora, each run is named with its corpus's training
+    tokens."""
+    tagged = len({corpus_of(s["meta"]) for s in studies}) > 1
+    complete = {r["variant"] for s in studies for r in s["rows"] if r["status"] == "done"}
+    summaries = {}
+    for study in studies:
+        train = study["meta"]["data"]["splits"]["train"]["tokens"]
+        done = {r["variant"] for r in study["rows"] if r["status"] == "done"}
+        for variant, summary in summaries_of(study["rows"]).items():
+            if variant in complete and variant not in done:
+                continue
+            summaries[f"{variant} [{train / 1e6:.1f}M corpus]" if tagged else variant] = summary
+    return summaries
 
 
 def prepare(data: Path, source: str, vocab_size: int) -> None:
@@ -166,10 +191,10 @@ def summaries_of(rows: list[dict]) -> dict[str, dict]:
             for r in rows if "tokens" in r}
 
 
-def write_report(summaries: dict[str, dict], out: Path) -> None:
+def write_report(summaries: dict[str, dict], out: Path, title: str = "held-out perplexity, same data and schedule") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table(summaries))
-    plot(summaries, out.with_suffix(".png"), "held-out perplexity, same data and schedule")
+    plot(summaries, out.with_suffix(".png"), title)
     print(table(summaries))
 
 
@@ -198,13 +223,17 @@ def main() -> None:
         return
     if args.scale:
         studies = [json.loads(f.read_text()) for f in args.scale]
-        meta = {k: v for k, v in studies[0]["meta"].items() if k not in ("git_rev", "argv", "jobs", "extra", "time")}
-        meta.update(git_rev=sorted({s["meta"]["git_rev"] for s in studies}), studies=[str(f) for f in args.scale])
+        meta = {k: v for k, v in studies[0]["meta"].items()
+                if k not in ("git_rev", "argv", "jobs", "extra", "time", "data", "resumable")}
+        meta.update(git_rev=sorted({s["meta"]["git_rev"] for s in studies}), studies=[str(f) for f in args.scale],
+                    corpora={corpus_of(s["meta"]): s["meta"]["data"] for s in studies})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"meta": meta, "rows": scale_rows(studies)}, indent=2) + "\n")
         tmp.replace(args.out.with_suffix(".json"))
-        write_report({k: v for s in studies for k, v in summaries_of(s["rows"]).items()}, args.out)
+        summaries = scale_summaries(studies)
+        write_report(summaries, args.out, "held-out perplexity, same schedule"
+                     + (" (corpus in brackets)" if any("corpus]" in k for k in summaries) else ", same data"))
         return
     if args.data is None:
         parser.error("--data is needed to train (or --combine to draw earlier studies)")

@@ -44,7 +44,7 @@ def test_small_is_the_combination_the_ablation_favoured_and_the_paper_variants_a
 
 
 def test_scale_rows_give_every_evaluation_of_every_family():
-    study = {"meta": {"git_rev": "abc", "jobs": 2}, "rows": [
+    study = {"meta": {"git_rev": "abc", "jobs": 2, "data": corpus(100e6, 197)}, "rows": [
         {"variant": "ramnet", "preset": "small", "status": "done", "tok_s": 5.0,
          "tokens": 20, "evals": [[10, 30.0], [20, 20.0]]},
         {"variant": "sliding", "preset": "small-sliding", "status": "stopped at the deadline", "tok_s": 4.0,
@@ -55,6 +55,34 @@ def test_scale_rows_give_every_evaluation_of_every_family():
     assert [(r["family"], r["tokens"], r["ppl"], r["final"], r["complete"]) for r in rows] == [
         ("ramnet", 10, 30.0, False, True), ("ramnet", 20, 20.0, True, True), ("sliding", 10, 40.0, True, False)]
     assert all(r["git_rev"] == "abc" and r["jobs"] == 2 for r in rows)
+    assert {r["corpus"] for r in rows} == {"python-packages: 100.00M training tokens, 197 distributions"}
+
+
+def corpus(train_tokens, distributions):
+    return {"source": "python-packages", "splits": {"train": {"tokens": int(train_tokens)}},
+            "distributions": distributions}
+
+
+def study_of(variant, preset, corpus_meta, ppl, status="done"):
+    return {"meta": {"git_rev": "abc", "jobs": 1, "data": corpus_meta}, "rows": [
+        {"variant": variant, "preset": preset, "status": status, "tok_s": 5.0, "tokens": 20, "steps": 2,
+         "ppl": ppl, "best_ppl": ppl, "peak_memory_gib": 1.0, "evals": [[20, ppl]]}]}
+
+
+def test_scale_summaries_name_runs_by_corpus_only_where_the_studies_span_corpora():
+    a, b = corpus(104.79e6, 203), corpus(99.66e6, 197)
+    one = lm_study.scale_summaries([study_of("sliding", "small-sliding", b, 30.0),
+                                    study_of("sliding", "small-sliding", b, 14.0)])
+    assert list(one) == ["sliding"] and one["sliding"]["final_ppl"] == 14.0  # the later run replaces the earlier
+    both = lm_study.scale_summaries([study_of("ramnet", "small", a, 14.8), study_of("ramnet", "small", b, 13.5)])
+    assert {k: v["final_ppl"] for k, v in both.items()} == {"ramnet [104.8M corpus]": 14.8,
+                                                            "ramnet [99.7M corpus]": 13.5}
+    # a run stopped at a deadline gives way to the same variant's complete run, on any corpus
+    stopped = lm_study.scale_summaries([study_of("hybrid", "small-hybrid", a, 36.4, "stopped at the deadline"),
+                                        study_of("hybrid", "small-hybrid", b, 11.4),
+                                        study_of("raven", "small-raven", a, 42.0, "stopped at the deadline")])
+    assert {k: v["final_ppl"] for k, v in stopped.items()} == {"hybrid [99.7M corpus]": 11.4,
+                                                               "raven [104.8M corpus]": 42.0}
 
 
 @pytest.mark.parametrize("resumable", [False, True])
