@@ -179,8 +179,9 @@ FORGETTING = {
                "attention": BASELINES["attention"]},
 }
 # Its CPU smoke run: the CPU models of the forgetting preset at d_model 64, on a vocabulary of 512 and
-# the first three test settings, about 5 minutes on 2 cores. It checks that the variant runs end to
-# end; it is far too short for RAM-Net to learn (it needs about 1,000 steps; this is 313).
+# the first three test settings, 3-5 minutes on 2 cores. It checks that the variant runs end to end;
+# it is far too short for anything to learn (313 steps; RAM-Net took about 1,600 to reach 0.75 on
+# plain MQAR on the CPU: benchmarks/results/mqar/README.md).
 FORGETTING_QUICK = {
     **FORGETTING,
     "description": "a CPU smoke run of the forgetting preset: RAM-Net gamma 0 / 1 / 2 and attention at d_model 64",

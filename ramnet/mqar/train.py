@@ -107,7 +107,8 @@ def train_run(preset: MQARPreset, name: str, d_model: int, lr: float, train_data
     key = run_key(identity)
     accuracy, epochs_run, before = {}, 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        # on the CPU: the RNG states must stay there; load_state_dict moves the rest to the model's device
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state.get("run_key") == key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
