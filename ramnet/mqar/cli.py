@@ -10,8 +10,8 @@ from pathlib import Path
 from ..cli_support import reports_errors
 from ..devices import resolve_device
 from .plot import NO_MATPLOTLIB, has_matplotlib, plot_results
-from .presets import PRESETS, MQARPreset, describe_cuts, get_preset, read_preset_file
-from .report import format_table, load_rows
+from .presets import PRESETS, PROTOCOLS, MQARPreset, describe_cuts, get_preset, read_preset_file
+from .report import format_table, load_rows, markdown_table, shown_rows
 from .sweep import RunsFailed, run_preset
 
 
@@ -25,7 +25,8 @@ def add_mqar_commands(sub) -> None:
     mqar.add_argument("--preset", default="quick", choices=list(PRESETS),
                       help="quick (default): a few CPU minutes; paper: the paper's protocol; ablation-u / "
                            "ablation-m: RAM-Net at fixed M over U, and over M at fixed U; hybrid: the "
-                           "RAM-Net + sliding-window hybrid against its parts")
+                           "RAM-Net + sliding-window hybrid against its parts; forgetting: MQAR with keys "
+                           "re-assigned, queries asking for the latest value (forgetting-quick: its CPU smoke run)")
     mqar.add_argument("--config", help="a JSON preset file instead of --preset (see --dump-config)")
     mqar.add_argument("--models", type=_csv(str), help="run only these models of the preset (comma-separated)")
     mqar.add_argument("--d-models", dest="d_models", type=_csv(int), help="override the d_model sweep")
@@ -35,6 +36,13 @@ def add_mqar_commands(sub) -> None:
     mqar.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     mqar.add_argument("--jobs", type=int, default=1,
                       help="runs trained at once, each in its own process on the device (default 1)")
+    mqar.add_argument("--protocol", default="full", choices=PROTOCOLS,
+                      help="full (default): every lr at the preset's epochs; two-stage: every lr at "
+                           "--screen-epochs, then the best lr and its neighbours at the preset's epochs")
+    mqar.add_argument("--screen-epochs", dest="screen_epochs", type=int, default=4,
+                      help="epochs of the two-stage protocol's first stage (default 4)")
+    mqar.add_argument("--rerun", action="store_true",
+                      help="run every run again, also those already in OUT/results.jsonl (default: skip them)")
     mqar.add_argument("--out", default="mqar_results", help="results folder (default: mqar_results)")
     mqar.add_argument("--dump-config", action="store_true", help="print the preset as JSON and exit")
     mqar_sub = mqar.add_subparsers(dest="mqar_command")
@@ -89,13 +97,14 @@ def cmd_mqar(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"MQAR preset {preset.name}: {preset.description}")
     print(f"device {device}, results appended to {out / 'results.jsonl'}")
-    cuts = describe_cuts(preset)
+    cuts = describe_cuts(preset, args.protocol, args.screen_epochs)
     if cuts:
-        print("cut or changed from the paper protocol:")
+        print(f"cut or changed from the {'forgetting preset' if preset.reassign else 'paper'} protocol:")
     for line in cuts:
         print(f"  {line}")
     try:
-        run_preset(preset, out, device, jobs=args.jobs)
+        run_preset(preset, out, device, jobs=args.jobs, protocol=args.protocol, screen_epochs=args.screen_epochs,
+                   resume=not args.rerun)
     except RunsFailed as failure:  # the finished runs are in the results file: still tabled and drawn
         if (out / "results.jsonl").exists():  # absent when no run has ever finished here
             _report(load_rows(out / "results.jsonl"), out)
@@ -108,11 +117,17 @@ def cmd_mqar(args: argparse.Namespace) -> int:
 
 
 def _report(rows: list[dict], out: Path, plotting_only: bool = False) -> None:
-    """Print the best-lr table of ``rows`` (each run configuration apart: ``ramnet.mqar.report``)
-    and write their figures to ``out`` (nothing for no rows). Without matplotlib, the table only,
-    unless the figures are the point (``plotting_only``: `ramnet mqar plot`), which then fails naming the extra."""
+    """Print the best-lr table of ``rows`` (each run configuration apart: ``ramnet.mqar.report``),
+    write it as Markdown to ``out/mqar_table.md`` and their figures to ``out`` (nothing for no rows).
+    Without matplotlib, the tables only, unless the figures are the point (``plotting_only``:
+    `ramnet mqar plot`), which then fails naming the extra. The two-stage protocol's screen runs of
+    models with final runs are left out (``shown_rows``) and counted."""
     if rows:
-        print(format_table(rows))
+        shown = shown_rows(rows)
+        print(format_table(shown))
+        if len(shown) < len(rows):
+            print(f"({len(rows) - len(shown)} two-stage screen runs not shown: their models have final runs)")
+        (out / "mqar_table.md").write_text(markdown_table(rows))
         if not has_matplotlib() and not plotting_only:
             return
         for path in plot_results(rows, out):

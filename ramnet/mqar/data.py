@@ -7,6 +7,9 @@ same as Zoology's; the random streams are not (we use a local torch.Generator,
 Zoology seeds numpy's global RNG), so the same seed gives different tokens.
 """
 
+import math
+from numbers import Real
+
 import torch
 
 from ..ops.checks import check_int, check_positive
@@ -16,7 +19,7 @@ MIN_SEED = -(2**63)  # the lowest seed torch.Generator.manual_seed takes
 
 
 def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
-             random_non_queries=True, seed=0):
+             random_non_queries=True, seed=0, reassign=0.0):
     """Generate ``num_examples`` MQAR sequences; returns ``(inputs, labels)``.
 
     Both are LongTensors of shape ``[num_examples, seq_len]``. With ``N`` pairs,
@@ -43,35 +46,54 @@ def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
       uniform token from ``[0, V)`` (so filler may be 0 or may repeat a key),
       as Zoology does. Otherwise filler stays 0.
 
+    The forgetting variant (``reassign > 0``, not in Zoology): ``R = num_reassigned(N, reassign)``
+    of the N keys, a uniformly random subset in random order, are written again with new values
+    right after the pairs: ``inputs[:, 2N:2N + 2R]`` is ``k_j w_j ...``, where every ``w_j`` is a
+    value of ``[V/2, V)`` that no other pair of the example uses (N + R distinct values). The
+    queries follow both blocks: ``S = (L - 2N - 2R) / 2`` gaps as above, query of key i at
+    ``2N + 2R + 2*gap_i``, and its label is the key's *latest* value: ``w_j`` for a re-assigned key,
+    ``v_i`` for the others. So a model that recalls the first value a key was given scores
+    ``1 - R / N``. With ``reassign = 0`` the output is plain MQAR, token for token.
+
     Deterministic for a given ``seed`` (uses a local ``torch.Generator``).
     """
     check_int("num_examples", num_examples, 1)
-    check_setting(seq_len, num_kv_pairs, vocab_size)
+    check_setting(seq_len, num_kv_pairs, vocab_size, reassign)
     check_int("seed", seed, MIN_SEED)
     check_positive("power_a", power_a)
     n, N, L, V = num_examples, num_kv_pairs, seq_len, vocab_size
 
+    R = num_reassigned(N, reassign)
     g = torch.Generator().manual_seed(seed)
     half = V // 2
     keys = 1 + _distinct(n, N, half - 1, g)       # [n, N] in [1, V/2)
-    values = half + _distinct(n, N, V - half, g)  # [n, N] in [V/2, V)
+    values = half + _distinct(n, N + R, V - half, g)  # [n, N + R] in [V/2, V)
+    values, new_values = values[:, :N], values[:, N:]
+    latest = values
+    if R:  # no draw at all without re-assignment: plain MQAR's stream is unchanged
+        which = _distinct(n, R, N, g)  # [n, R]: the re-assigned pairs, in the order they are re-written
+        latest = values.scatter(1, which, new_values)
 
     # Successive weighted sampling without replacement == sort exponential
     # clocks E_g / p_g ascending (Efraimidis-Spirakis); the first N in order
     # are the draws. float64 so ties (which would bias the order) don't occur.
-    S = (L - 2 * N) // 2
+    base = 2 * (N + R)  # where the query region starts
+    S = (L - base) // 2
     gap = torch.arange(1, S + 1, dtype=torch.float64)
     p = power_a * gap ** (power_a - 1)
     clocks = torch.empty(n, S, dtype=torch.float64).exponential_(generator=g) / p
     gaps = clocks.topk(N, dim=1, largest=False, sorted=True).indices  # [n, N]
-    query_pos = 2 * N + 2 * gaps
+    query_pos = base + 2 * gaps
 
     inputs = torch.zeros(n, L, dtype=torch.long)
     inputs[:, 0:2 * N:2] = keys
     inputs[:, 1:2 * N:2] = values
+    if R:
+        inputs[:, 2 * N:base:2] = keys.gather(1, which)
+        inputs[:, 2 * N + 1:base:2] = new_values
     inputs.scatter_(1, query_pos, keys)
     labels = torch.full((n, L), IGNORE, dtype=torch.long)
-    labels.scatter_(1, query_pos, values)
+    labels.scatter_(1, query_pos, latest)
 
     if random_non_queries:
         noise = torch.randint(V, (n, L), generator=g)
@@ -79,19 +101,36 @@ def generate(num_examples, seq_len, num_kv_pairs, vocab_size=8192, power_a=0.01,
     return inputs, labels
 
 
-def check_setting(seq_len, num_kv_pairs, vocab_size) -> None:
-    """Raise ValueError, naming the argument, unless ``num_kv_pairs`` pairs and their queries fit in
-    ``seq_len`` tokens and ``vocab_size > seq_len`` (Zoology's condition, which also makes the key half
-    of the vocabulary hold that many distinct keys)."""
+def check_reassign(reassign) -> float:
+    """The forgetting variant's fraction of re-assigned keys: a number in [0, 1]."""
+    if isinstance(reassign, bool) or not isinstance(reassign, Real) or not 0.0 <= reassign <= 1.0:
+        raise ValueError(f"reassign must be a number in [0, 1] (the fraction of keys given a new value), "
+                         f"got {reassign!r}")
+    return float(reassign)
+
+
+def num_reassigned(num_kv_pairs: int, reassign: float) -> int:
+    """How many of ``num_kv_pairs`` keys the forgetting variant re-assigns: ``reassign * N`` rounded
+    half up (0.5 of 5 keys: 3)."""
+    return int(math.floor(check_reassign(reassign) * num_kv_pairs + 0.5))
+
+
+def check_setting(seq_len, num_kv_pairs, vocab_size, reassign=0.0) -> None:
+    """Raise ValueError, naming the argument, unless ``num_kv_pairs`` pairs (and the forgetting
+    variant's re-assignments) and their queries fit in ``seq_len`` tokens and ``vocab_size > seq_len``
+    (Zoology's condition, which also makes the key half of the vocabulary hold that many distinct keys,
+    and the value half the N + R distinct values)."""
     check_int("num_kv_pairs", num_kv_pairs, 1)
     check_int("seq_len", seq_len, 1)
     check_int("vocab_size", vocab_size, 1)
     N, L, V = num_kv_pairs, seq_len, vocab_size
+    R = num_reassigned(N, reassign)
     if L % 2:
         raise ValueError(f"seq_len must be even (as in Zoology), got {L}")
-    if 4 * N > L:
-        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs = {4 * N} to hold "
-                         f"{N} pairs and {N} query slots, got {L}")
+    if 4 * N + 2 * R > L:
+        extra = f", {R} re-assignments" if R else ""
+        raise ValueError(f"seq_len must be >= 4 * num_kv_pairs{' + 2 * reassigned' if R else ''} = {4 * N + 2 * R} "
+                         f"to hold {N} pairs{extra} and {N} query slots, got {L}")
     if V <= L:
         # Zoology's `assert vocab_size > input_seq_len`. It also leaves room for the keys: V > L >= 4N
         # gives V // 2 - 1 >= N distinct keys in [1, V/2).

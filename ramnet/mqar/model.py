@@ -45,6 +45,7 @@ MIXERS = {
     "fla.RWKV7": "fla.layers.RWKV7Attention",
     "fla.Mamba2": "fla.layers.Mamba2",
     "fla.Mamba": "fla.layers.Mamba",
+    "fla.Raven": "fla.layers.Raven",
 }
 SPEC_KEYS = {"name", "path", "kwargs", "per_layer"}
 
@@ -53,15 +54,30 @@ def _conv_states(layer) -> int:
     return sum(m.in_channels * m.kernel_size[0] for m in layer.modules() if type(m).__name__ == "ShortConvolution")
 
 
-# Zoology's per-layer state formulas for classes that have no state_size method
-# of their own, keyed by the class's full name. Counts are floats of one sequence.
+# Zoology's per-layer state formulas for classes that have no state_size method of their own, keyed
+# by the class's full name, with the attribute names of fla 0.6.0's layers. Counts are floats of one
+# sequence: what the layer must carry to go on decoding. Where Zoology's own count leaves out the
+# layer's short convolution, the rows marked "+ conv" add it (spec section 8: "+ conv state"):
+# - GLA: key_dim * head_v_dim, + its ShortConvolution's in_channels * kernel.
+# - DeltaNet, Gated DeltaNet: H d_k d_v (Zoology's, as the spec writes it; their ShortConvolutions
+#   are not counted, so the stored rows stay comparable).
+# - RWKV-7: H d_h^2 (H d_k d_v: fla's value_dim may differ), + the token shift's previous token,
+#   hidden_size floats (fla caches it as the layer's conv_state).
+# - Mamba2 and Mamba: 2 d d_state, Zoology's (the SSM state d_inner d_state at fla's default expand 2),
+#   + the causal conv1d's channels * kernel (conv_dim = d_inner + 2 groups d_state for Mamba2,
+#   d_inner for Mamba).
+# - Raven: its two slot memories per head, keys [slots, d_k] and values [slots, d_v] (fla's GSA
+#   kernels carry both as the recurrent state (hk, hv)): H * slots * (d_k + d_v). Raven has no
+#   short convolution (fla refuses use_short_conv).
 STATE_FORMULAS = {
     "fla.layers.gla.GatedLinearAttention": lambda m, L: m.key_dim * m.head_v_dim + _conv_states(m),
     "fla.layers.delta_net.DeltaNet": lambda m, L: m.num_heads * m.head_k_dim * m.head_v_dim,
     "fla.layers.gated_deltanet.GatedDeltaNet": lambda m, L: m.num_v_heads * m.head_k_dim * m.head_v_dim,
-    "fla.layers.rwkv7.RWKV7Attention": lambda m, L: m.num_heads * m.head_dim * m.head_v_dim,
-    "fla.layers.mamba2.Mamba2": lambda m, L: 2 * m.hidden_size * m.ssm_state_size,
-    "fla.layers.mamba.Mamba": lambda m, L: 2 * m.hidden_size * m.ssm_state_size,
+    "fla.layers.rwkv7.RWKV7Attention": lambda m, L: m.num_heads * m.head_dim * m.head_v_dim + m.hidden_size,
+    "fla.layers.mamba2.Mamba2": lambda m, L: 2 * m.hidden_size * m.ssm_state_size + m.conv_dim * m.conv_kernel_size,
+    "fla.layers.mamba.Mamba": lambda m, L: (2 * m.hidden_size * m.ssm_state_size
+                                            + m.intermediate_size * m.conv_kernel_size),
+    "fla.layers.raven.Raven": lambda m, L: m.num_heads * m.num_slots * (m.head_k_dim + m.head_v_dim),
 }
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..ops.checks import check_choice, check_int, check_positive
-from .data import check_setting
-from .model import check_mixer_spec
+from .data import check_reassign, check_setting
+from .model import check_mixer_spec, needs_cuda
 
 PAPER_TRAIN = [[64, 4, 100_000], [128, 8, 20_000], [256, 16, 20_000], [256, 32, 20_000], [256, 64, 20_000]]
 PAPER_TEST = [[64, 4, 1000], [64, 8, 1000], [64, 16, 1000], [128, 32, 1000], [256, 64, 1000],
@@ -26,13 +26,17 @@ PAPER_TEST = [[64, 4, 1000], [64, 8, 1000], [64, 16, 1000], [128, 32, 1000], [25
 PAPER_LRS = [10 ** (-3 + 0.5 * i) for i in range(4)]  # np.logspace(-3, -1.5, 4)
 
 
-def ramnet_mixer(num_partitions: int, partition_dim: int, topk: int = 8, num_heads: int = 2) -> dict:
+def ramnet_mixer(num_partitions: int, partition_dim: int, topk: int = 8, num_heads: int = 2,
+                 gamma: float | None = None) -> dict:
     """RAM-Net for MQAR: heads split d_model (head_v_dim = d_model / heads); the short
     convolution of the first layer provides the shift, so addresses are absolute (no CAPE: with
-    CAPE a key written at t and queried at t' lands on slots shifted by t' - t)."""
-    return {"name": "ramnet", "kwargs": {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}",
-                                         "num_partitions": num_partitions, "partition_dim": partition_dim,
-                                         "topk": topk}}  # mode None: the Triton kernels on CUDA
+    CAPE a key written at t and queried at t' lands on slots shifted by t' - t). ``gamma``: PDMA's
+    decay power, the layer's default (1) unless given."""
+    kwargs = {"num_heads": num_heads, "head_v_dim": f"d_model/{num_heads}", "num_partitions": num_partitions,
+              "partition_dim": partition_dim, "topk": topk}  # mode None: the Triton kernels on CUDA
+    if gamma is not None:
+        kwargs["gamma"] = gamma
+    return {"name": "ramnet", "kwargs": kwargs}
 
 
 # The CPU baselines as in Zoology's MQAR configs (attention: 1 head, attention dropout 0.1;
@@ -58,6 +62,11 @@ FLA_BASELINES = {
         "head_dim": 64, "decay_low_rank_dim": 16, "gate_low_rank_dim": 64, "a_low_rank_dim": 16,
         "v_low_rank_dim": 16}}},
     "mamba2": {"mixer": {"name": "fla.Mamba2", "kwargs": {"state_size": 16}}, "model": {"short_conv": 0}},
+    # Raven (fla's, GSA kernels with top-k slot routing) in its published shapes: 64 and 256 slots per
+    # head, top-k 32, 2 heads of d_model / 2 as the other baselines. State: both slot memories,
+    # H * slots * (d_k + d_v) (ramnet/mqar/model.py, STATE_FORMULAS).
+    "raven": {"mixer": {"name": "fla.Raven", "kwargs": {"num_heads": 2, "num_slots": 64, "topk": 32}}},
+    "raven slots=256": {"mixer": {"name": "fla.Raven", "kwargs": {"num_heads": 2, "num_slots": 256, "topk": 32}}},
     "mamba (for H3)": {"mixer": {"name": "fla.Mamba", "kwargs": {"state_size": 16, "intermediate_size": "d_model*2"}},
                        "model": {"short_conv": 0}},
 }
@@ -149,11 +158,50 @@ HYBRID = {
                "sliding_window": BASELINES["sliding_window"], "attention": BASELINES["attention"]},
 }
 
-PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m": ABLATION_M, "hybrid": HYBRID}
+# Beyond the paper: MQAR with forgetting (ramnet.mqar.data.generate, ``reassign``). Half the keys
+# (rounded up) are written a second time with new values after the pairs, and every query asks for
+# the latest value. PDMA claims that forgetting is decoupled from writing: gamma 0 (a running mean,
+# no forgetting) should fail the re-assigned keys, gamma 1 (EMA) and 2 forget. Every setting keeps
+# L >= 4N + 2R (the paper's (L, N) would not fit the re-assignments): N is cut to L / 5 where the
+# paper's is larger. The paper's protocol otherwise (run it with --protocol two-stage).
+FORGETTING_TRAIN = [[64, 4, 100_000], [128, 8, 20_000], [256, 16, 20_000], [256, 32, 20_000], [256, 48, 20_000]]
+FORGETTING_TEST = [[64, 4, 1000], [64, 8, 1000], [128, 16, 1000], [256, 32, 1000], [256, 48, 1000],
+                   [512, 96, 1000], [1024, 192, 1000]]
+FORGETTING = {
+    **PAPER,
+    "description": "MQAR with forgetting: half the keys re-assigned new values, queries ask for the latest",
+    "reassign": 0.5,
+    "train": FORGETTING_TRAIN,
+    "test": FORGETTING_TEST,
+    "d_models": [64, 128],
+    "models": {**{f"ramnet gamma={g}": {"mixer": ramnet_mixer(4, 4, gamma=float(g))} for g in (0, 1, 2)},
+               "delta_net": FLA_BASELINES["delta_net"], "gated_delta_net": FLA_BASELINES["gated_delta_net"],
+               "attention": BASELINES["attention"]},
+}
+# Its CPU smoke run: the CPU models of the forgetting preset at d_model 64, on a vocabulary of 512 and
+# the first three test settings, 3-5 minutes on 2 cores. It checks that the variant runs end to end;
+# it is far too short for anything to learn (313 steps; RAM-Net took about 1,600 to reach 0.75 on
+# plain MQAR on the CPU: benchmarks/results/mqar/README.md).
+FORGETTING_QUICK = {
+    **FORGETTING,
+    "description": "a CPU smoke run of the forgetting preset: RAM-Net gamma 0 / 1 / 2 and attention at d_model 64",
+    "vocab_size": 512,
+    "train": [[64, 4, 4000], [128, 8, 1000]],
+    "test": [[L, N, 100] for L, N, _ in FORGETTING_TEST[:3]],
+    "batch_size": 32,
+    "epochs": 2,
+    "lrs": [3e-3],
+    "d_models": [64],
+    "models": {name: entry for name, entry in FORGETTING["models"].items() if not needs_cuda(entry["mixer"])},
+}
+
+PRESETS = {"quick": QUICK, "paper": PAPER, "ablation-u": ABLATION_U, "ablation-m": ABLATION_M, "hybrid": HYBRID,
+           "forgetting": FORGETTING, "forgetting-quick": FORGETTING_QUICK}
 MODEL_ENTRY_KEYS = {"mixer", "model", "lrs"}
 MODEL_CONFIG_KEYS = {"n_layers", "short_conv", "mlp_mult", "embed_dropout"}  # MQARModel's own arguments
 ABLATIONS = (None, "U", "M")
 PROTOCOL_KEYS = ("vocab_size", "train", "test", "batch_size", "test_batch_size", "epochs", "weight_decay", "early_stop")
+PROTOCOLS = ("full", "two-stage")  # how the lr sweep is run (ramnet.mqar.sweep.run_preset)
 
 
 @dataclass
@@ -176,13 +224,18 @@ class MQARPreset:
     description: str = ""
     ablation: str | None = None  # "U" or "M": a RAM-Net ablation, drawn against U or M
     name: str | None = None  # each row's "preset"
+    reassign: float = 0.0  # the forgetting variant: fraction of keys re-assigned (ramnet.mqar.data.generate)
 
     def __post_init__(self):
         self.seed = check_int("preset['seed']", self.seed, 0)
         for key in ("vocab_size", "batch_size", "test_batch_size", "epochs"):
             setattr(self, key, check_int(f"preset[{key!r}]", getattr(self, key), 1))
-        self.train = _check_settings("train", self.train, self.vocab_size)
-        self.test = _check_settings("test", self.test, self.vocab_size)
+        try:
+            self.reassign = check_reassign(self.reassign)
+        except ValueError as err:
+            raise ValueError(f"preset['reassign']: {err}") from None
+        self.train = _check_settings("train", self.train, self.vocab_size, self.reassign)
+        self.test = _check_settings("test", self.test, self.vocab_size, self.reassign)
         self.lrs = _check_lrs("preset['lrs']", self.lrs)
         if not isinstance(self.d_models, (list, tuple)) or not self.d_models:
             raise ValueError(f"preset['d_models'] must be a non-empty list of ints, got {self.d_models!r}")
@@ -218,18 +271,22 @@ class MQARPreset:
 
     def protocol(self) -> dict:
         """What every run of this preset shares besides its seed, model and d_model: the data and the
-        optimisation. Stored with each row (``ramnet.mqar.report`` keys results by it)."""
-        return {key: copy.deepcopy(getattr(self, key)) for key in PROTOCOL_KEYS}
+        optimisation. Stored with each row (``ramnet.mqar.report`` keys results by it). ``reassign``
+        only where it is set: plain MQAR's protocol is the one its rows always recorded."""
+        protocol = {key: copy.deepcopy(getattr(self, key)) for key in PROTOCOL_KEYS}
+        if self.reassign:
+            protocol["reassign"] = self.reassign
+        return protocol
 
 
-def _check_settings(key: str, settings, vocab_size: int) -> list[list[int]]:
+def _check_settings(key: str, settings, vocab_size: int, reassign: float = 0.0) -> list[list[int]]:
     if not isinstance(settings, (list, tuple)) or not settings or not all(
             isinstance(s, (list, tuple)) and len(s) == 3 for s in settings):
         raise ValueError(f"preset[{key!r}] must be a non-empty list of [seq_len, kv_pairs, examples] ints, "
                          f"got {settings!r}")
     for seq_len, pairs, examples in settings:
         try:
-            check_setting(seq_len, pairs, vocab_size)
+            check_setting(seq_len, pairs, vocab_size, reassign)
             check_int("examples", examples, 1)
         except ValueError as err:
             raise ValueError(f"preset[{key!r}] setting {[seq_len, pairs, examples]}: {err}") from None
@@ -295,22 +352,31 @@ def read_preset_file(path: str | Path) -> dict:
     return preset
 
 
-def describe_cuts(preset: MQARPreset | dict) -> list[str]:
-    """Where a preset departs from the paper protocol (mostly: runs less of it), one line each."""
+def describe_cuts(preset: MQARPreset | dict, protocol: str = "full", screen_epochs: int | None = None) -> list[str]:
+    """Where a preset departs from the paper protocol (mostly: runs less of it), one line each; for
+    the forgetting variant, from the ``forgetting`` preset's protocol. ``protocol`` "two-stage" (with
+    its ``screen_epochs``) adds the line of its lr sweep cut (``ramnet.mqar.sweep.run_preset``)."""
     preset, cuts = as_preset(preset), []
+    check_choice("protocol", protocol, PROTOCOLS)
+    reference, ref_name = (FORGETTING, "the forgetting protocol") if preset.reassign else (PAPER, "the paper")
     for key in ("train", "test"):
-        paper = {(L, N): n for L, N, n in PAPER[key]}
+        paper = {(L, N): n for L, N, n in reference[key]}
         ours = {(L, N): n for L, N, n in getattr(preset, key)}
         for (L, N), n in paper.items():
             if ours.get((L, N), 0) < n:
                 cuts.append(f"{key} (L={L}, N={N}): {ours.get((L, N), 0)} examples instead of {n}")
-    for key in ("vocab_size", "epochs", "batch_size"):
-        if getattr(preset, key) != PAPER[key]:
-            cuts.append(f"{key}: {getattr(preset, key)} instead of {PAPER[key]}")
-    if preset.lrs != PAPER["lrs"]:
-        cuts.append(f"lrs: {_fmt_lrs(preset.lrs)} instead of the sweep {_fmt_lrs(PAPER['lrs'])}")
-    if preset.d_models != PAPER["d_models"]:
-        cuts.append(f"d_models: {preset.d_models} instead of {PAPER['d_models']}")
+    for key in ("vocab_size", "epochs", "batch_size", "reassign"):
+        if getattr(preset, key) != reference.get(key, 0.0):
+            cuts.append(f"{key}: {getattr(preset, key)} instead of {reference.get(key, 0.0)}"
+                        + (f" ({ref_name})" if key == "reassign" else ""))
+    if preset.lrs != reference["lrs"]:
+        cuts.append(f"lrs: {_fmt_lrs(preset.lrs)} instead of the sweep {_fmt_lrs(reference['lrs'])}")
+    if protocol == "two-stage":
+        cuts.append(f"lr sweep in two stages, for every model alike: each lr of the sweep at {screen_epochs} "
+                    f"epochs, then the best of them (and its neighbours in the sweep) at {preset.epochs} epochs, "
+                    f"instead of every lr at {preset.epochs}")
+    if preset.d_models != reference["d_models"]:
+        cuts.append(f"d_models: {preset.d_models} instead of {reference['d_models']}")
     return cuts
 
 

@@ -115,3 +115,86 @@ def load_rows(path: Path) -> list[dict]:
         raise FileNotFoundError(f"no results at {path}: run `ramnet mqar` first (or pass --out)")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def shown_rows(rows: list[dict]) -> list[dict]:
+    """``rows`` without the two-stage protocol's screen runs of each (preset, model, d_model) that has
+    final runs: once a model's lrs have run at the full epochs, its short screen runs are not its
+    result (they stay in the results file, and ``format_table(rows)`` shows them on demand)."""
+    finals = {(r.get("preset"), r["model"], r["d_model"]) for r in rows if r.get("stage") == "final"}
+    return [r for r in rows
+            if not (r.get("stage") == "screen" and (r.get("preset"), r["model"], r["d_model"]) in finals)]
+
+
+def pareto_frontier(points: list, state=lambda p: p["state_size"], accuracy=lambda p: p["avg_accuracy"]) -> list:
+    """The points of ``points`` that no other point beats: none has a state as small or smaller and an
+    accuracy as high or higher, one of the two strictly. Ascending in state (so strictly ascending in
+    accuracy); of points equal in both, the first. Points with an unknown (None) state are left out.
+    ``state`` / ``accuracy`` read a point (defaults: a result row)."""
+    known = sorted((p for p in points if state(p) is not None), key=lambda p: (state(p), -accuracy(p)))
+    frontier = []
+    for p in known:  # by state ascending, the best accuracy first among equal states
+        if not frontier or accuracy(p) > accuracy(frontier[-1]):
+            frontier.append(p)
+    return frontier
+
+
+# The mixer kwargs that set a model's size along its line of the frontier figure: RAM-Net's U (M =
+# d_p^U slots at a fixed partition size) and Raven's slots.
+SIZE_KWARGS = ("num_partitions", "num_slots")
+
+
+def model_families(rows: list[dict]) -> dict[str, str]:
+    """The line of each row (by ``run_group``) in the frontier figure, as its label: rows whose mixer
+    and model config are equal but for ``SIZE_KWARGS`` are one family, so RAM-Net at M = 16 ... 4096
+    is one line through its configurations while RAM-Net with K 16 is another. The label is the
+    words that the family's model names begin with ("ramnet M=16", "ramnet" -> "ramnet"), with the
+    kwargs that tell apart families that would share a label ("ramnet (partition_dim=16)")."""
+    def family(row):
+        mixer = row.get("mixer") or {}
+        kwargs = {k: v for k, v in (mixer.get("kwargs") or {}).items() if k not in SIZE_KWARGS}
+        return json.dumps({**mixer, "kwargs": kwargs, "model_config": row.get("model_config")}, sort_keys=True)
+
+    names: dict = {}
+    for row in rows:
+        names.setdefault(family(row), []).append(row["model"].split())
+    label = {}
+    for key, words in names.items():
+        prefix = []
+        for column in zip(*words):
+            if len(set(column)) > 1:
+                break
+            prefix.append(column[0])
+        label[key] = " ".join(prefix) or " ".join(words[0])
+    for shared in {lab for lab in label.values() if list(label.values()).count(lab) > 1}:
+        keys = [k for k in label if label[k] == shared]
+        kwargs = {k: json.loads(k)["kwargs"] for k in keys}
+        differ = sorted({name for kw in kwargs.values() for name in kw
+                         if len({json.dumps(other.get(name)) for other in kwargs.values()}) > 1})
+        for k in keys:
+            extra = ", ".join(f"{name}={kwargs[k].get(name)}" for name in differ)
+            tag = extra or f"config {hashlib.sha1(k.encode()).hexdigest()[:6]}"
+            label[k] = f"{shared} ({tag})"
+    return {run_group(row): label[family(row)] for row in rows}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The best-lr result per run configuration as a Markdown table ascending in state size, one per
+    d_model within it, with the Pareto frontier of each d_model (``pareto_frontier``) in bold and
+    marked *."""
+    best = best_runs(shown_rows(rows))
+    settings = list(dict.fromkeys(s for row in best for s in row["accuracy"]))
+    on_front = {id(r) for d in {r["d_model"] for r in best}
+                for r in pareto_frontier([r for r in best if r["d_model"] == d])}
+    head = ["model", "d_model", "state", "lr", "epochs", "avg", *settings]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(best, key=lambda r: (r["state_size"] is None, r["state_size"] or 0, r["model"])):
+        front = id(r) in on_front
+        state = "?" if r["state_size"] is None else f"{r['state_size']:,}"
+        avg = f"**{r['avg_accuracy']:.3f}** *" if front else f"{r['avg_accuracy']:.3f}"
+        ran = f"{r.get('epochs_run', '?')}/{epochs(r) if epochs(r) is not None else '?'}"
+        accs = [f"{r['accuracy'][s]:.2f}" if s in r["accuracy"] else "-" for s in settings]
+        cells = [r["model"], str(r["d_model"]), state, f"{r['lr']:.2g}", ran, avg, *accs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n".join(lines) + "\n\n\\* on the Pareto frontier of its d_model: no result with a state as small has "
+            "as high an accuracy\n")

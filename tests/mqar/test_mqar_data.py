@@ -187,3 +187,92 @@ def test_vocab_no_larger_than_the_sequence_is_refused(V):
     with pytest.raises(ValueError, match=r"vocab_size must be larger than seq_len .* got vocab_size "
                                          rf"{V} for seq_len 32: use a vocab_size of at least 33"):
         generate(4, 32, 4, vocab_size=V)
+
+
+# --- the forgetting variant (reassign) -----------------------------------------------------------
+
+from ramnet.mqar.data import IGNORE, check_setting, num_reassigned  # noqa: E402
+
+
+def _recall_oracle(x, y, base, which):
+    """Accuracy (mean over examples of per-example means) of a model that answers each query with the
+    value after the ``which`` ("first" or "latest") occurrence of its key in the write region
+    ``x[:, :base]``."""
+    accs = []
+    for xi, yi in zip(x.tolist(), y.tolist()):
+        hits = []
+        for t, label in enumerate(yi):
+            if label == IGNORE:
+                continue
+            writes = [s for s in range(0, base, 2) if xi[s] == xi[t]]
+            s = writes[0] if which == "first" else writes[-1]
+            hits.append(xi[s + 1] == label)
+        accs.append(sum(hits) / len(hits))
+    return sum(accs) / len(accs)
+
+
+@pytest.mark.parametrize("n,L,N,V,reassign", [
+    (300, 64, 8, 100, 0.5),   # R = 4
+    (300, 64, 5, 100, 0.5),   # R = round(2.5) = 3: half up
+    (300, 48, 8, 200, 1.0),   # every key re-assigned, L == 4N + 2R: every query slot used
+    (300, 256, 16, 8192, 0.25),
+])
+def test_forgetting_layout_and_latest_value_labels(n, L, N, V, reassign):
+    R = num_reassigned(N, reassign)
+    base = 2 * (N + R)
+    x, y = generate(n, L, N, vocab_size=V, random_non_queries=False, seed=11, reassign=reassign)
+    keys, values = x[:, 0:2 * N:2], x[:, 1:2 * N:2]
+    new_keys, new_values = x[:, 2 * N:base:2], x[:, 2 * N + 1:base:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    assert (keys.sort(1).values.diff(dim=1) > 0).all()
+    # the re-assigned keys: R distinct keys of the example; their new values: distinct from every other value
+    assert (new_keys[:, :, None] == keys[:, None, :]).sum(2).eq(1).all()
+    assert R < 2 or (new_keys.sort(1).values.diff(dim=1) > 0).all()
+    all_values = torch.cat([values, new_values], 1)
+    assert ((new_values >= V // 2) & (new_values < V)).all()
+    assert (all_values.sort(1).values.diff(dim=1) > 0).all()
+    # queries after both blocks, at even offsets, every key once; no label before them
+    pos = _queries(x, y, N)
+    assert (pos >= base).all() and ((pos - base) % 2 == 0).all() and (pos <= L - 2).all()
+    q, lab = x.gather(1, pos), y.gather(1, pos)
+    assert torch.equal(q.sort(1).values, keys.sort(1).values)
+    # the label is the latest value: the new one for a re-assigned key, the first one otherwise
+    latest = {}
+    for b in range(n):
+        latest = dict(zip(keys[b].tolist(), values[b].tolist()))
+        latest.update(zip(new_keys[b].tolist(), new_values[b].tolist()))
+        assert [latest[k] for k in q[b].tolist()] == lab[b].tolist()
+    if L == 4 * N + 2 * R:
+        assert torch.equal(pos[0], torch.arange(base, L, 2))
+    # the task tests the latest value: recalling it scores 1, recalling the first value 1 - R / N
+    assert _recall_oracle(x, y, base, "latest") == 1.0
+    assert _recall_oracle(x, y, base, "first") == pytest.approx(1 - R / N)
+
+
+def test_forgetting_with_random_filler_and_its_oracles():
+    x, y = generate(200, 128, 8, vocab_size=256, seed=3, reassign=1.0)  # filler: random tokens
+    base = 2 * (8 + 8)
+    assert _recall_oracle(x, y, base, "latest") == 1.0
+    assert _recall_oracle(x, y, base, "first") == 0.0  # every key re-assigned: the first value is always wrong
+    clean, _ = generate(200, 128, 8, vocab_size=256, seed=3, reassign=1.0, random_non_queries=False)
+    assert torch.equal(x[clean != 0], clean[clean != 0])  # only filler was replaced
+
+
+def test_forgetting_is_deterministic_and_reassign_0_is_plain_mqar():
+    a = generate(50, 64, 8, vocab_size=128, seed=5, reassign=0.5)
+    b = generate(50, 64, 8, vocab_size=128, seed=5, reassign=0.5)
+    c = generate(50, 64, 8, vocab_size=128, seed=6, reassign=0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    plain, zero = generate(50, 64, 8, vocab_size=128, seed=5), generate(50, 64, 8, vocab_size=128, seed=5, reassign=0)
+    assert torch.equal(plain[0], zero[0]) and torch.equal(plain[1], zero[1])
+
+
+def test_forgetting_settings_are_checked():
+    assert [num_reassigned(N, f) for N, f in ((8, 0.5), (5, 0.5), (3, 0.5), (4, 0.0), (4, 1.0), (256, 0.1))] == [
+        4, 3, 2, 0, 4, 26]
+    check_setting(64, 8, 100, 1.0)  # 4N + 2R = 48 <= 64
+    with pytest.raises(ValueError, match=r"seq_len must be >= 4 \* num_kv_pairs \+ 2 \* reassigned = 80"):
+        check_setting(64, 16, 100, 0.5)
+    for bad in (-0.1, 1.5, "0.5", True, float("nan")):
+        with pytest.raises(ValueError, match="reassign must be a number in"):
+            generate(1, 64, 4, vocab_size=100, reassign=bad)

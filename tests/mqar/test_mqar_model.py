@@ -95,10 +95,17 @@ def test_fla_state_formulas():
         == 2 * 32 * 32
     assert mixer_state_size(_fake("fla.layers.gated_deltanet.GatedDeltaNet", num_v_heads=2, head_k_dim=32,
                                   head_v_dim=64), 1) == 2 * 32 * 64
-    assert mixer_state_size(_fake("fla.layers.rwkv7.RWKV7Attention", num_heads=1, head_dim=64, head_v_dim=64), 1) \
-        == 64 * 64
-    assert mixer_state_size(_fake("fla.layers.mamba2.Mamba2", hidden_size=64, ssm_state_size=16), 1) == 2 * 64 * 16
-    assert mixer_state_size(_fake("fla.layers.mamba.Mamba", hidden_size=64, ssm_state_size=16), 1) == 2 * 64 * 16
+    # RWKV-7: H d_h^2, + the token shift's previous token (hidden_size floats)
+    assert mixer_state_size(_fake("fla.layers.rwkv7.RWKV7Attention", num_heads=1, head_dim=64, head_v_dim=64,
+                                  hidden_size=64), 1) == 64 * 64 + 64
+    # Mamba2 / Mamba: Zoology's 2 d d_state, + the conv1d's channels x kernel
+    assert mixer_state_size(_fake("fla.layers.mamba2.Mamba2", hidden_size=64, ssm_state_size=16, conv_dim=160,
+                                  conv_kernel_size=4), 1) == 2 * 64 * 16 + 160 * 4
+    assert mixer_state_size(_fake("fla.layers.mamba.Mamba", hidden_size=64, ssm_state_size=16, intermediate_size=128,
+                                  conv_kernel_size=4), 1) == 2 * 64 * 16 + 128 * 4
+    # Raven: both slot memories, H slots (d_k + d_v)
+    assert mixer_state_size(_fake("fla.layers.raven.Raven", num_heads=2, num_slots=64, head_k_dim=32,
+                                  head_v_dim=16), 1) == 2 * 64 * (32 + 16)
     # every fla entry of the registry has a formula, under the class's full name
     fla_classes = {path.rpartition(".")[2] for name, path in MIXERS.items() if name.startswith("fla.")}
     assert fla_classes == {key.rpartition(".")[2] for key in STATE_FORMULAS if key.startswith("fla.")}

@@ -134,8 +134,11 @@ def test_the_figure_draws_every_configuration_of_the_results_file(tmp_path, monk
 
     drawn = []
 
+    # the model lines of mqar_accuracy_vs_state.png only: not the frontier's marks, not mqar_frontier.png
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, label=None, **k: (
-        drawn.append((label, list(x), list(y))), [matplotlib.lines.Line2D([], [])])[1])
+        label not in (None, "Pareto frontier") and drawn.append((label, list(x), list(y))),
+        [matplotlib.lines.Line2D([], [])])[1])
+    monkeypatch.setattr(plot, "_frontier_figure", lambda plt, main, labels, path: path)
     rows = [_row(d_model=64, state_size=10), _row(d_model=128, state_size=20, avg_accuracy=0.7),
             _row(d_model=64, state_size=10, seed=1, avg_accuracy=0.8)]
     plot.plot_results(rows, tmp_path)
@@ -173,9 +176,16 @@ def test_quick_preset_end_to_end_on_a_tiny_size(tmp_path, capsys):
         assert f"{r['model']}" in printed
     png = out / "mqar_accuracy_vs_state.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
-    # same seed, same results; the plot subcommand redraws from the JSONL (now 5 rows)
+    assert (out / "mqar_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "mqar_table.md").read_text().startswith("| model | d_model | state |")
+    # run again: every run is in the results file already, so none runs
     assert main(["mqar", "--config", str(config), "--out", str(out), "--models", "attention"]) == 0
+    assert "resumed: 1 of 1 runs already in" in capsys.readouterr().out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    # --rerun: same seed, same results; the plot subcommand redraws from the JSONL (now 5 rows)
+    assert main(["mqar", "--config", str(config), "--out", str(out), "--models", "attention", "--rerun"]) == 0
     rows2 = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows2) == 5 and rows2[-1]["model"] == "attention"
     assert rows2[-1]["accuracy"] == rows[1]["accuracy"]
     png.unlink()
     assert main(["mqar", "--out", str(out), "plot"]) == 0
