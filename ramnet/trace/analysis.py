@@ -139,11 +139,34 @@ def cache_sizes(memory_slots: int, fractions: list[float]) -> list[int]:
     return [max(1, int(round(f * memory_slots))) for f in fractions]
 
 
+def predicted_by_last_token(slots: np.ndarray, tokens: np.ndarray, memory_slots: int, cape: bool) -> np.ndarray:
+    """``[N]`` bool: the access's slot was among the previous token's slots, or (a CAPE head) among them
+    shifted by one position (CAPE moves a slot chosen at t to ``(j - t) mod M``, so a repeated choice moves
+    by -1 a token): what a prefetch from the last token could have fetched ahead."""
+    out = np.zeros(len(slots), dtype=bool)
+    prev: set[int] = set()
+    current: set[int] = set()
+    t_now = -1
+    for i, (s, t) in enumerate(zip(slots.tolist(), tokens.tolist())):
+        if t != t_now:
+            prev, current, t_now = current, set(), t
+            if cape:
+                prev = prev | {(p - 1) % memory_slots for p in prev}
+        out[i] = s in prev
+        current.add(s)
+    return out
+
+
 def summarize_head(write_idx: np.ndarray, read_idx: np.ndarray, memory_slots: int, fractions: list[float],
-                   policies: tuple[str, ...] = ("lru", "lfu", "belady")) -> dict:
-    """Locality of one (sequence, head): ``write_idx, read_idx [T, K]``."""
-    slots, _ = access_stream(write_idx, read_idx)
+                   policies: tuple[str, ...] = ("lru", "lfu", "belady"), cape: bool = False) -> dict:
+    """Locality of one (sequence, head): ``write_idx, read_idx [T, K]`` (``cape``: the head shifts its slots).
+
+    ``prefetch``: per cache size, the fraction of all accesses that miss in the LRU cache but were among
+    the previous token's slots (shifted by one on a CAPE head): the most a prefetch from the last token
+    could turn into hits (``predicted_by_last_token``)."""
+    slots, tokens = access_stream(write_idx, read_idx)
     distances = stack_distances(slots)
+    predicted = predicted_by_last_token(slots, tokens, memory_slots, cape)
     warm = distances[distances >= 0]
     sizes = cache_sizes(memory_slots, fractions)
     out = dict(
@@ -162,6 +185,8 @@ def summarize_head(write_idx: np.ndarray, read_idx: np.ndarray, memory_slots: in
     )
     if "lru" in policies:
         out["hit_rate"]["lru"] = lru_hit_rates(distances, sizes)
+    miss = [(distances < 0) | (distances >= c) for c in sizes]
+    out["prefetch"] = [float((m & predicted).mean()) if len(slots) else 0.0 for m in miss]
     if "lfu" in policies:
         out["hit_rate"]["lfu"] = [lfu_hit_rate(slots, c) for c in sizes]
     if "belady" in policies:
@@ -179,5 +204,5 @@ def reuse_histogram(distances: np.ndarray, memory_slots: int) -> dict:
     return dict(edges=edges, counts=counts.tolist(), cold=int((distances < 0).sum()))
 
 
-__all__ = ["access_stream", "belady_hit_rate", "cache_sizes", "lfu_hit_rate", "lru_hit_rates", "reuse_histogram",
+__all__ = ["access_stream", "belady_hit_rate", "predicted_by_last_token", "cache_sizes", "lfu_hit_rate", "lru_hit_rates", "reuse_histogram",
            "stack_distances", "summarize_head"]

@@ -37,7 +37,7 @@ def summarize(traces: list[LayerTrace], heads: list[int], budgets: list[float],
     for trace in traces:
         for h in heads:
             seqs = [summarize_head(trace.write_idx[b, :, h], trace.read_idx[b, :, h], trace.memory_slots, budgets,
-                                   policies) for b in range(trace.write_idx.shape[0])]
+                                   policies, cape=bool(trace.cape[h])) for b in range(trace.write_idx.shape[0])]
             distances = np.concatenate([stack_distances(access_stream(trace.write_idx[b, :, h],
                                                                       trace.read_idx[b, :, h])[0])
                                         for b in range(trace.write_idx.shape[0])])
@@ -55,13 +55,15 @@ def summarize(traces: list[LayerTrace], heads: list[int], budgets: list[float],
                 reuse_mean=mean("reuse_distance", "mean"),
                 reuse_histogram=reuse_histogram(distances, trace.memory_slots),
                 hit_rate={p: np.mean([s["hit_rate"][p] for s in seqs], axis=0).tolist() for p in policies},
+                prefetch=np.mean([s["prefetch"] for s in seqs], axis=0).tolist(),
             ))
     mean_hit = {p: np.mean([e["hit_rate"][p] for e in per_head], axis=0).tolist() for p in policies}
+    mean_prefetch = np.mean([e["prefetch"] for e in per_head], axis=0).tolist()
     return dict(
         memory_slots=first.memory_slots, topk=first.topk, tokens=first.num_tokens,
         sequences=int(first.write_idx.shape[0]), layers=[t.layer for t in traces], heads=heads,
         budgets=list(budgets), cache_slots=cache_sizes(first.memory_slots, list(budgets)),
-        per_head=per_head, mean_hit_rate=mean_hit,
+        per_head=per_head, mean_hit_rate=mean_hit, mean_prefetch=mean_prefetch,
     )
 
 

@@ -93,6 +93,9 @@ def format_table(summary: dict) -> str:
         if policy in mean:
             out.append(f"mean hit rate, {policy.upper():6s}: " + ", ".join(
                 f"{100 * f:g}% {_pct(x)}%" for f, x in zip(fractions, mean[policy])))
+    if "mean_prefetch" in summary:
+        out.append("LRU misses a prefetch of the last token's slots would have caught (% of accesses): " + ", ".join(
+            f"{100 * f:g}% {_pct(x)}%" for f, x in zip(fractions, summary["mean_prefetch"])))
     return "\n".join(out)
 
 

@@ -125,3 +125,12 @@ def test_mqar_input_some_layers_and_heads_and_bad_arguments(ckpt, tmp_path, caps
                                                                                     "--budgets")):
         assert main(["trace", "--model", str(ckpt), "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_prefetch_prediction_from_the_last_tokens_slots():
+    from ramnet.trace.analysis import predicted_by_last_token
+
+    slots, tokens = np.array([5, 6, 5, 7, 4, 9]), np.array([0, 0, 1, 1, 2, 2])
+    assert predicted_by_last_token(slots, tokens, 16, cape=False).tolist() == [False, False, True, False, False, False]
+    # CAPE: a slot repeats one lower a token later (7 -> 6 would be caught, 5 -> 4 is)
+    assert predicted_by_last_token(slots, tokens, 16, cape=True).tolist() == [False, False, True, False, True, False]
