@@ -84,7 +84,7 @@ class SlotStore:
         ``(o [B, T, H, d_v] in v's dtype, self)``. ``memory`` is the layer's ``RAMMemory``."""
         if cu_seqlens is not None:
             raise ValueError(f"the {self.kind} state reads unpadded sequences only (no attention_mask padding)")
-        compute = compute_dtype(v.dtype)
+        out_dtype, compute = v.dtype, compute_dtype(v.dtype)
         if not self.allocated:
             self.allocate(q.shape[0], q.shape[2], memory.memory_slots, v.shape[-1], compute, q.device)
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
@@ -98,7 +98,7 @@ class SlotStore:
         self.offset.add_(seq_len)
         self.tokens += seq_len
         o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape)
-        return o, self
+        return o.to(out_dtype), self
 
     def step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decoding token, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``o [B, H, d_v]`` in v's dtype."""

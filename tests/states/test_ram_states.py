@@ -149,3 +149,16 @@ def test_on_cuda_the_offloaded_state_lives_in_pinned_host_memory_and_matches_den
         store = cache.layers[0].state
         if kind == "offload":
             assert store.host.device.type == "cpu" and store.host.is_pinned() and store.data.is_cuda
+
+
+def test_bf16_activations_give_outputs_in_their_dtype_and_the_dense_tokens():
+    model = tiny_model(dtype=torch.bfloat16, attn_mode="recurrent")
+    ids = random_ids(1, 8)
+    reference = model.generate(ids, max_new_tokens=6, do_sample=False)
+    for kind, options in (("sparse", {}), ("offload", dict(slots=3, prefill="stream"))):
+        cache = RAMNetCache(ram_state=kind, **options)
+        with torch.no_grad():
+            logits = model(ids, **{CACHE_FIELD: cache}, use_cache=True).logits
+        assert logits.dtype == torch.bfloat16 and cache.layers[0].state.dtype == torch.float32
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False,
+                                          **{CACHE_FIELD: RAMNetCache(ram_state=kind, **options)}), reference)
