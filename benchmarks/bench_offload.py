@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=None,
                         help="default 1024 32768 1048576 (smoke 16 4096)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.25])
-    parser.add_argument("--policy", choices=["lru", "lfu"], default="lru")
+    parser.add_argument("--policy", choices=["lru", "lfu"], default="lfu", help="the cache's policy (default lfu)")
     parser.add_argument("--states", nargs="+", default=["dense", "sparse", "offload"])
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 16; smoke 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")

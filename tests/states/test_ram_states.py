@@ -18,12 +18,13 @@ from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD  # noqa: E402
 from ramnet.states import OffloadState, SparseState, dense_state_fraction  # noqa: E402
 
 # (ram_state, options): a cache of 2 slots per head where a token needs up to 2K = 8 (most lanes bypass),
-# 4 of 27 in 2-way sets, a quarter of the bytes under LFU, and the prompt streamed through a small cache.
+# 4 of 27 in 2-way sets, a quarter of the bytes under LRU (the others: LFU, the default), and the prompt
+# streamed through a small cache.
 STATES = [
     ("sparse", {}),
     ("offload", dict(slots=2)),
     ("offload", dict(slots=4, ways=2)),
-    ("offload", dict(budget=0.25, policy="lfu")),
+    ("offload", dict(budget=0.25, policy="lru")),
     ("offload", dict(slots=6, prefill="stream")),
 ]
 IDS = [f"{kind}-{'-'.join(f'{k}={v}' for k, v in opts.items())}" for kind, opts in STATES]
