@@ -173,40 +173,41 @@ class OffloadState(SlotStore):
         self.stats["misses"] += n_miss
         if n_miss == 0:
             return
-        # Each missed lane, in order, takes the lowest-ranked unclaimed line of its set (metadata only).
-        evict_r, evict_s, evict_w, evict_tag, fetch_r, fetch_s, fetch_w, fetch_slot = ([] for _ in range(8))
-        rank = self._rank()
+        # Each missed lane, in order, takes the lowest-ranked unclaimed line of its set: metadata only, on
+        # whole columns of lanes (no host read in the loop; lanes that are not misses change nothing).
+        R = req.shape[0]
+        ar = torch.arange(R, device=req.device)
+        victims = torch.zeros_like(req)
+        taken = torch.zeros_like(miss)  # the missed lane got a line
+        evict = torch.zeros_like(miss)  # ... whose old slot was dirty: written back
+        evict_tag = torch.zeros_like(req)
         big = torch.iinfo(torch.long).max
         for j in range(n):
-            lane = miss[:, j]
-            if not bool(lane.any()):
-                continue
-            r, s, slot = rows[lane, j], sets[lane, j], req[lane, j]
-            score = torch.where(claimed[r, s], big, torch.where(self.tags[r, s] < 0, -1, rank[r, s].long()))
+            s = sets[:, j]
+            tags = self.tags[ar, s]  # [R, ways]
+            score = torch.where(claimed[ar, s], big, torch.where(tags < 0, -1, self._rank()[ar, s].long()))
             victim = score.argmin(-1)
-            ok = score.gather(-1, victim[:, None])[:, 0] != big  # else: every line is this token's: bypass
-            self.stats["bypasses"] += int((~ok).sum())
-            r, s, slot, victim = r[ok], s[ok], slot[ok], victim[ok]
-            old = self.tags[r, s, victim]
-            dirty = self.dirty[r, s, victim] & (old >= 0)
-            evict_r.append(r[dirty]), evict_s.append(s[dirty]), evict_w.append(victim[dirty])
-            evict_tag.append(old[dirty])
-            fetch_r.append(r), fetch_s.append(s), fetch_w.append(victim), fetch_slot.append(slot)
-            self.tags[r, s, victim] = slot.to(self._tag_type)
-            self.dirty[r, s, victim] = False
-            self.last[r, s, victim] = now
+            # else every line of the set is this token's: the lane bypasses the cache
+            ok = miss[:, j] & (score.gather(-1, victim[:, None])[:, 0] != big)
+            old = tags.gather(-1, victim[:, None])[:, 0]
+            victims[:, j], taken[:, j], evict_tag[:, j] = victim, ok, old.long()
+            evict[:, j] = ok & self.dirty[ar, s, victim] & (old >= 0)
+            self.tags[ar, s, victim] = torch.where(ok, req[:, j].to(self._tag_type), old)
+            self.dirty[ar, s, victim] &= ~ok
+            self.last[ar, s, victim] = torch.where(ok, now, self.last[ar, s, victim])
             if self.policy == "lfu":
-                self.count[r, s, victim] = 1
-            claimed[r, s, victim] = True
-            rank = self._rank()
+                self.count[ar, s, victim] = torch.where(ok, 1, self.count[ar, s, victim])
+            claimed[ar, s, victim] |= ok
+        self.stats["bypasses"] += int((miss & ~taken).sum())
         # One copy back (the dirty victims), one copy in (the missed rows).
-        e_r, e_s, e_w, e_tag = (torch.cat(x) for x in (evict_r, evict_s, evict_w, evict_tag))
-        if len(e_r):
-            self._to_host(self._host_index(e_r, e_tag), self.data[e_r, e_s, e_w])
+        lanes = ar[:, None].expand_as(req)
+        if bool(evict.any()):
+            e_r, e_s, e_w = lanes[evict], sets[evict], victims[evict]
+            self._to_host(self._host_index(e_r, evict_tag[evict]), self.data[e_r, e_s, e_w])
             self.stats["writebacks"] += len(e_r)
-        f_r, f_s, f_w, f_slot = (torch.cat(x) for x in (fetch_r, fetch_s, fetch_w, fetch_slot))
+        f_r, f_s, f_w = lanes[taken], sets[taken], victims[taken]
         if len(f_r):
-            self.data[f_r, f_s, f_w] = self._host_rows(self._host_index(f_r, f_slot))
+            self.data[f_r, f_s, f_w] = self._host_rows(self._host_index(f_r, req[taken]))
             self.stats["fetched_rows"] += len(f_r)
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
