@@ -84,12 +84,13 @@ def test_recorded_slots_are_the_ops_and_recording_changes_nothing(ckpt):
     assert np.array_equal(traces[0].write_idx, w_idx.numpy()) and np.array_equal(traces[0].read_idx, r_idx.numpy())
     assert np.allclose(traces[0].write_w, w_w.numpy()) and np.allclose(traces[0].read_w, r_w.numpy())
     assert traces[0].cape == (True, True, False, False)
-    # Read in chunks through the cache, and one token at a time (the decoding step): the same slots.
-    for chunk in (40, 1):
-        again = record_trace(model, ids[:, :50], layers=[0, 2], chunk_size=chunk)
+    # Read in chunks through the cache, and one token at a time (the decoding step, interpreted Triton on
+    # the CPU in the tests: a few tokens only): the same slots.
+    for chunk, length in ((40, 50), (1, 6)):
+        again = record_trace(model, ids[:, :length], layers=[0, 2], chunk_size=chunk)
         assert [t.layer for t in again] == [0, 2]
-        assert np.array_equal(again[0].write_idx, traces[0].write_idx[:, :50])
-        assert np.array_equal(again[1].read_idx, traces[2].read_idx[:, :50])
+        assert np.array_equal(again[0].write_idx, traces[0].write_idx[:, :length])
+        assert np.array_equal(again[1].read_idx, traces[2].read_idx[:, :length])
 
 
 def test_the_command_writes_png_json_and_table_in_under_a_minute(ckpt, tmp_path, capsys):
