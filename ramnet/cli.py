@@ -14,6 +14,7 @@ from .mqar.cli import add_mqar_commands
 from .ops.ram import PATHS
 from .ops.triton_support import HAS_TRITON, triton_runs_on
 from .provenance import device_name, environment
+from .trace.cli import add_trace_command
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mqar_commands(sub)
     add_lm_commands(sub)
+    add_trace_command(sub)
     return parser
 
 

@@ -57,7 +57,10 @@ def read_layer_cache(cache, layer_idx) -> tuple[RAMState | None, torch.Tensor | 
     if cache is None:
         return None, None
     if _check(cache, layer_idx):
-        return cache.get_state(layer_idx), cache.get_conv_history(layer_idx)
+        # A RAM layer's state: `get_ram_state` (a fresh sparse or host-resident state before the first
+        # write, when the cache was made with one) where the cache has it.
+        get = getattr(cache, "get_ram_state", cache.get_state)
+        return get(layer_idx), cache.get_conv_history(layer_idx)
     if len(cache) <= layer_idx:
         return None, None
     entry = cache[layer_idx]

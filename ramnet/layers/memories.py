@@ -24,6 +24,7 @@ from ..ops.ram.recurrent import recurrent_forward
 from ..ops.ram.spec import RAMSpec, build_spec
 from ..ops.ram.step import ram_decode_step
 from ..ops.triton_support import triton_runs_on
+from ..states.base import SlotStore
 
 
 class RAMMemory:
@@ -81,7 +82,10 @@ class RAMMemory:
     def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
         """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused):
         ``run_ram_attention`` with this memory's spec, so the inputs are checked as ``ram_attention``
-        checks them but the hyper-parameters are not checked again on every call."""
+        checks them but the hyper-parameters are not checked again on every call. A non-dense ``state``
+        (a ``SlotStore``: ``RAMNetCache(ram_state="sparse" | "offload")``) runs the call itself."""
+        if isinstance(state, SlotStore):
+            return state.run(self, q, k, v, cu_seqlens)
         # Decoding: update the K touched rows of the cached state instead of copying all M
         # (the op's recurrent path only, without autograd).
         inplace = (state is not None and q.shape[1] == 1 and cu_seqlens is None and self.steps_in_place
@@ -111,7 +115,10 @@ class RAMMemory:
 
         Where Triton runs (CUDA, or the CPU under TRITON_INTERPRET=1) and ``mode`` is not
         "recurrent": ``ram_decode_step``, the fused kernel. Otherwise the op's recurrent path, one
-        step in place (on the CPU the torch step; on CUDA the Triton decoder and step kernel)."""
+        step in place (on the CPU the torch step; on CUDA the Triton decoder and step kernel). A non-dense
+        state (a ``SlotStore``) runs the step itself, through its slot map or cache."""
+        if isinstance(state, SlotStore):
+            return state.step(self, q, k, v)
         spec = self.spec(q, inplace_state=True)
         if self.mode != "recurrent" and triton_runs_on(q.device):
             return ram_decode_step(q, k, v, state, spec)

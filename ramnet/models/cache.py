@@ -22,6 +22,8 @@ from transformers.cache_utils import Cache
 from ..layers.kv_window import KVWindow
 from ..layers.memories import DeltaState
 from ..ops import RAMState
+from ..states import RAM_STATES, make_store
+from ..states.base import SlotStore
 
 
 class RAMNetCacheLayer:
@@ -61,7 +63,9 @@ class RAMNetCacheLayer:
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         # Every tensor of a state (S, z, offset) or a window has the sequences on dim 0.
-        if self.state is not None:
+        if isinstance(self.state, SlotStore):  # a sparse or host-resident state maps its own tensors
+            self.state.map_batch(fn)
+        elif self.state is not None:
             self.state = type(self.state)(*(fn(t) for t in self.state))
         if self.window is not None:
             self.window = KVWindow(*(None if t is None else fn(t) for t in self.window))
@@ -92,20 +96,42 @@ class RAMNetCacheLayer:
 class RAMNetCache(Cache):
     """Per-layer recurrent states of a RAM-Net model, created lazily as layers write to it.
 
-    `RAMAttention` reads its state with `get_state(layer_idx)` and stores the new one with
-    `update_state(layer_idx, state, num_new_tokens)`. Hybrid and attention layers also read their
-    window with `get_window(layer_idx)` and pass the new one as `update_state(..., window=...)`.
+    `RAMAttention` reads its state with `get_ram_state(layer_idx)` and stores the new one with
+    `update_state(layer_idx, state, num_new_tokens)`. Hybrid and attention layers read theirs with
+    `get_state(layer_idx)`, and their window with `get_window(layer_idx)`, and pass the new one as
+    `update_state(..., window=...)`.
+
+    `ram_state` picks how the RAM layers keep their state (``ramnet.states``, docs/trace.md): `"dense"`
+    (a `RAMState` on the device; the default), `"sparse"` (only the written slots, for very large M) or
+    `"offload"` (the state in host memory, a device cache of hot slots; `state_options` are
+    `OffloadState`'s: `budget`, `slots`, `ways`, `policy`, `prefill`). All three give the same outputs.
+    Hybrid layers keep dense states whatever `ram_state` says.
     """
 
     # Shadows the base property, which would report True for a cache with no layers yet.
     is_croppable = False
 
-    def __init__(self, layers: list[RAMNetCacheLayer] | None = None):
+    def __init__(self, layers: list[RAMNetCacheLayer] | None = None, ram_state: str = "dense", **state_options):
+        if ram_state not in RAM_STATES:
+            raise ValueError(f"ram_state must be one of {RAM_STATES}, got {ram_state!r}")
+        if ram_state == "dense" and state_options:
+            raise ValueError(f"the dense state takes no options, got {sorted(state_options)}")
+        if ram_state != "dense":
+            make_store(ram_state, **state_options)  # the options checked now, not at the first write
+        self.ram_state, self.state_options = ram_state, state_options
         # Layers are created as they first write, unless given (RAMNetStaticCache gives them all).
         if layers is None:
             super().__init__(layer_class_to_replicate=RAMNetCacheLayer)
         else:
             super().__init__(layers=layers)
+
+    def get_ram_state(self, layer_idx: int):
+        """A RAM layer's state: `get_state`'s, or before the layer's first write a new empty sparse or
+        host-resident state (`ram_state`; None for the dense state, which the op creates)."""
+        state = self.get_state(layer_idx)
+        if state is None and self.ram_state != "dense":
+            return make_store(self.ram_state, **self.state_options)
+        return state
 
     def get_state(self, layer_idx: int) -> RAMState | DeltaState | None:
         return self.layers[layer_idx].state if layer_idx < len(self.layers) else None

@@ -1,0 +1,234 @@
+"""Decoding with the three RAM states (issue 18): dense on the GPU, sparse, and host-resident with a GPU
+cache of hot slots at several budgets; tokens/s, the state's GPU memory against the dense state's, the
+cache's hit rate, and whether the greedy tokens are the dense state's.
+
+The model is 340M-shaped (27 layers, hidden 1024, 16 heads, d_v 64, K 8) with random weights, at
+M = 1024 (U 5 x d_p 4, the paper's) and M = 65,536 (U 8 x d_p 4). A context of L tokens is stood for by a
+state filled with random content (min(M, L * K) rows per head, the same for every state kind, seeded) at
+offset L, so that contexts up to 1M tokens need no 1M-token prefill; then W warm-up steps (the cache
+fills; not timed, not counted in the hit rate) and N timed greedy steps through ``model(...)`` with the
+``RAMNetCache``. The dense rows are the reference for ``tokens_match``.
+
+    python benchmarks/bench_offload.py --out benchmarks/results/offload.json        # one H200
+    python benchmarks/bench_offload.py --smoke --out /tmp/offload.json              # CPU, tiny, seconds
+
+Rows: ``{state, budget, B, context, M, tok_s, gpu_state_fraction, hit_rate, ...}`` (budget None and
+hit_rate None where they do not apply; ``gpu_state_bytes``, ``tokens_match``, ``steps``; ``skipped``
+with a reason where a case does not fit). ``meta``: device, versions and the measured commit as
+``git_rev`` (``ramnet.provenance.environment``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
+from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD
+from ramnet.ops import RAMState
+from ramnet.provenance import environment
+from ramnet.states import OffloadState, SparseState, dense_state_fraction
+
+SHAPE_340M = dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, topk=8, intermediate_size=2816,
+                  vocab_size=32000)
+GEOMETRIES = {1024: dict(num_partitions=5, partition_dim=4), 65536: dict(num_partitions=8, partition_dim=4)}
+SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_v_dim=16, topk=4, intermediate_size=128,
+                   vocab_size=256)
+SMOKE_GEOMETRIES = {64: dict(num_partitions=3, partition_dim=4), 256: dict(num_partitions=4, partition_dim=4)}
+
+
+def build_model(shape: dict, geometry: dict, device: str, dtype: torch.dtype) -> RAMNetForCausalLM:
+    torch.manual_seed(0)
+    config = RAMNetConfig(**shape, **geometry, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    with torch.device(device):
+        model = RAMNetForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def filled_state(batch: int, heads: int, memory_slots: int, d_v: int, topk: int, context: int, layer: int,
+                 device: str) -> RAMState:
+    """A state as after ``context`` tokens: min(M, L * K) random rows per (sequence, head) (the same slots
+    for every head), the rest empty; seeded by the layer, so every state kind starts from the same one."""
+    g = torch.Generator(device="cpu").manual_seed(1000 + layer)
+    state = RAMState.empty(batch, heads, memory_slots, d_v, dtype=torch.float32, device=device)
+    touched = min(memory_slots, context * topk)
+    slots = torch.randperm(memory_slots, generator=g)[:touched].to(device)
+    state.S[:, :, slots] = (0.1 * torch.randn(batch, heads, touched, d_v, generator=g)).to(device)
+    state.z[:, :, slots] = (0.5 + torch.rand(batch, heads, touched, generator=g)).to(device)
+    state.offset.fill_(context)
+    return state
+
+
+def make_cache(model, kind: str, budget: float | None, policy: str, batch: int, context: int, device: str):
+    config = model.config
+    options = {} if kind != "offload" else dict(budget=budget, policy=policy)
+    cache = RAMNetCache(ram_state=kind, **options)
+    M = config.partition_dim ** config.num_partitions
+    for layer in range(config.num_hidden_layers):
+        dense = filled_state(batch, config.num_heads, M, config.head_v_dim, config.topk, context, layer, device)
+        if kind == "dense":
+            state = dense
+        else:
+            state = SparseState() if kind == "sparse" else OffloadState(**options)
+            state.load_dense(dense)
+            del dense
+        cache.update_state(layer, state, num_new_tokens=context)
+    return cache
+
+
+def state_device_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        state = layer.state
+        if isinstance(state, RAMState):
+            total += sum(t.numel() * t.element_size() for t in state)
+        else:
+            total += state.device_bytes() + state.offset.numel() * 8
+    return total
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode(model, cache, batch: int, warmup: int, steps: int, device: str):
+    """Greedy steps from token 1: ``(tokens [B, steps], seconds of the timed steps)``."""
+    token = torch.ones(batch, 1, dtype=torch.long, device=device)
+    tokens = []
+
+    def one(token):
+        logits = model(input_ids=token, **{CACHE_FIELD: cache}, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(warmup):
+        token = one(token)
+    for layer in cache.layers:  # the hit rate of the timed steps only
+        if isinstance(layer.state, OffloadState):
+            layer.state.stats = dict.fromkeys(layer.state.stats, 0)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = one(token)
+        tokens.append(token)
+    sync(device)
+    return torch.cat(tokens, dim=1).cpu(), time.perf_counter() - start
+
+
+def hit_rate(cache) -> float | None:
+    stores = [layer.state for layer in cache.layers if isinstance(layer.state, OffloadState)]
+    if not stores:
+        return None
+    hits = sum(s.stats["hits"] for s in stores)
+    return hits / max(1, sum(s.stats["accesses"] for s in stores))
+
+
+def dense_bytes(model, batch: int) -> int:
+    c = model.config
+    M = c.partition_dim ** c.num_partitions
+    return c.num_hidden_layers * (batch * c.num_heads * M * (c.head_v_dim + 1) * 4 + batch * 8)
+
+
+def fits(model, batch: int, kind: str, device: str, host_limit: float) -> str | None:
+    """Why a case cannot run here (None: it can): the dense state on the GPU, the offloaded one on the host."""
+    need = dense_bytes(model, batch)
+    if kind in ("dense", "sparse") and device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+        if need > 0.8 * free:
+            return f"the dense state ({need / 2**30:.1f} GiB) does not fit in 80% of the free GPU memory"
+    if kind == "offload":
+        import os
+
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > host_limit * host:
+            return f"the host state ({need / 2**30:.1f} GiB) exceeds {host_limit:.0%} of host memory"
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "offload.json")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script in seconds")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda, or cpu with --smoke")
+    parser.add_argument("--memory", type=int, nargs="+", help="M values (default 1024 65536; smoke 64 256)")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 (smoke 1 2)")
+    parser.add_argument("--context", type=int, nargs="+", default=None,
+                        help="default 1024 32768 1048576 (smoke 16 4096)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.25])
+    parser.add_argument("--policy", choices=["lru", "lfu"], default="lfu", help="the cache's policy (default lfu)")
+    parser.add_argument("--states", nargs="+", default=["dense", "sparse", "offload"])
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 16; smoke 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")
+    parser.add_argument("--host-limit", type=float, default=0.6, help="largest host state, as a fraction of RAM")
+    args = parser.parse_args()
+    device = args.device or ("cpu" if args.smoke else "cuda")
+    shape, geometries = (SMOKE_SHAPE, SMOKE_GEOMETRIES) if args.smoke else (SHAPE_340M, GEOMETRIES)
+    memories = args.memory or list(geometries)
+    batches = args.batch or ([1, 2] if args.smoke else [1, 16])
+    contexts = args.context or ([16, 4096] if args.smoke else [1024, 32768, 1048576])
+    warmup = args.warmup if args.warmup is not None else (4 if args.smoke else 16)
+    steps = args.steps if args.steps is not None else (8 if args.smoke else 64)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    meta = dict(environment(device), issue=18, shape=shape, dtype=str(dtype), warmup=warmup, steps=steps,
+                policy=args.policy, smoke=args.smoke,
+                context_note="a context is a random state at that offset with min(M, L*K) rows per head filled")
+    rows = []
+    for M in memories:
+        geometry = geometries.get(M)
+        if geometry is None:
+            raise SystemExit(f"--memory {M}: known values are {sorted(geometries)}")
+        model = build_model(shape, geometry, device, dtype)
+        for batch in batches:
+            for context in contexts:
+                reference = None
+                cases = [(kind, None) for kind in args.states if kind != "offload"]
+                if "offload" in args.states:
+                    cases += [("offload", b) for b in args.budgets]
+                for kind, budget in cases:
+                    row = dict(state=kind, budget=budget, B=batch, context=context, M=M, tok_s=None,
+                               gpu_state_fraction=None, hit_rate=None)
+                    reason = fits(model, batch, kind, device, args.host_limit)
+                    if reason:
+                        rows.append(dict(row, skipped=reason))
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
+                    try:
+                        cache = make_cache(model, kind, budget, args.policy, batch, context, device)
+                        tokens, seconds = decode(model, cache, batch, warmup, steps, device)
+                        if kind == "dense":
+                            reference = tokens
+                        gpu_bytes = state_device_bytes(cache)
+                        row.update(
+                            tok_s=batch * steps / seconds, gpu_state_bytes=gpu_bytes,
+                            gpu_state_fraction=gpu_bytes / dense_bytes(model, batch), hit_rate=hit_rate(cache),
+                            tokens_match=None if reference is None else bool(torch.equal(tokens, reference)),
+                            steps=steps,
+                        )
+                        if kind == "offload":
+                            row["cache_fraction"] = dense_state_fraction(cache.layers[0].state)
+                    except torch.cuda.OutOfMemoryError as err:  # a size that does not fit: say so, go on
+                        row["skipped"] = f"out of memory: {str(err).splitlines()[0]}"
+                    except Exception:  # noqa: BLE001 - one failing case must not lose the others
+                        row["error"] = traceback.format_exc(limit=3)
+                    rows.append(row)
+                    print(json.dumps(rows[-1]), flush=True)
+                    cache = None
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+        del model
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

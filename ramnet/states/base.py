@@ -1,0 +1,143 @@
+"""The interface of RAM-Net's non-dense states, and the PDMA step they share.
+
+A RAM layer's state is the PDMA memory ``S [B, H, M, d_v]``, ``z [B, H, M]`` and ``offset [B]``. The
+dense state (``RAMState``, ``ramnet.ops``) holds all of it on the device. A ``SlotStore`` holds the same
+memory some other way and serves a token's step from the rows ``[S, z]`` of the slots it touches only:
+
+- ``gather(rows, slots)``: the rows ``[R, K, d_v + 1]`` of ``slots [R, K]`` (``R = B * H``), where a slot
+  never written reads as the empty row ``[0, 1/M]``;
+- ``scatter(rows, slots, values)``: store them back.
+
+``SlotStore.run`` is then the op's recurrent path on those rows, with the same arithmetic as
+``pdma_step`` (``ramnet/ops/ram/recurrent.py``), so that a store and the dense state give the same outputs:
+per token the K written rows ``decay * old + w * [v, 1]``, stored, then ``o = sum_k r_k S / (z + eps)``
+over the K read rows after the write. Stores are created empty and unallocated by a ``RAMNetCache`` with
+``ram_state="sparse"`` or ``"offload"`` (``make_store``), and allocate on the layer's first call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.checks import compute_dtype
+from ..ops.ram.common import decode_tokens
+from ..ops.ram.state import RAMState
+from ..ops.triton_support import kernels_apply
+
+
+class SlotStore:
+    """Base class of the non-dense states (``SparseState``, ``OffloadState``). After ``allocate``:
+    ``batch, heads, memory_slots, d_v, dtype, device`` and ``offset [B]`` (int64, on the device)."""
+
+    kind = "?"
+
+    def __init__(self):
+        self.allocated = False
+        self.tokens = 0  # tokens consumed per sequence (every call advances all sequences alike)
+
+    # -- set up -------------------------------------------------------------------------------------
+    def allocate(self, batch: int, heads: int, memory_slots: int, d_v: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.batch, self.heads, self.memory_slots, self.d_v = batch, heads, memory_slots, d_v
+        self.dtype, self.device = dtype, torch.device(device)
+        self.offset = torch.zeros(batch, dtype=torch.long, device=device)
+        self.empty_z = 1.0 / memory_slots
+        self._allocate()
+        self.allocated = True
+
+    def _allocate(self) -> None:
+        raise NotImplementedError
+
+    def load_dense(self, state: RAMState) -> None:
+        """Take the contents of a dense state (allocating from its shapes if needed)."""
+        raise NotImplementedError
+
+    # -- the rows -------------------------------------------------------------------------------------
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scatter(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def begin_token(self, write_idx: torch.Tensor, read_idx: torch.Tensor) -> None:
+        """Called before each token's gathers with its slots ``[R, K]`` (a cache makes them resident)."""
+
+    # -- what it holds ----------------------------------------------------------------------------------
+    def to_dense(self) -> RAMState:
+        """The dense ``RAMState`` this store stands for (M-sized: for tests and small M)."""
+        raise NotImplementedError
+
+    def device_bytes(self) -> int:
+        """Bytes of state on the compute device (the cache for ``OffloadState``)."""
+        raise NotImplementedError
+
+    def host_bytes(self) -> int:
+        return 0
+
+    def map_batch(self, fn) -> None:
+        raise NotImplementedError(f"the {self.kind} state does not support changing or reordering the batch "
+                                  "(beam search); use the dense state")
+
+    # -- the op ---------------------------------------------------------------------------------------
+    def run(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None):
+        """Write every (k_t, v_t) of ``[B, T, H, *]`` and read with q_t after the write, from this store:
+        ``(o [B, T, H, d_v] in v's dtype, self)``. ``memory`` is the layer's ``RAMMemory``."""
+        if cu_seqlens is not None:
+            raise ValueError(f"the {self.kind} state reads unpadded sequences only (no attention_mask padding)")
+        out_dtype, compute = v.dtype, compute_dtype(v.dtype)
+        if not self.allocated:
+            self.allocate(q.shape[0], q.shape[2], memory.memory_slots, v.shape[-1], compute, q.device)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        spec = memory.spec(q)
+        seq_len = q.shape[1]
+        positions = self.offset[:, None] + torch.arange(seq_len, device=q.device)
+        write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions,
+                                                                    use_triton=kernels_apply(q))
+        outputs = [self._step(write_idx[:, t], write_w[:, t], decay[:, t], v[:, t], read_idx[:, t], read_w[:, t],
+                              spec.eps) for t in range(seq_len)]
+        self.offset.add_(seq_len)
+        self.tokens += seq_len
+        o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape)
+        return o.to(out_dtype), self
+
+    def step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One decoding token, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``o [B, H, d_v]`` in v's dtype."""
+        o, _ = self.run(memory, q[:, None], k[:, None], v[:, None])
+        return o[:, 0].to(v.dtype)
+
+    def _step(self, write_idx, write_w, decay, v, read_idx, read_w, eps):
+        """``pdma_step``'s arithmetic on the gathered rows; addresses ``[B, H, K]``, ``v [B, H, d_v]``."""
+        batch, heads, topk = write_idx.shape
+        rows = batch * heads
+        w_slots, r_slots = write_idx.reshape(rows, topk), read_idx.reshape(rows, topk)
+        self.begin_token(w_slots, r_slots)
+        d_v = self.d_v
+        old = self.gather(w_slots).view(batch, heads, topk, d_v + 1)
+        new_S = decay[..., None] * old[..., :d_v] + write_w[..., None] * v[:, :, None, :]
+        new_z = decay * old[..., d_v] + write_w
+        self.scatter(w_slots, torch.cat([new_S, new_z[..., None]], dim=-1).view(rows, topk, d_v + 1))
+        read = self.gather(r_slots).view(batch, heads, topk, d_v + 1)
+        read_rows, read_z = read[..., :d_v], read[..., d_v]
+        return (read_w[..., None] * read_rows / (read_z[..., None] + eps)).sum(2)
+
+    def empty_rows(self, n: int, k: int) -> torch.Tensor:
+        rows = torch.zeros(n, k, self.d_v + 1, dtype=self.dtype, device=self.device)
+        rows[..., self.d_v] = self.empty_z
+        return rows
+
+
+def make_store(kind: str, **options) -> SlotStore:
+    """An empty store: ``"sparse"`` (``SparseState``) or ``"offload"`` (``OffloadState(**options)``)."""
+    from .offload import OffloadState
+    from .sparse import SparseState
+
+    if kind == "sparse":
+        if options:
+            raise ValueError(f"the sparse state takes no options, got {sorted(options)}")
+        return SparseState()
+    if kind == "offload":
+        return OffloadState(**options)
+    raise ValueError(f"ram_state must be 'dense', 'sparse' or 'offload', got {kind!r}")
+
+
+__all__ = ["SlotStore", "make_store"]

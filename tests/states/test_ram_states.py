@@ -1,0 +1,165 @@
+"""The sparse and host-resident states give what the dense state gives, token by token: the same
+outputs and the same memory, greedy generation identical, with caches far smaller than the working set;
+the sparse state stores at most min(M, T * K) rows per (sequence, head)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+from model_helpers import random_ids, tiny_model  # noqa: E402
+
+from ramnet.models import RAMNetCache  # noqa: E402
+from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD  # noqa: E402
+from ramnet.states import OffloadState, SparseState, dense_state_fraction  # noqa: E402
+
+# (ram_state, options): a cache of 2 slots per head where a token needs up to 2K = 8 (most lanes bypass),
+# 4 of 27 in 2-way sets, a quarter of the bytes under LRU (the others: LFU, the default), and the prompt
+# streamed through a small cache.
+STATES = [
+    ("sparse", {}),
+    ("offload", dict(slots=2)),
+    ("offload", dict(slots=4, ways=2)),
+    ("offload", dict(budget=0.25, policy="lru")),
+    ("offload", dict(slots=6, prefill="stream")),
+]
+IDS = [f"{kind}-{'-'.join(f'{k}={v}' for k, v in opts.items())}" for kind, opts in STATES]
+
+
+def _dense_states(cache):
+    return [layer.state.to_dense() if hasattr(layer.state, "to_dense") else layer.state for layer in cache.layers]
+
+
+@pytest.mark.parametrize("kind, options", STATES, ids=IDS)
+def test_token_by_token_outputs_and_states_equal_the_dense_ones(kind, options):
+    # The torch recurrent path on both sides: the same arithmetic, so the same bits.
+    model = tiny_model(attn_mode="recurrent")
+    ids = random_ids(2, 16)
+    dense, other = RAMNetCache(), RAMNetCache(ram_state=kind, **options)
+    with torch.no_grad():
+        for start, end in ((0, 7), *((t, t + 1) for t in range(7, 16))):  # a prompt, then one token at a time
+            a = model(ids[:, start:end], **{CACHE_FIELD: dense}, use_cache=True).logits
+            b = model(ids[:, start:end], **{CACHE_FIELD: other}, use_cache=True).logits
+            assert torch.equal(a, b), (start, end)
+            for x, y in zip(_dense_states(dense), _dense_states(other)):
+                assert torch.equal(x.S, y.S) and torch.equal(x.z, y.z) and torch.equal(x.offset, y.offset)
+    store = other.layers[0].state
+    assert isinstance(store, SparseState if kind == "sparse" else OffloadState)
+    if kind == "offload":
+        assert store.capacity < 27 and store.stats["misses"] > 0  # M = 27 slots: every cache here evicts
+        assert store.stats["writebacks"] > 0 or store.stats["bypasses"] > 0
+
+
+@pytest.mark.parametrize("kind, options", STATES, ids=IDS)
+def test_greedy_generation_is_identical_to_the_dense_state(kind, options):
+    model = tiny_model()  # the default paths on the dense side (the op's for the prompt, the fused step)
+    ids = random_ids(2, 10, seed=3)
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    reference = model.generate(ids, **settings)
+    cache = RAMNetCache(ram_state=kind, **options)
+    assert torch.equal(model.generate(ids, **settings, **{CACHE_FIELD: cache}), reference)
+    # 10 + 16 tokens, the last not fed back
+    assert all(layer.state.offset.tolist() == [25, 25] for layer in cache.layers)
+
+
+def test_beam_search_reorders_the_non_dense_states():
+    model = tiny_model()
+    ids = random_ids(1, 8, seed=5)
+    settings = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    reference = model.generate(ids, **settings)
+    for kind, options in (("sparse", {}), ("offload", dict(slots=3))):
+        assert torch.equal(model.generate(ids, **settings, **{CACHE_FIELD: RAMNetCache(ram_state=kind, **options)}),
+                           reference), kind
+
+
+def test_sparse_memory_is_bounded_by_min_m_and_t_times_k():
+    model = tiny_model(attn_mode="recurrent")
+    M, K, d_v = 27, 4, 8
+    cache = RAMNetCache(ram_state="sparse")
+    with torch.no_grad():
+        for t, length in enumerate((1, 1, 1, 2, 5, 30)):
+            model(random_ids(2, length, seed=t), **{CACHE_FIELD: cache}, use_cache=True)
+            tokens = int(cache.layers[0].state.offset[0])
+            for layer in cache.layers:
+                store = layer.state
+                bound = min(M, tokens * K)
+                assert int(store.stored_rows().max()) <= bound
+                # The pool as allocated, in rows of d_v + 1 floats, within B * H * min(M, T * K).
+                assert store.pool.shape[0] <= 2 * 4 * bound and store.pool.shape[1] == d_v + 1
+    assert int(cache.layers[0].state.stored_rows().max()) == M  # 40 tokens x 4 > 27: every slot, once
+
+
+def test_sparse_state_serves_an_m_with_no_dense_form():
+    # M = 2**40 (U = 4 partitions of 1024): the dense state would be 2**40 rows per head.
+    model = tiny_model(num_partitions=4, partition_dim=1024, topk=2, num_cape_heads=[4, 1, 0]).to(torch.float32)
+    ids = random_ids(1, 6)
+    cache = RAMNetCache(ram_state="sparse")
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, **{CACHE_FIELD: cache})
+    assert out.shape == (1, 10)
+    store = cache.layers[0].state
+    assert store.memory_slots == 2**40 and int(store.stored_rows().max()) <= 9 * 2
+
+
+def test_offload_budget_bounds_the_device_memory_and_options_are_checked():
+    model = tiny_model(num_partitions=3, partition_dim=8, topk=4, attn_mode="recurrent")  # M = 512
+    cache = RAMNetCache(ram_state="offload", budget=0.1)
+    with torch.no_grad():
+        model(random_ids(2, 20), **{CACHE_FIELD: cache}, use_cache=True)
+        model(random_ids(2, 1), **{CACHE_FIELD: cache}, use_cache=True)
+    store = cache.layers[0].state
+    assert 0.08 < dense_state_fraction(store) <= 0.1
+    assert store.host_bytes() == 2 * 4 * 512 * 9 * 8  # the whole state on the host, fp64
+    for options, message in ((dict(budget=0.1, slots=3), "not both"), (dict(policy="fifo"), "policy"),
+                             (dict(budget=2.0), "budget"), (dict(prefill="x"), "prefill")):
+        with pytest.raises(ValueError, match=message):
+            RAMNetCache(ram_state="offload", **options)
+    with pytest.raises(ValueError, match="ram_state"):
+        RAMNetCache(ram_state="paged")
+    with pytest.raises(ValueError, match="no options"):
+        RAMNetCache(budget=0.1)
+
+
+def test_non_dense_states_refuse_padding_in_a_streamed_prompt():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        model(ids, attention_mask=mask, **{CACHE_FIELD: RAMNetCache(ram_state="sparse")}, use_cache=True)
+    # The offload state's default prefill is the op's, which takes padding.
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                         **{CACHE_FIELD: RAMNetCache(ram_state="offload", slots=3)})
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_offloaded_state_lives_in_pinned_host_memory_and_matches_dense():
+    model = tiny_model(dtype=torch.float32).cuda()
+    ids = random_ids(2, 12).cuda()
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    reference = model.generate(ids, **settings)
+    for kind, options in STATES:
+        cache = RAMNetCache(ram_state=kind, **options)
+        assert torch.equal(model.generate(ids, **settings, **{CACHE_FIELD: cache}), reference), (kind, options)
+        store = cache.layers[0].state
+        if kind == "offload":
+            assert store.host.device.type == "cpu" and store.host.is_pinned() and store.data.is_cuda
+
+
+def test_bf16_activations_give_outputs_in_their_dtype_and_the_dense_tokens():
+    model = tiny_model(dtype=torch.bfloat16, attn_mode="recurrent")
+    ids = random_ids(1, 8)
+    reference = model.generate(ids, max_new_tokens=6, do_sample=False)
+    for kind, options in (("sparse", {}), ("offload", dict(slots=3, prefill="stream"))):
+        cache = RAMNetCache(ram_state=kind, **options)
+        with torch.no_grad():
+            logits = model(ids, **{CACHE_FIELD: cache}, use_cache=True).logits
+        assert logits.dtype == torch.bfloat16 and cache.layers[0].state.dtype == torch.float32
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False,
+                                          **{CACHE_FIELD: RAMNetCache(ram_state=kind, **options)}), reference)
