@@ -37,12 +37,15 @@ from ramnet.ops.ram.common import decode_tokens
 from ramnet.ops.ram.step import decode_spec, ram_decode_step
 from ramnet.provenance import environment
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import Skip, capture, case_gdn  # noqa: E402  (beside this script)
+
 PAPER = dict(H=16, d_v=64, U=5, d_p=4, K=8)
 QUICK_CPU = dict(H=2, d_v=24, U=3, d_p=4, K=5)  # the interpreter's smoke test: small and fast
 ACT = torch.bfloat16
 # name -> (layout, the split layout's d_v columns per program)
-# ("torch", the torch decoder + the step kernel, is the check's reference; its decoder does not
-# capture in a CUDA graph, so it is not a contender here.)
+# ("torch", the torch decoder + the step kernel, is the check's reference, not a contender: a dozen
+# launches, and until ab11412 its decoder failed a CUDA graph capture.)
 VARIANTS = {
     "fused": ("fused", None),
     "dense": ("dense", None),
@@ -106,19 +109,6 @@ def check(name, batch, shape, device) -> dict:
     return err
 
 
-def capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def time_graph(replay, device) -> tuple[float, float | None]:
     """(median ms per replay over back-to-back bursts, do_bench median ms) on CUDA; a plain timer on CPU."""
     if device != "cuda":
@@ -158,15 +148,13 @@ def time_variant(name, batch, shape, device) -> dict:
     state, (q, k, v) = make_problem(batch, shape, device)
     spec, fn = the_spec(shape, device), variant_fn(name)
     step = lambda: fn(q, k, v, state, spec)  # noqa: E731
-    replay = capture(step).replay if device == "cuda" else step
+    replay = capture(step) if device == "cuda" else step
     spin(device)
     ms, ms_do_bench = time_graph(replay, device)
     return dict(ms=ms, ms_do_bench=ms_do_bench)
 
 
 def time_gdn(batch, device) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_decode import Skip, case_gdn
 
     try:
         fn, _, impl = case_gdn(batch, 1, device, *GDN, graph=True)
