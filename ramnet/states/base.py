@@ -17,6 +17,8 @@ over the K read rows after the write. Stores are created empty and unallocated b
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from ..ops.checks import compute_dtype
@@ -25,7 +27,7 @@ from ..ops.ram.state import RAMState
 from ..ops.triton_support import kernels_apply
 
 
-class SlotStore:
+class SlotStore(ABC):
     """Base class of the non-dense states (``SparseState``, ``OffloadState``). After ``allocate``:
     ``batch, heads, memory_slots, d_v, dtype, device`` and ``offset [B]`` (int64, on the device)."""
 
@@ -45,38 +47,41 @@ class SlotStore:
         self._allocate()
         self.allocated = True
 
+    @abstractmethod
     def _allocate(self) -> None:
-        raise NotImplementedError
+        """Allocate the store's tensors for the shapes ``allocate`` set."""
 
+    @abstractmethod
     def load_dense(self, state: RAMState) -> None:
         """Take the contents of a dense state (allocating from its shapes if needed)."""
-        raise NotImplementedError
 
     # -- the rows -------------------------------------------------------------------------------------
+    @abstractmethod
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The rows ``[R, K, d_v + 1]`` of ``slots [R, K]`` (never-written slots read ``[0, 1/M]``)."""
 
+    @abstractmethod
     def scatter(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Store ``values [R, K, d_v + 1]`` as the rows of ``slots [R, K]``."""
 
     def begin_token(self, write_idx: torch.Tensor, read_idx: torch.Tensor) -> None:
         """Called before each token's gathers with its slots ``[R, K]`` (a cache makes them resident)."""
 
     # -- what it holds ----------------------------------------------------------------------------------
+    @abstractmethod
     def to_dense(self) -> RAMState:
         """The dense ``RAMState`` this store stands for (M-sized: for tests and small M)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def device_bytes(self) -> int:
         """Bytes of state on the compute device (the cache for ``OffloadState``)."""
-        raise NotImplementedError
 
     def host_bytes(self) -> int:
         return 0
 
+    @abstractmethod
     def map_batch(self, fn) -> None:
-        raise NotImplementedError(f"the {self.kind} state does not support changing or reordering the batch "
-                                  "(beam search); use the dense state")
+        """Apply ``fn`` (a selection or reordering of the sequences, on dim 0) to every per-sequence tensor."""
 
     # -- the op ---------------------------------------------------------------------------------------
     def run(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens=None):
