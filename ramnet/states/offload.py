@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.checks import check_choice, check_int, check_positive
 from ..ops.ram.state import RAMState
 from .base import SlotStore
 
@@ -59,16 +60,12 @@ class OffloadState(SlotStore):
             raise ValueError("give the offload cache's size as budget (a fraction of M) or slots, not both")
         if budget is None and slots is None:
             budget = DEFAULT_BUDGET
-        if budget is not None and not 0 < budget <= 1:
-            raise ValueError(f"budget must be a fraction of M in (0, 1], got {budget}")
-        if slots is not None and slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if prefill not in ("dense", "stream"):
-            raise ValueError(f"prefill must be 'dense' or 'stream', got {prefill!r}")
-        if ways is not None and ways < 1:
-            raise ValueError(f"ways must be >= 1, got {ways}")
+        if budget is not None:  # a fraction of M in (0, 1]
+            budget = check_positive("budget (a fraction of M)", budget, upper=1.0)
+        slots = None if slots is None else check_int("slots", slots, 1)
+        ways = None if ways is None else check_int("ways", ways, 1)
+        check_choice("policy", policy, POLICIES)
+        check_choice("prefill", prefill, ("dense", "stream"))
         self.budget, self.slots, self.ways_option, self.policy, self.prefill = budget, slots, ways, policy, prefill
         self.host_device = torch.device(host_device)
         self.stats = dict(accesses=0, hits=0, misses=0, bypasses=0, writebacks=0, fetched_rows=0)

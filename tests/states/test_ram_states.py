@@ -114,7 +114,9 @@ def test_offload_budget_bounds_the_device_memory_and_options_are_checked():
     assert 0.08 < dense_state_fraction(store) <= 0.1
     assert store.host_bytes() == 2 * 4 * 512 * 9 * 8  # the whole state on the host, fp64
     for options, message in ((dict(budget=0.1, slots=3), "not both"), (dict(policy="fifo"), "policy"),
-                             (dict(budget=2.0), "budget"), (dict(prefill="x"), "prefill")):
+                             (dict(budget=2.0), "budget"), (dict(budget="0.1"), "budget"),
+                             (dict(budget=float("nan")), "budget"), (dict(slots=2.5), "slots"),
+                             (dict(ways=0), "ways"), (dict(prefill="x"), "prefill")):
         with pytest.raises(ValueError, match=message):
             RAMNetCache(ram_state="offload", **options)
     with pytest.raises(ValueError, match="ram_state"):
