@@ -140,7 +140,7 @@ class OffloadState(SlotStore):
         return self.count * (1 << 32) + self.last
 
     def _lookup(self, slots: torch.Tensor):
-        """``(hit [R, n], set [R, n], way [R, n])`` of ``slots [R, n]``."""
+        """``(hit, set, way, row)`` of ``slots [R, n]``, each ``[R, n]`` (``row``: the (sequence, head) row)."""
         sets = slots % self.sets
         rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
         match = self.tags[rows, sets] == slots[..., None]  # [R, n, ways]

@@ -21,6 +21,10 @@ from ..ops.ram.state import RAMState
 from .base import SlotStore
 
 
+# The most rows (B * H * M) whose dense form map_batch builds: 2**27 rows of d_v + 1 floats.
+DENSE_FORM_MAX_ROWS = 2**27
+
+
 class SparseState(SlotStore):
     """Only the touched slots of every (sequence, head): see the module docstring."""
 
@@ -118,8 +122,10 @@ class SparseState(SlotStore):
     def map_batch(self, fn) -> None:
         # Batch changes and beam reordering go through the dense form: fine for the M the tests use, and
         # refused for an M that has no dense form.
-        if self.batch * self.heads * self.memory_slots > 2**27:
-            super().map_batch(fn)
+        if self.batch * self.heads * self.memory_slots > DENSE_FORM_MAX_ROWS:
+            raise ValueError(f"the sparse state changes or reorders the batch (beam search) through its dense form, "
+                             f"and B * H * M = {self.batch * self.heads * self.memory_slots} rows is too many "
+                             f"(at most {DENSE_FORM_MAX_ROWS}): decode with num_beams=1, or the dense state")
         dense = self.to_dense()
         dense = RAMState(*(fn(t) for t in dense))
         self.allocated = False

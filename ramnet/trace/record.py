@@ -140,6 +140,7 @@ def record_trace(model, input_ids: torch.Tensor, layers: list[int] | None = None
     read by ``model`` in one forward or, with ``chunk_size``, in chunks of that many tokens continued
     through a ``RAMNetCache`` (the positions and states carry over: the same slots as one forward)."""
     from ..models import RAMNetCache
+    from ..models.ramnet.modeling_ramnet import CACHE_FIELD
 
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
@@ -151,7 +152,7 @@ def record_trace(model, input_ids: torch.Tensor, layers: list[int] | None = None
         else:
             cache = RAMNetCache()
             for start in range(0, input_ids.shape[1], chunk_size):
-                model(input_ids=input_ids[:, start:start + chunk_size], past_key_values=cache, use_cache=True)
+                model(input_ids=input_ids[:, start:start + chunk_size], **{CACHE_FIELD: cache}, use_cache=True)
     return finish_traces(pieces)
 
 

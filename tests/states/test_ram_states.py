@@ -102,6 +102,10 @@ def test_sparse_state_serves_an_m_with_no_dense_form():
     assert out.shape == (1, 10)
     store = cache.layers[0].state
     assert store.memory_slots == 2**40 and int(store.stored_rows().max()) <= 9 * 2
+    # Beam search reorders the batch through the dense form, which this M does not have: refused, clearly.
+    with pytest.raises(ValueError, match="num_beams=1"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False,
+                       **{CACHE_FIELD: RAMNetCache(ram_state="sparse")})
 
 
 def test_offload_budget_bounds_the_device_memory_and_options_are_checked():
