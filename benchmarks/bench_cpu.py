@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ramnet.files import write_text_atomic
 from ramnet.ops import ram_attention
 from ramnet.provenance import environment
 
@@ -134,7 +135,7 @@ def main() -> None:
     meta = dict(environment(args.device), cpu_threads=torch.get_num_threads(),
                 shape=dict(B=1, H=HEADS, d_v=D_V, U=U, d_p=D_P, K=TOPK, sdpa_head_dim=D_V), **{"pass": "forward+backward"})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
     print(f"\n{meta['device']}, torch {meta['torch']} ({meta['git_rev']}); fwd+bwd medians")
     print("| T | RAM-Net parallel (s) | SDPA causal (s) | ratio RAM/SDPA | RAM peak extra (MiB) | SDPA peak extra (MiB) |")

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ramnet.files import write_text_atomic
 from ramnet.layers.ram_attention import RAMAttention
 from ramnet.models.cache import RAMNetCache
 from ramnet.ops import RAMState, ram_attention
@@ -401,9 +402,9 @@ def main() -> None:
                 print(f"B={batch:<4} L={context:<8} {name:<18} {status}", file=sys.stderr, flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(meta, rows)
-    args.out.with_suffix(".md").write_text(table)
+    write_text_atomic(args.out.with_suffix(".md"), table)
     print("\n" + table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 

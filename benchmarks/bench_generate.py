@@ -73,6 +73,7 @@ from pathlib import Path
 
 import torch
 
+from ramnet.files import write_text_atomic
 from ramnet.lm import families
 from ramnet.lm.config import load_config
 from ramnet.models.ramnet import modeling_ramnet
@@ -299,11 +300,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     """The JSON and the markdown beside it, each written to a temporary file and renamed over the old one."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n"),
-                       (out.with_suffix(".md"), markdown(meta, rows))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_atomic(out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown(meta, rows))
 
 
 def parse_list(text: str, cast=int) -> list:

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench_cpu import time_case  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from ramnet.files import write_text_atomic  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
 from ramnet.provenance import environment  # noqa: E402
@@ -246,8 +247,8 @@ class Runner:
 
     def save(self):
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        self.args.out.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=2) + "\n")
-        self.args.out.with_suffix(".md").write_text(self.markdown())
+        write_text_atomic(self.args.out, json.dumps({"meta": self.meta, "rows": self.rows}, indent=2) + "\n")
+        write_text_atomic(self.args.out.with_suffix(".md"), self.markdown())
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ramnet.files import write_text_atomic
 from ramnet.models import RAMNetCache, RAMNetConfig, RAMNetForCausalLM
 from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD
 from ramnet.ops import RAMState
@@ -226,7 +227,7 @@ def main() -> None:
                         torch.cuda.empty_cache()
         del model
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    write_text_atomic(args.out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ramnet.files import write_text_atomic
 from ramnet.ops import RAMState
 from ramnet.ops.ram import pdma_step
 from ramnet.ops.ram import step as step_module
@@ -260,9 +261,9 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     meta["sm_clocks_after"] = sm_clocks() if args.device == "cuda" else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = markdown(meta, rows, batches)
-    args.out.with_suffix(".md").write_text(table)
+    write_text_atomic(args.out.with_suffix(".md"), table)
     print("\n" + table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')} in {time.time() - started:.0f} s")
 

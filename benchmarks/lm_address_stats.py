@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ramnet.files import write_text_atomic
 from ramnet.layers import RAMAttention
 from ramnet.lm.data import TokenData, Windows
 from ramnet.lm.evaluate import load, model_directory
@@ -110,12 +111,10 @@ def main(argv=None) -> None:
         sys.exit(f"{path} has no RAM-Net layers")
     layers = per_layer(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
     meta = dict(environment(device), model=str(path), data=str(args.data), sequences=args.batches, seq_len=args.seq_len)
-    tmp.write_text(json.dumps(dict(meta=meta, layers=layers, heads=rows), indent=2) + "\n")
-    tmp.replace(args.out.with_suffix(".json"))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(dict(meta=meta, layers=layers, heads=rows), indent=2) + "\n")
     text = table(layers, str(args.model))
-    args.out.with_suffix(".md").write_text(text)
+    write_text_atomic(args.out.with_suffix(".md"), text)
     print(text)
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from summarize_lm import last_run, plot, summarize, table  # noqa: E402
+
+from ramnet.files import write_text_atomic  # noqa: E402
 
 # The schedule every variant shares: 2000 steps of 8 x 2048 tokens (32.8M), AdamW 1e-3 -> 1e-4 cosine,
 # warm-up 50, held-out perplexity every 250 steps on 16 batches.
@@ -193,7 +194,7 @@ def summaries_of(rows: list[dict]) -> dict[str, dict]:
 
 def write_report(summaries: dict[str, dict], out: Path, title: str = "held-out perplexity, same data and schedule") -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table(summaries))
+    write_text_atomic(out.with_suffix(".md"), table(summaries))
     plot(summaries, out.with_suffix(".png"), title)
     print(table(summaries))
 
@@ -228,9 +229,7 @@ def main() -> None:
         meta.update(git_rev=sorted({s["meta"]["git_rev"] for s in studies}), studies=[str(f) for f in args.scale],
                     corpora={corpus_of(s["meta"]): s["meta"]["data"] for s in studies})
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": scale_rows(studies)}, indent=2) + "\n")
-        tmp.replace(args.out.with_suffix(".json"))
+        write_text_atomic(args.out.with_suffix(".json"), json.dumps({"meta": meta, "rows": scale_rows(studies)}, indent=2) + "\n")
         summaries = scale_summaries(studies)
         write_report(summaries, args.out, "held-out perplexity, same schedule"
                      + (" (corpus in brackets)" if any("corpus]" in k for k in summaries) else ", same data"))
@@ -271,9 +270,7 @@ def main() -> None:
                 data=data_meta, extra=args.extra, resumable=args.resumable, argv=sys.argv[1:],
                 time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    tmp.replace(args.out.with_suffix(".json"))
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     summaries = summaries_of(rows)
     if summaries:
         write_report(summaries, args.out)

@@ -16,6 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
+from ramnet.files import write_text_atomic
+
 
 def last_run(path: Path) -> list[dict]:
     """The rows of the last run in a metrics.jsonl (a resumed run continues its steps, a new one restarts)."""
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"runs are NAME=path/to/metrics.jsonl, got {item!r}")
         summaries[name] = summarize(last_run(Path(path)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(table(summaries))
+    write_text_atomic(args.out.with_suffix(".md"), table(summaries))
     plot(summaries, args.out.with_suffix(".png"), args.title)
     print(table(summaries), end="")
     print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")

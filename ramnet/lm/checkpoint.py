@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import warnings
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
+
+from ..files import write_text_atomic
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
@@ -53,12 +54,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def trim_metrics(file: Path, step: int) -> None:
     """Drops the rows of `file` (a metrics.jsonl) for steps after `step`, where a run continues (they are
     about to be logged again), and a last line cut off by a kill; rewrites it atomically if that changes it."""
@@ -77,7 +72,7 @@ def trim_metrics(file: Path, step: int) -> None:
         if not (isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step):
             kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
-        _write_atomic(file, "".join(kept))
+        write_text_atomic(file, "".join(kept))
 
 
 def save(out_dir: Path, step: int, model, state_dict: dict, tokenizer, train_config: dict, trainer_state: dict, keep: int) -> Path:
@@ -104,7 +99,7 @@ def save(out_dir: Path, step: int, model, state_dict: dict, tokenizer, train_con
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _write_atomic(out_dir / "latest", final.name + "\n")
+    write_text_atomic(out_dir / "latest", final.name + "\n")
     for stale in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(stale)
     return final
@@ -122,7 +117,7 @@ def write_manifest(path: Path) -> None:
     """manifest.json of checkpoint directory `path`: each other file's size and sha256 (written atomically)."""
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != MANIFEST_FILE)
     manifest = {"files": {f.relative_to(path).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)} for f in files}}
-    _write_atomic(path / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(path / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
 
 
 def verify(path: Path) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..cli_support import reports_errors
 from ..devices import resolve_device
+from ..files import write_text_atomic
 from .plot import NO_MATPLOTLIB, has_matplotlib, plot_results
 from .presets import PRESETS, PROTOCOLS, MQARPreset, describe_cuts, get_preset, read_preset_file
 from .report import format_table, load_rows, markdown_table, shown_rows
@@ -127,7 +128,7 @@ def _report(rows: list[dict], out: Path, plotting_only: bool = False) -> None:
         print(format_table(shown))
         if len(shown) < len(rows):
             print(f"({len(rows) - len(shown)} two-stage screen runs not shown: their models have final runs)")
-        (out / "mqar_table.md").write_text(markdown_table(rows))
+        write_text_atomic(out / "mqar_table.md", markdown_table(rows))
         if not has_matplotlib() and not plotting_only:
             return
         for path in plot_results(rows, out):

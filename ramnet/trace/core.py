@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import write_text_atomic
 from .analysis import cache_sizes, reuse_histogram, stack_distances, access_stream, summarize_head
 from .record import LayerTrace, record_trace
 
@@ -106,7 +107,7 @@ def trace_model(model, input_ids: torch.Tensor, out_dir: Path | None, *, layers:
         path = out_dir / "trace.json"
         files.append(str(path))
         result["seconds"] = time.perf_counter() - start
-        path.write_text(json.dumps(result) + "\n")
+        write_text_atomic(path, json.dumps(result) + "\n")
     result["seconds"] = time.perf_counter() - start
     result["files"] = files
     result["layer_traces"] = traces
