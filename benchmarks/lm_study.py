@@ -59,7 +59,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-k16": ("small-paper", ["model.topk=16"]),
     "ramnet-k4": ("small-paper", ["model.topk=4"]),
     "ramnet-gamma0": ("small-paper", ["model.gamma=0.0"]),
-    "ramnet-gamma4": ("small-paper", ["model.gamma=4.0"]),
     "ramnet-h16": ("small-paper", ["model.num_heads=16", "model.head_v_dim=32"]),
     # Sharper addresses (batch 5, CAPE by depth): the product softmax at temperature 0.5 (logits x 2 from
     # the start), or the per-head e^alpha learning 30x faster than the rest.
@@ -69,8 +68,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # output norm (batch 5, CAPE by depth).
     "ramnet-conv": ("small-paper", ["model.short_conv_size=4"]),
     "ramnet-gate": ("small-paper", [CAPE_DEPTH, *GATE]),
-    "ramnet-conv-gate": ("small-paper", ["model.short_conv_size=4", *GATE]),
     "ramnet-conv-cape-off": ("small-paper", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
+    # Batch 6, on `small` (the comparison's RAM-Net) at the comparison's 50M tokens. Forgetting: a written
+    # slot keeps (1 - w)^gamma of its content, and blurred addresses write small w, so at gamma 1 a slot
+    # averages over many writes; gamma 4 forgets 4x faster, the spread gives each layer heads of four
+    # time scales (CAPE heads first in layers 5-8, so both halves get all four). And the short convolution
+    # on top of the gate.
+    "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
+    "ramnet-gamma16": ("small", ["model.gamma=16.0"]),
+    "ramnet-gamma-spread": ("small", ["model.gamma=[1,4,16,64,1,4,16,64]"]),
+    "ramnet-conv-gate": ("small", ["model.short_conv_size=4"]),
     # What the 33M-token ablation favoured, together: the comparison's RAM-Net, now `small`.
     "ramnet-cape-absolute-gate-alpha-lr30": ("small-paper", [*GATE, "temperature_lr_scale=30"]),
     "ramnet-cape-absolute": ("small-paper", []),  # the name of `ramnet-paper` in batches 1-4

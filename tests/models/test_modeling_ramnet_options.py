@@ -81,3 +81,34 @@ def test_config_rejects_bad_options(field, value, error):
 def test_config_refuses_options_without_ramnet_layers():
     with pytest.raises(ValueError, match="short_conv_size"):
         tiny_config(short_conv_size=4, mixer_types=["sliding_attention"] * 3, window_size=4)
+
+
+PER_HEAD_GAMMA = [0.0, 1.0, 4.0, 16.0]  # one per head of TINY's 4: no forgetting up to fast forgetting
+
+
+def test_per_head_gamma_reaches_every_layer_and_survives_saving(tmp_path):
+    model = tiny_model(gamma=PER_HEAD_GAMMA)
+    for layer in model.model.layers:
+        assert layer.attn.memory.spec(torch.zeros(1, dtype=torch.float64)).gamma.tolist() == PER_HEAD_GAMMA
+    model.save_pretrained(tmp_path)
+    assert RAMNetForCausalLM.from_pretrained(tmp_path).config.gamma == PER_HEAD_GAMMA
+    ids = random_ids(2, 9)
+    # Each head forgets at its own rate: the logits differ from every single shared gamma.
+    for shared in set(PER_HEAD_GAMMA):
+        assert not torch.allclose(tiny_model(gamma=shared)(ids).logits, model(ids).logits)
+
+
+@torch.no_grad()
+def test_per_head_gamma_decodes_as_full_forwards():
+    model = tiny_model(gamma=PER_HEAD_GAMMA)
+    prompt = random_ids(2, 7)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), greedy_without_cache(model, prompt, 6))
+
+
+@pytest.mark.parametrize("gamma, message", [
+    ([1.0, 2.0, 4.0], "one entry per head"), ([1.0, -1.0, 2.0, 3.0], "gamma entries"),
+    ([1.0, float("nan"), 2.0, 3.0], "gamma entries"), (-0.5, "gamma"),
+])
+def test_config_rejects_bad_gamma(gamma, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(gamma=gamma)

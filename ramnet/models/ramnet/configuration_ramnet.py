@@ -65,7 +65,9 @@ class RAMNetConfig(PreTrainedConfig):
         num_partitions (`int`): key partitions `U`; the key dimension is `U * partition_dim`.
         partition_dim (`int`): entries per partition `d_p`; the memory has `d_p ** U` slots.
         topk (`int`): slots read and written per token, `K`.
-        gamma (`float`): PDMA decay power (0 keeps everything, 1 is an EMA).
+        gamma (`float` or `list[float]`): PDMA decay power (0 keeps everything, 1 is an EMA, larger
+            forgets a written slot faster): one for every head, or one per head (`num_heads` entries, the
+            same in every layer), e.g. a spread of time scales over the heads.
         tau (`float`): softmax temperature of the address decoder.
         eps (`float`): added to the PDMA normaliser before the read division.
         proxy_eps (`float`): smoothing of the proxy gradient of the decay.
@@ -128,8 +130,8 @@ class RAMNetConfig(PreTrainedConfig):
     num_partitions: int = 5
     partition_dim: int = 4
     topk: int = 8
-    # int accepted too, so that e.g. gamma=0 (a cumulative mean) can be written as such
-    gamma: float | int = 1.0
+    # int accepted too, so that e.g. gamma=0 (a cumulative mean) can be written as such; a list is per head
+    gamma: float | int | list[float | int] = 1.0
     tau: float | int = 1.0
     eps: float | int = 1e-6
     proxy_eps: float = DEFAULT_PROXY_EPS
@@ -246,7 +248,7 @@ class RAMNetConfig(PreTrainedConfig):
         # config fails when built.
         memory_geometry(self.num_partitions * self.partition_dim, self.num_partitions)
         check_topk(self.topk, self.memory_slots)
-        check_positive("gamma", self.gamma, allow_zero=True)
+        self._check_gamma()
         check_positive("tau", self.tau)
         check_positive("eps", self.eps, allow_zero=True)
         check_positive("proxy_eps", self.proxy_eps, upper=1.0)
@@ -264,6 +266,15 @@ class RAMNetConfig(PreTrainedConfig):
             )
         self._check_mixer_types()
         self._check_ramnet_options()
+
+    def _check_gamma(self):
+        if not isinstance(self.gamma, list):
+            check_positive("gamma", self.gamma, allow_zero=True)
+            return
+        if len(self.gamma) != self.num_heads:
+            raise ValueError(f"`gamma` as a list needs one entry per head ({self.num_heads}), got {len(self.gamma)}")
+        for value in self.gamma:
+            check_positive("gamma entries", value, allow_zero=True)
 
     def _check_ramnet_options(self):
         if self.short_conv_size != 0:
