@@ -10,7 +10,8 @@ The data directory is prepared first if it does not exist (`--source`, default p
 8192). `--jobs N` trains N runs at once on the one GPU: perplexity is unaffected, but tokens/s then
 measures a shared GPU, so speed comparisons need `--jobs 1` (the JSON records `jobs`). `--deadline-s`
 stops runs still going at that time and keeps their curves so far (marked incomplete), so that the
-study fits a time-limited machine. With `--resumable` each run saves a checkpoint at every evaluation
+study fits a time-limited machine; SIGTERM to the study does the same at once (`kill -TERM PID`
+when the machine's time runs out sooner than planned), and the JSON is still written. With `--resumable` each run saves a checkpoint at every evaluation
 and continues from its latest one: the same command, run again (on the same machine, with the same
 `--runs`), takes every stopped run on from its last evaluation, with the same curve as one unbroken run.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -47,9 +49,12 @@ SCHEDULE = ["seq_len=2048", "batch_size=8", "micro_batch_size=8", "max_steps=200
 # which was `small` in the study's batches 1-4; batch 5 ran on CAPE in proportion to depth.
 CAPE_DEPTH = "model.num_cape_heads=[8,4,0,0,0,0,0,0]"  # the library's default schedule for 8 layers
 GATE = ["model.output_gate=true", "model.intermediate_size=1237"]  # g_proj (512 x 512 a layer) paid by the MLP
+# `small` as it was from batch 5 to batch 6 (the gate, the temperatures' lr x 30, CAPE on the paper's absolute
+# layers), before it gained the short convolution: the model of scale_c, scale_e and batch 6's variants.
+SMALL_BEFORE_CONV = [*GATE, "temperature_lr_scale=30"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    # `small`: the gated output norm, the temperatures' lr x 30, CAPE on the absolute layers (the
-    # comparison's RAM-Net, the same model as ramnet-cape-absolute-gate-alpha-lr30).
+    # `small`: the gated output norm, the temperatures' lr x 30, CAPE on the absolute layers and the short
+    # convolution (the comparison's RAM-Net, the same model as ramnet-conv-gate).
     "ramnet": ("small", []),
     "ramnet-paper": ("small-paper", []),
     "ramnet-cape-depth": ("small-paper", [CAPE_DEPTH]),  # `ramnet` of batch 5
@@ -69,17 +74,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ramnet-conv": ("small-paper", ["model.short_conv_size=4"]),
     "ramnet-gate": ("small-paper", [CAPE_DEPTH, *GATE]),
     "ramnet-conv-cape-off": ("small-paper", ["model.short_conv_size=4", "model.num_cape_heads=[0,0,0,0,0,0,0,0]"]),
-    # Batch 6, on `small` (the comparison's RAM-Net) at the comparison's 50M tokens. Forgetting: a written
-    # slot keeps (1 - w)^gamma of its content, and blurred addresses write small w, so at gamma 1 a slot
-    # averages over many writes; gamma 4 forgets 4x faster, the spread gives each layer heads of four
-    # time scales (CAPE heads first in layers 5-8, so both halves get all four). And the short convolution
-    # on top of the gate.
-    "ramnet-gamma4": ("small", ["model.gamma=4.0"]),
-    "ramnet-gamma16": ("small", ["model.gamma=16.0"]),
-    "ramnet-gamma-spread": ("small", ["model.gamma=[1,4,16,64,1,4,16,64]"]),
-    "ramnet-conv-gate": ("small", ["model.short_conv_size=4"]),
-    # What the 33M-token ablation favoured, together: the comparison's RAM-Net, now `small`.
-    "ramnet-cape-absolute-gate-alpha-lr30": ("small-paper", [*GATE, "temperature_lr_scale=30"]),
+    # Batch 6, on `small` before the convolution (the comparison's RAM-Net then) at the comparison's 50M
+    # tokens. Forgetting: a written slot keeps (1 - w)^gamma of its content, and blurred addresses write
+    # small w, so at gamma 1 a slot averages over many writes; gamma 4 forgets 4x faster, the spread gives
+    # each layer heads of four time scales (CAPE heads first in layers 5-8, so both halves get all four).
+    # And the short convolution on top of the gate, which `small` then took.
+    "ramnet-gamma4": ("small-paper", [*SMALL_BEFORE_CONV, "model.gamma=4.0"]),
+    "ramnet-gamma16": ("small-paper", [*SMALL_BEFORE_CONV, "model.gamma=16.0"]),
+    "ramnet-gamma-spread": ("small-paper", [*SMALL_BEFORE_CONV, "model.gamma=[1,4,16,64,1,4,16,64]"]),
+    "ramnet-conv-gate": ("small-paper", [*SMALL_BEFORE_CONV, "model.short_conv_size=4"]),
+    # The memory alone, everything else equal: the hybrid layer with its KV memory off (window 0) is one
+    # fast-weight memory behind the shared q, k, v, a per-channel sigmoid gate, the per-head RMSNorm and
+    # o_proj. With RAM-Net's memory (no CAPE: the hybrid's default) against DeltaNet's delta rule on the same
+    # 16-wide keys (a state of 8 x 16 x 64 floats a layer against RAM-Net's 8 x 256 x 65): whether RAM-Net's
+    # write and read, rather than the rest of the model, hold it behind Gated DeltaNet.
+    "fw-ramnet": ("small-hybrid", ["model.window_size=0"]),
+    "fw-deltanet": ("small-hybrid", ["model.window_size=0", "model.hybrid_fw=deltanet", "model.num_partitions=1",
+                                     "model.partition_dim=16"]),
+    # What the 33M-token ablation favoured, together: the comparison's RAM-Net of scale_c and scale_e.
+    "ramnet-cape-absolute-gate-alpha-lr30": ("small-paper", SMALL_BEFORE_CONV),
     "ramnet-cape-absolute": ("small-paper", []),  # the name of `ramnet-paper` in batches 1-4
     "gated_deltanet": ("small-gated-deltanet", []),
     "gated_deltanet-noconv": ("small-gated-deltanet", ["model.use_short_conv=false"]),
@@ -91,9 +104,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-# The comparison's families (`scale.json`), by preset.
-FAMILIES = {"small": "ramnet", "small-paper": "ramnet", "small-gated-deltanet": "gated_deltanet", "small-gla": "gla", "small-raven": "raven",
-            "small-transformer": "transformer++", "small-sliding": "sliding", "small-hybrid": "hybrid"}
+# The comparison's runs (`scale.json`) and their family, by variant: each family's preset as it is (one
+# command per family: `--variants FAMILY --set max_steps=3052`), and RAM-Net's `small` as it was before the
+# short convolution. A study's other variants (ablations) are left out of the comparison.
+COMPARED = {"ramnet": "ramnet", "ramnet-cape-absolute-gate-alpha-lr30": "ramnet", "gated_deltanet": "gated_deltanet",
+            "gla": "gla", "raven": "raven", "transformer++": "transformer++", "sliding": "sliding", "hybrid": "hybrid"}
 
 
 def corpus_of(meta: dict) -> str:
@@ -104,21 +119,39 @@ def corpus_of(meta: dict) -> str:
 
 
 def scale_rows(studies: list[dict]) -> list[dict]:
-    """`scale.json`'s rows from studies' JSON: one per family and held-out evaluation, ``{family, tokens,
-    ppl, tok_s}`` and the run it comes from (its variant, whether it reached its max_steps, the study's
-    commit and corpus, and how many runs shared the GPU, which is what its tokens/s measured)."""
+    """`scale.json`'s rows from studies' JSON: one per compared run (``COMPARED``) and held-out evaluation,
+    ``{family, tokens, ppl, tok_s}`` and the run it comes from (its variant, whether it reached its
+    max_steps, the study's commit, device and corpus, and how many runs shared the GPU, which is what its
+    tokens/s measured)."""
     rows = []
     for study in studies:
         meta = study["meta"]
         for run in study["rows"]:
-            if "tokens" not in run:
+            if "tokens" not in run or run["variant"] not in COMPARED:
                 continue
-            family = FAMILIES[run["preset"]]
+            family = COMPARED[run["variant"]]
             for tokens, ppl in run["evals"]:
                 rows.append(dict(family=family, tokens=tokens, ppl=ppl, tok_s=run["tok_s"], variant=run["variant"],
                                  complete=run["status"] == "done", final=tokens == run["evals"][-1][0],
-                                 git_rev=meta["git_rev"], jobs=meta["jobs"], corpus=corpus_of(meta)))
+                                 git_rev=meta["git_rev"], device=meta.get("device"), jobs=meta["jobs"],
+                                 corpus=corpus_of(meta)))
     return rows
+
+
+# What each study records for itself (its rows say which study they come from), not the comparison.
+_STUDY_ONLY = ("argv", "jobs", "extra", "time", "data", "resumable")
+
+
+def scale_meta(studies: list[dict]) -> dict:
+    """The comparison's environment from its studies': a value they share once, the sorted distinct values
+    where they differ (the device and the commit of studies run on several machines); each study's own
+    settings and notes stay in its file."""
+    keys = dict.fromkeys(k for s in studies for k in s["meta"] if k not in _STUDY_ONLY and not k.endswith("_note"))
+    meta = {}
+    for key in keys:
+        values = sorted({json.dumps(s["meta"].get(key), sort_keys=True) for s in studies})
+        meta[key] = json.loads(values[0]) if len(values) == 1 else [json.loads(v) for v in values]
+    return meta
 
 
 def scale_summaries(studies: list[dict]) -> dict[str, dict]:
@@ -133,7 +166,7 @@ def scale_summaries(studies: list[dict]) -> dict[str, dict]:
         train = study["meta"]["data"]["splits"]["train"]["tokens"]
         done = {r["variant"] for r in study["rows"] if r["status"] == "done"}
         for variant, summary in summaries_of(study["rows"]).items():
-            if variant in complete and variant not in done:
+            if variant not in COMPARED or variant in complete and variant not in done:
                 continue
             summaries[f"{variant} [{train / 1e6:.1f}M corpus]" if tagged else variant] = summary
     return summaries
@@ -158,12 +191,29 @@ def command(name: str, data: Path, runs: Path, extra: list[str], resumable: bool
             *extra]
 
 
-def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str], deadline: float,
+class Deadline:
+    """When the study stops its runs: ``seconds`` from now, or at once after SIGTERM (``on_sigterm``)."""
+
+    def __init__(self, seconds: float):
+        self.at = time.time() + seconds
+
+    def passed(self) -> bool:
+        return time.time() >= self.at
+
+    def now(self, *_signal_args) -> None:
+        self.at = 0.0
+
+    def on_sigterm(self):
+        """Bring the deadline forward on SIGTERM; returns the handler it replaced."""
+        return signal.signal(signal.SIGTERM, self.now)
+
+
+def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str], deadline: Deadline,
             log, resumable: bool = False) -> dict[str, str]:
     """Train the variants, ``jobs`` at a time; returns each one's status (done, failed, stopped)."""
     pending, running, status = list(names), {}, {}
     while pending or running:
-        while pending and len(running) < jobs:
+        while pending and len(running) < jobs and not deadline.passed():
             name = pending.pop(0)
             (runs / name).mkdir(parents=True, exist_ok=True)
             logf = open(runs / name / "train.log", "a" if resumable else "w")
@@ -172,7 +222,7 @@ def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str
             log(f"started {name}")
         time.sleep(2)
         for name, (proc, logf, start) in list(running.items()):
-            if proc.poll() is None and time.time() < deadline:
+            if proc.poll() is None and not deadline.passed():
                 continue
             if proc.poll() is None:
                 proc.terminate()
@@ -185,7 +235,7 @@ def run_all(names: list[str], data: Path, runs: Path, jobs: int, extra: list[str
             if status[name].startswith("failed"):
                 log((runs / name / "train.log").read_text()[-3000:])
             del running[name]
-        if time.time() >= deadline:
+        if deadline.passed():
             for name in pending:
                 status[name] = "not started (deadline)"
             pending = []
@@ -231,10 +281,8 @@ def main() -> None:
         return
     if args.scale:
         studies = [json.loads(f.read_text()) for f in args.scale]
-        meta = {k: v for k, v in studies[0]["meta"].items()
-                if k not in ("git_rev", "argv", "jobs", "extra", "time", "data", "resumable")}
-        meta.update(git_rev=sorted({s["meta"]["git_rev"] for s in studies}), studies=[str(f) for f in args.scale],
-                    corpora={corpus_of(s["meta"]): s["meta"]["data"] for s in studies})
+        meta = scale_meta(studies)
+        meta.update(studies=[str(f) for f in args.scale], corpora={corpus_of(s["meta"]): s["meta"]["data"] for s in studies})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out.with_suffix(".json"), json.dumps({"meta": meta, "rows": scale_rows(studies)}, indent=2) + "\n")
         summaries = scale_summaries(studies)
@@ -247,7 +295,8 @@ def main() -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-    deadline = time.time() + args.deadline_s
+    deadline = Deadline(args.deadline_s)
+    deadline.on_sigterm()
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
 
     import torch

@@ -2,7 +2,11 @@
 runs train the same model, and the comparison's rows (scale.json) come out of studies' JSON."""
 
 import importlib.util
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,17 +27,36 @@ def run_config(name):
 
 
 @pytest.mark.parametrize("name", sorted(lm_study.VARIANTS))
-def test_every_variant_is_a_valid_run_of_a_known_family(name):
+def test_every_variant_is_a_valid_run(name):
     config = run_config(name)
-    assert lm_study.VARIANTS[name][0] in lm_study.FAMILIES
     if config.model_type == "ramnet":
         RAMNetConfig(vocab_size=8192, **config.model)  # the model's own checks
 
 
+def test_the_comparison_has_one_variant_per_family_that_trains_its_preset():
+    for variant, family in lm_study.COMPARED.items():
+        assert variant in lm_study.VARIANTS
+    by_family = {family: variant for variant, family in lm_study.COMPARED.items() if variant == family}
+    assert set(by_family) == set(lm_study.COMPARED.values())
+    for family, variant in by_family.items():  # `--variants FAMILY` runs the family's preset unchanged
+        assert lm_study.VARIANTS[variant][1] == []
+
+
+def trains(name):
+    config = run_config(name)
+    return config.model, config.temperature_lr_scale
+
+
 def test_small_is_the_combination_the_ablation_favoured_and_the_paper_variants_are_the_old_runs():
-    small, combined = run_config("ramnet"), run_config("ramnet-cape-absolute-gate-alpha-lr30")
-    assert (small.model, small.temperature_lr_scale) == (combined.model, combined.temperature_lr_scale)
-    assert small.model["output_gate"] and small.temperature_lr_scale == 30
+    small = run_config("ramnet")
+    assert trains("ramnet") == trains("ramnet-conv-gate")  # batch 6's convolution, which small took
+    assert small.model["output_gate"] and small.temperature_lr_scale == 30 and small.model["short_conv_size"] == 4
+    # scale_c's and scale_e's RAM-Net, and the base of batch 6's variants: small without the convolution.
+    before = dict(small.model)
+    del before["short_conv_size"]
+    assert trains("ramnet-cape-absolute-gate-alpha-lr30") == (before, 30.0)
+    assert trains("ramnet-gamma-spread") == ({**before, "gamma": [1, 4, 16, 64, 1, 4, 16, 64]}, 30.0)
+    assert trains("ramnet-gamma4") == ({**before, "gamma": 4.0}, 30.0)
     paper = RAMNetConfig(vocab_size=8192, **run_config("ramnet-paper").model)
     assert not paper.output_gate and paper.num_cape_heads == [8, 8, 8, 8, 4, 4, 4, 4]
     # Batch 5's `ramnet` was `small` with the default CAPE schedule, in proportion to depth.
@@ -51,6 +74,8 @@ def test_scale_rows_give_every_evaluation_of_every_family():
          "tokens": 12, "evals": [[10, 40.0]]},
         {"variant": "gla", "status": "failed (exit 1)"},
     ]}
+    study["rows"].append({"variant": "ramnet-gamma4", "preset": "small-paper", "status": "done", "tok_s": 5.0,
+                          "tokens": 20, "evals": [[20, 19.0]]})  # an ablation: not in the comparison
     rows = lm_study.scale_rows([study])
     assert [(r["family"], r["tokens"], r["ppl"], r["final"], r["complete"]) for r in rows] == [
         ("ramnet", 10, 30.0, False, True), ("ramnet", 20, 20.0, True, True), ("sliding", 10, 40.0, True, False)]
@@ -95,3 +120,30 @@ def test_a_resumable_study_checkpoints_at_every_evaluation_and_continues(resumab
         assert config.resume == "auto" and config.save_interval == config.eval_interval
     else:
         assert config.resume == "none" and config.save_interval == 0
+
+
+def test_sigterm_stops_the_runs_and_the_study_still_reports(monkeypatch, tmp_path):
+    # Stand-in runs that would train for a minute; SIGTERM to the study (its machine's time running out)
+    # must stop them within seconds and give each its status, as a deadline does.
+    monkeypatch.setattr(lm_study, "command", lambda *args, **kwargs: [sys.executable, "-c", "import time; time.sleep(60)"])
+    deadline = lm_study.Deadline(float("inf"))
+    previous = deadline.on_sigterm()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        start = time.time()
+        status = lm_study.run_all(["ramnet", "gla", "sliding"], tmp_path / "data", tmp_path / "runs", 2, [], deadline,
+                                  log=lambda msg: None)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert time.time() - start < 20
+    assert status == {"ramnet": "stopped at the deadline", "gla": "stopped at the deadline",
+                      "sliding": "not started (deadline)"}
+
+
+def test_scale_meta_lists_what_the_studies_do_not_share_and_leaves_their_notes():
+    a = {"meta": {"device": "cuda (NVIDIA H200)", "torch": "2.11", "git_rev": "abc", "jobs": 1, "assembled_note": "x"}}
+    b = {"meta": {"device": "cuda (NVIDIA H100 80GB HBM3)", "torch": "2.11", "git_rev": "def", "jobs": 7}}
+    assert lm_study.scale_meta([a, b]) == {"device": ["cuda (NVIDIA H100 80GB HBM3)", "cuda (NVIDIA H200)"],
+                                           "torch": "2.11", "git_rev": ["abc", "def"]}
