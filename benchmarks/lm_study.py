@@ -11,9 +11,10 @@ The data directory is prepared first if it does not exist (`--source`, default p
 measures a shared GPU, so speed comparisons need `--jobs 1` (the JSON records `jobs`). `--deadline-s`
 stops runs still going at that time and keeps their curves so far (marked incomplete), so that the
 study fits a time-limited machine; SIGTERM to the study does the same at once (`kill -TERM PID`
-when the machine's time runs out sooner than planned), and the JSON is still written. With `--resumable` each run saves a checkpoint at every evaluation
-and continues from its latest one: the same command, run again (on the same machine, with the same
-`--runs`), takes every stopped run on from its last evaluation, with the same curve as one unbroken run.
+when the machine's time runs out sooner than planned), and the JSON is still written. With
+`--resumable` each run saves a checkpoint at every evaluation and continues from its latest one: the
+same command, run again (on the same machine, with the same `--runs`), takes every stopped run on from
+its last evaluation, with the same curve as one unbroken run.
 
     python benchmarks/lm_study.py --combine benchmarks/results/lm/ablation/batch*.json --out STEM
 
