@@ -21,6 +21,8 @@ are the slot-match matrix times a token-selection matrix: dense products of size
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Floor of log(decay): a decay of exactly 0 (w = 1) becomes exp(floor), which is 0 to the
@@ -29,24 +31,27 @@ import torch
 # ``log_decay``) stays a normal float for any factor that matters (> exp(-47) in fp32).
 LOG_DECAY_FLOOR = {torch.float32: -40.0, torch.float64: -80.0}
 CHUNK_SIZE = 16
+# The chunked Triton kernels take K up to this: a chunk's C K events of each kind make [C K, C K]
+# tiles (128 x 128 at C = 16, K = 8); beyond it the Triton path runs the slot-sorted kernels.
+KERNEL_MAX_TOPK = 8
 
 
 class _LogDecay(torch.autograd.Function):
-    """``max(log(decay), floor)``, with the gradient ``grad / max(decay, exp(floor))`` everywhere:
+    """``log(max(decay, exp(floor)))``, with the gradient ``grad / max(decay, exp(floor))`` everywhere:
     through the exponentials of the chunk, ``d exp(X) / d decay = exp(X - la)``, the product of the
     other decays of X, which is the true derivative also where decay is 0 (and the floor stands in
     for it)."""
 
     @staticmethod
     def forward(ctx, decay: torch.Tensor, floor: float):
-        ctx.save_for_backward(decay)
-        ctx.floor = floor
-        return decay.log().clamp_min(floor)
+        floored = decay.clamp_min(math.exp(floor))
+        ctx.save_for_backward(floored)
+        return floored.log()
 
     @staticmethod
     def backward(ctx, grad):
-        (decay,) = ctx.saved_tensors
-        return grad / decay.clamp_min(torch.tensor(ctx.floor, dtype=decay.dtype).exp()), None
+        (floored,) = ctx.saved_tensors
+        return grad / floored, None
 
 
 def log_decay(decay: torch.Tensor) -> torch.Tensor:
