@@ -23,7 +23,7 @@ from .chunk import KERNEL_MAX_TOPK, LOG_DECAY_FLOOR
 CHUNK = 16  # tokens per chunk: the smallest tile a tl.dot takes; C K events of each kind
 MIN_SLICE = 16  # d_v columns per program, at least (tl.dot needs 16)
 TARGET_PROGRAMS = 264  # d_v slices are added until (sequences x heads x slices) reaches this: 2 per SM
-NUM_WARPS = 4
+NUM_WARPS = 8  # at 4 the [C K, C, K] tiles spill several KB of registers a thread (ptxas, sm_90)
 DOT_PRECISION = "tf32x3"  # of the products with v and its gradient: or "ieee" (chunk_triton_kernels._dot)
 
 

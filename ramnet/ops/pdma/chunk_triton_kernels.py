@@ -12,9 +12,15 @@ table, restoring those rows chunk by chunk, next to an adjoint table of the same
 
 Inside a chunk (CK = C * KP events of each kind, KP = K rounded up to a power of two; padded lanes
 and tokens past the sequence's end are masked, their slots -1 for writes and -2 for reads so that
-they match no real slot), everything is a small dense product (``_dot``):
-``L = match @ (la by token)``, ``W = match @ (w by token)`` ([CK, CK] x [CK, C]), interval sums of
-``L`` by a strictly triangular 0/1 matrix ([CK, C] x [C, C]), then ``A @ v`` ([CK, C] x [C, DS]).
+they match no real slot): ``L, W [CK, C]``, the log decay and weight of each token's write to each
+event's slot, come from a [CK, C, KP] slot compare reduced over the token's lanes (``_by_slot``;
+the backward's transpose reduces the same compare over the events, ``_to_writes``); interval sums
+of ``L`` are a product with a strictly triangular 0/1 matrix, and ``A @ v`` a [CK, C] x [C, DS]
+product. The backward sums each slot's read adjoints with [CK, CK] 0/1 match products
+(``_select_dot``: exact in bf16, fp32-accurate with x split in three bf16 parts).
+
+Register pressure (ptxas for sm_90, K 8, C 16, 8 warps, DS 16): the forward spills about 60 bytes
+a thread, the backward about 2.5 KB; at 4 warps several times more.
 """
 
 import triton
@@ -119,12 +125,6 @@ def _token_rows(t0, end, b, h, T, H, C: tl.constexpr):
 
 
 @triton.jit
-def _by_token(tok, x, C: tl.constexpr):
-    """``[CK, C]``: each event's ``x`` in the column of its token, 0 elsewhere."""
-    return tl.where(tok[:, None] == tl.arange(0, C)[None, :], x[:, None], 0.0)
-
-
-@triton.jit
 def _strictly_later(C: tl.constexpr):
     """``[C, C]``: 1 where i'' > i' (rows i'', columns i'): ``L @ this`` sums L over (i', end]."""
     ti = tl.arange(0, C)
@@ -132,32 +132,71 @@ def _strictly_later(C: tl.constexpr):
 
 
 @triton.jit
-def _read_terms(match_r, tok, q_la, q_w, later, UPCAST: tl.constexpr, C: tl.constexpr):
+def _match(a, b):
+    """``[len(a), len(b)]``: 1.0 where slot a_i is slot b_j, else 0.0 (exact in bf16). Built where
+    it is used: a [CK, CK] tile costs 64 registers a thread at 8 warps."""
+    return tl.where(a[:, None] == b[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _token_match(slots, ws, C: tl.constexpr, KP: tl.constexpr):
+    """``[CK, C, KP]``: whether lane j of token i writes the slot of each event of ``slots``."""
+    return slots[:, None, None] == tl.reshape(ws, (C, KP))[None, :, :]
+
+
+@triton.jit
+def _by_slot(slots, ws, la, ww, C: tl.constexpr, KP: tl.constexpr):
+    """``[CK, C]`` each: for each event of ``slots`` and each token i of the chunk, the log decay
+    and the weight of token i's write to that event's slot (0 where it writes elsewhere): the
+    token match reduced over the token's lanes (one matches at most: a token's slots are distinct)."""
+    match = _token_match(slots, ws, C, KP)
+    L = tl.sum(tl.where(match, tl.reshape(la, (C, KP))[None, :, :], 0.0), 2)
+    W = tl.sum(tl.where(match, tl.reshape(ww, (C, KP))[None, :, :], 0.0), 2)
+    return L, W
+
+
+@triton.jit
+def _to_writes(slots, ws, x, C: tl.constexpr, KP: tl.constexpr):
+    """The transpose of ``_by_slot``: for each write (token i, lane j), the sum of ``x [CK, C]``
+    at column i over the events of ``slots`` whose slot it writes, ``[CK]``."""
+    # The compare written the other way round from _token_match's: the compiler would otherwise
+    # keep that [CK, C, KP] mask alive from the forward's terms to here.
+    match = tl.reshape(ws, (C, KP))[None, :, :] == slots[:, None, None]
+    return tl.reshape(tl.sum(tl.where(match, x[:, :, None], 0.0), 0), (C * KP,))
+
+
+@triton.jit
+def _read_terms(rs, ws, tok, la, ww, later, UPCAST: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
     """For each read: its slot's log decays up to its token (masked ``L``), the weight of each
     earlier-or-same token's write into what it reads (``A = E * W``) and the decay of the
     pre-chunk content ``P``."""
+    L, W = _by_slot(rs, ws, la, ww, C, KP)
     causal = tl.arange(0, C)[None, :] <= tok[:, None]
-    L = tl.where(causal, _select_dot(match_r, q_la, UPCAST), 0.0)
-    W = _select_dot(match_r, q_w, UPCAST)
+    L = tl.where(causal, L, 0.0)
     E = tl.where(causal, tl.exp(_dot_select(L, later, UPCAST)), 0.0)
-    return causal, L, W, E, E * W, tl.exp(tl.sum(L, 1))
+    return causal, E, E * W, tl.exp(tl.sum(L, 1))
 
 
 @triton.jit
-def _write_terms(match_w, q_la, q_w, later, UPCAST: tl.constexpr):
+def _write_terms(ws, la, ww, later, UPCAST: tl.constexpr, C: tl.constexpr, KP: tl.constexpr):
     """``_read_terms`` for each write's slot at the chunk's end (no mask: the slot's later writes
     count)."""
-    L = _select_dot(match_w, q_la, UPCAST)
-    W = _select_dot(match_w, q_w, UPCAST)
+    L, W = _by_slot(ws, ws, la, ww, C, KP)
     E = tl.exp(_dot_select(L, later, UPCAST))
-    return L, W, E, E * W, tl.exp(tl.sum(L, 1))
+    return E, E * W, tl.exp(tl.sum(L, 1))
 
 
 @triton.jit
-def _last_write(match_w, tok, valid):
+def _last_write(ws, tok, valid):
     """Whether each write is its slot's last in the chunk (the one that stores the slot)."""
-    later_same = (match_w > 0) & (tok[None, :] > tok[:, None])
-    return valid & (tl.sum(tl.where(later_same, 1, 0), 1) == 0)
+    later_same = (ws[:, None] == ws[None, :]) & (tok[None, :] > tok[:, None])
+    return valid & (tl.sum(later_same.to(tl.int32), 1) == 0)
+
+
+@triton.jit
+def _unwritten(rs, ws, valid):
+    """Whether no write of the chunk touches each read's slot."""
+    return valid & (tl.sum((rs[:, None] == ws[None, :]).to(tl.int32), 1) == 0)
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
@@ -181,24 +220,19 @@ def chunk_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         e, tok, valid, ev, ws, rs, ww, rw, decay, la = _events(
             t0, end, b, h, T, H, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w_ptr, min_decay, K, KP, C)
         rows, tok_ok = _token_rows(t0, end, b, h, T, H, C)
-        vc = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=tok_ok[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
-        q_la = _by_token(tok, la, C)
-        q_w = _by_token(tok, ww, C)
-        rmask = valid[:, None] & cmask[None, :]
-
-        match_r = tl.where(rs[:, None] == ws[None, :], 1.0, 0.0)
-        _, _, _, _, A_r, P_r = _read_terms(match_r, tok, q_la, q_w, later, UPCAST, C)
-        S_r = tl.load(S_ptr + (row0 + rs)[:, None] * D + cols[None, :], mask=rmask, other=0.0)
+        tmask = tok_ok[:, None] & cmask[None, :]
+        vc = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
+        _, _, A_r, P_r = _read_terms(rs, ws, tok, la, ww, later, UPCAST, C, KP)
+        S_r = tl.load(S_ptr + (row0 + rs)[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :],
+                      other=0.0)
         z_r = tl.load(z_tab + rs, mask=valid, other=1.0)
         num = P_r[:, None] * S_r + _dot(A_r, vc, PREC)
         den = P_r * z_r + tl.sum(A_r, 1)
         out = tl.sum(tl.reshape(rw[:, None] * num / (den + eps)[:, None], (C, KP, DS)), 1)
-        tl.store(o_ptr + rows[:, None] * D + cols[None, :], out, mask=tok_ok[:, None] & cmask[None, :])
+        tl.store(o_ptr + rows[:, None] * D + cols[None, :], out, mask=tmask)
 
-        match_w = tl.where(ws[:, None] == ws[None, :], 1.0, 0.0)
-        _, _, _, A_w, P_w = _write_terms(match_w, q_la, q_w, later, UPCAST)
-        last = _last_write(match_w, tok, valid)
+        _, A_w, P_w = _write_terms(ws, la, ww, later, UPCAST, C, KP)
+        last = _last_write(ws, tok, valid)
         lmask = last[:, None] & cmask[None, :]
         S_w = tl.load(S_ptr + (row0 + ws)[:, None] * D + cols[None, :], mask=lmask, other=0.0)
         z_w = tl.load(z_tab + ws, mask=last, other=0.0)
@@ -247,16 +281,14 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         vc = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=tmask, other=0.0).to(tl.float32)
         ev_rows = (b * T + t0 + tok).to(tl.int64) * H + h
         do = tl.load(grad_o_ptr + ev_rows[:, None] * D + cols[None, :], mask=rmask, other=0.0).to(tl.float32)
-        q_la = _by_token(tok, la, C)
-        q_w = _by_token(tok, ww, C)
-        match_r = tl.where(rs[:, None] == ws[None, :], 1.0, 0.0)
-        match_w = tl.where(ws[:, None] == ws[None, :], 1.0, 0.0)
-        match_rr = tl.where(rs[:, None] == rs[None, :], 1.0, 0.0)
-        last = _last_write(match_w, tok, valid)
+        # The forward's decays and weights again (they need no state).
+        causal, E_r, A_r, P_r = _read_terms(rs, ws, tok, la, ww, later, UPCAST, C, KP)
+        E_w, A_w, P_w = _write_terms(ws, la, ww, later, UPCAST, C, KP)
+        last = _last_write(ws, tok, valid)
         lmask = last[:, None] & cmask[None, :]
         # A slot's adjoint is carried by its last write if the chunk writes it, else by its reads
         # (each stores the same row: the adjoint after the chunk plus all of the slot's reads').
-        unwritten = valid & (tl.sum(match_r, 1) == 0)
+        unwritten = _unwritten(rs, ws, valid)
         umask = unwritten[:, None] & cmask[None, :]
 
         tl.debug_barrier()  # the previous chunk's adjoint rows are stored
@@ -273,13 +305,9 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         Gz_r = tl.load(dz_tab + rs, mask=unwritten, other=0.0)
         tl.debug_barrier()  # every adjoint row is read before any is replaced
 
-        # The forward's quantities again.
-        causal, L_r, W_r, E_r, A_r, P_r = _read_terms(match_r, tok, q_la, q_w, later, UPCAST, C)
-        L_w, W_w, E_w, A_w, P_w = _write_terms(match_w, q_la, q_w, later, UPCAST)
+        # Reads: o = sum r N / (D + eps), N = P S_old + A v, D = P z_old + sum A.
         num = P_r[:, None] * S_r + _dot(A_r, vc, PREC)
         inv = 1.0 / (P_r * z_r + tl.sum(A_r, 1) + eps)
-
-        # Reads: o = sum r N / (D + eps), N = P S_old + A v, D = P z_old + sum A.
         d_read_w = tl.sum(do * num, 1) * inv
         dN = (rw * inv)[:, None] * do
         dD = -rw * d_read_w * inv
@@ -290,27 +318,26 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         dA_w = _dot(G_w, tl.trans(vc), PREC) + Gz_w[:, None]
         dv = _dot(tl.trans(A_r), dN, PREC) + _dot(tl.trans(A_w), G_w, PREC)
         tl.store(grad_v_ptr + rows[:, None] * D + cols[None, :], dv, mask=tmask)
-
-        # A = E W with E = exp(L @ later), P = exp(sum L); L and W are match @ (la, w by token).
+        # A = E W with E = exp(L @ later), P = exp(sum L).
         dL_r = tl.where(causal, _dot_select(dA_r * A_r, tl.trans(later), UPCAST) + (P_r * dP_r)[:, None], 0.0)
         dL_w = _dot_select(dA_w * A_w, tl.trans(later), UPCAST) + (P_w * dP_w)[:, None]
-        # Each write's own column (its token) of match^T @ dL and match^T @ dW; match_w is symmetric.
-        select = tok[:, None] == tl.arange(0, C)[None, :]
-        match_rt = tl.trans(match_r)
-        d_la = _select_dot(match_rt, dL_r, UPCAST) + _select_dot(match_w, dL_w, UPCAST)
-        d_w = _select_dot(match_rt, dA_r * E_r, UPCAST) + _select_dot(match_w, dA_w * E_w, UPCAST)
-        d_la = tl.sum(tl.where(select, d_la, 0.0), 1)
-        d_w = tl.sum(tl.where(select, d_w, 0.0), 1)
+        RS = P_r[:, None] * dN  # each read's share of its slot's adjoint before the chunk
+        RSz = P_r * dD
+
+        # Back through L and W (_by_slot): each write collects the adjoints of the events of its
+        # slot at its token's column.
+        d_la = _to_writes(rs, ws, dL_r, C, KP) + _to_writes(ws, ws, dL_w, C, KP)
+        d_w = _to_writes(rs, ws, dA_r * E_r, C, KP) + _to_writes(ws, ws, dA_w * E_w, C, KP)
         # d la / d decay = 1 / decay, with the floor's value where it stands in (chunk.log_decay).
         tl.store(grad_decay_ptr + grad_base + ev, d_la / tl.maximum(decay, min_decay), mask=valid)
         tl.store(grad_write_w_ptr + grad_base + ev, d_w, mask=valid)
         tl.store(grad_read_w_ptr + grad_base + ev, d_read_w, mask=valid)
 
         # The adjoint before the chunk: P G (written slots) or G (others), plus each read's P dN.
-        RS = P_r[:, None] * dN
-        RSz = P_r * dD
+        match_rt = _match(ws, rs)
         new_w = P_w[:, None] * G_w + _select_dot(match_rt, RS, UPCAST)
-        new_wz = P_w * Gz_w + tl.sum(match_r * RSz[:, None], 0)
+        new_wz = P_w * Gz_w + tl.sum(match_rt * RSz[None, :], 1)
+        match_rr = _match(rs, rs)
         new_r = G_r + _select_dot(match_rr, RS, UPCAST)
         new_rz = Gz_r + tl.sum(match_rr * RSz[None, :], 1)
         tl.store(dS_ptr + (row0 + ws)[:, None] * D + cols[None, :], new_w, mask=lmask)
