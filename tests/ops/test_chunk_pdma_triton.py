@@ -43,8 +43,8 @@ def _run(pdma, tokens, gamma, state, final, cu_seqlens, slots):
 
 
 @pytest.mark.parametrize("config", TOKEN_CONFIGS, ids=["zero-decays", "k8-slices", "k1-packed"])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_kernels_match_reference(config, with_state):
+@pytest.mark.parametrize("with_state,final", [(False, False), (True, True), (True, False)])
+def test_kernels_match_reference(config, with_state, final):
     from ramnet.ops.pdma import chunk_triton
 
     batch, seq_len, heads, topk, slots, d_v, gamma, cu, slices = config
@@ -54,8 +54,7 @@ def test_kernels_match_reference(config, with_state):
     if cu is not None:
         state = tuple(x.expand(len(cu) - 1, *x.shape[1:]).contiguous() for x in state)
     assert chunk_triton.launch_shape((len(cu) - 1 if cu else batch) * heads, d_v)[1] == slices
-    args = ((write_idx, write_w, read_idx, read_w, v), gamma, state if with_state else None, with_state, cu_seqlens,
-            slots)
+    args = ((write_idx, write_w, read_idx, read_w, v), gamma, state if with_state else None, final, cu_seqlens, slots)
     got = _run(chunk_triton.chunk_pdma_triton, *args)
     want = _run(chunk_pdma, *args)
     assert got[0].dtype == torch.float32 and len(got) == len(want)

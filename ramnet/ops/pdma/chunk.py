@@ -72,6 +72,8 @@ def chunk_pdma(write_idx, write_w, decay, read_idx, read_w, v, *, memory_slots: 
     """
     batch, seq_len, heads, topk = write_idx.shape
     d_v, dtype, dev = v.shape[-1], v.dtype, v.device
+    if dtype not in LOG_DECAY_FLOOR:
+        raise ValueError(f"chunk_pdma computes in v's dtype, fp32 or fp64, got {dtype}")
     starts, lengths = _sequence_bounds(batch, seq_len, cu_seqlens, dev)
     num_seqs, rows = len(starts), len(starts) * heads
     S, z = _initial_table(initial_state, rows, memory_slots, d_v, dtype, dev)

@@ -114,7 +114,7 @@ def _events(t0, end, b, h, T, H, write_idx_ptr, write_w_ptr, decay_ptr, read_idx
     rw = tl.load(read_w_ptr + ev, mask=valid, other=0.0).to(tl.float32)
     decay = tl.load(decay_ptr + ev, mask=valid, other=1.0).to(tl.float32)
     la = tl.log(tl.maximum(decay, min_decay))  # the floored log decay of chunk.log_decay
-    return e, tok, valid, ev, ws, rs, ww, rw, decay, la
+    return tok, valid, ev, ws, rs, ww, rw, decay, la
 
 
 @triton.jit
@@ -217,7 +217,7 @@ def chunk_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
     z_tab = z_ptr + part.to(tl.int64) * NHM + row0
     later = _strictly_later(C)
     for t0 in range(start, end, C):
-        e, tok, valid, ev, ws, rs, ww, rw, decay, la = _events(
+        tok, valid, ev, ws, rs, ww, rw, decay, la = _events(
             t0, end, b, h, T, H, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w_ptr, min_decay, K, KP, C)
         rows, tok_ok = _token_rows(t0, end, b, h, T, H, C)
         tmask = tok_ok[:, None] & cmask[None, :]
@@ -273,7 +273,7 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
     chunks = tl.cdiv(end - start, C)
     for c in range(0, chunks):
         t0 = start + (chunks - 1 - c) * C
-        e, tok, valid, ev, ws, rs, ww, rw, decay, la = _events(
+        tok, valid, ev, ws, rs, ww, rw, decay, la = _events(
             t0, end, b, h, T, H, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w_ptr, min_decay, K, KP, C)
         rows, tok_ok = _token_rows(t0, end, b, h, T, H, C)
         tmask = tok_ok[:, None] & cmask[None, :]
