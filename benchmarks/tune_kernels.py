@@ -23,6 +23,7 @@ from ramnet.ops.address import beam_topk, cape_shift
 from ramnet.ops.address import triton as address_kernels
 from ramnet.ops.address.triton import triton_beam_topk
 from ramnet.ops.pdma import triton as pdma_triton
+from ramnet.ops.ram.triton import pdma_kernels
 
 
 DEVICE = "cuda"  # the checks run on CPU too, under TRITON_INTERPRET=1
@@ -82,7 +83,9 @@ def check_pdma(seq_len: int = 300) -> str | None:
     v = torch.randn(2, seq_len, 4, 16, device=DEVICE, generator=gen).requires_grad_()
     grad = torch.randn(2, seq_len, 4, 16, device=DEVICE, generator=gen)
     kw = dict(num_partitions=3, topk=5, cape=torch.tensor([True, False, True, False]))
-    fast, ref = (torch.autograd.grad(ram_attention(q, k, v, mode=m, **kw)[0], [q, k, v], grad) for m in ("triton", "parallel"))
+    with pdma_kernels("sorted"):  # the kernels these launch shapes are for
+        fast = torch.autograd.grad(ram_attention(q, k, v, mode="triton", **kw)[0], [q, k, v], grad)
+    ref = torch.autograd.grad(ram_attention(q, k, v, mode="parallel", **kw)[0], [q, k, v], grad)
     worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-6) for a, b in zip(fast, ref))
     return f"gradients off by {worst:.2g} of their largest" if worst > 1e-3 else None
 
@@ -129,7 +132,8 @@ def main() -> None:
             write_defaults(address_kernels, names, best)
 
     def layer_op():
-        o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode="triton")
+        with pdma_kernels("sorted"):  # the slot-sorted kernels, whose launch shape this tunes
+            o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode="triton")
         o.backward(grad)
 
     if tune("pdma"):

@@ -15,14 +15,17 @@ from triton.compiler import ASTSource
 
 from ramnet.ops.address import triton_kernels as decoder_kernels
 from ramnet.ops.address.triton import beam_search_constants, decoder_constants
+from ramnet.ops.pdma import chunk_triton_kernels as chunk_kernels
 from ramnet.ops.pdma import triton_kernels as kernels
+from ramnet.ops.pdma.chunk_triton import CHUNK, NUM_WARPS
 from ramnet.ops.pdma.triton import GROUP
 from ramnet.ops.ram import step_kernels
 from ramnet.ops.ram.step import fused_step_constants
 
-FLOAT_ARGS = {"empty_z", "eps", "tau"}
+FLOAT_ARGS = {"empty_z", "eps", "tau", "min_decay"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
-                 "shift_ptr": "*i64", "index_ptr": "*i64"}
+                 "shift_ptr": "*i64", "index_ptr": "*i64", "write_idx_ptr": "*i64", "read_idx_ptr": "*i64",
+                 "cu_ptr": "*i32"}
 # The step kernels' pointers (named as their tensors): bf16 activations, fp32 state, int64 slots.
 STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
                  "offset": "*i64", "gamma": "*fp32", "cape": "*i1", "write_idx": "*i64", "read_idx": "*i64",
@@ -49,6 +52,12 @@ def cases():
         yield kernels.bwd_aggregate_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.bwd_output_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.carry_kernel, dict(DV=64, REVERSE=flag, G_CARRY=32)
+        # Chunked PDMA at K 8 (C K = 128 events of each kind): 4 slices of d_v 64 with exact fp32
+        # products, or one slice with tf32x3; packed sequences and the saved rows with every flag on.
+        chunk = dict(K=8, KP=8, C=CHUNK, DS=64 if flag else 16, VARLEN=flag, PREC="tf32x3" if flag else "ieee",
+                     UPCAST=False, num_warps=NUM_WARPS)
+        yield chunk_kernels.chunk_fwd_kernel, dict(chunk, SAVE=flag)
+        yield chunk_kernels.chunk_bwd_kernel, chunk
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).
         constants = decoder_constants(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
         constants.pop("num_warps")
@@ -78,8 +87,10 @@ def cases():
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     for fn, constexprs in cases():
+        constexprs = dict(constexprs)
+        warps = constexprs.pop("num_warps", 1)  # a launch option, not an argument (1: the kernels' default)
         compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),
-                                  target=target, options=dict(num_warps=1))
+                                  target=target, options=dict(num_warps=warps))
         print(f"{fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of cubin")
     return 0
 

@@ -1,10 +1,12 @@
 """mode="triton" (fused Triton kernels) agrees with the parallel path: outputs, final state and
-gradients. On CPU the kernels run under Triton's interpreter (slow: the shapes stay tiny)."""
+gradients, with each family of PDMA kernels (chunked and slot-sorted, forced by ``pdma_kernels``).
+On CPU the kernels run under Triton's interpreter (slow: the shapes stay tiny)."""
 
 import pytest
 import torch
 
 from ramnet.ops import RAMState, ram_attention
+from ramnet.ops.ram.triton import pdma_kernels
 from triton_skip import needs_triton
 
 
@@ -44,33 +46,42 @@ def _assert_close(got, want, rtol=1e-4, atol=1e-5):
 
 
 KW = dict(num_partitions=2, topk=3, gamma=torch.tensor([0.0, 0.5, 2.0]), cape=torch.tensor([True, False, True]))
+KERNELS = ["chunked", "sorted"]
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_matches_parallel(with_state):
+def test_matches_parallel(with_state, kernels):
     q, k, v = _inputs(0, 2, 21, 3, 6, 5)
     state = _state(1, 2, 3, 9, 5) if with_state else None
-    _assert_close(_run("triton", q, k, v, state, **KW), _run("parallel", q, k, v, state, **KW))
+    with pdma_kernels(kernels):
+        got = _run("triton", q, k, v, state, **KW)
+    _assert_close(got, _run("parallel", q, k, v, state, **KW))
 
 
-def test_without_final_state():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_without_final_state(kernels):
     q, k, v = _inputs(2, 1, 19, 3, 6, 4)
-    _assert_close(_run("triton", q, k, v, final=False, **KW), _run("parallel", q, k, v, final=False, **KW))
+    with pdma_kernels(kernels):
+        got = _run("triton", q, k, v, final=False, **KW)
+    _assert_close(got, _run("parallel", q, k, v, final=False, **KW))
 
 
-def test_varlen_with_empty_sequence():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_varlen_with_empty_sequence(kernels):
     q, k, v = _inputs(3, 1, 23, 3, 6, 4)
     cu = torch.tensor([0, 6, 6, 23], device=DEVICE)
     state = _state(4, 3, 3, 9, 4)
     state = RAMState(state.S, state.z, torch.tensor([0, 5, 11]))
-    got = _run("triton", q, k, v, state, cu_seqlens=cu, **KW)
+    with pdma_kernels(kernels):
+        got = _run("triton", q, k, v, state, cu_seqlens=cu, **KW)
     _assert_close(got, _run("parallel", q, k, v, state, cu_seqlens=cu, **KW))
 
 
 def test_long_segments_cross_groups_and_chunks(monkeypatch):
-    """Four slots for 48 tokens: every slot's segment spans many groups of events and several
-    chunks, so the carries between groups of a program, between programs, and across several
-    steps of the carry pass all take part."""
+    """The slot-sorted kernels, four slots for 48 tokens: every slot's segment spans many groups of
+    events and several chunks, so the carries between groups of a program, between programs, and
+    across several steps of the carry pass all take part."""
     from ramnet.ops.pdma import triton as pdma_triton
 
     monkeypatch.setattr(pdma_triton, "_chunk_size", lambda rows, events: 2 * pdma_triton.GROUP)
@@ -78,12 +89,16 @@ def test_long_segments_cross_groups_and_chunks(monkeypatch):
     q, k, v = _inputs(5, 1, 48, 2, 4, 3)
     kw = dict(num_partitions=1, topk=2, gamma=torch.tensor([1.0, 0.5]), cape=torch.tensor([False, True]))
     state = _state(6, 1, 2, 4, 3)
-    _assert_close(_run("triton", q, k, v, state, **kw), _run("parallel", q, k, v, state, **kw))
+    with pdma_kernels("sorted"):
+        got = _run("triton", q, k, v, state, **kw)
+    _assert_close(got, _run("parallel", q, k, v, state, **kw))
 
 
-def test_half_precision_inputs():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_half_precision_inputs(kernels):
     q, k, v = _inputs(7, 1, 16, 3, 6, 4, dtype=torch.bfloat16)
-    got = _run("triton", q, k, v, **KW)
+    with pdma_kernels(kernels):
+        got = _run("triton", q, k, v, **KW)
     want = _run("parallel", q, k, v, **KW)
     assert got[0].dtype == torch.float32 and len(got) == len(want)
     _assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -1,6 +1,7 @@
 """The Triton path: the parallel path's segment-sorted PDMA with the scan, the reads and their
-backward fused into Triton kernels. Computes in fp32 (fp64 inputs too). Runs on CUDA, or on CPU
-under ``TRITON_INTERPRET=1``.
+backward fused into Triton kernels, or the chunked PDMA kernels (``ram/chunked.py``) when the state
+table is small enough (``pdma_kernels_for``). Computes in fp32 (fp64 inputs too). Runs on CUDA, or
+on CPU under ``TRITON_INTERPRET=1``.
 
 The PDMA kernels (``ops/pdma/triton_kernels.py``) walk the slot-sorted events in a loop, one
 program per chunk of events with the channels across threads. (An earlier family ran blocks of
@@ -10,16 +11,57 @@ kernels at B8 T2048, and it was removed: ``benchmarks/results/README.md``.)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
+from ..pdma.chunk import KERNEL_MAX_TOPK
 from ..triton_support import require_triton
+from .chunked import chunked_forward
+from .common import num_sequences
 from .events import sorted_events, state_table
 from .spec import RAMSpec
 from .state import RAMState
 
+# The chunked kernels keep the state as tables of N*H*M rows (three in the backward: the state, its
+# rolled-back copy and the adjoint), whose set-up and copies cost time and memory in M, not in the
+# tokens. They run when a table has at most this many rows per write event of the call (B*T*H*K):
+# then the tables cost no more than the event rows both families keep (the chunked kernels' saved
+# rows, the sorted kernels' per-event reads). At the paper's M = 1024 and K = 8 that is T >= 128.
+CHUNKED_TABLE_ROWS_PER_EVENT = 1
+
+_forced: str | None = None
+
+
+@contextmanager
+def pdma_kernels(kind: str):
+    """Inside the block, the Triton path runs the ``"chunked"`` or the ``"sorted"`` PDMA kernels
+    whatever the sizes (``"auto"``: by ``pdma_kernels_for``). For tests and benchmarks."""
+    global _forced
+    if kind not in ("auto", "chunked", "sorted"):
+        raise ValueError(f"kind must be 'auto', 'chunked' or 'sorted', got {kind!r}")
+    before, _forced = _forced, (None if kind == "auto" else kind)
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def pdma_kernels_for(q: torch.Tensor, spec: RAMSpec, cu_seqlens) -> str:
+    """``"chunked"`` or ``"sorted"``: the PDMA kernels the Triton path runs for this call."""
+    if _forced is not None:
+        return _forced
+    batch, seq_len, heads = q.shape[:3]
+    table_rows = num_sequences(q, cu_seqlens) * heads * spec.memory_slots  # exact: M may be 2**62
+    events = batch * seq_len * heads * spec.topk
+    fits = table_rows <= CHUNKED_TABLE_ROWS_PER_EVENT * events and spec.memory_slots < 2**31
+    return "chunked" if fits and spec.topk <= KERNEL_MAX_TOPK else "sorted"
+
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
+    if pdma_kernels_for(q, spec, cu_seqlens) == "chunked":
+        return chunked_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True)
     from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
     stream = sorted_events(q, k, spec, initial_state, cu_seqlens, use_triton=True)
