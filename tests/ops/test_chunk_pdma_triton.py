@@ -2,6 +2,8 @@
 ``chunk_pdma`` on hand-made tokens, and the Triton path's choice between them and the slot-sorted
 kernels. On CPU the kernels run under Triton's interpreter: the shapes stay small."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -85,6 +87,7 @@ def test_dispatch_by_table_size(monkeypatch, seq_len, num_partitions, d_p, kerne
     taken, and agrees with the parallel path (fp64 inputs, computed in fp32)."""
     from ramnet.ops.pdma import chunk_triton, triton as sorted_triton
 
+    monkeypatch.setattr(triton_path, "CHUNKED_BY_DEFAULT_ON_CUDA", True)  # the size rule alone, also on a GPU
     calls = []
     for module, name in ((chunk_triton, "chunk_pdma_triton"), (sorted_triton, "segment_pdma_triton")):
         kernel = getattr(module, name)
@@ -130,3 +133,12 @@ def test_state_carries_across_calls():
     for a, b in zip(state, final):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert isinstance(state, RAMState)
+
+
+def test_cuda_keeps_the_sorted_kernels_until_the_chunked_ones_have_run_there(monkeypatch):
+    """What `pdma_kernels_for` reads of q, for a CUDA tensor of a shape the chunked kernels would take."""
+    cuda_q = SimpleNamespace(shape=(1, 4096, 2, 12), is_cuda=True)
+    spec = build_spec(2, 12, num_partitions=2, topk=8)
+    assert triton_path.pdma_kernels_for(cuda_q, spec, None) == "sorted"
+    monkeypatch.setattr(triton_path, "CHUNKED_BY_DEFAULT_ON_CUDA", True)
+    assert triton_path.pdma_kernels_for(cuda_q, spec, None) == "chunked"

@@ -29,6 +29,12 @@ from .state import RAMState
 # then the tables cost no more than the event rows both families keep (the chunked kernels' saved
 # rows, the sorted kernels' per-event reads). At the paper's M = 1024 and K = 8 that is T >= 128.
 CHUNKED_TABLE_ROWS_PER_EVENT = 1
+# Whether "auto" picks the chunked kernels for CUDA inputs too. Off until they have run on a GPU: they
+# are checked under Triton's interpreter, which runs a program's threads in lock step and so cannot show
+# a missing barrier between a chunk's stores and the next chunk's loads, and their speed against the
+# slot-sorted kernels is unmeasured. Turn on once tests/ops/test_chunk_pdma_triton.py and
+# tests/ops/test_ram_attention_triton.py pass on a GPU and benchmarks/bench_chunk_pdma.py shows them faster.
+CHUNKED_BY_DEFAULT_ON_CUDA = False
 
 _forced: str | None = None
 
@@ -51,6 +57,8 @@ def pdma_kernels_for(q: torch.Tensor, spec: RAMSpec, cu_seqlens) -> str:
     """``"chunked"`` or ``"sorted"``: the PDMA kernels the Triton path runs for this call."""
     if _forced is not None:
         return _forced
+    if q.is_cuda and not CHUNKED_BY_DEFAULT_ON_CUDA:
+        return "sorted"
     batch, seq_len, heads = q.shape[:3]
     table_rows = num_sequences(q, cu_seqlens) * heads * spec.memory_slots  # exact: M may be 2**62
     events = batch * seq_len * heads * spec.topk
