@@ -3,50 +3,34 @@ packages could reach beyond `python-packages` (which takes .py, .md, .rst and .t
 
     python benchmarks/corpus_probe.py --out benchmarks/results/lm/corpus_probe.json
 
-Every file of every distribution (`python_packages`' order) whose suffix is in SUFFIXES, kept by
-`python-packages`' own filter (`readable_text`: code rules for source files, prose rules for prose) and
-exact de-duplication, counted in characters and files per suffix. No tokenizer: divide by the characters
-per token of a prepared corpus (`meta.json`) for an estimate.
+Every file of every distribution whose suffix is in SUFFIXES, kept by `python-packages`' own walk
+(`package_texts`: its filter, code rules for every kind but prose, and exact de-duplication), counted in
+characters and files per suffix. No tokenizer: divide by the characters per token of a prepared corpus
+(`meta.json`) for an estimate.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 from pathlib import Path
 
 from ramnet.files import write_text_atomic
-from ramnet.lm.corpus import package_distributions, readable_text
+from ramnet.lm.corpus import PROSE_SUFFIXES, package_distributions, package_texts
 from ramnet.provenance import environment
 
-PROSE = {".md", ".rst", ".txt"}
-SUFFIXES = PROSE | {".py", ".pyi", ".pyx", ".pxd", ".h", ".hpp", ".hh", ".hxx", ".cuh", ".inl", ".c", ".cc", ".cpp",
+SUFFIXES = PROSE_SUFFIXES | {".py", ".pyi", ".pyx", ".pxd", ".h", ".hpp", ".hh", ".hxx", ".cuh", ".inl", ".c", ".cc", ".cpp",
                     ".cxx", ".cu", ".ipynb", ".js", ".ts", ".html", ".tex", ".sh", ".cmake", ".toml", ".yaml", ".yml",
                     ".json"}
 
 
 def count(distributions) -> dict[str, list[int]]:
     """``{suffix: [files, characters]}`` of the readable, distinct files, largest first."""
-    chars, files, seen = collections.Counter(), collections.Counter(), set()
-    for dist in distributions:
-        for file in sorted(dist.files or (), key=str):
-            if file.suffix not in SUFFIXES or any(p.endswith((".dist-info", ".egg-info")) for p in file.parts):
-                continue
-            path = Path(dist.locate_file(file))
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            # readable_text applies the code rules to names ending in .py, the prose rules to the rest.
-            name = path.name if file.suffix in PROSE else path.stem + ".py"
-            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if not readable_text(name, text) or digest in seen:
-                continue
-            seen.add(digest)
-            chars[file.suffix] += len(text)
-            files[file.suffix] += 1
+    chars, files = collections.Counter(), collections.Counter()
+    for suffix, text in package_texts(SUFFIXES, distributions):
+        chars[suffix] += len(text)
+        files[suffix] += 1
     return {suffix: [files[suffix], n] for suffix, n in chars.most_common()}
 
 

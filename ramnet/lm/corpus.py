@@ -81,7 +81,8 @@ def python_stdlib() -> Iterator[str]:
 
 
 # python-packages: the files taken, and those left out as not written by people for people to read.
-PACKAGE_SUFFIXES = {".py", ".md", ".rst", ".txt"}
+PROSE_SUFFIXES = {".md", ".rst", ".txt"}  # every other file kind is read as code
+PACKAGE_SUFFIXES = {".py", *PROSE_SUFFIXES}
 _LEGAL_NAME = re.compile(r"(?i)^(licen[cs]e|copying|notice|authors|patents|copyright)")
 _METADATA_NAMES = {"entry_points.txt", "top_level.txt", "requires.txt", "sources.txt", "dependency_links.txt",
                    "not-zip-safe", "namespace_packages.txt", "api_tests.txt"}
@@ -115,26 +116,28 @@ def package_distributions(dirs: list[str] | None = None) -> list[importlib.metad
 
 def readable_text(name: str, text: str) -> bool:
     """Whether a package file is text written by people: not a licence, packaging metadata,
-    generated code, minified or data-like lines, nor too short or too long to be a document."""
+    generated code, minified or data-like lines, nor too short or too long to be a document. Files
+    of ``PROSE_SUFFIXES`` are held to the prose rules, any other kind (``.py``, headers, ...) to the
+    code rules."""
     if _LEGAL_NAME.match(name) or name in _METADATA_NAMES:
         return False
     if not _MIN_FILE_CHARS <= len(text) <= _MAX_FILE_CHARS or _GENERATED.search(text[:2000]):
         return False
-    kind = "code" if name.endswith(".py") else "prose"
+    kind = "prose" if Path(name).suffix in PROSE_SUFFIXES else "code"
     lines = text.splitlines() or [""]
     if max(map(len, lines)) > _MAX_LINE_CHARS[kind]:
         return False
     return kind == "prose" or len(text) / len(lines) <= _MAX_MEAN_LINE_CHARS
 
 
-def python_packages() -> Iterator[str]:
-    """One document per readable source or prose file (``PACKAGE_SUFFIXES``) of every installed
-    distribution, in a fixed order (distributions by name, files by path), exact duplicates
-    (vendored copies, files installed by two distributions) taken once."""
+def package_texts(suffixes, distributions=None) -> Iterator[tuple[str, str]]:
+    """``(suffix, text)`` of every readable file of ``suffixes`` in ``distributions`` (default: the
+    installed ones, ``package_distributions()``), in a fixed order (distributions by name, files by
+    path), exact duplicates (vendored copies, files installed by two distributions) taken once."""
     seen: set[bytes] = set()
-    for dist in package_distributions():
+    for dist in package_distributions() if distributions is None else distributions:
         for file in sorted(dist.files or (), key=str):
-            if file.suffix not in PACKAGE_SUFFIXES or any(p.endswith((".dist-info", ".egg-info")) for p in file.parts):
+            if file.suffix not in suffixes or any(p.endswith((".dist-info", ".egg-info")) for p in file.parts):
                 continue
             path = Path(dist.locate_file(file))
             try:
@@ -146,7 +149,13 @@ def python_packages() -> Iterator[str]:
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
             if digest not in seen:
                 seen.add(digest)
-                yield text
+                yield file.suffix, text
+
+
+def python_packages() -> Iterator[str]:
+    """One document per readable source or prose file (``PACKAGE_SUFFIXES``) of every installed
+    distribution (``package_texts``)."""
+    return (text for _, text in package_texts(PACKAGE_SUFFIXES))
 
 
 def python_packages_manifest() -> list[str]:
