@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,20 @@ def check_resume_is_exact(data: Path, tmp_path: Path, *overrides: str, model: di
 def _torchrun(data: Path, out_dir: Path, *overrides: str, model: dict) -> list[dict]:
     """The run on 2 gloo processes launched by torchrun; its metrics.jsonl."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ramnet.cli",
-                    "train", "--quiet", *tiny_args(data, out_dir, *overrides, model=model)],
-                   check=True, env=env, capture_output=True, timeout=240)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ramnet.cli",
+            "train", "--quiet", *tiny_args(data, out_dir, *overrides, model=model)]
+    # Its own process group, so that a run past the limit is ended with its workers (killing torchrun alone
+    # would leave them running), and what it printed so far goes into the failure (a hang was seen once on
+    # the 2-core CI machine and could not be reproduced).
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as run:
+        try:
+            output, _ = run.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            output, _ = run.communicate()
+            pytest.fail(f"torchrun did not finish in 240 s; its output:\n{output[-6000:]}")
+    assert run.returncode == 0, output[-6000:]
     return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
