@@ -5,23 +5,15 @@ reference (the tests compare both with the other paths)."""
 
 from __future__ import annotations
 
-import torch
-
 from ..pdma.chunk import chunk_pdma
-from .common import decode_tokens, num_sequences
-from .events import token_positions
+from .events import decoded_call, offsets_after
 from .spec import RAMSpec
 from .state import RAMState
 
 
 def chunked_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens,
                     use_triton: bool = True):
-    batch, seq_len = q.shape[:2]
-    num_seqs = num_sequences(q, cu_seqlens)
-    offset = initial_state.offset if initial_state is not None else torch.zeros(num_seqs, dtype=torch.long,
-                                                                                 device=q.device)
-    _, positions = token_positions(batch, seq_len, offset, cu_seqlens)
-    tokens = decode_tokens(q, k, spec, positions, use_triton=use_triton)
+    offset, _, tokens = decoded_call(q, k, spec, initial_state, cu_seqlens, use_triton)
     h0 = None if initial_state is None else (initial_state.S, initial_state.z)
     kw = dict(memory_slots=spec.memory_slots, eps=spec.eps, initial_state=h0, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
@@ -34,5 +26,4 @@ def chunked_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, outp
     o = o.to(q.dtype)
     if final is None:
         return o, None
-    lengths = torch.full_like(offset, seq_len) if cu_seqlens is None else cu_seqlens.diff().to(offset.dtype)
-    return o, RAMState(final[0].to(q.dtype), final[1].to(q.dtype), offset + lengths)
+    return o, RAMState(final[0].to(q.dtype), final[1].to(q.dtype), offsets_after(offset, q.shape[1], cu_seqlens))

@@ -109,11 +109,29 @@ class EventStream:
         """The ``RAMState`` after this call from its flat state ``rows [N * H * M, d_v + 1]``."""
         final = rows.view(len(self.offset), self.heads, self.memory_slots, rows.shape[-1])
         d_v = rows.shape[-1] - 1
-        if self.cu_seqlens is None:
-            lengths = torch.full_like(self.offset, self.seq_len)
-        else:
-            lengths = self.cu_seqlens.diff()
-        return RAMState(final[..., :d_v].contiguous(), final[..., d_v].contiguous(), self.offset + lengths)
+        return RAMState(final[..., :d_v].contiguous(), final[..., d_v].contiguous(),
+                        offsets_after(self.offset, self.seq_len, self.cu_seqlens))
+
+
+def call_offsets(q: torch.Tensor, initial_state: RAMState | None, cu_seqlens) -> torch.Tensor:
+    """``[N]``: the tokens each sequence consumed before this call (0 without a state)."""
+    if initial_state is not None:
+        return initial_state.offset
+    return torch.zeros(num_sequences(q, cu_seqlens), dtype=torch.long, device=q.device)
+
+
+def offsets_after(offset: torch.Tensor, seq_len: int, cu_seqlens) -> torch.Tensor:
+    """Each sequence's offset after a call of ``seq_len`` tokens per row (or ``cu_seqlens``' lengths)."""
+    lengths = torch.full_like(offset, seq_len) if cu_seqlens is None else cu_seqlens.diff().to(offset.dtype)
+    return offset + lengths
+
+
+def decoded_call(q, k, spec: RAMSpec, initial_state: RAMState | None, cu_seqlens, use_triton: bool = False):
+    """What every segment and chunk path starts from: the call's offsets ``[N]``, each token's sequence
+    ``[B, T]`` and ``decode_tokens``' five ``[B, T, H, K]`` tensors (``use_triton``: the Triton decoder)."""
+    offset = call_offsets(q, initial_state, cu_seqlens)
+    seq, positions = token_positions(q.shape[0], q.shape[1], offset, cu_seqlens)
+    return offset, seq, decode_tokens(q, k, spec, positions, use_triton=use_triton)
 
 
 def sorted_events(q, k, spec: RAMSpec, initial_state: RAMState | None, cu_seqlens, use_triton: bool = False):
@@ -121,12 +139,8 @@ def sorted_events(q, k, spec: RAMSpec, initial_state: RAMState | None, cu_seqlen
     sort its events: the ``EventStream`` of one call."""
     batch, seq_len, heads, _ = q.shape
     num_seqs = num_sequences(q, cu_seqlens)
-    if initial_state is not None:
-        offset = initial_state.offset
-    else:
-        offset = torch.zeros(num_seqs, dtype=torch.long, device=q.device)
-    seq, positions = token_positions(batch, seq_len, offset, cu_seqlens)
-    write_idx, write_w, decay, read_idx, read_w = decode_tokens(q, k, spec, positions, use_triton=use_triton)
+    offset, seq, tokens = decoded_call(q, k, spec, initial_state, cu_seqlens, use_triton)
+    write_idx, write_w, decay, read_idx, read_w = tokens
     rows, topk = batch * heads, spec.topk
     slots = torch.cat([by_row(write_idx), by_row(read_idx)], dim=-1).reshape(rows, 2 * seq_len * topk)
     event_seq = None if cu_seqlens is None else seq[0].repeat_interleave(2 * topk)[None].expand(rows, -1)
