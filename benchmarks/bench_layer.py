@@ -10,6 +10,7 @@ last, and a contender whose first call takes over ``--first-call-timeout`` secon
     python3 benchmarks/bench_layer.py                            # CUDA, writes results/layer.{json,md}
     python3 benchmarks/bench_layer.py --skip gated_deltanet --ram-modes triton   # --quick: T 2048, 32768; no (G)DN
     python3 benchmarks/bench_layer.py --device cpu --ram-modes parallel --out /tmp/layer_cpu.json
+    python3 benchmarks/bench_layer.py --ram-modes triton/sorted,triton/chunked   # both PDMA kernel families
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from ramnet.files import write_text_atomic  # noqa: E402
 from ramnet.layers import RAMAttention  # noqa: E402
 from ramnet.ops import ram_attention  # noqa: E402
+from ramnet.ops.ram.triton import pdma_kernels  # noqa: E402
 from ramnet.provenance import environment  # noqa: E402
 
 U, D_P, TOPK = 5, 4, 8  # RAM-Net: d_k = U * d_p = 20, M = d_p ** U = 1024 slots, top-8
@@ -84,8 +86,23 @@ def fla_layer(cls_name: str, hidden: int, kwargs: dict):
     return cls(**{k: v for k, v in kwargs.items() if k in named}), dropped
 
 
-def layer_case(make, shape, device: str):
-    """``case(B, T)``: a setup for ``Runner.bench`` of the layer ``make()`` in bf16 on x ``[B, T, hidden]``."""
+def ram_mode(spec: str):
+    """``"triton"`` or ``"triton/chunked"``: the ``ram_attention`` mode and the Triton path's PDMA
+    kernels (``ram.triton.pdma_kernels``: ``auto``, ``chunked`` or ``sorted``); the forward picks them
+    and the backward follows its forward."""
+    mode, _, kernels = spec.partition("/")
+    if kernels not in ("", "auto", "chunked", "sorted") or (kernels and mode != "triton"):
+        raise ValueError(f"--ram-modes: {spec!r} is not MODE or triton/{{auto,chunked,sorted}}")
+    return mode, kernels or "auto"
+
+
+def ram_name(spec: str) -> str:
+    return "ram_" + spec.replace("/", "_")
+
+
+def layer_case(make, shape, device: str, kernels: str = "auto"):
+    """``case(B, T)``: a setup for ``Runner.bench`` of the layer ``make()`` in bf16 on x ``[B, T, hidden]``
+    (RAM-Net's forward under ``pdma_kernels(kernels)``)."""
     def case(batch: int, seq_len: int):
         def setup():
             layer, note = make(), None
@@ -94,21 +111,29 @@ def layer_case(make, shape, device: str):
                 note = f"constructor lacks {dropped}" if dropped else None
             layer = layer.to(device=device, dtype=DTYPE).train()
             x = torch.randn(batch, seq_len, shape["hidden"], device=device, dtype=DTYPE, requires_grad=True)
-            out = lambda: (o[0] if isinstance(o := layer(x), tuple) else o)  # noqa: E731
+            def out():
+                with pdma_kernels(kernels):
+                    o = layer(x)
+                return o[0] if isinstance(o, tuple) else o
             return out, [x, *layer.parameters()], torch.randn_like(x), note
         return setup
     return case
 
 
-def op_case(mode: str, shape, device: str):
-    """``case(B, T)``: a setup of ``ram_attention`` on q, k ``[B, T, H, 20]``, v ``[B, T, H, d_v]``."""
+def op_case(spec: str, shape, device: str):
+    """``case(B, T)``: a setup of ``ram_attention`` on q, k ``[B, T, H, 20]``, v ``[B, T, H, d_v]``
+    (``spec`` as ``ram_mode`` takes it)."""
+    mode, kernels = ram_mode(spec)
+
     def case(batch: int, seq_len: int):
         def setup():
             q, k = (torch.randn(batch, seq_len, shape["heads"], U * D_P, device=device, dtype=DTYPE,
                                 requires_grad=True) for _ in "qk")
             v = torch.randn(batch, seq_len, shape["heads"], shape["d_v"], device=device, dtype=DTYPE,
                             requires_grad=True)
-            out = lambda: ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode=mode)[0]  # noqa: E731
+            def out():
+                with pdma_kernels(kernels):
+                    return ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode=mode)[0]
             return out, [q, k, v], torch.randn_like(v), None
         return setup
     return case
@@ -254,7 +279,7 @@ class Runner:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes")
+    parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes; triton/chunked or triton/sorted forces the PDMA kernels")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 2048 8192 32768 (cpu: 64 256)")
     parser.add_argument("--quick", action="store_true", help="shortest and longest T only; no DeltaNet, no GDN")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: ram_<mode>, "
@@ -273,6 +298,8 @@ def main() -> None:
     args.out = args.out or HERE / "results" / ("layer.json" if args.device == "cuda" else "layer_cpu.json")
     skip = {s for s in args.skip.split(",") if s} | ({"deltanet", "gated_deltanet"} if args.quick else set())
     modes = [m for m in args.ram_modes.split(",") if m]
+    for m in modes:
+        ram_mode(m)  # a bad spec fails here, not after the first cases
     meta = dict(environment(args.device), dtype="bf16", hbm_tbps=args.hbm_tbps, argv=sys.argv[1:],
                 shape=dict(shape, U=U, d_p=D_P, topk=TOPK, ram_heads=shape["heads"], attention_heads=shape["heads"]))
     print(json.dumps(meta), flush=True)
@@ -282,9 +309,10 @@ def main() -> None:
         return RAMAttention(hidden_size=hidden, num_heads=shape["heads"], head_v_dim=shape["d_v"],
                             num_partitions=U, partition_dim=D_P, topk=TOPK, mode=mode)
 
-    cases = [("layer", f"ram_{m}", layer_case(lambda m=m: ram_layer(m), shape, device)) for m in modes]
+    cases = [("layer", ram_name(m), layer_case(lambda m=m: ram_layer(ram_mode(m)[0]), shape, device, ram_mode(m)[1]))
+             for m in modes]
     cases.append(("layer", "attention", layer_case(lambda: SoftmaxAttention(hidden, shape["heads"]), shape, device)))
-    cases += [("op", f"ram_{m}", op_case(m, shape, device)) for m in modes]
+    cases += [("op", ram_name(m), op_case(m, shape, device)) for m in modes]
     if device == "cuda":  # fla last: their first calls autotune (GatedDeltaNet's once ran > 200 s)
         cases += [("layer", n, layer_case(lambda c=c, kw=kw: fla_layer(c, hidden, kw), shape, device))
                   for n, (c, kw) in FLA.items()]
