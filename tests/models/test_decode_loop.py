@@ -277,3 +277,28 @@ def test_one_step_of_the_loop_traces_into_one_graph_without_host_reads():
         torch.testing.assert_close(a, b)
     assert int(loops[0].step_index) == 7
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_ramnet_generate_streams_through_the_decode_loop_and_stops_when_the_caller_leaves(monkeypatch):
+    from ramnet.lm.generate import generate_ids
+
+    model = tiny_model(torch.float32)
+    prompt = random_ids(1, 6)[0].tolist()
+    greedy = model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, ramnet_decode_loop=False,
+                            **STATIC)[0, 6:].tolist()
+    runs = []
+    loop = DecodeLoop.run
+    monkeypatch.setattr(DecodeLoop, "run", lambda self, *a, **k: runs.append(1) or loop(self, *a, **k))
+    # the default cache on the CPU is the dynamic one; a static cache takes the decode loop
+    assert list(generate_ids(model, prompt, 30, temperature=0, cache=model.new_cache("static"))) == greedy
+    assert list(generate_ids(model, prompt, 30, temperature=0, eos_token_id=greedy[4],
+                             cache=model.new_cache("static"))) == greedy[:greedy.index(greedy[4])]
+    sampled = [list(generate_ids(model, prompt, 10, temperature=0.9, seed=3, cache=model.new_cache(cache)))
+               for cache in ("static", "dynamic")]
+    assert sampled[0] == sampled[1]
+    assert len(runs) == 3
+    monkeypatch.setattr(decode_loop, "SYNC_EVERY", 4)
+    tokens = generate_ids(model, prompt, 10_000, temperature=0, cache=model.new_cache("static"))
+    assert next(tokens) == greedy[0]
+    tokens.close()  # the generation thread stops at its streamer's next put, and close returns after it
