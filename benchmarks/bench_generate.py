@@ -11,9 +11,12 @@ Modes (``--modes``):
   default  plain ``model.generate``, greedy, with the model's default cache: RAM-Net's ``RAMNetCache``
            (eager; its decoding step runs the fused Triton kernel on CUDA), fla's ``Cache``,
            transformers' ``DynamicCache`` for Llama.
-  best     RAM-Net: ``cache_implementation="static"``, a ``RAMNetStaticCache``; on CUDA transformers
-           then auto-compiles the decoding step (``torch.compile`` of the forward, mode
-           "reduce-overhead": the step captured in a CUDA graph and replayed). Llama: the same,
+  best     RAM-Net: ``cache_implementation="static"``, a ``RAMNetStaticCache``, with which ``generate``
+           runs RAM-Net's decode loop (``ramnet/models/ramnet/decode_loop.py``): one whole decoding step
+           (model, sampler, stop tokens) captured in a CUDA graph and replayed, the host looking every 16
+           steps; on the CPU the same loop, eager. (On CUDA the static cache is RAM-Net's default, so its
+           ``default`` row runs the same loop.) ``decode_loop`` in each row says how the steps ran:
+           "graph", "eager", or empty for transformers' loop. Llama: the same,
            transformers' recommended recipe: ``cache_implementation="static"`` (a ``StaticCache``) with
            the forward auto-compiled by ``generate`` (its ``generation_config.compile_config``, mode
            "reduce-overhead"). Gated DeltaNet: fla 0.6.0's ``generate`` is its only path (its caches
@@ -203,11 +206,15 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
     kwargs = generate_kwargs(name, mode)
     row = {}
     # The warm-up returns the cache, to record its kind; the timed calls return the tokens only.
+    model._ramnet_decode_loop_last = None  # set by RAM-Net's decode loop when a call runs it
     warmup_s, out = timed_generate(model, ids, mask, new_tokens, kwargs, device, return_dict=True)
     row["warmup_s"] = warmup_s
     cache = getattr(out, modeling_ramnet.CACHE_FIELD, None) or getattr(out, "past_key_values", None)
     row["cache"] = type(cache).__name__ if cache is not None else None
-    row["compiled"] = step_compiled(model, cache, device)
+    loop = model._ramnet_decode_loop_last
+    row["decode_loop"] = None if loop is None else "graph" if loop["graph"] else "eager"
+    # RAM-Net's decode loop does not go through transformers' compiled forward
+    row["compiled"] = False if loop is not None else step_compiled(model, cache, device)
     del out, cache
     t_n, sequences = float("inf"), None
     for _ in range(repeats):
@@ -215,6 +222,8 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
         if t < t_n:
             t_n, sequences = t, out
         del out
+    if loop is not None:  # the capture is part of every call's time (t_N); recorded to tell it apart
+        row["capture_ms"] = model._ramnet_decode_loop_last["capture_s"] * 1e3
     t_1 = float("inf")
     for _ in range(repeats):
         t, out = timed_generate(model, ids, mask, 1, kwargs, device)
@@ -270,7 +279,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 f"embedding)" if "params" in info else info.get("skipped", "")
         lines.append(f"- {LABELS.get(name, name)} (`{info['preset']}`): {count}")
     lines += ["", "| model | mode | B | prompt | tok/s | ms/token | prefill ms | same tokens as default | cache | "
-              "compiled | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "compiled | decode loop | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = r.get("same_tokens_as_default")
         if same is False and r.get("tokens_equal_frac") is not None:
@@ -283,7 +292,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['B']} | {r['prompt']} | {fmt(r.get('tok_s'))} | "
             f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('prefill_ms'))} | {'' if same is None else same} | "
-            f"{r.get('cache') or ''} | {r.get('compiled', '')} | {status} |")
+            f"{r.get('cache') or ''} | {r.get('compiled', '')} | {r.get('decode_loop') or ''} | {status} |")
     revs = sorted({r["git_rev"] for r in rows if r.get("git_rev")})
     if len(revs) > 1:
         lines += ["", "Rows measured at several commits (each row's `git_rev` in the JSON): " + ", ".join(revs)]

@@ -4,7 +4,12 @@ as they come. The prompt is read in one parallel pass; then each new token is on
 that step reads and writes K slots per head of a fixed-size state, so the memory and the time per token
 do not grow with the context, unlike a Transformer's KV cache (fla's models keep a fixed-size state too).
 A RAM-Net model decodes with its cache's fused step; with the static cache (`RAMNetForCausalLM.new_cache`, the default on CUDA)
-`generate` replays each step as a CUDA graph on CUDA."""
+`generate` runs RAM-Net's decode loop (`ramnet/models/ramnet/decode_loop.py`): the whole step, sampler included,
+replayed as a CUDA graph on CUDA, the tokens handed to the streamer every few steps.
+
+Stopping early (the caller leaves the loop) goes through the streamer: its next `put` raises, which ends
+`generate` in its thread. A stopping criterion would do it too, but would take RAM-Net's decode loop
+(which knows only the length and stop tokens) off the fast path."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from collections.abc import Iterator
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import Cache, DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import Cache, DynamicCache, TextIteratorStreamer
 
 from ..models import RAMNetConfig
 from ..models.ramnet.modeling_ramnet import CACHE_FIELD
@@ -76,11 +81,15 @@ class TokenStreamer(TextIteratorStreamer):
     `TextIteratorStreamer` itself holds text back to word boundaries, which would leave the caller
     no count of the tokens and no way to stop at one."""
 
-    def __init__(self, tokenizer=None, prompt_ids: list[int] = (), timeout: float | None = None):
+    def __init__(self, tokenizer=None, prompt_ids: list[int] = (), timeout: float | None = None,
+                 cancelled: threading.Event | None = None):
         super().__init__(tokenizer, skip_prompt=True, timeout=timeout)
         self._decoder = None if tokenizer is None else DecodeStream(ids=list(prompt_ids), skip_special_tokens=True)
+        self.cancelled = cancelled  # set by the caller once it stops reading: the next put ends generate
 
     def put(self, value: torch.Tensor) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise _Cancelled
         if self.next_tokens_are_prompt:  # generate's first call hands over the prompt
             self.next_tokens_are_prompt = False
             return
@@ -92,14 +101,9 @@ class TokenStreamer(TextIteratorStreamer):
         self.text_queue.put(self.stop_signal, timeout=self.timeout)
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops `generate` once the caller has stopped reading (it left the loop, or an error came)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+class _Cancelled(Exception):
+    """Raised by `TokenStreamer.put` in `generate`'s thread once the caller has stopped reading (it left
+    the loop, or an error came): it ends `generate` there."""
 
 
 def check_prompt(prompt_ids: list[int]) -> None:
@@ -120,12 +124,11 @@ def _stream(model, prompt_ids: list[int], tokenizer, max_new_tokens: int, temper
     ids = torch.tensor([prompt_ids], device=device)
     # Any pad id will do for one sequence; given, generate does not warn that it picked one itself.
     pad = next((p for p in (model.generation_config.pad_token_id, eos_token_id) if p is not None), 0)
-    streamer = TokenStreamer(tokenizer, prompt_ids)
     cancelled = threading.Event()
+    streamer = TokenStreamer(tokenizer, prompt_ids, cancelled=cancelled)
     errors: list[BaseException] = []
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                  pad_token_id=pad, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancelled)]),
-                  **settings)
+                  pad_token_id=pad, streamer=streamer, **settings)
     if cache is not None:
         kwargs[CACHE_FIELD] = cache
 
@@ -136,6 +139,8 @@ def _stream(model, prompt_ids: list[int], tokenizer, max_new_tokens: int, temper
                 if seed is not None:
                     torch.manual_seed(seed)
                 model.generate(ids, **kwargs)
+        except _Cancelled:  # the caller stopped reading: nothing to hand over
+            pass
         except BaseException as error:  # handed to the caller's thread, which raises it
             errors.append(error)
             streamer.end()

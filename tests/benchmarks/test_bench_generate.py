@@ -51,6 +51,10 @@ def test_a_tiny_cpu_sweep_writes_every_row_with_its_meta(tmp_path):
     caches = {(r["model"], r["mode"]): r["cache"] for r in ran}
     assert caches[("ramnet", "default")] == "RAMNetCache" and caches[("ramnet", "best")] == "RAMNetStaticCache"
     assert caches[("llama", "best")] == "StaticCache"
+    # RAM-Net's static cache runs its decode loop (eager on the CPU); the dynamic cache transformers' loop
+    loops = {(r["model"], r["mode"]): r["decode_loop"] for r in ran}
+    assert loops[("ramnet", "best")] == "eager" and loops[("ramnet", "default")] is None
+    assert loops[("llama", "best")] is None
     for name, info in meta["models"].items():
         assert info["preset"] == bench_generate.MODELS[name]
         assert "params" in info or "skipped" in info

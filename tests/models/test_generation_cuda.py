@@ -1,8 +1,9 @@
 """`generate` on CUDA with `cache_implementation="static"` (the default there,
-`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache` and each decoding step
-through transformers' auto-compilation (torch.compile, mode "reduce-overhead": the step captured in
-a CUDA graph and replayed). Its tokens must be the eager loop's and the full forward's (skipped
-without a GPU).
+`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache`, and by default RAM-Net's decode loop
+(ramnet/models/ramnet/decode_loop.py: one whole step, sampler and stop tokens included, captured in a
+CUDA graph and replayed); with `ramnet_decode_loop=False`, transformers' loop with each decoding step
+through its auto-compilation (torch.compile, mode "reduce-overhead"). Their tokens must be the eager
+loop's and the full forward's (skipped without a GPU).
 
 Run on a GPU machine with: python -m pytest -q -m cuda tests/models/test_generation_cuda.py
 """
@@ -31,10 +32,10 @@ def test_the_graph_loop_gives_the_eager_loops_and_the_full_forwards_tokens(short
     model = _model(short_conv_size=short_conv_size)
     prompt = random_ids(2, 7).cuda()
     graph = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
-                           cache_implementation="static")
+                           cache_implementation="static", ramnet_decode_loop=False)
     assert isinstance(graph.past_key_values, RAMNetStaticCache)
     assert hasattr(model, "_compiled_call")  # generate compiled the step (the graph path)
-    eager = model.generate(prompt, max_new_tokens=12, do_sample=False, disable_compile=True)
+    eager = model.generate(prompt, max_new_tokens=12, do_sample=False, disable_compile=True, ramnet_decode_loop=False)
     dynamic = model.generate(prompt, max_new_tokens=12, do_sample=False, cache_implementation="dynamic")
     assert torch.equal(graph.sequences, eager) and torch.equal(graph.sequences, dynamic)
     assert torch.equal(graph.sequences, greedy_without_cache(model, prompt, 12))
@@ -45,7 +46,8 @@ def test_the_graph_loop_with_left_padding_stop_tokens_and_bf16():
     model = _model(torch.bfloat16)
     sequences = [random_ids(1, 9, seed=2)[0], random_ids(1, 5, seed=3)[0], random_ids(1, 1, seed=4)[0]]
     ids, mask = (x.cuda() for x in left_pad(sequences))
-    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, cache_implementation="static")
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, cache_implementation="static",
+                  ramnet_decode_loop=False)
     graph = model.generate(ids, **kwargs)
     assert torch.equal(graph, model.generate(ids, disable_compile=True, **kwargs))
     eos = int(graph[0, ids.shape[1] + 3])
@@ -56,5 +58,79 @@ def test_the_graph_loop_with_left_padding_stop_tokens_and_bf16():
     for compile_off in (False, True):
         torch.manual_seed(0)
         runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8,
-                                   top_k=20, top_p=0.9, disable_compile=compile_off, cache_implementation="static"))
+                                   top_k=20, top_p=0.9, disable_compile=compile_off, cache_implementation="static",
+                                   ramnet_decode_loop=False))
     assert runs[0].shape == runs[1].shape
+
+
+def _generate(model, ids, **kwargs):
+    """`model.generate` and how the decode loop ran: "graph", "eager" or None (transformers' loop)."""
+    model._ramnet_decode_loop_last = None
+    out = model.generate(ids, **kwargs)
+    last = model._ramnet_decode_loop_last
+    return out, None if last is None else ("graph" if last["graph"] else "eager")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("short_conv_size", [0, 3])
+def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_tokens(short_conv_size):
+    """fp32 greedy: the captured decode loop (the default on CUDA, no cache_implementation given), the same
+    loop eager, transformers' loop and the full forward's argmax, token for token."""
+    model = _model(short_conv_size=short_conv_size)
+    prompt = random_ids(2, 7).cuda()
+    graph, how = _generate(model, prompt, max_new_tokens=40, do_sample=False)
+    assert how == "graph" and model._ramnet_decode_loop_last["capture_s"] > 0
+    eager, how_eager = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="eager")
+    assert how_eager == "eager"
+    hf, how_hf = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop=False,
+                           cache_implementation="dynamic")
+    assert how_hf is None
+    assert torch.equal(graph, eager) and torch.equal(graph, hf)
+    assert torch.equal(graph, greedy_without_cache(model, prompt, 40))
+    # the graph is captured anew per call from the same buffers' values: a second call decodes the same
+    assert torch.equal(_generate(model, prompt, max_new_tokens=40, do_sample=False)[0], graph)
+
+
+@torch.no_grad()
+def test_the_decode_loops_graph_with_left_padding_stop_tokens_sampling_and_streaming():
+    model = _model()
+    sequences = [random_ids(1, 9, seed=2)[0], random_ids(1, 5, seed=3)[0], random_ids(1, 1, seed=4)[0]]
+    ids, mask = (x.cuda() for x in left_pad(sequences))
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False)
+    greedy, how = _generate(model, ids, **kwargs)
+    assert how == "graph"
+    assert torch.equal(greedy, model.generate(ids, ramnet_decode_loop=False, **kwargs))
+    for step in (0, 3, 20):  # stops at the first token, early, and after a host look (every 16 steps)
+        eos = int(greedy[0, ids.shape[1] + step])
+        stopped, how = _generate(model, ids, eos_token_id=eos, pad_token_id=0, **kwargs)
+        assert how == "graph"
+        assert torch.equal(stopped, model.generate(ids, eos_token_id=eos, pad_token_id=0, ramnet_decode_loop=False,
+                                                   **kwargs))
+    # sampling inside the graph: the same seed, the same tokens as the eager loop and as transformers'
+    # (the graph's replays advance CUDA's generator as the eager draws do)
+    sampling = dict(attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                    cache_implementation="static")
+    runs = {}
+    for loop in (None, "eager", False):
+        torch.manual_seed(0)
+        runs[loop], how = _generate(model, ids, ramnet_decode_loop=loop, **sampling)
+        assert how == {None: "graph", "eager": "eager", False: None}[loop]
+    assert torch.equal(runs[None], runs["eager"]) and torch.equal(runs[None], runs[False])
+    # streaming from the graph loop: one put per step, the tokens generate returns
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    out, how = _generate(model, ids[:1], attention_mask=mask[:1], max_new_tokens=40, do_sample=False,
+                         streamer=streamer)
+    assert how == "graph" and streamer.chunks[-1] == "end"
+    assert streamer.chunks[1:-1] == out[:, ids.shape[1]:].T.tolist()

@@ -5,6 +5,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
@@ -15,6 +16,7 @@ from ...layers.padding import real_tokens
 from ...layers.ram_attention import RAMProjections
 from ...layers.short_conv import ShortConvolution
 from ..cache import RAMNetCache, RAMNetStaticCache, static_cache_supported
+from . import decode_loop
 from .configuration_ramnet import RAMNetConfig
 
 
@@ -318,6 +320,40 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
             # positions already). Dropped, the step does not read the mask on the host.
             inputs["attention_mask"] = None
         return inputs
+
+    def generate(self, *args, ramnet_decode_loop: bool | str | None = None, **kwargs):
+        """transformers' `generate`; greedy search and sampling with the static cache take RAM-Net's decode
+        loop (`decode_loop.py`: one whole step captured in a CUDA graph on CUDA) where it gives the same
+        result. `ramnet_decode_loop`: None (the default, `decode_loop.DECODE_LOOP_BY_DEFAULT`), False
+        (transformers' loop), "eager" (the loop without the graph), True or "graph"."""
+        if ramnet_decode_loop not in decode_loop.CHOICES:
+            raise ValueError(f"ramnet_decode_loop must be one of {decode_loop.CHOICES}, got {ramnet_decode_loop!r}")
+        # `_sample` reads it: transformers' generate would refuse an argument it does not know.
+        self._ramnet_decode_loop_choice = ramnet_decode_loop
+        for name in ("cache", "past_key_values"):  # a cache the caller keeps (as transformers 5.25 marks it)
+            if isinstance(kwargs.get(name), RAMNetCache):
+                kwargs[name]._is_user_defined = True
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._ramnet_decode_loop_choice = None
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        # transformers' greedy search and sampling (what `generate` calls for num_beams == 1), after it has
+        # prepared everything: the config, stop and pad tokens, the mask, the cache, the processors.
+        choice = getattr(self, "_ramnet_decode_loop_choice", None)
+        if choice is None:
+            choice = getattr(generation_config, "ramnet_decode_loop", None)
+        if not decode_loop.fast_path_applies(choice, logits_processor, stopping_criteria, generation_config,
+                                             synced_gpus, model_kwargs, CACHE_FIELD):
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        sequences, cache = decode_loop.decode(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                              streamer, model_kwargs, CACHE_FIELD, choice)
+        if generation_config.return_dict_in_generate:
+            return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_FIELD: cache})
+        return sequences
 
     def create_masks_for_generate(self, attention_mask=None, **kwargs):
         # With an `is_compileable` cache, generate turns the 2-D padding mask into 4-D attention masks
