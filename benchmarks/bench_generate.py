@@ -28,7 +28,13 @@ Modes (``--modes``):
 Every run generates exactly N new tokens (greedy; the EOS id is unset, so nothing stops early; the
 row checks the length). Timing, per cell (model, B, prompt length P, mode), with
 ``torch.cuda.synchronize()`` around every call:
-  1. a warm-up ``generate`` with the same shapes (it compiles and captures on CUDA; ``warmup_s``);
+  1. a warm-up ``generate`` with the same shapes (it compiles and captures on CUDA; ``warmup_s``). RAM-Net's
+     decode loop keeps its captured graph on the model for later calls of the same shape (batch, sampler,
+     stop tokens, output length rounded up to a power of two >= 256; not the prompt's length), so the
+     warm-up is the call that captures (``capture_ms``, 0 if it found a kept graph; ``decode_loop_mib``
+     the memory the kept loop holds) and the timed calls below replay (``timed_captures`` counts the
+     timed calls that captured: 0). The kept loops are dropped after every cell, so each cell captures
+     its own;
   2. ``t_N``: ``generate(max_new_tokens=N)``, the best of ``--repeats`` calls;
   3. ``t_1``: ``generate(max_new_tokens=1)``, the prefill and one token, the best of ``--repeats``.
   tok_s = B * N / t_N (end to end, prefill included); prefill_ms = t_1;
@@ -180,10 +186,13 @@ def step_compiled(model, cache, device: str) -> bool:
 
 
 def forget_caches(model) -> None:
-    """Drops what a model keeps between generate calls (transformers' reused static cache)."""
+    """Drops what a model keeps between generate calls: transformers' reused static cache, RAM-Net's kept
+    decode loops (graphs), so that the next cell's warm-up captures its own."""
     for attr in ("_cache",):
         if hasattr(model, attr):
             delattr(model, attr)
+    if hasattr(model, "clear_decode_graphs"):
+        model.clear_decode_graphs()
 
 
 def free(device: str) -> None:
@@ -216,19 +225,27 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
     # RAM-Net's decode loop does not go through transformers' compiled forward
     row["compiled"] = False if loop is not None else step_compiled(model, cache, device)
     del out, cache
+    if loop is not None:
+        # The warm-up is the first call of this key (forget_caches dropped the kept loops after the last
+        # cell): it captured the graph, which the model keeps; the timed calls replay it.
+        row["capture_ms"] = loop["capture_s"] * 1e3 if loop["captured"] else 0.0
+        row["decode_loop_mib"] = loop["held_bytes"] / 2**20
+    timed_captures = 0
     t_n, sequences = float("inf"), None
     for _ in range(repeats):
         t, out = timed_generate(model, ids, mask, new_tokens, kwargs, device)
+        timed_captures += bool(loop is not None and model._ramnet_decode_loop_last["captured"])
         if t < t_n:
             t_n, sequences = t, out
         del out
-    if loop is not None:  # the capture is part of every call's time (t_N); recorded to tell it apart
-        row["capture_ms"] = model._ramnet_decode_loop_last["capture_s"] * 1e3
     t_1 = float("inf")
     for _ in range(repeats):
         t, out = timed_generate(model, ids, mask, 1, kwargs, device)
+        timed_captures += bool(loop is not None and model._ramnet_decode_loop_last["captured"])
         t_1 = min(t_1, t)
         del out
+    if loop is not None:  # 0: every timed call replayed the graph the warm-up captured
+        row["timed_captures"] = timed_captures
     new = sequences[:, prompt:]
     if tuple(new.shape) != (batch, new_tokens):
         raise RuntimeError(f"generated {tuple(new.shape)} tokens, expected {(batch, new_tokens)}")

@@ -55,6 +55,9 @@ def test_a_tiny_cpu_sweep_writes_every_row_with_its_meta(tmp_path):
     loops = {(r["model"], r["mode"]): r["decode_loop"] for r in ran}
     assert loops[("ramnet", "best")] == "eager" and loops[("ramnet", "default")] is None
     assert loops[("llama", "best")] is None
+    best = next(r for r in ran if (r["model"], r["mode"]) == ("ramnet", "best"))
+    # the loop is kept between calls: the warm-up built it (eager: no capture), the timed calls reused it
+    assert best["capture_ms"] == 0 and best["timed_captures"] == 0 and best["decode_loop_mib"] > 0
     for name, info in meta["models"].items():
         assert info["preset"] == bench_generate.MODELS[name]
         assert "params" in info or "skipped" in info

@@ -302,3 +302,156 @@ def test_ramnet_generate_streams_through_the_decode_loop_and_stops_when_the_call
     tokens = generate_ids(model, prompt, 10_000, temperature=0, cache=model.new_cache("static"))
     assert next(tokens) == greedy[0]
     tokens.close()  # the generation thread stops at its streamer's next put, and close returns after it
+
+
+# --- the loops kept between generate calls (decode_loop.retained_loops): the key, reuse, the cache copies
+
+
+def _filled_cache(model, ids):
+    cache = model.new_cache("static")
+    model(ids, cache=cache, use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def test_the_loop_key_and_the_rounded_output_length():
+    from ramnet.models.ramnet.decode_loop import loop_key, sampler_key, token_capacity
+
+    assert [token_capacity(n) for n in (1, 2, 255, 256, 257, 512, 1000, 5000)] == \
+        [256, 256, 256, 256, 512, 512, 1024, 8192]
+    model = tiny_model(torch.float32)
+    ids = random_ids(2, 5)
+    cache = _filled_cache(model, ids)
+    warpers = [TemperatureLogitsWarper(0.9), TopKLogitsWarper(10), TopPLogitsWarper(0.9)]
+    eos, pad = torch.tensor([5, 6]), torch.tensor(0)
+
+    def key(cache=cache, batch=2, n=100, do_sample=True, processors=warpers, eos=eos, pad=pad, graph=True):
+        return loop_key(model, cache, batch, n, sampler_key(do_sample, processors), eos, pad, graph)
+
+    base = key()
+    assert key() == base and key(n=256) == base and key(n=1) == base  # one bucket of output lengths
+    assert key(cache=_filled_cache(model, random_ids(2, 11))) == base  # the prompt's length is not in it
+    same_warpers = [TemperatureLogitsWarper(0.9), TopKLogitsWarper(10), TopPLogitsWarper(0.9)]
+    assert key(eos=torch.tensor([5, 6])) == base and key(processors=same_warpers) == base
+    changed = [
+        key(n=257), key(do_sample=False), key(processors=[]), key(processors=warpers[:2]),
+        key(processors=[TemperatureLogitsWarper(0.8), *warpers[1:]]),
+        key(processors=[warpers[0], TopKLogitsWarper(11), warpers[2]]),
+        key(processors=[*warpers[:2], TopPLogitsWarper(0.9, min_tokens_to_keep=2)]),
+        key(processors=[warpers[1], warpers[0], warpers[2]]),  # the order of the warpers
+        key(eos=torch.tensor([5])), key(eos=None, pad=None), key(pad=torch.tensor(1)), key(graph=False),
+        key(cache=_filled_cache(model, random_ids(3, 5)), batch=3),
+    ]
+    assert all(k != base for k in changed) and len(set(changed)) == len(changed)
+    other = tiny_model(torch.float32, short_conv_size=3)  # another cache layout (and other weights)
+    assert loop_key(other, _filled_cache(other, ids), 2, 100, sampler_key(True, warpers), eos, pad, True) != base
+    model.double()  # new weights: another key
+    assert key(cache=_filled_cache(model, ids)) != base
+
+
+@torch.no_grad()
+def test_a_second_call_of_the_same_shape_reuses_the_loop_and_a_changed_key_builds_another(monkeypatch):
+    monkeypatch.setattr(decode_loop, "MAX_RETAINED_LOOPS", 2)
+    built = []
+    init = DecodeLoop.__init__
+    monkeypatch.setattr(DecodeLoop, "__init__", lambda self, *a, **k: built.append(self) or init(self, *a, **k))
+    model = tiny_model()
+    _, ids, mask = _rows()
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, **STATIC)
+    first, took = generate(model, ids, **kwargs)
+    assert took and len(built) == 1 and not model._ramnet_decode_loop_last["reused"]
+    assert model._ramnet_decode_loop_last["held_bytes"] > 0
+    for prompt, prompt_mask in ((ids, mask), (random_ids(3, 4, seed=9), torch.ones(3, 4, dtype=torch.long))):
+        for n in (12, 30, 1):  # the same bucket of output lengths, another prompt (length)
+            fast, took = generate(model, prompt, **(kwargs | dict(attention_mask=prompt_mask, max_new_tokens=n)))
+            assert took and len(built) == 1 and model._ramnet_decode_loop_last["reused"]
+            hf = model.generate(prompt, ramnet_decode_loop=False, **(kwargs | dict(attention_mask=prompt_mask,
+                                                                                    max_new_tokens=n)))
+            assert torch.equal(fast, hf)
+    assert built[0].runs == 7 and list(decode_loop.retained_loops(model).values()) == built
+    # a changed key builds another loop: the batch, stop tokens, a longer output; two are kept
+    eos = int(first[0, ids.shape[1] + 2])
+    for change in (dict(input_ids=ids[:2], attention_mask=mask[:2]), dict(eos_token_id=eos, pad_token_id=0),
+                   dict(max_new_tokens=300)):
+        call = kwargs | change
+        prompt = call.pop("input_ids", ids)
+        fast, took = generate(model, prompt, **call)
+        assert took and not model._ramnet_decode_loop_last["reused"]
+        assert torch.equal(fast, model.generate(prompt, ramnet_decode_loop=False, **call))
+    assert len(built) == 4 and list(decode_loop.retained_loops(model).values()) == built[2:]  # least recent dropped
+    generate(model, ids, **kwargs)  # the first key again: dropped, so built anew
+    assert len(built) == 5 and not model._ramnet_decode_loop_last["reused"]
+    assert model.clear_decode_graphs() == 2 and not decode_loop.retained_loops(model)
+    generate(model, ids, **kwargs)
+    assert len(built) == 6
+    import copy
+    assert not decode_loop.retained_loops(copy.deepcopy(model))  # a copy keeps no graphs of this model
+    model.float()  # a move drops them
+    assert not decode_loop.retained_loops(model)
+
+
+@torch.no_grad()
+def test_a_reused_loop_samples_the_seeded_tokens_again():
+    model = tiny_model(torch.float32)
+    _, ids, mask = _rows()
+    sampling = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
+                    **STATIC)
+    runs = []
+    for loop in (None, None, None, False):
+        torch.manual_seed(7)
+        runs.append(generate(model, ids, ramnet_decode_loop=loop, **sampling)[0])
+        assert model._ramnet_decode_loop_last is None or model._ramnet_decode_loop_last["reused"] == (len(runs) > 1)
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
+@torch.no_grad()
+def test_the_returned_cache_is_right_when_the_loop_is_reused():
+    model = tiny_model()
+    sequences, ids, mask = _rows()
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **STATIC)
+    eos = int(greedy[0, ids.shape[1] + 2])
+    passed = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0, return_dict_in_generate=True)
+    kwargs = passed | STATIC
+    for call, (prompt, prompt_mask) in enumerate(((ids, mask), (random_ids(3, 6, seed=5), None), (ids, mask))):
+        fast, took = generate(model, prompt, attention_mask=prompt_mask, **kwargs)
+        assert took and model._ramnet_decode_loop_last["reused"] == (call > 0)
+        hf = model.generate(prompt, attention_mask=prompt_mask, ramnet_decode_loop=False, **kwargs)
+        assert torch.equal(fast.sequences, hf.sequences)
+        fast_cache, hf_cache = fast.past_key_values, hf.past_key_values
+        assert fast_cache.get_seq_length() == hf_cache.get_seq_length() == fast.sequences.shape[1] - 1
+        for ours, theirs in zip(fast_cache.layers, hf_cache.layers):
+            for a, b in zip(ours.state, theirs.state):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        loop = next(iter(decode_loop.retained_loops(model).values()))
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(decode_loop.cache_tensors(fast_cache),
+                                                                decode_loop.cache_tensors(loop.cache)))
+    # a cache the caller passed in, decoded with a kept loop, ends in transformers' state too
+    mine, theirs = model.new_cache("static"), model.new_cache("static")
+    out = model.generate(ids, attention_mask=mask, cache=mine, **passed)
+    hf = model.generate(ids, attention_mask=mask, cache=theirs, ramnet_decode_loop=False, **passed)
+    assert model._ramnet_decode_loop_last["reused"] and torch.equal(out.sequences, hf.sequences)
+    for a, b in zip(decode_loop.cache_tensors(mine), decode_loop.cache_tensors(theirs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_loop_in_use_is_not_shared():
+    class Model:  # what acquire_loop needs of a model: a __dict__
+        pass
+
+    class Loop:
+        def __init__(self):
+            self.lock, self.released = __import__("threading").Lock(), False
+
+        def release(self):
+            self.released = True
+
+    model = Model()
+    first, reused, kept = decode_loop.acquire_loop(model, "k", Loop)
+    assert not reused and kept
+    second, reused, kept = decode_loop.acquire_loop(model, "k", Loop)  # first is locked: another thread's
+    assert second is not first and not reused and not kept
+    first.lock.release()
+    third, reused, kept = decode_loop.acquire_loop(model, "k", Loop)
+    assert third is first and reused and kept
+    third.lock.release()
+    assert decode_loop.clear_loops(model) == 1 and first.released

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ramnet.models import RAMNetStaticCache
+from ramnet.models.ramnet import decode_loop
 
 from model_helpers import random_ids, tiny_model
 from test_modeling_ramnet import greedy_without_cache, left_pad
@@ -87,8 +88,11 @@ def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_toke
     assert how_hf is None
     assert torch.equal(graph, eager) and torch.equal(graph, hf)
     assert torch.equal(graph, greedy_without_cache(model, prompt, 40))
-    # the graph is captured anew per call from the same buffers' values: a second call decodes the same
-    assert torch.equal(_generate(model, prompt, max_new_tokens=40, do_sample=False)[0], graph)
+    # a second call of the same shape replays the kept graph (no capture) and decodes the same
+    again, how = _generate(model, prompt, max_new_tokens=40, do_sample=False)
+    last = model._ramnet_decode_loop_last
+    assert how == "graph" and last["reused"] and not last["captured"] and last["captures"] == 1
+    assert torch.equal(again, graph)
 
 
 @torch.no_grad()
@@ -134,3 +138,68 @@ def test_the_decode_loops_graph_with_left_padding_stop_tokens_sampling_and_strea
                          streamer=streamer)
     assert how == "graph" and streamer.chunks[-1] == "end"
     assert streamer.chunks[1:-1] == out[:, ids.shape[1]:].T.tolist()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consecutive_calls_of_one_shape_capture_once_and_equal_the_eager_loop(dtype):
+    """The kept graph: captured by the first call of a key, replayed by the next ones (other prompts,
+    other lengths in the same bucket), each call's tokens the eager loop's; a returned cache holds the
+    eager loop's state; a changed key captures another graph."""
+    model = _model(dtype, short_conv_size=3)
+    runs = [(random_ids(2, 7, seed=1), 40), (random_ids(2, 13, seed=2), 40), (random_ids(2, 5, seed=3), 100),
+            (random_ids(2, 7, seed=1), 40)]
+    for call, (prompt, n) in enumerate(runs):
+        prompt = prompt.cuda()
+        graph, how = _generate(model, prompt, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
+        last = model._ramnet_decode_loop_last
+        assert how == "graph" and last["captures"] == 1 and last["captured"] == (call == 0)
+        assert last["reused"] == (call > 0) and (last["capture_s"] > 0) == (call == 0)
+        eager = model.generate(prompt, max_new_tokens=n, do_sample=False, return_dict_in_generate=True,
+                               ramnet_decode_loop="eager")
+        assert torch.equal(graph.sequences, eager.sequences)
+        for a, b in zip(decode_loop.cache_tensors(graph.past_key_values),
+                        decode_loop.cache_tensors(eager.past_key_values)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(decode_loop.retained_loops(model)) == 2  # the graph loop and the eager loop, one each
+    other, how = _generate(model, random_ids(3, 7).cuda(), max_new_tokens=40, do_sample=False)
+    assert how == "graph" and model._ramnet_decode_loop_last["captured"]  # another batch: another graph
+    held = model._ramnet_decode_loop_last["held_bytes"]
+    assert held > 0
+    assert model.clear_decode_graphs() == 3 and not decode_loop.retained_loops(model)
+    _generate(model, random_ids(3, 7).cuda(), max_new_tokens=40, do_sample=False)
+    assert model._ramnet_decode_loop_last["captured"]
+
+
+@torch.no_grad()
+def test_a_seeded_sampling_call_repeated_with_the_kept_graph_gives_the_same_tokens():
+    """The kept graph reads the default CUDA generator's seed and offset at each replay: re-seeding before
+    a later call (which only replays) draws the first call's tokens, which are the eager loop's and
+    transformers'; another seed draws others; and the generator ends where the eager loop leaves it."""
+    model = _model()
+    sequences = [random_ids(1, 9, seed=2)[0], random_ids(1, 5, seed=3)[0], random_ids(1, 1, seed=4)[0]]
+    ids, mask = (x.cuda() for x in left_pad(sequences))
+    sampling = dict(attention_mask=mask, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    runs, states = [], []
+    for call in range(3):
+        torch.manual_seed(0)
+        out, how = _generate(model, ids, **sampling)
+        assert how == "graph" and model._ramnet_decode_loop_last["captured"] == (call == 0)
+        runs.append(out)
+        states.append(torch.cuda.get_rng_state())
+    torch.manual_seed(0)
+    eager, how = _generate(model, ids, ramnet_decode_loop="eager", **sampling)
+    states.append(torch.cuda.get_rng_state())
+    torch.manual_seed(0)
+    hf, _ = _generate(model, ids, ramnet_decode_loop=False, cache_implementation="static", **sampling)
+    assert all(torch.equal(run, eager) for run in runs) and torch.equal(eager, hf)
+    assert all(torch.equal(state, states[-1]) for state in states)
+    torch.manual_seed(1)
+    assert not torch.equal(_generate(model, ids, **sampling)[0], eager)
+    assert not model._ramnet_decode_loop_last["captured"]
+    # unseeded consecutive calls draw on from where the generator is, as the eager loop does
+    torch.manual_seed(0)
+    pair = [_generate(model, ids, **sampling)[0] for _ in range(2)]
+    torch.manual_seed(0)
+    eager_pair = [_generate(model, ids, ramnet_decode_loop="eager", **sampling)[0] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(pair, eager_pair)) and not torch.equal(pair[0], pair[1])

@@ -19,6 +19,13 @@ without the graph), `True`/`"graph"` (graph on CUDA, eager elsewhere: the defaul
 = False` here makes transformers' loop the default. On the CPU the same step runs eagerly: the tests
 check it there, token for token against transformers' loop; the graph only replays it.
 
+The loop (buffers, a static cache of its own, the captured graph) is kept on the model between calls
+with the same `loop_key` (batch, device, weights, sampler settings, stop and pad ids, the cache's layout,
+the output length rounded up by `token_capacity`), the `MAX_RETAINED_LOOPS` least recently used ones;
+a call of a kept key resets the loop's counters and replays, without a capture. The caller's cache is
+filled by the prompt and copied in and out (`decode` says why). `RAMNetForCausalLM.clear_decode_graphs()`
+drops them.
+
 What `generate` returns is transformers' result: the prompt and the new tokens, rows that stopped early
 padded with the pad id, trimmed to the step at which the last row stopped. Sampling draws the same random
 numbers as transformers' `torch.multinomial(probs, 1)` (its one-sample path: the argmax of probs / q,
@@ -27,7 +34,10 @@ q ~ Exp(1)), so the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections import OrderedDict
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -43,6 +53,12 @@ SYNC_EVERY = 16
 # Eager steps on a side stream before the capture (torch's CUDA-graph recipe: lazy initialisations, Triton
 # compilation and the allocator's warm-up must not happen inside the capture).
 WARMUP_STEPS = 2
+# Decode loops (buffers, cache buffers, captured graph) kept on the model between `generate` calls, least
+# recently used dropped first; `RAMNetForCausalLM.clear_decode_graphs()` drops them all.
+MAX_RETAINED_LOOPS = 3
+# The output buffer's length: max_new_tokens rounded up to a power of two, at least this, so nearby lengths
+# (and max_new_tokens=1, a prefill) share one loop and one graph.
+MIN_TOKEN_CAPACITY = 256
 # The values of `generate(..., ramnet_decode_loop=...)`; None is the default.
 CHOICES = (None, True, False, "graph", "eager")
 
@@ -131,32 +147,142 @@ class Sampler:
         return sample_from(scores.softmax(dim=-1))
 
 
+def cache_tensors(cache: RAMNetStaticCache) -> list[torch.Tensor]:
+    """Every buffer of a static cache that a decoding step reads or writes, in a fixed order."""
+    tensors = []
+    for layer in cache.layers:
+        if layer.state is None:
+            raise ValueError("the static cache has no buffers yet: the prompt allocates them")
+        tensors += [*layer.state, layer.length]
+        if layer.conv_history is not None:
+            tensors.append(layer.conv_history)
+    return tensors
+
+
+def copy_cache(source: RAMNetStaticCache, target: RAMNetStaticCache) -> None:
+    """`source`'s state into `target`'s buffers (same configuration, same batch), in place."""
+    for to, value in zip(cache_tensors(target), cache_tensors(source), strict=True):
+        to.copy_(value)
+
+
+def clone_cache(cache: RAMNetStaticCache, config) -> RAMNetStaticCache:
+    """A new static cache with buffers of its own, holding `cache`'s state."""
+    clone = RAMNetStaticCache(config)
+    for mine, theirs in zip(clone.layers, cache.layers, strict=True):
+        if theirs.state is None:
+            raise ValueError("the static cache has no buffers yet: the prompt allocates them")
+        mine.store(theirs.state, None, theirs.conv_history, 0)  # allocates copies
+        mine.length.copy_(theirs.length)
+    return clone
+
+
+def cache_layout(cache: RAMNetStaticCache) -> tuple:
+    """The cache's configuration as a step sees it: every buffer's shape and dtype (the batch, the layers,
+    the state's size, the short convolution's history), and where it lives."""
+    return tuple((tuple(t.shape), t.dtype, str(t.device)) for t in cache_tensors(cache))
+
+
+def token_capacity(max_new_tokens: int) -> int:
+    """The output buffer's length for `max_new_tokens`: the next power of two, at least `MIN_TOKEN_CAPACITY`."""
+    return max(MIN_TOKEN_CAPACITY, 1 << (max(1, max_new_tokens) - 1).bit_length())
+
+
+def sampler_key(do_sample: bool, logits_processor) -> tuple:
+    """What of the sampler a captured step bakes in: greedy or not, and each warper's settings, in order."""
+    settings = []
+    for p in logits_processor:
+        if isinstance(p, TemperatureLogitsWarper):
+            settings.append(("temperature", float(p.temperature)))
+        elif isinstance(p, TopKLogitsWarper):
+            settings.append(("top_k", int(p.top_k), float(p.filter_value)))
+        elif isinstance(p, TopPLogitsWarper):
+            settings.append(("top_p", float(p.top_p), int(p.min_tokens_to_keep), float(p.filter_value)))
+        else:
+            raise TypeError(f"the decode loop has no graph-safe form of {type(p).__name__}")
+    return (bool(do_sample), tuple(settings))
+
+
+def model_key(model) -> tuple:
+    """What of the model a captured step bakes in: the addresses of its weights (a move to another device
+    or dtype, or a replaced parameter, changes them; weights updated in place keep them, and a replay reads
+    the new values), their dtype, and train/eval mode."""
+    return (model.dtype, model.training, tuple(p.data_ptr() for p in model.parameters()))
+
+
+def loop_key(model, cache: RAMNetStaticCache, batch: int, max_new_tokens: int, sampler: tuple,
+             eos: torch.Tensor | None, pad: torch.Tensor | None, use_graph: bool) -> tuple:
+    """The key under which a decode loop (and its graph) is kept: two calls with the same key can replay
+    one captured step. The prompt's length is not in it: the state has the same size after any prompt."""
+    return (
+        batch, str(cache_tensors(cache)[0].device), model_key(model), sampler,
+        None if eos is None else tuple(int(t) for t in eos.reshape(-1).tolist()),
+        None if pad is None else int(pad), token_capacity(max_new_tokens), cache_layout(cache), bool(use_graph),
+    )
+
+
 class DecodeLoop:
-    """The decoding of one `generate` call after its prompt: fixed buffers, one step function over them,
-    replayed from a CUDA graph (`use_graph`) or run eagerly.
+    """The decoding after a prompt: fixed buffers, one step function over them, replayed from a CUDA graph
+    (`use_graph`) or run eagerly. Kept on the model between `generate` calls with the same `loop_key`
+    (`retained_loop`), so that the graph is captured once per key: `reset` starts each call.
 
     Buffers (allocated once, never reallocated, so that a captured graph reads and writes them):
-      `ids [B, 1]` the token each row feeds next; `tokens [B, max_new_tokens]` every new token, written at
+      `ids [B, 1]` the token each row feeds next; `tokens [B, capacity]` every new token, written at
       `step` (a device counter, so nothing on the host changes between replays); `unfinished [B]` rows
       that have not produced a stop token; `lengths [B]` how many tokens each row made before stopping
-      (its stop token included), whose max is where the output is trimmed."""
+      (its stop token included), whose max is where the output is trimmed; and `cache`, a static cache
+      whose buffers the step updates (the loop's own when it is retained: `decode` copies the caller's
+      cache in and out)."""
 
-    def __init__(self, model, cache: RAMNetStaticCache, batch: int, max_new_tokens: int, sampler: Sampler,
+    def __init__(self, model, cache: RAMNetStaticCache, batch: int, capacity: int, sampler: Sampler,
                  eos: torch.Tensor | None, pad: torch.Tensor | None, device: torch.device):
-        self.model, self.cache, self.sampler = model, cache, sampler
-        self.max_new_tokens = max_new_tokens
+        # A weak reference: a loop kept on the model must not keep the model alive.
+        self._model = weakref.ref(model)
+        self.cache, self.sampler = cache, sampler
+        self.capacity = capacity
         self.eos = None if eos is None else eos.to(device).reshape(-1)
         self.pad = None if pad is None else pad.to(device=device, dtype=torch.long).reshape(())
         if self.eos is not None and self.pad is None:
             raise ValueError("stop tokens (eos_token_id) need a pad_token_id for the rows that stopped")
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         # Room for the warm-up steps of a capture too, which write past the last token before they are undone.
-        self.tokens = torch.zeros(batch, max_new_tokens + WARMUP_STEPS, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch, capacity + WARMUP_STEPS, dtype=torch.long, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.capture_s = 0.0
+        self.capture_s = 0.0  # the last capture's time
+        self.captures = 0  # how many times this loop captured its step (1 once it has a graph)
+        self.runs = 0  # how many `generate` calls it decoded
+        self.graph_pool_bytes = 0  # memory the graph's private pool reserved at its capture (CUDA)
+        self.lock = threading.Lock()  # held by the call that decodes with it
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this decode loop is gone")
+        return model
+
+    def reset(self) -> None:
+        """The loop's own buffers as before a call's first token (in place: a captured graph keeps them)."""
+        self.ids.zero_()
+        self.tokens.zero_()
+        self.step_index.zero_()
+        self.unfinished.fill_(True)
+        self.lengths.zero_()
+
+    def held_bytes(self) -> int:
+        """Device memory this loop keeps: its buffers, its cache's, and the graph's pool (as reserved at its
+        capture: the step's intermediate tensors)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers()) + self.graph_pool_bytes
+
+    def release(self) -> None:
+        """Drops the graph (its private memory pool goes back to the allocator) and the buffers."""
+        if self.graph is not None:
+            if self.ids.is_cuda:
+                torch.cuda.synchronize(self.ids.device)  # no replay still running in the pool
+            self.graph.reset()
+            self.graph = None
 
     def choose(self, logits: torch.Tensor) -> None:
         """The next tokens from the last logits [B, V], into the buffers: rows that stopped get the pad id
@@ -181,16 +307,19 @@ class DecodeLoop:
 
     def _buffers(self) -> list[torch.Tensor]:
         """Every tensor a step writes: the cache's and the loop's."""
-        tensors = [self.ids, self.tokens, self.step_index, self.unfinished, self.lengths]
-        for layer in self.cache.layers:
-            tensors += [*layer.state, layer.length]
-            if layer.conv_history is not None:
-                tensors.append(layer.conv_history)
-        return tensors
+        return [self.ids, self.tokens, self.step_index, self.unfinished, self.lengths, *cache_tensors(self.cache)]
 
     def capture(self) -> None:
         """Captures `step` in a CUDA graph. The warm-up steps really run (they decode, and draw random
-        numbers), so the buffers and the generator's state are saved before and put back after."""
+        numbers), so the buffers and the generator's state are saved before and put back after.
+
+        The random numbers: the capture registers the device's default CUDA generator with the graph, and
+        every replay reads that generator's seed and offset at replay time and advances the offset by what
+        one step draws (torch's graph-safe Philox state: `replay_prologue`), as an eager step would. So
+        `torch.manual_seed` (or `set_rng_state`) before a later `generate` call is honoured by the graph
+        captured in an earlier call, and the same seed gives the same tokens in every call. (Only
+        `torch.cuda.graphsafe_set_state`, which swaps the generator's state object, would leave a kept
+        graph on the old one: `clear_decode_graphs()` after it.)"""
         start = time.perf_counter()
         device = self.ids.device
         saved = [t.clone() for t in self._buffers()]
@@ -202,29 +331,42 @@ class DecodeLoop:
                 self.step()
         torch.cuda.current_stream(device).wait_stream(side)
         # capture_begin/end rather than the `torch.cuda.graph` context, which also runs gc.collect() and
-        # empty_cache() on entry: tens of milliseconds in a large process, paid by every generate call.
+        # empty_cache() on entry: tens of milliseconds in a large process.
         torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
+        reserved = torch.cuda.memory_reserved(device)
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
-            self.graph.capture_begin()
+            graph.capture_begin()
             try:
                 self.step()
             finally:
-                self.graph.capture_end()
+                graph.capture_end()
         torch.cuda.current_stream(device).wait_stream(side)
+        # The capture's allocations come from the graph's private pool, never from blocks cached before.
+        self.graph_pool_bytes = torch.cuda.memory_reserved(device) - reserved
         for buffer, copy in zip(self._buffers(), saved):
             buffer.copy_(copy)
         torch.cuda.set_rng_state(rng, device)
+        self.graph = graph
+        self.captures += 1
         self.capture_s = time.perf_counter() - start
 
-    def run(self, first_logits: torch.Tensor, use_graph: bool, sync_every: int, streamer=None) -> torch.Tensor:
-        """The new tokens [B, n] after the prompt's logits [B, V]; `n` as transformers' loop would make."""
+    def run(self, first_logits: torch.Tensor, max_new_tokens: int, use_graph: bool, sync_every: int,
+            streamer=None) -> torch.Tensor:
+        """The new tokens [B, n] after the prompt's logits [B, V]; `n` as transformers' loop would make
+        (at most `max_new_tokens`, which must fit the buffer). Starts from `reset`; captures the step at
+        the first call that needs it (`use_graph`), replays it after that. The result is a view of
+        `tokens`: copy it before the next call."""
+        if not 1 <= max_new_tokens <= self.capacity:
+            raise ValueError(f"max_new_tokens must be in [1, {self.capacity}], got {max_new_tokens}")
+        self.runs += 1
+        self.reset()
         self.choose(first_logits)
         made, streamed, length = 1, 0, None
-        if use_graph and self.max_new_tokens > 1:
+        if use_graph and max_new_tokens > 1 and self.graph is None:
             self.capture()
         while True:
-            if made - streamed >= sync_every or made == self.max_new_tokens:
+            if made - streamed >= sync_every or made == max_new_tokens:
                 # The host's look: one sync every `sync_every` steps.
                 any_unfinished = bool(self.unfinished.any()) if self.eos is not None else True
                 if not any_unfinished:
@@ -234,9 +376,9 @@ class DecodeLoop:
                     for column in self.tokens[:, streamed:end].cpu().unbind(1):  # one put per step, as generate
                         streamer.put(column)
                 streamed = end
-                if length is not None or made == self.max_new_tokens:
+                if length is not None or made == max_new_tokens:
                     break
-            if self.graph is not None:
+            if use_graph and self.graph is not None:
                 self.graph.replay()
             else:
                 self.step()
@@ -244,27 +386,123 @@ class DecodeLoop:
         return self.tokens[:, :made if length is None else length]
 
 
+class RetainedLoops(OrderedDict):
+    """A model's kept decode loops, `loop_key` -> `DecodeLoop`, least recently used first. A copy of the
+    model (`copy.deepcopy`, pickling) starts without any: graphs and buffers belong to this model."""
+
+    def __deepcopy__(self, memo):
+        return RetainedLoops()
+
+    def __reduce__(self):
+        return (RetainedLoops, ())
+
+
+_REGISTRY_LOCK = threading.Lock()
+
+
+def retained_loops(model) -> RetainedLoops:
+    """The loops kept on `model` (created empty at the first use)."""
+    loops = model.__dict__.get("_ramnet_decode_loops")
+    if loops is None:
+        with _REGISTRY_LOCK:
+            loops = model.__dict__.setdefault("_ramnet_decode_loops", RetainedLoops())
+    return loops
+
+
+def clear_loops(model) -> int:
+    """Drops every decode loop kept on `model` (their graphs and buffers); how many there were."""
+    loops = model.__dict__.get("_ramnet_decode_loops")
+    if not loops:
+        return 0
+    with _REGISTRY_LOCK:
+        dropped = list(loops.values())
+        loops.clear()
+    for loop in dropped:
+        with loop.lock:  # not while a call decodes with it
+            loop.release()
+    return len(dropped)
+
+
+def acquire_loop(model, key: tuple, build) -> tuple[DecodeLoop, bool, bool]:
+    """The kept loop for `key` (built by `build()` and kept at its first use, the least recently used one
+    dropped beyond `MAX_RETAINED_LOOPS`), locked for the caller; (loop, whether it was kept before, whether
+    it is kept). A loop another thread is decoding with is not shared: the caller gets a loop of its own,
+    not kept."""
+    loops = retained_loops(model)
+    with _REGISTRY_LOCK:
+        loop = loops.get(key)
+        if loop is not None and loop.lock.acquire(blocking=False):
+            loops.move_to_end(key)
+            return loop, True, True
+        busy = loop is not None
+    loop = build()
+    loop.lock.acquire()
+    if busy or MAX_RETAINED_LOOPS <= 0:
+        return loop, False, False
+    dropped = []
+    with _REGISTRY_LOCK:
+        loops[key] = loop
+        while len(loops) > MAX_RETAINED_LOOPS:
+            dropped.append(loops.popitem(last=False)[1])
+    for old in dropped:
+        with old.lock:
+            old.release()
+    return loop, False, True
+
+
 def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config, streamer,
            model_kwargs: dict, cache_field: str, choice) -> tuple[torch.Tensor, RAMNetStaticCache]:
-    """What `_sample` returns (the sequences), by this loop; and the cache. Only where `fast_path_applies`."""
+    """What `_sample` returns (the sequences), by this loop; and the cache. Only where `fast_path_applies`.
+
+    The loop, its graph and the buffers the graph closes over are kept on the model between calls with
+    the same `loop_key`, the cache's buffers included: a kept loop has a static cache of its own. The
+    prompt fills the caller's cache (transformers' prefill, unchanged); its state is copied into the
+    loop's cache, the steps update that one, and the final state is copied back into the caller's. Why
+    not decode in the caller's cache: a captured graph reads and writes fixed addresses, and every call
+    brings a fresh cache (new buffers). Why not hand the loop's buffers to the caller's cache: a cache the
+    caller gets back (`return_dict_in_generate`, or one it passed) would share its buffers with the kept
+    loop, and the next call would overwrite it. The two copies cost a few MB per sequence, device to
+    device (about 4 MB for `small`), against tens of milliseconds for a capture."""
     cache = model_kwargs[cache_field]
     prefill = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
     first_logits = model(**prefill, return_dict=True).logits[:, -1]
     max_new_tokens = max(1, generation_config.max_length - input_ids.shape[1])  # transformers makes one at least
     eos = next((c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)), None)
-    loop = DecodeLoop(model, cache, input_ids.shape[0], max_new_tokens,
-                      Sampler(generation_config.do_sample, logits_processor), eos,
-                      generation_config._pad_token_tensor if eos is not None else None, first_logits.device)
+    pad = generation_config._pad_token_tensor if eos is not None else None
     use_graph = choice != "eager" and first_logits.device.type == "cuda"
-    # A cache the caller gets back must have seen exactly transformers' steps: look every step then.
-    cache_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
-    new = loop.run(first_logits, use_graph, 1 if cache_returned else SYNC_EVERY, streamer)
-    model._ramnet_decode_loop_last = dict(graph=loop.graph is not None, capture_s=loop.capture_s,
-                                          new_tokens=new.shape[1])
+    batch = input_ids.shape[0]
+    sampler = sampler_key(generation_config.do_sample, logits_processor)
+    key = loop_key(model, cache, batch, max_new_tokens, sampler, eos, pad, use_graph)
+
+    def build() -> DecodeLoop:
+        return DecodeLoop(model, clone_cache(cache, model.config), batch, token_capacity(max_new_tokens),
+                          Sampler(generation_config.do_sample, logits_processor), eos, pad, first_logits.device)
+
+    loop, reused, kept = acquire_loop(model, key, build)
+    try:
+        captures = loop.captures
+        steps = max_new_tokens > 1
+        if steps and reused:
+            copy_cache(cache, loop.cache)  # a new loop's cache is a copy already
+        # A cache the caller gets back must have seen exactly transformers' steps: look every step then.
+        cache_returned = generation_config.return_dict_in_generate or getattr(cache, "_is_user_defined", False)
+        new = loop.run(first_logits, max_new_tokens, use_graph, 1 if cache_returned else SYNC_EVERY, streamer)
+        new = new.to(input_ids.device, copy=True)  # out of the loop's buffer before the next call
+        if steps:
+            copy_cache(loop.cache, cache)  # the caller's cache ends where the steps left the state
+        model._ramnet_decode_loop_last = dict(
+            graph=use_graph and steps and loop.graph is not None, captured=loop.captures > captures,
+            capture_s=loop.capture_s if loop.captures > captures else 0.0, reused=reused, kept=kept,
+            captures=loop.captures, held_bytes=loop.held_bytes(), new_tokens=new.shape[1])
+    finally:
+        loop.lock.release()
+        if not kept:
+            loop.release()
     if streamer is not None:
         streamer.end()
-    return torch.cat([input_ids, new.to(input_ids.device)], dim=-1), cache
+    return torch.cat([input_ids, new], dim=-1), cache
 
 
-__all__ = ["DECODE_LOOP_BY_DEFAULT", "DecodeLoop", "Sampler", "SYNC_EVERY", "decode", "fast_path_applies",
-           "keep_top_k", "keep_top_p", "sample_from"]
+__all__ = ["DECODE_LOOP_BY_DEFAULT", "DecodeLoop", "MAX_RETAINED_LOOPS", "MIN_TOKEN_CAPACITY", "RetainedLoops",
+           "Sampler", "SYNC_EVERY", "clear_loops", "decode", "fast_path_applies", "keep_top_k", "keep_top_p",
+           "loop_key", "retained_loops", "sample_from", "token_capacity"]

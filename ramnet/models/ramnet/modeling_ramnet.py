@@ -321,6 +321,19 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
             inputs["attention_mask"] = None
         return inputs
 
+    def clear_decode_graphs(self) -> int:
+        """Drops the decode loops `generate` keeps between calls (`decode_loop.py`: per batch size, sampler
+        settings, stop tokens, output length bucket: buffers, a copy of the cache's state, and on CUDA the
+        captured graph with its memory pool); the next call builds and captures anew. Returns how many
+        there were. Moving the model (`to`, `cuda`, `half`, ...) drops them too."""
+        return decode_loop.clear_loops(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        # A move to another device or dtype makes new weights: graphs captured on the old ones are stale
+        # (their key would not match again anyway), and their memory is better given back now.
+        decode_loop.clear_loops(self)
+        return super()._apply(fn, *args, **kwargs)
+
     def generate(self, *args, ramnet_decode_loop: bool | str | None = None, **kwargs):
         """transformers' `generate`; greedy search and sampling with the static cache take RAM-Net's decode
         loop (`decode_loop.py`: one whole step captured in a CUDA graph on CUDA) where it gives the same
