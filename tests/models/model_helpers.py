@@ -1,6 +1,7 @@
 """Tiny RAM-Net models shared by the model tests."""
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from ramnet.models import RAMNetConfig, RAMNetForCausalLM
 
@@ -25,3 +26,16 @@ def tiny_model(dtype=torch.float64, **overrides) -> RAMNetForCausalLM:
 
 def random_ids(batch, length, seed=1):
     return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+class Collect(BaseStreamer):
+    """A streamer that keeps what `generate` hands it: each `put`'s tokens as a list, then \"end\"."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.tolist())
+
+    def end(self):
+        self.chunks.append("end")

@@ -13,13 +13,12 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from ramnet.layers import memories
 from ramnet.models.ramnet import decode_loop
 from ramnet.models.ramnet.decode_loop import DecodeLoop, Sampler, keep_top_k, keep_top_p, sample_from
 
-from model_helpers import VOCAB, random_ids, tiny_model
+from model_helpers import Collect, VOCAB, random_ids, tiny_model
 from test_modeling_ramnet import greedy_without_cache, left_pad
 
 STATIC = dict(cache_implementation="static")
@@ -159,17 +158,6 @@ def test_the_draw_is_torch_multinomials():
     reference = torch.multinomial(probs, 1).squeeze(1)
     torch.manual_seed(11)
     assert torch.equal(sample_from(probs), reference)
-
-
-class Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.tolist())
-
-    def end(self):
-        self.chunks.append("end")
 
 
 @torch.no_grad()

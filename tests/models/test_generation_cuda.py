@@ -14,7 +14,7 @@ import torch
 from ramnet.models import RAMNetStaticCache
 from ramnet.models.ramnet import decode_loop
 
-from model_helpers import random_ids, tiny_model
+from model_helpers import Collect, random_ids, tiny_model
 from test_modeling_ramnet import greedy_without_cache, left_pad
 
 pytestmark = [
@@ -121,18 +121,6 @@ def test_the_decode_loops_graph_with_left_padding_stop_tokens_sampling_and_strea
         assert how == {None: "graph", "eager": "eager", False: None}[loop]
     assert torch.equal(runs[None], runs["eager"]) and torch.equal(runs[None], runs[False])
     # streaming from the graph loop: one put per step, the tokens generate returns
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.tolist())
-
-        def end(self):
-            self.chunks.append("end")
-
     streamer = Collect()
     out, how = _generate(model, ids[:1], attention_mask=mask[:1], max_new_tokens=40, do_sample=False,
                          streamer=streamer)

@@ -8,14 +8,13 @@ tests/models/test_generation_cuda.py (skipped without a GPU)."""
 
 import pytest
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from ramnet.layers import memories
 from ramnet.models import RAMNetCache, RAMNetStaticCache
 from ramnet.models.ramnet import modeling_ramnet
 from ramnet.ops import RAMState
 
-from model_helpers import random_ids, tiny_model
+from model_helpers import Collect, random_ids, tiny_model
 from test_modeling_ramnet import greedy_without_cache, left_pad
 
 IMPLEMENTATIONS = ["dynamic", "static"]
@@ -48,17 +47,6 @@ def test_greedy_tokens_equal_the_full_forwards_argmax(monkeypatch, implementatio
     # None on the CPU: the dynamic cache (the static one is the default on CUDA only)
     expected = RAMNetStaticCache if implementation == "static" else RAMNetCache
     assert type(out.past_key_values) is expected and out.past_key_values.get_seq_length() == 7 + 4 - 1
-
-
-class Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.tolist())
-
-    def end(self):
-        self.chunks.append("end")
 
 
 @pytest.mark.usefixtures("torch_step")
