@@ -11,6 +11,7 @@ last, and a contender whose first call takes over ``--first-call-timeout`` secon
     python3 benchmarks/bench_layer.py --skip gated_deltanet --ram-modes triton   # --quick: T 2048, 32768; no (G)DN
     python3 benchmarks/bench_layer.py --device cpu --ram-modes parallel --out /tmp/layer_cpu.json
     python3 benchmarks/bench_layer.py --ram-modes triton/sorted,triton/chunked   # both PDMA kernel families
+    python3 benchmarks/bench_layer.py --ram-modes triton --time-segments 8 16    # + the op on pieces side by side
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def layer_case(make, shape, device: str, kernels: str = "auto"):
     return case
 
 
-def op_case(spec: str, shape, device: str):
+def op_case(spec: str, shape, device: str, time_segments: int | None = None):
     """``case(B, T)``: a setup of ``ram_attention`` on q, k ``[B, T, H, 20]``, v ``[B, T, H, d_v]``
-    (``spec`` as ``ram_mode`` takes it)."""
+    (``spec`` as ``ram_mode`` takes it; ``time_segments`` pieces of each sequence side by side)."""
     mode, kernels = ram_mode(spec)
 
     def case(batch: int, seq_len: int):
@@ -133,7 +134,8 @@ def op_case(spec: str, shape, device: str):
                             requires_grad=True)
             def out():
                 with pdma_kernels(kernels):
-                    return ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode=mode)[0]
+                    return ram_attention(q, k, v, num_partitions=U, topk=TOPK, mode=mode,
+                                         time_segments=time_segments)[0]
             return out, [q, k, v], torch.randn_like(v), None
         return setup
     return case
@@ -281,6 +283,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes; triton/chunked or triton/sorted forces the PDMA kernels")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 2048 8192 32768 (cpu: 64 256)")
+    parser.add_argument("--time-segments", type=int, nargs="*", default=[],
+                        help="op level: also each mode with its sequences cut into this many pieces side by side")
     parser.add_argument("--quick", action="store_true", help="shortest and longest T only; no DeltaNet, no GDN")
     parser.add_argument("--skip", default="", help="contenders to leave out, comma-separated: ram_<mode>, "
                         "attention, gla, deltanet, gated_deltanet")
@@ -313,6 +317,7 @@ def main() -> None:
              for m in modes]
     cases.append(("layer", "attention", layer_case(lambda: SoftmaxAttention(hidden, shape["heads"]), shape, device)))
     cases += [("op", ram_name(m), op_case(m, shape, device)) for m in modes]
+    cases += [("op", f"{ram_name(m)}_seg{n}", op_case(m, shape, device, n)) for n in args.time_segments for m in modes]
     if device == "cuda":  # fla last: their first calls autotune (GatedDeltaNet's once ran > 200 s)
         cases += [("layer", n, layer_case(lambda c=c, kw=kw: fla_layer(c, hidden, kw), shape, device))
                   for n, (c, kw) in FLA.items()]

@@ -25,9 +25,10 @@ def test_ram_modes_name_the_kernels_and_reject_what_they_cannot_run():
 def test_cpu_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "layer.json"
     subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--ram-modes", "parallel", "--seq-lens", "64",
-                    "--repeats", "1", "--out", str(out)], check=True, capture_output=True, timeout=300)
+                    "--time-segments", "2", "--repeats", "1", "--out", str(out)], check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert {"device", "torch", "git_rev"} <= result["meta"].keys()
     timed = {(r["kind"], r["name"], r["pass"]) for r in result["rows"] if r["ms"]}
-    assert {("layer", "ram_parallel", "fwd+bwd"), ("layer", "attention", "fwd+bwd"), ("op", "ram_parallel", "fwd")} <= timed
+    assert {("layer", "ram_parallel", "fwd+bwd"), ("layer", "attention", "fwd+bwd"), ("op", "ram_parallel", "fwd"),
+            ("op", "ram_parallel_seg2", "fwd+bwd")} <= timed
     assert "| ram_parallel | 64 |" in out.with_suffix(".md").read_text()

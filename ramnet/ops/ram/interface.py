@@ -9,6 +9,7 @@ from ..triton_support import kernels_apply
 from .naive import naive_forward
 from .parallel import parallel_forward
 from .recurrent import recurrent_forward
+from .segmented import segmented_forward
 from .spec import DEFAULT_PROXY_EPS, RAMSpec, build_spec
 from .state import RAMState
 from .triton import triton_forward
@@ -33,6 +34,7 @@ def ram_attention(
     cu_seqlens: torch.Tensor | None = None,
     mode: str | None = None,
     inplace_state: bool = False,
+    time_segments: int | None = None,
 ):
     """RAM attention (RAM-Net: the address decoder, CAPE and PDMA of docs/ops.md).
 
@@ -54,6 +56,10 @@ def ram_attention(
             (K rows per token instead of a copy of the whole state) and return it as the final
             state. Runs the recurrent path; the state must be in the compute dtype (fp32, or
             fp64 for fp64 inputs).
+        time_segments: cut each sequence into this many pieces of T / time_segments tokens that the path
+            runs side by side (``segmented.py``: twice the work, ``time_segments`` times the parallelism,
+            for few long sequences on a GPU). Must divide T; not with cu_seqlens or inplace_state.
+            None or 1: one piece.
 
     Returns:
         ``(o, final_state)``: ``o [B, T, H, d_v]`` in v's dtype (fp32 accumulation, fp64 for fp64
@@ -65,11 +71,12 @@ def ram_attention(
                       proxy_eps=proxy_eps, cape=cape, dtype=compute_dtype(q.dtype), device=q.device,
                       inplace_state=inplace_state)
     return run_ram_attention(q, k, v, spec, initial_state=initial_state, output_final_state=output_final_state,
-                             cu_seqlens=cu_seqlens, mode=mode)
+                             cu_seqlens=cu_seqlens, mode=mode, time_segments=time_segments)
 
 
 def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_final_state: bool = False,
-                      cu_seqlens: torch.Tensor | None = None, mode: str | None = None):
+                      cu_seqlens: torch.Tensor | None = None, mode: str | None = None,
+                      time_segments: int | None = None):
     """``ram_attention`` with the hyper-parameters already checked into ``spec`` (``build_spec``, for
     q's heads, d_k, compute dtype and device): the inputs are validated as ``ram_attention``
     validates them, then the path runs. For callers that hold a spec per layer, so that each call
@@ -103,13 +110,29 @@ def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_fina
     if mode is None:
         mode = default_mode(q, seq_len, stateful=initial_state is not None or bool(output_final_state))
     check_choice("mode", mode, (None, *sorted(PATHS)))
-    _check_state_size(mode, spec, num_seqs, q, v.shape[-1], compute, bool(output_final_state))
+    segments = _check_time_segments(time_segments, seq_len, cu_seqlens, spec.inplace_state)
+    # The time-split path builds the pieces' states (M-sized) whatever output_final_state says.
+    _check_state_size(mode, spec, num_seqs, q, v.shape[-1], compute, bool(output_final_state) or segments > 1)
 
-    o, final = PATHS[mode](
-        q.to(compute), k.to(compute), v.to(compute), spec, state, bool(output_final_state or spec.inplace_state),
-        cu_seqlens,
-    )
+    q, k, v_in = q.to(compute), k.to(compute), v.to(compute)
+    if segments > 1:
+        o, final = segmented_forward(PATHS[mode], q, k, v_in, spec, state, bool(output_final_state), segments)
+    else:
+        o, final = PATHS[mode](q, k, v_in, spec, state, bool(output_final_state or spec.inplace_state), cu_seqlens)
     return o.to(v.dtype), final
+
+
+def _check_time_segments(time_segments, seq_len: int, cu_seqlens, inplace_state: bool) -> int:
+    """The number of pieces ``time_segments`` asks for (1: the path runs as it is)."""
+    if time_segments is None:
+        return 1
+    if isinstance(time_segments, bool) or not isinstance(time_segments, int) or time_segments < 1:
+        raise ValueError(f"time_segments must be None or an int >= 1, got {time_segments!r}")
+    if time_segments > 1 and seq_len % time_segments:
+        raise ValueError(f"time_segments must divide the sequence length T={seq_len}, got {time_segments}")
+    if time_segments > 1 and (cu_seqlens is not None or inplace_state):
+        raise ValueError("time_segments > 1 takes neither cu_seqlens (packed sequences) nor inplace_state (decoding)")
+    return time_segments
 
 
 def _check_spec(spec: RAMSpec, heads: int, d_k: int, compute: torch.dtype, device: torch.device) -> None:
