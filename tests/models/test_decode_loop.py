@@ -443,3 +443,13 @@ def test_a_loop_in_use_is_not_shared():
     assert third is first and reused and kept
     third.lock.release()
     assert decode_loop.clear_loops(model) == 1 and first.released
+
+
+def test_cuda_takes_the_loop_by_default_only_once_it_is_turned_on(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", False)
+    assert decode_loop.default_choice(None, cuda) is False and decode_loop.default_choice(None, cpu) is None
+    for asked in (True, False, "graph", "eager"):  # what the caller asks for always stands
+        assert decode_loop.default_choice(asked, cuda) == asked
+    monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", True)
+    assert decode_loop.default_choice(None, cuda) is None

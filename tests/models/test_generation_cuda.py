@@ -1,5 +1,6 @@
 """`generate` on CUDA with `cache_implementation="static"` (the default there,
-`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache`, and by default RAM-Net's decode loop
+`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache`, and by default (here: `decode_loop.BY_DEFAULT_ON_CUDA`
+turned on, as these tests are what it waits for) RAM-Net's decode loop
 (ramnet/models/ramnet/decode_loop.py: one whole step, sampler and stop tokens included, captured in a
 CUDA graph and replayed); with `ramnet_decode_loop=False`, transformers' loop with each decoding step
 through its auto-compilation (torch.compile, mode "reduce-overhead"). Their tokens must be the eager
@@ -21,6 +22,11 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def decode_loop_by_default_on_cuda(monkeypatch):
+    monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", True)
 
 
 def _model(dtype=torch.float32, **overrides):
@@ -79,7 +85,7 @@ def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_toke
     loop eager, transformers' loop and the full forward's argmax, token for token."""
     model = _model(short_conv_size=short_conv_size)
     prompt = random_ids(2, 7).cuda()
-    graph, how = _generate(model, prompt, max_new_tokens=40, do_sample=False)
+    graph, how = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="graph")
     assert how == "graph" and model._ramnet_decode_loop_last["capture_s"] > 0
     eager, how_eager = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="eager")
     assert how_eager == "eager"
@@ -89,7 +95,7 @@ def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_toke
     assert torch.equal(graph, eager) and torch.equal(graph, hf)
     assert torch.equal(graph, greedy_without_cache(model, prompt, 40))
     # a second call of the same shape replays the kept graph (no capture) and decodes the same
-    again, how = _generate(model, prompt, max_new_tokens=40, do_sample=False)
+    again, how = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="graph")
     last = model._ramnet_decode_loop_last
     assert how == "graph" and last["reused"] and not last["captured"] and last["captures"] == 1
     assert torch.equal(again, graph)

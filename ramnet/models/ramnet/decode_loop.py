@@ -47,6 +47,11 @@ from ..cache import RAMNetStaticCache
 
 # Whether `generate` takes this loop where it applies (else transformers' loop, as before).
 DECODE_LOOP_BY_DEFAULT = True
+# Whether that default holds for CUDA inputs too. Off until tests/models/test_generation_cuda.py has passed on
+# a GPU: the capture and the replay of the step have only run on the CPU's eager path so far, and until they
+# have, CUDA keeps what has been checked there (transformers' loop with the static cache's compiled step).
+# `ramnet_decode_loop="graph"` asks for the loop on CUDA whatever this says.
+BY_DEFAULT_ON_CUDA = False
 # Decoding steps between two host reads (stop check, streaming). A stop is noticed up to this many steps
 # late: those steps are wasted work whose tokens are trimmed away, and the cache has seen them.
 SYNC_EVERY = 16
@@ -66,6 +71,14 @@ CHOICES = (None, True, False, "graph", "eager")
 # transformers' loop, which passes it to every step.
 _KNOWN_MODEL_KWARGS = {"attention_mask", "cache", "past_key_values", "use_cache", "logits_to_keep", "position_ids",
                        "cache_position"}
+
+
+def default_choice(choice, device: torch.device):
+    """`generate`'s `ramnet_decode_loop` for inputs on `device`: the caller's, or for None on CUDA, False
+    (transformers' loop) unless `BY_DEFAULT_ON_CUDA`."""
+    if choice is None and device.type == "cuda" and not BY_DEFAULT_ON_CUDA:
+        return False
+    return choice
 
 
 def fast_path_applies(choice, logits_processor, stopping_criteria, generation_config, synced_gpus: bool,
@@ -503,6 +516,6 @@ def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, 
     return torch.cat([input_ids, new], dim=-1), cache
 
 
-__all__ = ["DECODE_LOOP_BY_DEFAULT", "DecodeLoop", "MAX_RETAINED_LOOPS", "MIN_TOKEN_CAPACITY", "RetainedLoops",
-           "Sampler", "SYNC_EVERY", "clear_loops", "decode", "fast_path_applies", "keep_top_k", "keep_top_p",
+__all__ = ["BY_DEFAULT_ON_CUDA", "DECODE_LOOP_BY_DEFAULT", "DecodeLoop", "default_choice", "MAX_RETAINED_LOOPS", "MIN_TOKEN_CAPACITY", "RetainedLoops",
+           "Sampler", "SYNC_EVERY", "clear_loops", "default_choice", "decode", "fast_path_applies", "keep_top_k", "keep_top_p",
            "loop_key", "retained_loops", "sample_from", "token_capacity"]

@@ -337,7 +337,8 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
     def generate(self, *args, ramnet_decode_loop: bool | str | None = None, **kwargs):
         """transformers' `generate`; greedy search and sampling with the static cache take RAM-Net's decode
         loop (`decode_loop.py`: one whole step captured in a CUDA graph on CUDA) where it gives the same
-        result. `ramnet_decode_loop`: None (the default, `decode_loop.DECODE_LOOP_BY_DEFAULT`), False
+        result. `ramnet_decode_loop`: None (the default, `decode_loop.DECODE_LOOP_BY_DEFAULT`; on CUDA also
+        `decode_loop.BY_DEFAULT_ON_CUDA`, off until the graph has passed its GPU tests), False
         (transformers' loop), "eager" (the loop without the graph), True or "graph"."""
         if ramnet_decode_loop not in decode_loop.CHOICES:
             raise ValueError(f"ramnet_decode_loop must be one of {decode_loop.CHOICES}, got {ramnet_decode_loop!r}")
@@ -358,6 +359,7 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         choice = getattr(self, "_ramnet_decode_loop_choice", None)
         if choice is None:
             choice = getattr(generation_config, "ramnet_decode_loop", None)
+        choice = decode_loop.default_choice(choice, input_ids.device)
         if not decode_loop.fast_path_applies(choice, logits_processor, stopping_criteria, generation_config,
                                              synced_gpus, model_kwargs, CACHE_FIELD):
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
