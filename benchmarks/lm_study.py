@@ -119,16 +119,25 @@ def corpus_of(meta: dict) -> str:
             f"{data['distributions']} distributions")
 
 
+def stand_ins_replaced(studies: list[dict]) -> set[tuple[str, str]]:
+    """The (variant, corpus) runs that a family's own preset replaces: a stand-in of a family (a variant
+    mapped to it in ``COMPARED`` that is not named after it, such as RAM-Net's ``small`` before the
+    convolution) gives way on a corpus where the family's preset has a complete run."""
+    done = {(r["variant"], corpus_of(s["meta"])) for s in studies for r in s["rows"] if r["status"] == "done"}
+    return {(variant, corpus) for variant, family in COMPARED.items() if variant != family
+            for name, corpus in done if name == family}
+
+
 def scale_rows(studies: list[dict]) -> list[dict]:
     """`scale.json`'s rows from studies' JSON: one per compared run (``COMPARED``) and held-out evaluation,
     ``{family, tokens, ppl, tok_s}`` and the run it comes from (its variant, whether it reached its
     max_steps, the study's commit, device and corpus, and how many runs shared the GPU, which is what its
     tokens/s measured)."""
-    rows = []
+    rows, replaced = [], stand_ins_replaced(studies)
     for study in studies:
         meta = study["meta"]
         for run in study["rows"]:
-            if "tokens" not in run or run["variant"] not in COMPARED:
+            if "tokens" not in run or run["variant"] not in COMPARED or (run["variant"], corpus_of(meta)) in replaced:
                 continue
             family = COMPARED[run["variant"]]
             for tokens, ppl in run["evals"]:
@@ -162,12 +171,13 @@ def scale_summaries(studies: list[dict]) -> dict[str, dict]:
     tokens."""
     tagged = len({corpus_of(s["meta"]) for s in studies}) > 1
     complete = {r["variant"] for s in studies for r in s["rows"] if r["status"] == "done"}
-    summaries = {}
+    summaries, replaced = {}, stand_ins_replaced(studies)
     for study in studies:
         train = study["meta"]["data"]["splits"]["train"]["tokens"]
         done = {r["variant"] for r in study["rows"] if r["status"] == "done"}
         for variant, summary in summaries_of(study["rows"]).items():
-            if variant not in COMPARED or variant in complete and variant not in done:
+            if (variant not in COMPARED or variant in complete and variant not in done
+                    or (variant, corpus_of(study["meta"])) in replaced):
                 continue
             summaries[f"{variant} [{train / 1e6:.1f}M corpus]" if tagged else variant] = summary
     return summaries

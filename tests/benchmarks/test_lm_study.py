@@ -110,6 +110,21 @@ def test_scale_summaries_name_runs_by_corpus_only_where_the_studies_span_corpora
                                                                "raven [104.8M corpus]": 42.0}
 
 
+def test_the_family_preset_replaces_its_stand_in_on_the_corpus_where_it_completed():
+    a, b = corpus(104.79e6, 203), corpus(99.66e6, 197)
+    old = "ramnet-cape-absolute-gate-alpha-lr30"  # small before the convolution, the comparison's RAM-Net until then
+    studies = [study_of(old, "small-paper", a, 14.8), study_of(old, "small-paper", b, 13.5),
+               study_of("ramnet", "small", b, 12.3)]
+    summaries = lm_study.scale_summaries(studies)
+    assert {k: v["final_ppl"] for k, v in summaries.items()} == {f"{old} [104.8M corpus]": 14.8,
+                                                                 "ramnet [99.7M corpus]": 12.3}
+    rows = lm_study.scale_rows(studies)
+    assert sorted((r["variant"], r["ppl"]) for r in rows) == [("ramnet", 12.3), (old, 14.8)]
+    # a preset run that did not complete leaves the stand-in in place
+    stopped = study_of("ramnet", "small", b, 20.0, "stopped at the deadline")
+    assert sorted(r["ppl"] for r in lm_study.scale_rows([studies[1], stopped])) == [13.5, 20.0]
+
+
 @pytest.mark.parametrize("resumable", [False, True])
 def test_a_resumable_study_checkpoints_at_every_evaluation_and_continues(resumable, tmp_path):
     argv = lm_study.command("ramnet", tmp_path / "data", tmp_path / "runs", ["max_steps=3052"], resumable)
