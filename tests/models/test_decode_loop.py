@@ -303,7 +303,7 @@ def _filled_cache(model, ids):
 
 @torch.no_grad()
 def test_the_loop_key_and_the_rounded_output_length():
-    from ramnet.models.ramnet.decode_loop import loop_key, sampler_key, token_capacity
+    from ramnet.models.ramnet.decode_loop import loop_key, token_capacity
 
     assert [token_capacity(n) for n in (1, 2, 255, 256, 257, 512, 1000, 5000)] == \
         [256, 256, 256, 256, 512, 512, 1024, 8192]
@@ -314,7 +314,7 @@ def test_the_loop_key_and_the_rounded_output_length():
     eos, pad = torch.tensor([5, 6]), torch.tensor(0)
 
     def key(cache=cache, batch=2, n=100, do_sample=True, processors=warpers, eos=eos, pad=pad, graph=True):
-        return loop_key(model, cache, batch, n, sampler_key(do_sample, processors), eos, pad, graph)
+        return loop_key(model, cache, batch, n, Sampler(do_sample, processors).key, eos, pad, graph)
 
     base = key()
     assert key() == base and key(n=256) == base and key(n=1) == base  # one bucket of output lengths
@@ -332,7 +332,7 @@ def test_the_loop_key_and_the_rounded_output_length():
     ]
     assert all(k != base for k in changed) and len(set(changed)) == len(changed)
     other = tiny_model(torch.float32, short_conv_size=3)  # another cache layout (and other weights)
-    assert loop_key(other, _filled_cache(other, ids), 2, 100, sampler_key(True, warpers), eos, pad, True) != base
+    assert loop_key(other, _filled_cache(other, ids), 2, 100, Sampler(True, warpers).key, eos, pad, True) != base
     model.double()  # new weights: another key
     assert key(cache=_filled_cache(model, ids)) != base
 

@@ -134,27 +134,36 @@ def sample_from(probs: torch.Tensor) -> torch.Tensor:
     return (probs / noise).argmax(dim=-1)
 
 
+def warper_settings(warper) -> tuple:
+    """A transformers warper as (the name of its filter here, its settings): what a captured step bakes in."""
+    if isinstance(warper, TemperatureLogitsWarper):
+        return ("temperature", float(warper.temperature))
+    if isinstance(warper, TopKLogitsWarper):
+        return ("top_k", int(warper.top_k), float(warper.filter_value))
+    if isinstance(warper, TopPLogitsWarper):
+        return ("top_p", float(warper.top_p), int(warper.min_tokens_to_keep), float(warper.filter_value))
+    raise TypeError(f"the decode loop has no graph-safe form of {type(warper).__name__}")
+
+
+FILTERS = {"temperature": apply_temperature, "top_k": keep_top_k, "top_p": keep_top_p}
+
+
 class Sampler:
     """Logits [B, V] -> next tokens [B]: greedy argmax, or the warpers of transformers' list (temperature,
-    top-k, top-p, in its order) and a draw."""
+    top-k, top-p, in its order) and a draw. `key`: what of it a captured step bakes in."""
 
     def __init__(self, do_sample: bool, logits_processor=()):
-        self.do_sample = do_sample
-        self.filters = []
-        for p in logits_processor:
-            if isinstance(p, TemperatureLogitsWarper):
-                self.filters.append(lambda s, p=p: apply_temperature(s, p.temperature))
-            elif isinstance(p, TopKLogitsWarper):
-                self.filters.append(lambda s, p=p: keep_top_k(s, p.top_k, p.filter_value))
-            elif isinstance(p, TopPLogitsWarper):
-                self.filters.append(lambda s, p=p: keep_top_p(s, p.top_p, p.min_tokens_to_keep, p.filter_value))
-            else:
-                raise TypeError(f"the decode loop has no graph-safe form of {type(p).__name__}")
+        self.do_sample = bool(do_sample)
+        self.settings = tuple(warper_settings(p) for p in logits_processor)
+
+    @property
+    def key(self) -> tuple:
+        return (self.do_sample, self.settings)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         scores = logits.float()  # transformers processes fp32 logits
-        for keep in self.filters:
-            scores = keep(scores)
+        for name, *settings in self.settings:
+            scores = FILTERS[name](scores, *settings)
         if not self.do_sample:
             return scores.argmax(dim=-1)
         return sample_from(scores.softmax(dim=-1))
@@ -198,21 +207,6 @@ def cache_layout(cache: RAMNetStaticCache) -> tuple:
 def token_capacity(max_new_tokens: int) -> int:
     """The output buffer's length for `max_new_tokens`: the next power of two, at least `MIN_TOKEN_CAPACITY`."""
     return max(MIN_TOKEN_CAPACITY, 1 << (max(1, max_new_tokens) - 1).bit_length())
-
-
-def sampler_key(do_sample: bool, logits_processor) -> tuple:
-    """What of the sampler a captured step bakes in: greedy or not, and each warper's settings, in order."""
-    settings = []
-    for p in logits_processor:
-        if isinstance(p, TemperatureLogitsWarper):
-            settings.append(("temperature", float(p.temperature)))
-        elif isinstance(p, TopKLogitsWarper):
-            settings.append(("top_k", int(p.top_k), float(p.filter_value)))
-        elif isinstance(p, TopPLogitsWarper):
-            settings.append(("top_p", float(p.top_p), int(p.min_tokens_to_keep), float(p.filter_value)))
-        else:
-            raise TypeError(f"the decode loop has no graph-safe form of {type(p).__name__}")
-    return (bool(do_sample), tuple(settings))
 
 
 def model_key(model) -> tuple:
@@ -290,7 +284,7 @@ class DecodeLoop:
         return sum(t.numel() * t.element_size() for t in self._buffers()) + self.graph_pool_bytes
 
     def release(self) -> None:
-        """Drops the graph (its private memory pool goes back to the allocator) and the buffers."""
+        """Drops the graph (its private memory pool goes back to the allocator); the buffers go with the loop."""
         if self.graph is not None:
             if self.ids.is_cuda:
                 torch.cuda.synchronize(self.ids.device)  # no replay still running in the pool
@@ -484,12 +478,12 @@ def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, 
     pad = generation_config._pad_token_tensor if eos is not None else None
     use_graph = choice != "eager" and first_logits.device.type == "cuda"
     batch = input_ids.shape[0]
-    sampler = sampler_key(generation_config.do_sample, logits_processor)
-    key = loop_key(model, cache, batch, max_new_tokens, sampler, eos, pad, use_graph)
+    sampler = Sampler(generation_config.do_sample, logits_processor)
+    key = loop_key(model, cache, batch, max_new_tokens, sampler.key, eos, pad, use_graph)
 
     def build() -> DecodeLoop:
-        return DecodeLoop(model, clone_cache(cache, model.config), batch, token_capacity(max_new_tokens),
-                          Sampler(generation_config.do_sample, logits_processor), eos, pad, first_logits.device)
+        return DecodeLoop(model, clone_cache(cache, model.config), batch, token_capacity(max_new_tokens), sampler, eos,
+                          pad, first_logits.device)
 
     loop, reused, kept = acquire_loop(model, key, build)
     try:
@@ -516,6 +510,7 @@ def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, 
     return torch.cat([input_ids, new], dim=-1), cache
 
 
-__all__ = ["BY_DEFAULT_ON_CUDA", "DECODE_LOOP_BY_DEFAULT", "DecodeLoop", "default_choice", "MAX_RETAINED_LOOPS", "MIN_TOKEN_CAPACITY", "RetainedLoops",
-           "Sampler", "SYNC_EVERY", "clear_loops", "default_choice", "decode", "fast_path_applies", "keep_top_k", "keep_top_p",
-           "loop_key", "retained_loops", "sample_from", "token_capacity"]
+__all__ = ["BY_DEFAULT_ON_CUDA", "DECODE_LOOP_BY_DEFAULT", "FILTERS", "MAX_RETAINED_LOOPS", "MIN_TOKEN_CAPACITY",
+           "SYNC_EVERY", "DecodeLoop", "RetainedLoops", "Sampler", "clear_loops", "decode", "default_choice",
+           "fast_path_applies", "keep_top_k", "keep_top_p", "loop_key", "retained_loops", "sample_from",
+           "token_capacity", "warper_settings"]
