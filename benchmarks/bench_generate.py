@@ -8,15 +8,15 @@ tokenizer's 32,000 ids): ``small`` (RAM-Net), ``small-gated-deltanet`` (fla's Ga
 embedding; every row records the model's count). bf16 on CUDA, fp32 on the CPU, eval mode.
 
 Modes (``--modes``):
-  default  plain ``model.generate``, greedy, with the model's default cache: RAM-Net's ``RAMNetCache``
-           (eager; its decoding step runs the fused Triton kernel on CUDA), fla's ``Cache``,
+  default  plain ``model.generate``, greedy, with the model's default cache: RAM-Net's ``RAMNetStaticCache``
+           on CUDA (``RAMNetCache`` on the CPU; its decoding step runs the fused Triton kernel on CUDA), fla's ``Cache``,
            transformers' ``DynamicCache`` for Llama.
   best     RAM-Net: ``cache_implementation="static"``, a ``RAMNetStaticCache``, with which ``generate``
            runs RAM-Net's decode loop (``ramnet/models/ramnet/decode_loop.py``): one whole decoding step
            (model, sampler, stop tokens) captured in a CUDA graph and replayed, the host looking every 16
-           steps; on the CPU the same loop, eager (``ramnet_decode_loop="graph"``: the loop is not yet CUDA's
-           default, ``decode_loop.BY_DEFAULT_ON_CUDA``; until it is, RAM-Net's ``default`` row on CUDA runs
-           transformers' loop over its default static cache). ``decode_loop`` in each row says how the steps ran:
+           steps; on the CPU the same loop, eager. Since ``decode_loop.BY_DEFAULT_ON_CUDA`` is on, RAM-Net's
+           ``default`` row on CUDA runs the same loop (``best`` asks for it with ``ramnet_decode_loop="graph"``,
+           so that it stays the loop if the default changes). ``decode_loop`` in each row says how the steps ran:
            "graph", "eager", or empty for transformers' loop. Llama: the same,
            transformers' recommended recipe: ``cache_implementation="static"`` (a ``StaticCache``) with
            the forward auto-compiled by ``generate`` (its ``generation_config.compile_config``, mode
@@ -162,7 +162,7 @@ def generate_kwargs(name: str, mode: str) -> dict:
     kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=0)
     if mode == "best" and name in ("ramnet", "llama"):
         kwargs["cache_implementation"] = "static"
-    if mode == "best" and name == "ramnet":  # asked for: not yet CUDA's default (decode_loop.BY_DEFAULT_ON_CUDA)
+    if mode == "best" and name == "ramnet":  # asked for, whatever decode_loop.BY_DEFAULT_ON_CUDA says
         kwargs["ramnet_decode_loop"] = "graph"
     return kwargs
 

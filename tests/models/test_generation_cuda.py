@@ -1,6 +1,6 @@
 """`generate` on CUDA with `cache_implementation="static"` (the default there,
-`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache`, and by default (here: `decode_loop.BY_DEFAULT_ON_CUDA`
-turned on, as these tests are what it waits for) RAM-Net's decode loop
+`STATIC_CACHE_BY_DEFAULT_ON_CUDA`): a `RAMNetStaticCache`, and by default (`decode_loop.BY_DEFAULT_ON_CUDA`, which
+these tests pin on) RAM-Net's decode loop
 (ramnet/models/ramnet/decode_loop.py: one whole step, sampler and stop tokens included, captured in a
 CUDA graph and replayed); with `ramnet_decode_loop=False`, transformers' loop with each decoding step
 through its auto-compilation (torch.compile, mode "reduce-overhead"). Their tokens must be the eager
@@ -26,6 +26,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def decode_loop_by_default_on_cuda(monkeypatch):
+    # The shipped default; pinned so that the tests check the loop even where a user turns it off.
     monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", True)
 
 

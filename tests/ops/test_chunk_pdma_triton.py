@@ -61,7 +61,10 @@ def test_kernels_match_reference(config, with_state, final):
     want = _run(chunk_pdma, *args)
     assert got[0].dtype == torch.float32 and len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"output {i}: {m}")
+        # fp32 sums that cancel (gamma 300's decay gradients reach 47 and sum to 5e-5 in places): the
+        # absolute error is fp32's at the tensor's scale, not at the entry's.
+        atol = max(1e-5, 2e-6 * b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m: f"output {i}: {m}")
 
 
 def test_refuses_topk_beyond_the_kernels():

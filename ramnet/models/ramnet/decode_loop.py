@@ -47,11 +47,11 @@ from ..cache import RAMNetStaticCache
 
 # Whether `generate` takes this loop where it applies (else transformers' loop, as before).
 DECODE_LOOP_BY_DEFAULT = True
-# Whether that default holds for CUDA inputs too. Off until tests/models/test_generation_cuda.py has passed on
-# a GPU: the capture and the replay of the step have only run on the CPU's eager path so far, and until they
-# have, CUDA keeps what has been checked there (transformers' loop with the static cache's compiled step).
-# `ramnet_decode_loop="graph"` asks for the loop on CUDA whatever this says.
-BY_DEFAULT_ON_CUDA = False
+# Whether that default holds for CUDA inputs too: on since tests/models/test_generation_cuda.py passed on a GPU
+# (an H100, 2026-12-07: the captured loop gives the eager loop's and the full forward's tokens, sampling,
+# streaming, left padding and stop tokens included). False sends CUDA back to transformers' loop over the
+# static cache's compiled step; `ramnet_decode_loop=` chooses per call whatever this says.
+BY_DEFAULT_ON_CUDA = True
 # Decoding steps between two host reads (stop check, streaming). A stop is noticed up to this many steps
 # late: those steps are wasted work whose tokens are trimmed away, and the cache has seen them.
 SYNC_EVERY = 16

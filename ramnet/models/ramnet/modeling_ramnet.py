@@ -338,7 +338,7 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         """transformers' `generate`; greedy search and sampling with the static cache take RAM-Net's decode
         loop (`decode_loop.py`: one whole step captured in a CUDA graph on CUDA) where it gives the same
         result. `ramnet_decode_loop`: None (the default, `decode_loop.DECODE_LOOP_BY_DEFAULT`; on CUDA also
-        `decode_loop.BY_DEFAULT_ON_CUDA`, off until the graph has passed its GPU tests), False
+        `decode_loop.BY_DEFAULT_ON_CUDA`), False
         (transformers' loop), "eager" (the loop without the graph), True or "graph"."""
         if ramnet_decode_loop not in decode_loop.CHOICES:
             raise ValueError(f"ramnet_decode_loop must be one of {decode_loop.CHOICES}, got {ramnet_decode_loop!r}")
