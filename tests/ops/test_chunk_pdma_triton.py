@@ -60,11 +60,49 @@ def test_kernels_match_reference(config, with_state, final):
     got = _run(chunk_triton.chunk_pdma_triton, *args)
     want = _run(chunk_pdma, *args)
     assert got[0].dtype == torch.float32 and len(got) == len(want)
-    for i, (a, b) in enumerate(zip(got, want)):
+    _assert_outputs_close(got, want, with_state, final)
+
+
+def _output_names(with_state, final):
+    return ["o", *(["S", "z"] if final else []), "grad write_w", "grad read_w", "grad v",
+            *(["grad S0", "grad z0"] if with_state else [])]
+
+
+def _assert_outputs_close(got, want, with_state, final):
+    """Every output and gradient at once, so that a failure names all that are off (on a GPU, which
+    ones are wrong says where in the kernels to look)."""
+    failures = []
+    for name, a, b in zip(_output_names(with_state, final), got, want):
         # fp32 sums that cancel (gamma 300's decay gradients reach 47 and sum to 5e-5 in places): the
         # absolute error is fp32's at the tensor's scale, not at the entry's.
         atol = max(1e-5, 2e-6 * b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=lambda m: f"output {i}: {m}")
+        if not torch.allclose(a, b, rtol=1e-4, atol=atol):
+            bad = ((a - b).abs() > atol + 1e-4 * b.abs()).float().mean().item()
+            failures.append(f"{name}: max error {(a - b).abs().max().item():.3g} at scale {b.abs().max().item():.3g}, "
+                            f"{bad:.1%} of entries off")
+    assert not failures, "; ".join(failures)
+
+
+# Launch choices that must not change the result (on the CPU the interpreter ignores the first and
+# already computes the selections in fp32).
+LAUNCH_VARIANTS = {"4 warps": ("NUM_WARPS", 4), "ieee products": ("DOT_PRECISION", "ieee"),
+                   "one slice": ("TARGET_PROGRAMS", 1), "fp32 selections": ("interpreting", lambda: True)}
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="launch choices that only a GPU compiles differently")
+@pytest.mark.parametrize("variant", list(LAUNCH_VARIANTS))
+def test_k8_slices_at_every_launch_choice(monkeypatch, variant):
+    """The K = 8, three-slice case under each launch choice of ``chunk_triton``: warps, the precision
+    of the products with v, slices, and the 0/1 selection products in fp32 instead of three bf16
+    parts."""
+    from ramnet.ops.pdma import chunk_triton
+
+    monkeypatch.setattr(chunk_triton, *LAUNCH_VARIANTS[variant])
+    batch, seq_len, heads, topk, slots, d_v, gamma, cu, _ = TOKEN_CONFIGS[1]
+    write_idx, write_w, read_idx, read_w, v, state, gamma = _tokens(1, batch, seq_len, heads, topk, slots, d_v, gamma,
+                                                                   dtype=torch.float32)
+    args = ((write_idx, write_w, read_idx, read_w, v), gamma, state, True, None, slots)
+    _assert_outputs_close(_run(chunk_triton.chunk_pdma_triton, *args), _run(chunk_pdma, *args), True, True)
 
 
 def test_refuses_topk_beyond_the_kernels():
