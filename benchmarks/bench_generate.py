@@ -9,14 +9,15 @@ embedding; every row records the model's count). bf16 on CUDA, fp32 on the CPU, 
 
 Modes (``--modes``):
   default  plain ``model.generate``, greedy, with the model's default cache: RAM-Net's ``RAMNetStaticCache``
-           on CUDA (``RAMNetCache`` on the CPU; its decoding step runs the fused Triton kernel on CUDA), fla's ``Cache``,
+           and its decode loop on CUDA (``RAMNetCache`` and transformers' loop on the CPU), fla's ``Cache``,
            transformers' ``DynamicCache`` for Llama.
   best     RAM-Net: ``cache_implementation="static"``, a ``RAMNetStaticCache``, with which ``generate``
            runs RAM-Net's decode loop (``ramnet/models/ramnet/decode_loop.py``): one whole decoding step
            (model, sampler, stop tokens) captured in a CUDA graph and replayed, the host looking every 16
-           steps; on the CPU the same loop, eager. Since ``decode_loop.BY_DEFAULT_ON_CUDA`` is on, RAM-Net's
-           ``default`` row on CUDA runs the same loop (``best`` asks for it with ``ramnet_decode_loop="graph"``,
-           so that it stays the loop if the default changes). ``decode_loop`` in each row says how the steps ran:
+           steps; on the CPU the same loop, eager. On CUDA RAM-Net's ``default`` takes that loop already
+           (``decode_loop.BY_DEFAULT_ON_CUDA``), so its ``best`` row is not run and says so, as Gated
+           DeltaNet's (``ramnet_default_is_best``; with that default off both run). ``decode_loop`` in
+           each row says how the steps ran:
            "graph", "eager", or empty for transformers' loop. Llama: the same,
            transformers' recommended recipe: ``cache_implementation="static"`` (a ``StaticCache``) with
            the forward auto-compiled by ``generate`` (its ``generation_config.compile_config``, mode
@@ -86,7 +87,7 @@ import torch
 from ramnet.files import write_text_atomic
 from ramnet.lm import families
 from ramnet.lm.config import load_config
-from ramnet.models.ramnet import modeling_ramnet
+from ramnet.models.ramnet import decode_loop, modeling_ramnet
 from ramnet.ops.triton_support import triton_runs_on
 from ramnet.provenance import environment
 
@@ -105,6 +106,8 @@ TINY = {
 MODES = ("default", "best")
 GDN_NOTE = ("fla 0.6.0's generate is Gated DeltaNet's only path: its caches are not is_compileable (transformers "
             "does not compile them) and it has no static cache, so best = default")
+RAMNET_DEFAULT_NOTE = ("on CUDA RAM-Net's plain generate already takes the static cache and its decode loop's graph "
+                       "(STATIC_CACHE_BY_DEFAULT_ON_CUDA, decode_loop.BY_DEFAULT_ON_CUDA), so best = default")
 GRIDS = {  # batch sizes, prompt lengths, new tokens
     "full": ([1, 16, 64, 256], [512, 8192], 256),
     "quick": ([1, 16], [128], 32),
@@ -156,6 +159,13 @@ def param_counts(model) -> dict:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def ramnet_default_is_best(device: str) -> bool:
+    """Whether RAM-Net's ``default`` row already runs what ``best`` asks for (its decode loop over the
+    static cache, in a CUDA graph): then ``best`` would time the same path twice, and is skipped."""
+    return (device == "cuda" and modeling_ramnet.STATIC_CACHE_BY_DEFAULT_ON_CUDA and decode_loop.DECODE_LOOP_BY_DEFAULT
+            and decode_loop.BY_DEFAULT_ON_CUDA)
 
 
 def generate_kwargs(name: str, mode: str) -> dict:
@@ -438,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
             row.update(status="skipped", error=skipped[name])
         elif name == "gated_deltanet" and mode == "best":
             row.update(status="skipped", same_as="default", note=GDN_NOTE)
+        elif name == "ramnet" and mode == "best" and ramnet_default_is_best(args.device):
+            row.update(status="skipped", same_as="default", note=RAMNET_DEFAULT_NOTE)
         else:
             model = built[name]
             if args.device == "cuda":

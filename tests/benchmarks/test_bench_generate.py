@@ -97,3 +97,14 @@ def test_resume_runs_only_the_missing_cells_and_keeps_the_earlier_rows(tmp_path)
     assert best["same_tokens_as_default"] is True and best["tokens_equal_frac"] == 1.0 and best["first_diff_step"] is None
     with pytest.raises(SystemExit):  # another configuration is not mixed in
         bench_generate.main(common + ["--batch", "1", "--new-tokens", "4", "--resume"])
+
+
+def test_ramnet_best_is_skipped_only_where_the_default_already_takes_the_decode_loop(monkeypatch):
+    decode_loop, modeling = bench_generate.decode_loop, bench_generate.modeling_ramnet
+    monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", True)
+    assert bench_generate.ramnet_default_is_best("cuda") and not bench_generate.ramnet_default_is_best("cpu")
+    for module, name in ((decode_loop, "BY_DEFAULT_ON_CUDA"), (decode_loop, "DECODE_LOOP_BY_DEFAULT"),
+                         (modeling, "STATIC_CACHE_BY_DEFAULT_ON_CUDA")):
+        with monkeypatch.context() as patch:  # any default turned off: the default row is not the loop
+            patch.setattr(module, name, False)
+            assert not bench_generate.ramnet_default_is_best("cuda")
