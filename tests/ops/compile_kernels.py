@@ -53,9 +53,12 @@ def cases():
         yield kernels.bwd_output_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.carry_kernel, dict(DV=64, REVERSE=flag, G_CARRY=32)
         # Chunked PDMA at K 8 (C K = 128 events of each kind): 4 slices of d_v 64 with exact fp32
-        # products, or one slice with tf32x3; packed sequences and the saved rows with every flag on.
+        # products, or one slice with tf32x3; packed sequences, the saved rows and fp32 selection
+        # products with every flag on.
+        # UPCAST (the selection products in fp32, as under the interpreter) must compile too: a GPU
+        # test runs it.
         chunk = dict(K=8, KP=8, C=CHUNK, DS=64 if flag else 16, VARLEN=flag, PREC="tf32x3" if flag else "ieee",
-                     UPCAST=False, num_warps=NUM_WARPS)
+                     UPCAST=flag, num_warps=NUM_WARPS)
         yield chunk_kernels.chunk_fwd_kernel, dict(chunk, SAVE=flag)
         yield chunk_kernels.chunk_bwd_kernel, chunk
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).

@@ -46,9 +46,13 @@ def _bf16_parts(x, UPCAST: tl.constexpr):
     rest = x - hi.to(tl.float32)
     mid = rest.to(tl.bfloat16)
     lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    # Both branches spelled out: a return after an `if` is compiled even where the constexpr is true,
+    # and two return types do not compile.
     if UPCAST:
-        return hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
-    return hi, mid, lo
+        parts = hi.to(tl.float32), mid.to(tl.float32), lo.to(tl.float32)
+    else:
+        parts = hi, mid, lo
+    return parts
 
 
 @triton.jit
@@ -61,11 +65,13 @@ def _select_dot(m, x, UPCAST: tl.constexpr):
     if UPCAST:
         acc = tl.dot(m, lo, input_precision="ieee")
         acc = tl.dot(m, mid, acc, input_precision="ieee")
-        return tl.dot(m, hi, acc, input_precision="ieee")
-    mb = m.to(tl.bfloat16)
-    acc = tl.dot(mb, lo)
-    acc = tl.dot(mb, mid, acc)
-    return tl.dot(mb, hi, acc)
+        acc = tl.dot(m, hi, acc, input_precision="ieee")
+    else:
+        mb = m.to(tl.bfloat16)
+        acc = tl.dot(mb, lo)
+        acc = tl.dot(mb, mid, acc)
+        acc = tl.dot(mb, hi, acc)
+    return acc
 
 
 @triton.jit
@@ -75,11 +81,13 @@ def _dot_select(x, m, UPCAST: tl.constexpr):
     if UPCAST:
         acc = tl.dot(lo, m, input_precision="ieee")
         acc = tl.dot(mid, m, acc, input_precision="ieee")
-        return tl.dot(hi, m, acc, input_precision="ieee")
-    mb = m.to(tl.bfloat16)
-    acc = tl.dot(lo, mb)
-    acc = tl.dot(mid, mb, acc)
-    return tl.dot(hi, mb, acc)
+        acc = tl.dot(hi, m, acc, input_precision="ieee")
+    else:
+        mb = m.to(tl.bfloat16)
+        acc = tl.dot(lo, mb)
+        acc = tl.dot(mid, mb, acc)
+        acc = tl.dot(hi, mb, acc)
+    return acc
 
 
 @triton.jit
