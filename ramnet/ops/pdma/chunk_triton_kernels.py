@@ -15,12 +15,14 @@ and tokens past the sequence's end are masked, their slots -1 for writes and -2 
 they match no real slot): ``L, W [CK, C]``, the log decay and weight of each token's write to each
 event's slot, come from a [CK, C, KP] slot compare reduced over the token's lanes (``_by_slot``;
 the backward's transpose reduces the same compare over the events, ``_to_writes``); interval sums
-of ``L`` are a product with a strictly triangular 0/1 matrix, and ``A @ v`` a [CK, C] x [C, DS]
-product. The backward sums each slot's read adjoints with [CK, CK] 0/1 match products
-(``_select_dot``: exact in bf16, fp32-accurate with x split in three bf16 parts).
+of ``L`` are a product with a strictly triangular 0/1 matrix (``_dot_select``: exact in bf16,
+fp32-accurate with x split in three bf16 parts), and ``A @ v`` a [CK, C] x [C, DS] product. The
+backward adds each read's share of the adjoint to its slot's row with atomic adds (fp32: the order
+of a slot's adds, and so the last bits, can change from run to run).
 
 Register pressure (ptxas for sm_90, K 8, C 16, 8 warps, DS 16): the forward spills about 60 bytes
-a thread, the backward about 2.5 KB; at 4 warps several times more.
+a thread; the backward spilled about 2.5 KB when it still summed the reads with [CK, CK] match
+products; at 4 warps several times more.
 """
 
 import triton
@@ -56,27 +58,10 @@ def _bf16_parts(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _select_dot(m, x, UPCAST: tl.constexpr):
-    """``m @ x`` for ``m`` of 0s and 1s (slot matches, token selections), fp32-accurate on bf16
-    tensor cores: m is exact in bf16 and the products of x's three parts are exact in the fp32
-    accumulator. ``UPCAST`` (the interpreter, whose bf16 dot multiplies the raw bits) runs the
-    same parts in fp32."""
-    hi, mid, lo = _bf16_parts(x, UPCAST)
-    if UPCAST:
-        acc = tl.dot(m, lo, input_precision="ieee")
-        acc = tl.dot(m, mid, acc, input_precision="ieee")
-        acc = tl.dot(m, hi, acc, input_precision="ieee")
-    else:
-        mb = m.to(tl.bfloat16)
-        acc = tl.dot(mb, lo)
-        acc = tl.dot(mb, mid, acc)
-        acc = tl.dot(mb, hi, acc)
-    return acc
-
-
-@triton.jit
 def _dot_select(x, m, UPCAST: tl.constexpr):
-    """``x @ m`` for ``m`` of 0s and 1s: ``_select_dot`` with the selection on the right."""
+    """``x @ m`` for ``m`` of 0s and 1s (token selections), fp32-accurate on bf16 tensor cores: m is
+    exact in bf16 and the products of x's three parts are exact in the fp32 accumulator. ``UPCAST``
+    (the interpreter, whose bf16 dot multiplies the raw bits) runs the same parts in fp32."""
     hi, mid, lo = _bf16_parts(x, UPCAST)
     if UPCAST:
         acc = tl.dot(lo, m, input_precision="ieee")
@@ -140,13 +125,6 @@ def _strictly_later(C: tl.constexpr):
 
 
 @triton.jit
-def _match(a, b):
-    """``[len(a), len(b)]``: 1.0 where slot a_i is slot b_j, else 0.0 (exact in bf16). Built where
-    it is used: a [CK, CK] tile costs 64 registers a thread at 8 warps."""
-    return tl.where(a[:, None] == b[None, :], 1.0, 0.0)
-
-
-@triton.jit
 def _token_match(slots, ws, C: tl.constexpr, KP: tl.constexpr):
     """``[CK, C, KP]``: whether lane j of token i writes the slot of each event of ``slots``."""
     return slots[:, None, None] == tl.reshape(ws, (C, KP))[None, :, :]
@@ -199,12 +177,6 @@ def _last_write(ws, tok, valid):
     """Whether each write is its slot's last in the chunk (the one that stores the slot)."""
     later_same = (ws[:, None] == ws[None, :]) & (tok[None, :] > tok[:, None])
     return valid & (tl.sum(later_same.to(tl.int32), 1) == 0)
-
-
-@triton.jit
-def _unwritten(rs, ws, valid):
-    """Whether no write of the chunk touches each read's slot."""
-    return valid & (tl.sum((rs[:, None] == ws[None, :]).to(tl.int32), 1) == 0)
 
 
 @triton.jit(do_not_specialize=SHAPE_ARGS)
@@ -294,11 +266,6 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         E_w, A_w, P_w = _write_terms(ws, la, ww, later, UPCAST, C, KP)
         last = _last_write(ws, tok, valid)
         lmask = last[:, None] & cmask[None, :]
-        # A slot's adjoint is carried by its last write if the chunk writes it, else by its reads
-        # (each stores the same row: the adjoint after the chunk plus all of the slot's reads').
-        unwritten = _unwritten(rs, ws, valid)
-        umask = unwritten[:, None] & cmask[None, :]
-
         tl.debug_barrier()  # the previous chunk's adjoint rows are stored
         S_w = tl.load(saved_S_ptr + ev[:, None] * D + cols[None, :], mask=lmask, other=0.0)
         z_w = tl.load(saved_z_ptr + ev, mask=last, other=0.0)
@@ -309,8 +276,6 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         z_r = tl.load(z_tab + rs, mask=valid, other=1.0)
         G_w = tl.load(dS_ptr + (row0 + ws)[:, None] * D + cols[None, :], mask=lmask, other=0.0)
         Gz_w = tl.load(dz_tab + ws, mask=last, other=0.0)
-        G_r = tl.load(dS_ptr + (row0 + rs)[:, None] * D + cols[None, :], mask=umask, other=0.0)
-        Gz_r = tl.load(dz_tab + rs, mask=unwritten, other=0.0)
         tl.debug_barrier()  # every adjoint row is read before any is replaced
 
         # Reads: o = sum r N / (D + eps), N = P S_old + A v, D = P z_old + sum A.
@@ -341,14 +306,13 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         tl.store(grad_write_w_ptr + grad_base + ev, d_w, mask=valid)
         tl.store(grad_read_w_ptr + grad_base + ev, d_read_w, mask=valid)
 
-        # The adjoint before the chunk: P G (written slots) or G (others), plus each read's P dN.
-        match_rt = _match(ws, rs)
-        new_w = P_w[:, None] * G_w + _select_dot(match_rt, RS, UPCAST)
-        new_wz = P_w * Gz_w + tl.sum(match_rt * RSz[None, :], 1)
-        match_rr = _match(rs, rs)
-        new_r = G_r + _select_dot(match_rr, RS, UPCAST)
-        new_rz = Gz_r + tl.sum(match_rr * RSz[None, :], 1)
-        tl.store(dS_ptr + (row0 + ws)[:, None] * D + cols[None, :], new_w, mask=lmask)
-        tl.store(dz_tab + ws, new_wz, mask=last)
-        tl.store(dS_ptr + (row0 + rs)[:, None] * D + cols[None, :], new_r, mask=umask)
-        tl.store(dz_tab + rs, new_rz, mask=unwritten)
+        # The adjoint before the chunk: P G at the slots the chunk writes (stored by each slot's last
+        # write), G at the others (left in place), plus each read's P dN, added atomically: a slot's
+        # reads add up, in any order. (Where the adds were one [CK, CK] slot-match product per table, with
+        # x in three bf16 parts, the K = 8 gradients came out wrong on Hopper; the adds need no match
+        # tile either.)
+        tl.store(dS_ptr + (row0 + ws)[:, None] * D + cols[None, :], P_w[:, None] * G_w, mask=lmask)
+        tl.store(dz_tab + ws, P_w * Gz_w, mask=last)
+        tl.debug_barrier()  # a written slot's row is replaced before its reads add to it
+        tl.atomic_add(dS_ptr + (row0 + rs)[:, None] * D + cols[None, :], RS, mask=rmask)
+        tl.atomic_add(dz_tab + rs, RSz, mask=valid)
