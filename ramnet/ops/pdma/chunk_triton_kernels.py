@@ -308,9 +308,9 @@ def chunk_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
 
         # The adjoint before the chunk: P G at the slots the chunk writes (stored by each slot's last
         # write), G at the others (left in place), plus each read's P dN, added atomically: a slot's
-        # reads add up, in any order. (Where the adds were one [CK, CK] slot-match product per table, with
-        # x in three bf16 parts, the K = 8 gradients came out wrong on Hopper; the adds need no match
-        # tile either.)
+        # reads add up, in any order. (The version before summed them with [CK, CK] slot-match products,
+        # x in three bf16 parts; with it the K = 8 gradients came out wrong on Hopper, cause not yet
+        # known: docs/kernels.md. The adds need no match tile either.)
         tl.store(dS_ptr + (row0 + ws)[:, None] * D + cols[None, :], P_w[:, None] * G_w, mask=lmask)
         tl.store(dz_tab + ws, P_w * Gz_w, mask=last)
         tl.debug_barrier()  # a written slot's row is replaced before its reads add to it
