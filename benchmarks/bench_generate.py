@@ -12,13 +12,12 @@ Modes (``--modes``):
            and its decode loop on CUDA (``RAMNetCache`` and transformers' loop on the CPU), fla's ``Cache``,
            transformers' ``DynamicCache`` for Llama.
   best     RAM-Net: ``cache_implementation="static"``, a ``RAMNetStaticCache``, with which ``generate``
-           runs RAM-Net's decode loop (``ramnet/models/ramnet/decode_loop.py``): one whole decoding step
-           (model, sampler, stop tokens) captured in a CUDA graph and replayed, the host looking every 16
-           steps; on the CPU the same loop, eager. On CUDA RAM-Net's ``default`` takes that loop already
-           (``decode_loop.BY_DEFAULT_ON_CUDA``), so its ``best`` row is not run and says so, as Gated
-           DeltaNet's (``ramnet_default_is_best``; with that default off both run). ``decode_loop`` in
-           each row says how the steps ran:
-           "graph", "eager", or empty for transformers' loop. Llama: the same,
+           runs RAM-Net's decode loop (``ramnet/models/ramnet/decode_loop.py``), here with
+           ``ramnet_decode_loop="compiled"``: the model's step through ``torch.compile``, and one whole
+           decoding step (model, sampler, stop tokens) captured in a CUDA graph and replayed, the host
+           looking every 16 steps; on the CPU the same compiled step, without a graph. (RAM-Net's
+           ``default`` on CUDA is the same loop with the eager model step.) ``decode_loop`` in each row
+           says how the steps ran: "graph", "eager", or empty for transformers' loop. Llama: the same,
            transformers' recommended recipe: ``cache_implementation="static"`` (a ``StaticCache``) with
            the forward auto-compiled by ``generate`` (its ``generation_config.compile_config``, mode
            "reduce-overhead"). Gated DeltaNet: fla 0.6.0's ``generate`` is its only path (its caches
@@ -87,7 +86,7 @@ import torch
 from ramnet.files import write_text_atomic
 from ramnet.lm import families
 from ramnet.lm.config import load_config
-from ramnet.models.ramnet import decode_loop, modeling_ramnet
+from ramnet.models.ramnet import modeling_ramnet
 from ramnet.ops.triton_support import triton_runs_on
 from ramnet.provenance import environment
 
@@ -106,8 +105,6 @@ TINY = {
 MODES = ("default", "best")
 GDN_NOTE = ("fla 0.6.0's generate is Gated DeltaNet's only path: its caches are not is_compileable (transformers "
             "does not compile them) and it has no static cache, so best = default")
-RAMNET_DEFAULT_NOTE = ("on CUDA RAM-Net's plain generate already takes the static cache and its decode loop's graph "
-                       "(STATIC_CACHE_BY_DEFAULT_ON_CUDA, decode_loop.BY_DEFAULT_ON_CUDA), so best = default")
 GRIDS = {  # batch sizes, prompt lengths, new tokens
     "full": ([1, 16, 64, 256], [512, 8192], 256),
     "quick": ([1, 16], [128], 32),
@@ -161,19 +158,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ramnet_default_is_best(device: str) -> bool:
-    """Whether RAM-Net's ``default`` row already runs what ``best`` asks for (its decode loop over the
-    static cache, in a CUDA graph): then ``best`` would time the same path twice, and is skipped."""
-    return (device == "cuda" and modeling_ramnet.STATIC_CACHE_BY_DEFAULT_ON_CUDA and decode_loop.DECODE_LOOP_BY_DEFAULT
-            and decode_loop.BY_DEFAULT_ON_CUDA)
-
-
 def generate_kwargs(name: str, mode: str) -> dict:
     kwargs = dict(do_sample=False, temperature=None, top_k=None, top_p=None, eos_token_id=None, pad_token_id=0)
     if mode == "best" and name in ("ramnet", "llama"):
         kwargs["cache_implementation"] = "static"
-    if mode == "best" and name == "ramnet":  # asked for, whatever decode_loop.BY_DEFAULT_ON_CUDA says
-        kwargs["ramnet_decode_loop"] = "graph"
+    if mode == "best" and name == "ramnet":  # asked for, whatever the defaults say
+        kwargs["ramnet_decode_loop"] = "compiled"
     return kwargs
 
 
@@ -235,8 +225,8 @@ def run_cell(model, name: str, batch: int, prompt: int, mode: str, new_tokens: i
     row["cache"] = type(cache).__name__ if cache is not None else None
     loop = model._ramnet_decode_loop_last
     row["decode_loop"] = None if loop is None else "graph" if loop["graph"] else "eager"
-    # RAM-Net's decode loop does not go through transformers' compiled forward
-    row["compiled"] = False if loop is not None else step_compiled(model, cache, device)
+    # RAM-Net's decode loop compiles its own step where asked ("compiled"), not through transformers
+    row["compiled"] = loop["compiled"] if loop is not None else step_compiled(model, cache, device)
     del out, cache
     if loop is not None:
         # The warm-up is the first call of this key (forget_caches dropped the kept loops after the last
@@ -448,8 +438,6 @@ def main(argv: list[str] | None = None) -> dict:
             row.update(status="skipped", error=skipped[name])
         elif name == "gated_deltanet" and mode == "best":
             row.update(status="skipped", same_as="default", note=GDN_NOTE)
-        elif name == "ramnet" and mode == "best" and ramnet_default_is_best(args.device):
-            row.update(status="skipped", same_as="default", note=RAMNET_DEFAULT_NOTE)
         else:
             model = built[name]
             if args.device == "cuda":

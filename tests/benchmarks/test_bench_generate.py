@@ -44,7 +44,9 @@ def test_a_tiny_cpu_sweep_writes_every_row_with_its_meta(tmp_path):
                                                       ("llama", "best")}
     for row in ran:
         assert row["tok_s"] > 0 and row["ms_per_token"] is not None and row["prefill_ms"] > 0
-        assert row["new_tokens"] == 3 and row["compiled"] is False  # nothing is compiled on the CPU
+        assert row["new_tokens"] == 3
+        # transformers compiles nothing on the CPU; RAM-Net's best asks its decode loop for a compiled step
+        assert row["compiled"] is ((row["model"], row["mode"]) == ("ramnet", "best"))
         if row["mode"] == "best":
             # fp32 on the CPU: the static cache's steps are the dynamic cache's, token for token
             assert row["same_tokens_as_default"] is True
@@ -99,12 +101,7 @@ def test_resume_runs_only_the_missing_cells_and_keeps_the_earlier_rows(tmp_path)
         bench_generate.main(common + ["--batch", "1", "--new-tokens", "4", "--resume"])
 
 
-def test_ramnet_best_is_skipped_only_where_the_default_already_takes_the_decode_loop(monkeypatch):
-    decode_loop, modeling = bench_generate.decode_loop, bench_generate.modeling_ramnet
-    monkeypatch.setattr(decode_loop, "BY_DEFAULT_ON_CUDA", True)
-    assert bench_generate.ramnet_default_is_best("cuda") and not bench_generate.ramnet_default_is_best("cpu")
-    for module, name in ((decode_loop, "BY_DEFAULT_ON_CUDA"), (decode_loop, "DECODE_LOOP_BY_DEFAULT"),
-                         (modeling, "STATIC_CACHE_BY_DEFAULT_ON_CUDA")):
-        with monkeypatch.context() as patch:  # any default turned off: the default row is not the loop
-            patch.setattr(module, name, False)
-            assert not bench_generate.ramnet_default_is_best("cuda")
+def test_ramnet_best_asks_for_the_compiled_decode_loop_and_default_for_none():
+    best, default = (bench_generate.generate_kwargs("ramnet", mode) for mode in ("best", "default"))
+    assert best["ramnet_decode_loop"] == "compiled" and best["cache_implementation"] == "static"
+    assert "ramnet_decode_loop" not in default and "cache_implementation" not in default

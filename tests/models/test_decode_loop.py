@@ -302,6 +302,23 @@ def _filled_cache(model, ids):
 
 
 @torch.no_grad()
+def test_the_compiled_step_gives_the_eager_steps_tokens():
+    """`ramnet_decode_loop="compiled"`: the loop's model step through torch.compile (on the CPU without a
+    graph), the same greedy tokens as the eager step's, for a batch with a left-padded row."""
+    from ramnet.models.ramnet.decode_loop import next_logits, retained_loops
+
+    model = tiny_model(torch.float32)
+    _, ids, mask = _rows()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **STATIC)
+    eager, took_eager = generate(model, ids, ramnet_decode_loop="eager", **kwargs)
+    compiled, took_compiled = generate(model, ids, ramnet_decode_loop="compiled", **kwargs)
+    assert took_eager and took_compiled and model._ramnet_decode_loop_last["compiled"]
+    assert torch.equal(compiled, eager)
+    steps = sorted(loop.next_logits is next_logits for loop in retained_loops(model).values())
+    assert steps == [False, True]  # two loops kept: the eager step's, and the compiled one
+
+
+@torch.no_grad()
 def test_the_loop_key_and_the_rounded_output_length():
     from ramnet.models.ramnet.decode_loop import loop_key, token_capacity
 
@@ -313,8 +330,9 @@ def test_the_loop_key_and_the_rounded_output_length():
     warpers = [TemperatureLogitsWarper(0.9), TopKLogitsWarper(10), TopPLogitsWarper(0.9)]
     eos, pad = torch.tensor([5, 6]), torch.tensor(0)
 
-    def key(cache=cache, batch=2, n=100, do_sample=True, processors=warpers, eos=eos, pad=pad, graph=True):
-        return loop_key(model, cache, batch, n, Sampler(do_sample, processors).key, eos, pad, graph)
+    def key(cache=cache, batch=2, n=100, do_sample=True, processors=warpers, eos=eos, pad=pad, graph=True,
+            compiled=False):
+        return loop_key(model, cache, batch, n, Sampler(do_sample, processors).key, eos, pad, graph, compiled)
 
     base = key()
     assert key() == base and key(n=256) == base and key(n=1) == base  # one bucket of output lengths
@@ -328,6 +346,7 @@ def test_the_loop_key_and_the_rounded_output_length():
         key(processors=[*warpers[:2], TopPLogitsWarper(0.9, min_tokens_to_keep=2)]),
         key(processors=[warpers[1], warpers[0], warpers[2]]),  # the order of the warpers
         key(eos=torch.tensor([5])), key(eos=None, pad=None), key(pad=torch.tensor(1)), key(graph=False),
+        key(compiled=True),
         key(cache=_filled_cache(model, random_ids(3, 5)), batch=3),
     ]
     assert all(k != base for k in changed) and len(set(changed)) == len(changed)

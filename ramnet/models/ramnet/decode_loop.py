@@ -15,7 +15,9 @@ hidden states are asked for, and no chunked prefill, assistant or synced GPUs. O
 loop runs, unchanged.
 
 The escape hatch: `generate(..., ramnet_decode_loop=False)` (transformers' loop), `"eager"` (this loop
-without the graph), `True`/`"graph"` (graph on CUDA, eager elsewhere: the default); `DECODE_LOOP_BY_DEFAULT
+without the graph), `True`/`"graph"` (graph on CUDA, eager elsewhere: the default), `"compiled"` (the model's
+step through `torch.compile` first, then as `"graph"`: fewer, fused kernels in the graph, for a compile of
+tens of seconds at a loop's first call); `DECODE_LOOP_BY_DEFAULT
 = False` here makes transformers' loop the default. On the CPU the same step runs eagerly: the tests
 check it there, token for token against transformers' loop; the graph only replays it.
 
@@ -65,7 +67,7 @@ MAX_RETAINED_LOOPS = 3
 # (and max_new_tokens=1, a prefill) share one loop and one graph.
 MIN_TOKEN_CAPACITY = 256
 # The values of `generate(..., ramnet_decode_loop=...)`; None is the default.
-CHOICES = (None, True, False, "graph", "eager")
+CHOICES = (None, True, False, "graph", "eager", "compiled")
 
 # Model inputs the loop knows what to do with; any other (a user's extra forward argument) means
 # transformers' loop, which passes it to every step.
@@ -217,14 +219,20 @@ def model_key(model) -> tuple:
 
 
 def loop_key(model, cache: RAMNetStaticCache, batch: int, max_new_tokens: int, sampler: tuple,
-             eos: torch.Tensor | None, pad: torch.Tensor | None, use_graph: bool) -> tuple:
+             eos: torch.Tensor | None, pad: torch.Tensor | None, use_graph: bool, compiled: bool = False) -> tuple:
     """The key under which a decode loop (and its graph) is kept: two calls with the same key can replay
     one captured step. The prompt's length is not in it: the state has the same size after any prompt."""
     return (
         batch, str(cache_tensors(cache)[0].device), model_key(model), sampler,
         None if eos is None else tuple(int(t) for t in eos.reshape(-1).tolist()),
         None if pad is None else int(pad), token_capacity(max_new_tokens), cache_layout(cache), bool(use_graph),
+        bool(compiled),
     )
+
+
+def next_logits(model, ids: torch.Tensor, cache: RAMNetStaticCache) -> torch.Tensor:
+    """The model's logits [B, V] for the next token after `ids [B, 1]`, updating `cache` in place."""
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, return_dict=True).logits[:, -1]
 
 
 class DecodeLoop:
@@ -241,9 +249,12 @@ class DecodeLoop:
       cache in and out)."""
 
     def __init__(self, model, cache: RAMNetStaticCache, batch: int, capacity: int, sampler: Sampler,
-                 eos: torch.Tensor | None, pad: torch.Tensor | None, device: torch.device):
+                 eos: torch.Tensor | None, pad: torch.Tensor | None, device: torch.device, compiled: bool = False):
         # A weak reference: a loop kept on the model must not keep the model alive.
         self._model = weakref.ref(model)
+        # The model's step, `torch.compile`d where asked for (compiled at the first step: before a capture,
+        # in its warm-up).
+        self.next_logits = torch.compile(next_logits, dynamic=False) if compiled else next_logits
         self.cache, self.sampler = cache, sampler
         self.capacity = capacity
         self.eos = None if eos is None else eos.to(device).reshape(-1)
@@ -308,9 +319,7 @@ class DecodeLoop:
     def step(self) -> None:
         """One decoding step: the model on `ids` with the static cache (updated in place), then `choose`.
         No host reads, no Python state that changes: what the graph captures."""
-        logits = self.model(input_ids=self.ids, cache=self.cache, use_cache=True, logits_to_keep=1,
-                            return_dict=True).logits
-        self.choose(logits[:, -1])
+        self.choose(self.next_logits(self.model, self.ids, self.cache))
 
     def _buffers(self) -> list[torch.Tensor]:
         """Every tensor a step writes: the cache's and the loop's."""
@@ -479,11 +488,12 @@ def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, 
     use_graph = choice != "eager" and first_logits.device.type == "cuda"
     batch = input_ids.shape[0]
     sampler = Sampler(generation_config.do_sample, logits_processor)
-    key = loop_key(model, cache, batch, max_new_tokens, sampler.key, eos, pad, use_graph)
+    compiled = choice == "compiled"
+    key = loop_key(model, cache, batch, max_new_tokens, sampler.key, eos, pad, use_graph, compiled)
 
     def build() -> DecodeLoop:
         return DecodeLoop(model, clone_cache(cache, model.config), batch, token_capacity(max_new_tokens), sampler, eos,
-                          pad, first_logits.device)
+                          pad, first_logits.device, compiled)
 
     loop, reused, kept = acquire_loop(model, key, build)
     try:
@@ -498,8 +508,9 @@ def decode(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, 
         if steps:
             copy_cache(loop.cache, cache)  # the caller's cache ends where the steps left the state
         model._ramnet_decode_loop_last = dict(
-            graph=use_graph and steps and loop.graph is not None, captured=loop.captures > captures,
-            capture_s=loop.capture_s if loop.captures > captures else 0.0, reused=reused, kept=kept,
+            graph=use_graph and steps and loop.graph is not None, compiled=compiled,
+            captured=loop.captures > captures, capture_s=loop.capture_s if loop.captures > captures else 0.0,
+            reused=reused, kept=kept,
             captures=loop.captures, held_bytes=loop.held_bytes(), new_tokens=new.shape[1])
     finally:
         loop.lock.release()

@@ -339,7 +339,8 @@ class RAMNetForCausalLM(RAMNetPreTrainedModel, GenerationMixin):
         loop (`decode_loop.py`: one whole step captured in a CUDA graph on CUDA) where it gives the same
         result. `ramnet_decode_loop`: None (the default, `decode_loop.DECODE_LOOP_BY_DEFAULT`; on CUDA also
         `decode_loop.BY_DEFAULT_ON_CUDA`), False
-        (transformers' loop), "eager" (the loop without the graph), True or "graph"."""
+        (transformers' loop), "eager" (the loop without the graph), True or "graph", or "compiled" (the model's
+        step through `torch.compile`, then as "graph")."""
         if ramnet_decode_loop not in decode_loop.CHOICES:
             raise ValueError(f"ramnet_decode_loop must be one of {decode_loop.CHOICES}, got {ramnet_decode_loop!r}")
         # `_sample` reads it: transformers' generate would refuse an argument it does not know.
