@@ -103,6 +103,20 @@ def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_toke
 
 
 @torch.no_grad()
+def test_the_compiled_step_in_the_graph_gives_the_eager_loops_tokens():
+    """fp32 greedy: `ramnet_decode_loop="compiled"` (the model step through torch.compile, the Triton step
+    kernel inside it, then captured) against the eager loop, and a second call replaying its graph."""
+    model = _model()
+    prompt = random_ids(2, 7).cuda()
+    eager, _ = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="eager")
+    compiled, how = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="compiled")
+    assert how == "graph" and model._ramnet_decode_loop_last["compiled"]
+    assert torch.equal(compiled, eager)
+    again, how = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="compiled")
+    assert how == "graph" and not model._ramnet_decode_loop_last["captured"] and torch.equal(again, eager)
+
+
+@torch.no_grad()
 def test_the_decode_loops_graph_with_left_padding_stop_tokens_sampling_and_streaming():
     model = _model()
     sequences = [random_ids(1, 9, seed=2)[0], random_ids(1, 5, seed=3)[0], random_ids(1, 1, seed=4)[0]]
