@@ -253,7 +253,8 @@ class DecodeLoop:
         # A weak reference: a loop kept on the model must not keep the model alive.
         self._model = weakref.ref(model)
         # The model's step, `torch.compile`d where asked for (compiled at the first step: before a capture,
-        # in its warm-up).
+        # in its warm-up). Every loop compiles the same function: past torch's recompile limit
+        # (`torch._dynamo.config.recompile_limit`, 8 models x batch sizes in a process) it runs eagerly.
         self.next_logits = torch.compile(next_logits, dynamic=False) if compiled else next_logits
         self.cache, self.sampler = cache, sampler
         self.capacity = capacity
