@@ -11,7 +11,11 @@ memory some other way and serves a token's step from the rows ``[S, z]`` of the 
 ``SlotStore.run`` is then the op's recurrent path on those rows, with the same arithmetic as
 ``pdma_step`` (``ramnet/ops/ram/recurrent.py``), so that a store and the dense state give the same outputs:
 per token the K written rows ``decay * old + w * [v, 1]``, stored, then ``o = sum_k r_k S / (z + eps)``
-over the K read rows after the write. Stores are created empty and unallocated by a ``RAMNetCache`` with
+over the K read rows after the write. A decoding step (``step``) where the dense state's step runs
+the Triton kernels (``RAMMemory.step``) runs them too, on a table of the token's gathered rows with the
+decoder and tiles of the dense state's layout (``step_addresses``): the same bits as the dense state,
+so that a bf16 model's greedy tokens do not drift apart (they did with the torch arithmetic on the GPU:
+``benchmarks/results/offload_h100_partial.md``). Stores are created empty and unallocated by a ``RAMNetCache`` with
 ``ram_state="sparse"`` or ``"offload"`` (``make_store``), and allocate on the layer's first call.
 """
 
@@ -24,7 +28,7 @@ import torch
 from ..ops.checks import compute_dtype
 from ..ops.ram.common import decode_tokens
 from ..ops.ram.state import RAMState
-from ..ops.triton_support import kernels_apply
+from ..ops.triton_support import kernels_apply, triton_runs_on
 
 
 class SlotStore(ABC):
@@ -106,9 +110,43 @@ class SlotStore(ABC):
         return o.to(out_dtype), self
 
     def step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One decoding token, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``o [B, H, d_v]`` in v's dtype."""
+        """One decoding token, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``o [B, H, d_v]`` in v's dtype.
+        On the step kernels where ``RAMMemory.step`` runs the dense state's on them (the same condition),
+        else the torch arithmetic of ``run``."""
+        if memory.mode != "recurrent" and triton_runs_on(q.device):
+            return self._kernel_step(memory, q, k, v)
         o, _ = self.run(memory, q[:, None], k[:, None], v[:, None])
         return o[:, 0].to(v.dtype)
+
+    def _kernel_step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``step`` on the Triton kernels: the addresses from the dense step's decoder, then
+        ``pdma_step_triton`` on a table of the 2K gathered rows (the K written first, then the K read,
+        with the read slots renumbered into the table: a read of a slot written this token is renumbered
+        to the written row, which the kernel takes from its registers, as it does on the dense state),
+        and the K written rows stored back."""
+        from ..ops.ram.step import pdma_step_triton, step_addresses  # imports triton
+
+        batch, heads, _ = q.shape
+        d_v = v.shape[-1]
+        if not self.allocated:
+            self.allocate(batch, heads, memory.memory_slots, d_v, compute_dtype(v.dtype), q.device)
+        spec = memory.spec(q, inplace_state=True)
+        (w_slots, write_w, decay, r_slots, read_w), launch = step_addresses(q, k, v, self.offset, spec)
+        rows, topk = w_slots.shape
+        self.begin_token(w_slots, r_slots)
+        table = torch.cat([self.gather(w_slots), self.gather(r_slots)], dim=1)  # [R, 2K, d_v + 1]
+        lanes = torch.arange(topk, device=q.device)
+        hit = r_slots[:, :, None] == w_slots[:, None, :]  # write slots are distinct: at most one per read
+        r_rows = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), topk + lanes)
+        o = pdma_step_triton(
+            table[:, None, :, :d_v], table[:, None, :, d_v], lanes.expand(rows, topk)[:, None], write_w[:, None],
+            decay[:, None], v.reshape(rows, 1, d_v), r_rows[:, None], read_w[:, None], spec.eps, launch=launch,
+            out_dtype=v.dtype,  # rounded by the kernel, as the fused step rounds it
+        )  # updates the written rows of the table in place
+        self.scatter(w_slots, table[:, :topk])
+        self.offset.add_(1)
+        self.tokens += 1
+        return o.view(batch, heads, d_v)
 
     def _step(self, write_idx, write_w, decay, v, read_idx, read_w, eps):
         """``pdma_step``'s arithmetic on the gathered rows; addresses ``[B, H, K]``, ``v [B, H, d_v]``."""

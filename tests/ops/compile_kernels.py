@@ -85,6 +85,10 @@ def cases():
     for name in ("num_warps", "HAS_SHIFT"):
         constants.pop(name)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=False, MB=1, TOP=1)
+    # ... and as a store's step runs it (step_addresses): one pair per program, the dense decoder at M 1024.
+    fused = fused_step_constants(20, 5, 8, 64, True)
+    yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=True, MB=fused["MB"], TOP=fused["TOP"], BLOCK_N=2,
+                                                 num_warps=fused["num_warps"])
 
 
 def main() -> int:

@@ -169,3 +169,42 @@ def test_bf16_activations_give_outputs_in_their_dtype_and_the_dense_tokens():
         assert logits.dtype == torch.bfloat16 and cache.layers[0].state.dtype == torch.float32
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False,
                                           **{CACHE_FIELD: RAMNetCache(ram_state=kind, **options)}), reference)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
+@pytest.mark.parametrize("geometry", [dict(num_partitions=3, partition_dim=4), dict(num_partitions=7, partition_dim=4)],
+                         ids=["M64-dense-decoder", "M16384-beam-decoder"])
+def test_the_kernel_step_of_a_store_gives_the_dense_steps_bits(geometry, device):
+    # Where the dense state's step runs the Triton kernels (the interpreter on the CPU), a store's step runs them
+    # too, on its gathered rows, with the dense step's decoder and tiles: the same bits, token by token, in
+    # the outputs and in the memory (on the GPU a different decoder or torch arithmetic differs in the last
+    # bits, and a bf16 model's greedy tokens drift apart). Reads that hit this token's writes, CAPE, gamma
+    # 0 / 1 / 2 and caches that evict are all exercised.
+    from ramnet.layers.memories import RAMMemory
+    from ramnet.ops import RAMState
+
+    heads, d_v, topk, batch = 3, 8, 4, 2
+    memory = RAMMemory(heads, d_v, topk=topk, gamma=[0.0, 1.0, 2.0], tau=1.0, eps=1e-6, proxy_eps=1e-6,
+                       cape=[False, True, False], mode=None, **geometry)
+    d_k, M = memory.head_k_dim, memory.memory_slots
+    g = torch.Generator().manual_seed(0)
+    dense = RAMState.empty(batch, heads, M, d_v, dtype=torch.float32, device=device)
+    for name, options in (("sparse", {}), ("offload", dict(slots=2)), ("offload", dict(slots=6, ways=2))):
+        store = SparseState() if name == "sparse" else OffloadState(**options)
+        reference = RAMState(dense.S.clone(), dense.z.clone(), dense.offset.clone())
+        for t in range(10):
+            q, k = (torch.randn(batch, heads, d_k, generator=g).to(device, torch.bfloat16) for _ in range(2))
+            if t % 3 == 2:
+                q = k.clone()  # the query reads the slots the key writes
+            v = torch.randn(batch, heads, d_v, generator=g).to(device, torch.bfloat16)
+            o_dense = memory.step(q, k, v, reference)
+            o_store = memory.step(q, k, v, store)
+            assert o_store.dtype == torch.bfloat16 and torch.equal(o_store, o_dense), (name, t)
+            mine = store.to_dense()
+            assert torch.equal(mine.S, reference.S) and torch.equal(mine.z, reference.z), (name, t)
+            assert torch.equal(mine.offset, reference.offset)
+        if name == "offload":
+            assert store.stats["misses"] > 0

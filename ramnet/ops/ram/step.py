@@ -64,24 +64,28 @@ def _launch_config(topk: int, d_v: int) -> tuple[int, int, int]:
     return k_pad, block_dv, num_warps
 
 
-def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float) -> torch.Tensor:
+def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: float,
+                     launch: tuple[int, int, int] | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One PDMA step in one kernel: the semantics of ``pdma_step(..., inplace=True)``.
 
     ``S [B, H, M, d_v]`` and ``z [B, H, M]`` (fp32, or fp64) are updated in place on the K written
     rows only (``new = decay * old + w * [v, 1]``); then ``o = sum_k r_k S[read_k] / (z[read_k] +
     eps)`` over the K read rows, after this step's write. ``write_idx, write_w, decay, read_idx,
     read_w`` are ``[B, H, K]`` (int64 slots, distinct within a row, and float weights), ``v [B, H,
-    d_v]`` any float dtype (computed in S's dtype). Returns ``o [B, H, d_v]`` in S's dtype.
+    d_v]`` any float dtype (computed in S's dtype). Returns ``o [B, H, d_v]`` in S's dtype, or in
+    ``out_dtype``, rounded by the kernel's store as the fused step rounds it.
 
-    No checks, no host synchronisation: safe to capture in a CUDA graph.
+    No checks, no host synchronisation: safe to capture in a CUDA graph. ``launch``: the kernel's
+    ``(K_PAD, BLOCK_DV, num_warps)`` (default ``_launch_config``'s; ``step_addresses`` gives the fused
+    step's, for the same reductions in the same tiles).
     """
     require_triton(S.device, "pdma_step_triton")
     batch, heads, _, d_v = S.shape
     topk = write_idx.shape[-1]
-    o = torch.empty(batch, heads, d_v, dtype=S.dtype, device=S.device)
+    o = torch.empty(batch, heads, d_v, dtype=out_dtype or S.dtype, device=S.device)
     if batch * heads == 0 or d_v == 0:
         return o
-    k_pad, block_dv, num_warps = _launch_config(topk, d_v)
+    k_pad, block_dv, num_warps = launch or _launch_config(topk, d_v)
     kernels.pdma_step_kernel[(batch * heads,)](
         S, z, write_idx.contiguous(), write_w.contiguous(), decay.contiguous(), v.contiguous(),
         read_idx.contiguous(), read_w.contiguous(), o, write_idx,  # offset: unused without BUMP_OFFSET
@@ -186,24 +190,68 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
     return o
 
 
-def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
-    """The "separate" layout: ``decode_pairs_kernel`` (the beam decoder's rows per program), then
-    ``pdma_step_kernel`` advancing ``offset``."""
+def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """``decode_pairs_kernel``: one token's ``write_idx, write_w, decay, read_idx, read_w``, each
+    ``[B * H, K]``, CAPE and the write decay applied; ``offset [B]`` is read (CAPE), not advanced.
+    Without ``fused``, the "separate" layout's launch: the beam search over many rows per program.
+    With ``fused`` (``fused_step_constants``), the fused step's decoder in its tile: one (key, query)
+    pair per program, its dense decoder where it has one, its warps."""
     batch, heads, d_k = q.shape
-    d_v = v.shape[-1]
-    S, z = state.S, state.z
     constants = beam_search_constants(decoder_constants(d_k, spec.num_partitions, spec.topk, has_shift=True),
                                       spec.topk)
+    if fused is not None:
+        constants = dict(constants, BLOCK_N=2, num_warps=fused["num_warps"])
+        dense = dict(DENSE=fused["DENSE"], MB=fused["MB"], TOP=fused["TOP"])
+    else:
+        dense = dict(DENSE=False, MB=1, TOP=1)
     k_out, block_n = constants["K_OUT"], constants["BLOCK_N"]
     pairs = batch * heads
     write_idx, read_idx = (torch.empty(pairs, k_out, dtype=torch.int64, device=q.device) for _ in range(2))
     write_w, decay, read_w = (torch.empty(pairs, k_out, dtype=torch.float32, device=q.device) for _ in range(3))
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL", "num_warps")
     kernels.decode_pairs_kernel[(triton.cdiv(2 * pairs, block_n),)](
-        q, k, state.offset, spec.gamma, spec.cape, write_idx, write_w, decay, read_idx, read_w,
+        q, k, offset, spec.gamma, spec.cape, write_idx, write_w, decay, read_idx, read_w,
         pairs, heads, float(spec.tau), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        **{name: constants[name] for name in names}, DENSE=False, MB=1, TOP=1, BLOCK_N=block_n,
+        **{name: constants[name] for name in names}, **dense, BLOCK_N=block_n,
     )
+    return write_idx, write_w, decay, read_idx, read_w
+
+
+def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
+    """What ``ram_decode_step``'s default layout computes for one token, split in two for a step over
+    gathered rows (a ``SlotStore``'s, ``ramnet/states``): the addresses ``write_idx, write_w, decay,
+    read_idx, read_w`` ``[B * H, K]`` from the decoder that layout uses, and the ``launch`` of
+    ``pdma_step_triton`` whose tiles are that layout's. The step kernels share ``_write_then_read``,
+    so a store that runs ``pdma_step_triton`` with these on its gathered rows gets the dense state's
+    bits (a different decoder or tile gives weights and sums that differ in the last bits, and the
+    greedy tokens of a bf16 model then drift apart). ``q, k [B, H, d_k]``, ``v [B, H, d_v]``; offset is
+    read, not advanced. Where Triton runs."""
+    require_triton(q.device, "step_addresses")
+    batch, heads, d_k = q.shape
+    d_v = v.shape[-1]
+    compute = compute_dtype(v.dtype)
+    layout = default_layout(compute)
+    if layout == "torch":  # the torch decoder in the state's dtype, then the step kernel's own launch
+        addresses = decode_tokens(q[:, None].to(compute), k[:, None].to(compute), spec, offset[:, None])
+        addresses = tuple(a[:, 0].reshape(batch * heads, -1) for a in addresses)
+        return addresses, _launch_config(addresses[0].shape[-1], d_v)
+    if layout == "separate":
+        addresses = _decode_pairs(q, k, offset, spec)
+        return addresses, _launch_config(addresses[0].shape[-1], d_v)
+    # "fused", "dense" and "split": their decoder; the fused kernel's tiles (the split layout's are the
+    # same per column block)
+    fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"))
+    return _decode_pairs(q, k, offset, spec, fused), (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
+
+
+def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
+    """The "separate" layout: ``decode_pairs_kernel`` (the beam decoder's rows per program), then
+    ``pdma_step_kernel`` advancing ``offset``."""
+    batch, heads, _ = q.shape
+    d_v = v.shape[-1]
+    S, z = state.S, state.z
+    write_idx, write_w, decay, read_idx, read_w = _decode_pairs(q, k, state.offset, spec)
+    pairs, k_out = write_idx.shape
     k_pad, block_dv, num_warps = _launch_config(k_out, d_v)
     v_flat = v.reshape(pairs, d_v)
     if v_flat.stride(0) != d_v:
@@ -226,4 +274,4 @@ def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: i
                       proxy_eps=proxy_eps, cape=cape, dtype=compute_dtype(dtype), device=device, inplace_state=True)
 
 
-__all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "ram_decode_step"]
+__all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "ram_decode_step", "step_addresses"]
