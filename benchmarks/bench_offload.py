@@ -12,6 +12,10 @@ fills; not timed, not counted in the hit rate) and N timed greedy steps through 
     python benchmarks/bench_offload.py --out benchmarks/results/offload.json        # one H200
     python benchmarks/bench_offload.py --smoke --out /tmp/offload.json              # CPU, tiny, seconds
 
+The file (and a markdown table beside it, ``.md``) is rewritten after every row, so a run cut short keeps
+what it measured; ``--resume`` keeps the rows of an earlier run of the same device and settings and runs
+only the cases it lacks.
+
 Rows: ``{state, budget, B, context, M, tok_s, gpu_state_fraction, hit_rate, ...}`` (budget None and
 hit_rate None where they do not apply; ``gpu_state_bytes``, ``tokens_match``, ``steps``; ``skipped``
 with a reason where a case does not fit). ``meta``: device, versions and the measured commit as
@@ -154,6 +158,50 @@ def fits(model, batch: int, kind: str, device: str, host_limit: float) -> str | 
     return None
 
 
+CASE_KEYS = ("state", "budget", "B", "context", "M")
+
+
+def case_key(row: dict) -> tuple:
+    return tuple(row[key] for key in CASE_KEYS)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """The rows as a table, with the run's device, versions and commit."""
+    def fmt(value, spec):
+        return "" if value is None else format(value, spec)
+
+    lines = [f"Decoding with the three RAM states: {meta.get('device')}; torch {meta.get('torch')}, triton "
+             f"{meta.get('triton')}; commit {meta.get('git_rev')}; {meta.get('dtype')}; {meta.get('warmup')} warm-up "
+             f"and {meta.get('steps')} timed steps; policy {meta.get('policy')}. {meta.get('context_note', '')}.", "",
+             "| state | budget | B | context | M | tok/s | GPU state / dense | hit rate | tokens = dense | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r.get("skipped") or ("error" if r.get("error") else "")
+        match = r.get("tokens_match")
+        lines.append(f"| {r['state']} | {fmt(r['budget'], '.2f')} | {r['B']} | {r['context']} | {r['M']} | "
+                     f"{fmt(r['tok_s'], '.4g')} | {fmt(r['gpu_state_fraction'], '.4f')} | {fmt(r['hit_rate'], '.4f')} | "
+                     f"{'' if match is None else ('yes' if match else 'no')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    """The JSON and the markdown beside it, each written atomically."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown(meta, rows))
+
+
+def earlier_rows(out: Path, meta: dict) -> list[dict]:
+    """``--resume``: the rows of ``out`` (measured rows only), refusing a file of another device or settings."""
+    if not out.exists():
+        return []
+    old = json.loads(out.read_text())
+    for key in ("device", "shape", "dtype", "warmup", "steps", "policy", "smoke"):
+        if old["meta"].get(key) != meta.get(key):
+            raise SystemExit(f"--resume: {out} has {key}={old['meta'].get(key)!r}, this run {meta.get(key)!r}")
+    return [row for row in old["rows"] if row.get("tok_s") is not None]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "offload.json")
@@ -169,6 +217,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 16; smoke 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")
     parser.add_argument("--host-limit", type=float, default=0.6, help="largest host state, as a fraction of RAM")
+    parser.add_argument("--resume", action="store_true", help="keep --out's measured rows, run only the missing cases")
     args = parser.parse_args()
     device = args.device or ("cpu" if args.smoke else "cuda")
     shape, geometries = (SMOKE_SHAPE, SMOKE_GEOMETRIES) if args.smoke else (SHAPE_340M, GEOMETRIES)
@@ -181,7 +230,8 @@ def main() -> None:
     meta = dict(environment(device), issue=18, shape=shape, dtype=str(dtype), warmup=warmup, steps=steps,
                 policy=args.policy, smoke=args.smoke,
                 context_note="a context is a random state at that offset with min(M, L*K) rows per head filled")
-    rows = []
+    rows = earlier_rows(args.out, meta) if args.resume else []
+    done = {case_key(row) for row in rows}
     for M in memories:
         geometry = geometries.get(M)
         if geometry is None:
@@ -193,13 +243,20 @@ def main() -> None:
                 cases = [(kind, None) for kind in args.states if kind != "offload"]
                 if "offload" in args.states:
                     cases += [("offload", b) for b in args.budgets]
+                if all((kind, budget, batch, context, M) in done for kind, budget in cases):
+                    continue
+                if ("dense", None, batch, context, M) in done:  # the reference tokens are not kept: run it again
+                    rows = [row for row in rows if case_key(row) != ("dense", None, batch, context, M)]
                 for kind, budget in cases:
+                    if (kind, budget, batch, context, M) in done and kind != "dense":
+                        continue
                     row = dict(state=kind, budget=budget, B=batch, context=context, M=M, tok_s=None,
                                gpu_state_fraction=None, hit_rate=None)
                     reason = fits(model, batch, kind, device, args.host_limit)
                     if reason:
                         rows.append(dict(row, skipped=reason))
                         print(json.dumps(rows[-1]), flush=True)
+                        write(args.out, meta, rows)
                         continue
                     try:
                         cache = make_cache(model, kind, budget, args.policy, batch, context, device)
@@ -221,14 +278,14 @@ def main() -> None:
                         row["error"] = traceback.format_exc(limit=3)
                     rows.append(row)
                     print(json.dumps(rows[-1]), flush=True)
+                    write(args.out, meta, rows)
                     cache = None
                     gc.collect()
                     if device == "cuda":
                         torch.cuda.empty_cache()
         del model
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write(args.out, meta, rows)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

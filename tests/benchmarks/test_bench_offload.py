@@ -23,3 +23,23 @@ def test_smoke_run_writes_meta_and_rows_with_identical_tokens(tmp_path):
         assert row["tok_s"] > 0 and row["tokens_match"] is True, row
         if row["state"] == "offload":
             assert 0 <= row["hit_rate"] <= 1 and row["gpu_state_fraction"] <= row["budget"] + 0.01
+
+
+def test_rows_are_written_as_they_come_and_resume_runs_only_the_missing_cases(tmp_path):
+    out = tmp_path / "offload.json"
+    base = [sys.executable, str(SCRIPT), "--smoke", "--memory", "64", "--batch", "1", "--warmup", "1", "--steps", "2",
+            "--budgets", "0.25", "--out", str(out)]
+    subprocess.run(base + ["--context", "16"], check=True, capture_output=True, timeout=300)
+    first = json.loads(out.read_text())["rows"]
+    assert [(r["state"], r["context"]) for r in first] == [("dense", 16), ("sparse", 16), ("offload", 16)]
+    assert "| offload | 0.25 | 1 | 16 | 64 |" in out.with_suffix(".md").read_text()
+    # A second context: the first context's rows are kept as they were (not measured again), the new ones added.
+    subprocess.run(base + ["--context", "16", "32", "--resume"], check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[:3] == first and [(r["state"], r["context"]) for r in rows[3:]] == [
+        ("dense", 32), ("sparse", 32), ("offload", 32)]
+    assert all(r["tokens_match"] in (True, None) for r in rows)
+    # A file of other settings is refused, not mixed in.
+    done = subprocess.run(base + ["--context", "16", "--steps", "3", "--resume"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0 and "steps" in done.stderr
