@@ -29,13 +29,10 @@ from .state import RAMState
 # then the tables cost no more than the event rows both families keep (the chunked kernels' saved
 # rows, the sorted kernels' per-event reads). At the paper's M = 1024 and K = 8 that is T >= 128.
 CHUNKED_TABLE_ROWS_PER_EVENT = 1
-# Whether "auto" picks the chunked kernels for CUDA inputs too. Off: on their GPU runs (an H100 and an
-# H200, 2026-12-07) their backward's gradients were wrong past its first chunk and the op's backward hit an
-# illegal address, while the interpreter (which runs a program's threads in lock step) passes them; the
-# backward changed since (c152e2d, atomic adds) and has not run on a GPU; docs/kernels.md says what is
-# known. Their speed against the slot-sorted kernels is unmeasured. Turn on once
-# tests/ops/test_chunk_pdma_triton.py and tests/ops/test_ram_attention_triton.py pass on a GPU and
-# benchmarks/bench_chunk_pdma.py shows them faster.
+# Whether "auto" picks the chunked kernels for CUDA inputs too. Off: since c152e2d (atomic adds in the
+# backward) they pass their GPU tests (an H100 at b04c174), but fwd+bwd through the op they took 4.5x the
+# slot-sorted kernels' time at B8 T2048 and 7.1x at B1 T32768 (benchmarks/results/chunk_pdma_h100.md;
+# docs/kernels.md). Turn on where benchmarks/bench_chunk_pdma.py shows them faster.
 CHUNKED_BY_DEFAULT_ON_CUDA = False
 
 _forced: str | None = None
