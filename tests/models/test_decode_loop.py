@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from ramnet.layers import memories
+from ramnet.models import RAMNetCache
 from ramnet.models.ramnet import decode_loop
 from ramnet.models.ramnet.decode_loop import DecodeLoop, Sampler, keep_top_k, keep_top_p, sample_from
 
@@ -316,6 +317,28 @@ def test_the_compiled_step_gives_the_eager_steps_tokens():
     assert torch.equal(compiled, eager)
     steps = sorted(loop.next_logits is next_logits for loop in retained_loops(model).values())
     assert steps == [False, True]  # two loops kept: the eager step's, and the compiled one
+
+
+@torch.no_grad()
+def test_the_compiled_step_of_a_bf16_model_gives_the_eager_steps_bits(monkeypatch):
+    """bf16: inductor's fused kernels keep intermediates in fp32 unless told to round as eager does
+    (`compile_step`); without that the logits differ from the first step (4e-3 here) and the difference grows
+    through the state. The torch step stands in for the Triton kernel, which the interpreter cannot trace."""
+    from ramnet.models.ramnet.decode_loop import compile_step
+
+    monkeypatch.setattr(memories, "triton_runs_on", lambda device: False)
+    torch._dynamo.reset()
+    model = tiny_model(torch.bfloat16, hidden_size=128, num_heads=4, head_v_dim=16, intermediate_size=256)
+    ids = random_ids(2, 14)
+    cache, reference = model.new_cache("static"), RAMNetCache()
+    model(ids[:, :5], cache=cache, use_cache=True)
+    model(ids[:, :5], cache=reference, use_cache=True)
+    step = compile_step(model)
+    for t in range(5, 14):
+        compiled = step(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True, logits_to_keep=1).logits
+        eager = model(input_ids=ids[:, t:t + 1], cache=reference, use_cache=True, logits_to_keep=1).logits
+        assert compiled.dtype == torch.bfloat16 and torch.equal(compiled, eager), t
+    torch._dynamo.reset()
 
 
 @torch.no_grad()

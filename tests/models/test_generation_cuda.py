@@ -103,10 +103,13 @@ def test_the_decode_loops_graph_gives_the_eager_loops_and_the_full_forwards_toke
 
 
 @torch.no_grad()
-def test_the_compiled_step_in_the_graph_gives_the_eager_loops_tokens():
-    """fp32 greedy: `ramnet_decode_loop="compiled"` (the model step through torch.compile, the Triton step
-    kernel inside it, then captured) against the eager loop, and a second call replaying its graph."""
-    model = _model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_step_in_the_graph_gives_the_eager_loops_tokens(dtype):
+    """Greedy: `ramnet_decode_loop="compiled"` (the model step through torch.compile, the Triton step
+    kernel inside it, then captured) against the eager loop, and a second call replaying its graph. In bf16
+    too: `compile_step` rounds as eager does (without it the tokens differed from the first steps on)."""
+    torch._dynamo.reset()
+    model = _model(dtype)
     prompt = random_ids(2, 7).cuda()
     eager, _ = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="eager")
     compiled, how = _generate(model, prompt, max_new_tokens=40, do_sample=False, ramnet_decode_loop="compiled")

@@ -235,6 +235,15 @@ def next_logits(model, ids: torch.Tensor, cache: RAMNetStaticCache) -> torch.Ten
     return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, return_dict=True).logits[:, -1]
 
 
+def compile_step(fn):
+    """``fn`` through ``torch.compile`` (static shapes), rounding as eager does: inductor keeps a fused
+    kernel's bf16 intermediates in fp32 unless ``emulate_precision_casts``, which made a bf16 model's
+    compiled step differ from the eager one in the last bits (4e-3 in the logits at the first step, growing
+    through the recurrent state), and the greedy tokens from the first steps on (H100,
+    ``benchmarks/results/generate_h100.md``). With it, the same bits on the CPU (``tests/models``)."""
+    return torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+
+
 class DecodeLoop:
     """The decoding after a prompt: fixed buffers, one step function over them, replayed from a CUDA graph
     (`use_graph`) or run eagerly. Kept on the model between `generate` calls with the same `loop_key`
@@ -255,7 +264,7 @@ class DecodeLoop:
         # The model's step, `torch.compile`d where asked for (compiled at the first step: before a capture,
         # in its warm-up). Every loop compiles the same function: past torch's recompile limit
         # (`torch._dynamo.config.recompile_limit`, 8 models x batch sizes in a process) it runs eagerly.
-        self.next_logits = torch.compile(next_logits, dynamic=False) if compiled else next_logits
+        self.next_logits = compile_step(next_logits) if compiled else next_logits
         self.cache, self.sampler = cache, sampler
         self.capacity = capacity
         self.eos = None if eos is None else eos.to(device).reshape(-1)
