@@ -133,8 +133,7 @@ class SlotStore(ABC):
         spec = memory.spec(q, inplace_state=True)
         (w_slots, write_w, decay, r_slots, read_w), launch = step_addresses(q, k, v, self.offset, spec)
         rows, topk = w_slots.shape
-        self.begin_token(w_slots, r_slots)
-        table = torch.cat([self.gather(w_slots), self.gather(r_slots)], dim=1)  # [R, 2K, d_v + 1]
+        table = self._table(w_slots, r_slots)  # [R, 2K, d_v + 1]
         lanes = torch.arange(topk, device=q.device)
         hit = r_slots[:, :, None] == w_slots[:, None, :]  # write slots are distinct: at most one per read
         r_rows = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), topk + lanes)
@@ -143,10 +142,20 @@ class SlotStore(ABC):
             decay[:, None], v.reshape(rows, 1, d_v), r_rows[:, None], read_w[:, None], spec.eps, launch=launch,
             out_dtype=v.dtype,  # rounded by the kernel, as the fused step rounds it
         )  # updates the written rows of the table in place
-        self.scatter(w_slots, table[:, :topk])
+        self._store_written(w_slots, table)
         self.offset.add_(1)
         self.tokens += 1
         return o.view(batch, heads, d_v)
+
+    def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
+        """The kernel step's rows ``[R, 2K, d_v + 1]``: the K write slots' rows, then the K read slots'
+        (a read slot also written this token: any row, the kernel takes the written one)."""
+        self.begin_token(w_slots, r_slots)
+        return torch.cat([self.gather(w_slots), self.gather(r_slots)], dim=1)
+
+    def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:
+        """Store the first K rows of the stepped ``table``, the written ones."""
+        self.scatter(w_slots, table[:, : w_slots.shape[1]])
 
     def _step(self, write_idx, write_w, decay, v, read_idx, read_w, eps):
         """``pdma_step``'s arithmetic on the gathered rows; addresses ``[B, H, K]``, ``v [B, H, d_v]``."""

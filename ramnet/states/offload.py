@@ -7,18 +7,25 @@ on the device.
   slot m goes to set ``m % sets``), each with its slot tag, its row, a dirty bit and what the policy ranks
   it by: the last use (LRU) or the use count, ties to the least recently used (LFU).
 
-Before each token's step, ``begin_token`` makes its K write and K read slots resident: hits are claimed
-first, then each miss takes the set's lowest-ranked line that this token has not claimed. All the dirty
-victims of the step go back to the host in one copy and all the missed rows come in one copy, so a step
-waits for at most one transfer each way, whatever the number of misses in the batch. A slot whose set is
-full of this token's own slots (more than ``ways`` of its 2K slots in one set) is read and written on the
-host directly (a bypass, counted). Then the step reads and writes the cache's rows: the same arithmetic as
-the dense state (``SlotStore``), so the outputs are the same.
+Before each token's step, ``_plan`` makes its K write and K read slots resident, in the metadata: hits
+are claimed first, then each miss takes the set's lowest-ranked line that this token has not claimed
+(vectorised over the batch, the heads and the lanes, with fixed-size tensor ops: nothing is read on the
+host). A slot whose set is full of this token's own slots (more than ``ways`` of its 2K slots in one set)
+is read and written on the host directly (a bypass, counted). Then the rows move, one of two ways:
 
-On CUDA the row copies go through pinned host memory on a side stream; finding the missed rows needs their
-slot ids on the host, one device read per step and layer, so a step of this state is not CUDA-graph
-capturable (the dense state's is). That path is written for CUDA but has only been run on the CPU here,
-where "host" and "device" are the same memory and the cache logic is exercised as it is.
+- where the step runs the Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``;
+  ``SlotStore._kernel_step``), two kernels (``offload_kernels.py``) per step and layer: one writes the
+  evicted dirty rows back, fetches the missed rows into their lines and builds the token's table of rows,
+  the step kernel steps the table, and the other stores the written rows (to their lines, or to the host
+  where they bypassed). The kernels load and store the host rows in place: the host table is pinned, and
+  a pinned tensor's address is valid on the GPU, so no copy is staged and no step reads the device on the
+  host;
+- otherwise (the torch recurrent path, the prompt streamed through the cache), torch copies: the dirty
+  victims back in one copy and the missed rows in one copy (on CUDA through pinned memory on a side
+  stream, after reading the missed slots' ids on the host), then the step's gathers and scatters.
+
+Both give the dense state's outputs bit for bit (``SlotStore``). A step is still a few dozen small launches
+(the plan's tensor ops) besides the kernels, and not CUDA-graph capturable (the clock is a Python int).
 
 The prompt (``prefill="dense"``, the default) goes through the op as for the dense state and its final
 state is moved to the host with an empty cache: one layer's dense state exists on the device at a time.
@@ -38,6 +45,9 @@ from ..ops.ram.state import RAMState
 from .base import SlotStore
 
 POLICIES = ("lru", "lfu")
+STATS = ("accesses", "hits", "misses", "bypasses", "writebacks", "fetched_rows")
+# _plan's flag bits per lane (offload_kernels.py reads them)
+IN_LINE, FETCH, EVICT, BYPASS, DUPLICATE = 1, 2, 4, 8, 16
 DEFAULT_BUDGET = 0.1
 # LFU: on the trained tiny checkpoint's traces its hit rate is above LRU's at every budget (docs/trace.md):
 # RAM-Net's slots are hot by frequency (a few slots per head are chosen again and again), not by recency.
@@ -68,7 +78,17 @@ class OffloadState(SlotStore):
         check_choice("prefill", prefill, ("dense", "stream"))
         self.budget, self.slots, self.ways_option, self.policy, self.prefill = budget, slots, ways, policy, prefill
         self.host_device = torch.device(host_device)
-        self.stats = dict(accesses=0, hits=0, misses=0, bypasses=0, writebacks=0, fetched_rows=0)
+        self._counts = torch.zeros(len(STATS), dtype=torch.long)  # on the device once allocated
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """What the cache did (``STATS``), summed over the tokens since allocation or the last reset (kept
+        on the device: reading them synchronises)."""
+        return dict(zip(STATS, self._counts.tolist()))
+
+    @stats.setter
+    def stats(self, values: dict[str, int]) -> None:
+        self._counts = torch.tensor([int(values[name]) for name in STATS], dtype=torch.long, device=self._counts.device)
 
     # -- allocation -------------------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -93,12 +113,22 @@ class OffloadState(SlotStore):
         self.host = torch.zeros(rows * M, self.d_v + 1, dtype=self.dtype, device=self.host_device, pin_memory=pin)
         self.host[:, self.d_v] = self.empty_z
         shape = (rows, self.sets, self.ways)
-        self.tags = torch.full(shape, -1, dtype=self._tag_type, device=self.device)
-        self.last = torch.zeros(shape, dtype=self._tag_type, device=self.device)
-        self.count = torch.zeros(shape if self.policy == "lfu" else (0,), dtype=torch.long, device=self.device)
-        self.dirty = torch.zeros(shape, dtype=torch.bool, device=self.device)
-        self.data = torch.zeros(*shape, self.d_v + 1, dtype=self.dtype, device=self.device)
+        # Each per-line tensor has one line more, a scratch line past the end: _plan's updates write every
+        # lane, the lanes that update nothing into the scratch line (no host read to select the others).
+        lines = rows * self.sets * self.ways
+        self._lines = lines
+
+        def per_line(fill, dtype, *row):
+            flat = torch.full((lines + 1, *row), fill, dtype=dtype, device=self.device)
+            return flat, flat[:lines].view(*shape, *row)
+
+        self._tags_flat, self.tags = per_line(-1, self._tag_type)
+        self._last_flat, self.last = per_line(0, self._tag_type)
+        self._count_flat, self.count = per_line(0, torch.long) if self.policy == "lfu" else (None, None)
+        self._dirty_flat, self.dirty = per_line(False, torch.bool)
+        self._data_flat, self.data = per_line(0, self.dtype, self.d_v + 1)
         self.clock = 0
+        self._counts = self._counts.to(self.device)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def run(self, memory, q, k, v, cu_seqlens=None):
@@ -133,12 +163,6 @@ class OffloadState(SlotStore):
         return rows * self.memory_slots + slots
 
     # -- the cache --------------------------------------------------------------------------------------
-    def _rank(self) -> torch.Tensor:
-        """What eviction minimises: the last use (LRU), or the count then the last use (LFU)."""
-        if self.policy == "lru":
-            return self.last
-        return self.count * (1 << 32) + self.last
-
     def _lookup(self, slots: torch.Tensor):
         """``(hit, set, way, row)`` of ``slots [R, n]``, each ``[R, n]`` (``row``: the (sequence, head) row)."""
         sets = slots % self.sets
@@ -146,66 +170,94 @@ class OffloadState(SlotStore):
         match = self.tags[rows, sets] == slots[..., None]  # [R, n, ways]
         return match.any(-1), sets, match.int().argmax(-1), rows
 
-    def begin_token(self, write_idx: torch.Tensor, read_idx: torch.Tensor) -> None:
+    def _plan(self, req: torch.Tensor):
+        """Make the slots ``req [R, n]`` (a token's K writes, then its K reads) resident, in the metadata:
+        hits are claimed and ranked as just used; each miss, in lane order, takes its set's lowest-ranked
+        line that this token has not claimed (the j-th miss of a set the j-th lowest: the same as taking
+        them one after the other), else bypasses (every line of its set is this token's). Updates tags,
+        ranks, dirty bits and the counters, with fixed-size tensor ops only (nothing read on the host).
+        Returns per lane ``[R, n]``: ``line`` (flat index into the lines), ``host_row`` (of its slot),
+        ``evict_row`` (the host row of the old slot of a dirty line it evicts) and ``flags`` (IN_LINE, FETCH,
+        EVICT, BYPASS, DUPLICATE)."""
         self.clock += 1
-        now = self.clock
-        req = torch.cat([write_idx, read_idx], dim=1)  # [R, 2K]
-        n = req.shape[1]
-        earlier = torch.ones(n, n, dtype=torch.bool, device=req.device).tril(-1)
+        R, n = req.shape
+        W, device = self.ways, req.device
+        earlier = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)  # [j, i]: lane i before lane j
         dup = ((req[:, :, None] == req[:, None, :]) & earlier).any(-1)  # the slot came in an earlier lane
-        hit, sets, way, rows = self._lookup(req)
-        hit_lanes = hit & ~dup
-        # Claim the hits: their lines are this token's, and are ranked as just used.
-        claimed = torch.zeros_like(self.dirty)
-        h_r, h_s, h_w = rows[hit_lanes], sets[hit_lanes], way[hit_lanes]
-        claimed[h_r, h_s, h_w] = True
-        self.last[h_r, h_s, h_w] = now
-        if self.policy == "lfu":
-            self.count[h_r, h_s, h_w] += 1
+        sets = req % self.sets
+        base = (torch.arange(R, device=device)[:, None] * self.sets + sets) * W  # [R, n]: the set's first line
+        ways = torch.arange(W, device=device)
+        tags = self._tags_flat[base[..., None] + ways]  # [R, n, W]
+        match = tags == req[..., None]
+        hit = match.any(-1)
+        hit_way = match.int().argmax(-1)
+        live_hit = hit & ~dup
         miss = ~hit & ~dup
-        accesses = int((~dup).sum())
-        n_miss = int(miss.sum())
-        self.stats["accesses"] += accesses
-        self.stats["hits"] += accesses - n_miss
-        self.stats["misses"] += n_miss
-        if n_miss == 0:
-            return
-        # Each missed lane, in order, takes the lowest-ranked unclaimed line of its set: metadata only, on
-        # whole columns of lanes (no host read in the loop; lanes that are not misses change nothing).
-        R = req.shape[0]
-        ar = torch.arange(R, device=req.device)
-        victims = torch.zeros_like(req)
-        taken = torch.zeros_like(miss)  # the missed lane got a line
-        evict = torch.zeros_like(miss)  # ... whose old slot was dirty: written back
-        evict_tag = torch.zeros_like(req)
+        same_set = sets[:, :, None] == sets[:, None, :]  # [R, j, i]
+        # The lines of lane j's set that this token's hits claim: [R, n, W].
+        claimed = (same_set[..., None] & live_hit[:, None, :, None]
+                   & (hit_way[:, None, :, None] == ways)).any(2)
         big = torch.iinfo(torch.long).max
-        for j in range(n):
-            s = sets[:, j]
-            tags = self.tags[ar, s]  # [R, ways]
-            score = torch.where(claimed[ar, s], big, torch.where(tags < 0, -1, self._rank()[ar, s].long()))
-            victim = score.argmin(-1)
-            # else every line of the set is this token's: the lane bypasses the cache
-            ok = miss[:, j] & (score.gather(-1, victim[:, None])[:, 0] != big)
-            old = tags.gather(-1, victim[:, None])[:, 0]
-            victims[:, j], taken[:, j], evict_tag[:, j] = victim, ok, old.long()
-            evict[:, j] = ok & self.dirty[ar, s, victim] & (old >= 0)
-            self.tags[ar, s, victim] = torch.where(ok, req[:, j].to(self._tag_type), old)
-            self.dirty[ar, s, victim] &= ~ok
-            self.last[ar, s, victim] = torch.where(ok, now, self.last[ar, s, victim])
-            if self.policy == "lfu":
-                self.count[ar, s, victim] = torch.where(ok, 1, self.count[ar, s, victim])
-            claimed[ar, s, victim] |= ok
-        self.stats["bypasses"] += int((miss & ~taken).sum())
-        # One copy back (the dirty victims), one copy in (the missed rows).
-        lanes = ar[:, None].expand_as(req)
+        rank = self._last_flat[base[..., None] + ways].long()
+        if self.policy == "lfu":
+            rank = self._count_flat[base[..., None] + ways] * (1 << 32) + rank
+        score = torch.where(claimed, big, torch.where(tags < 0, -1, rank))
+        ordered, order = torch.sort(score, dim=-1, stable=True)  # ties: the lowest way first
+        nth = (same_set & miss[:, None, :] & earlier).sum(-1)  # the misses before lane j in its set
+        pick = nth.clamp(max=W - 1)[..., None]
+        taken = miss & (nth < W) & (ordered.gather(-1, pick)[..., 0] != big)
+        way = torch.where(hit, hit_way, order.gather(-1, pick)[..., 0])
+        line = base + way
+        old_tag = tags.gather(-1, way[..., None])[..., 0].long()
+        evict = taken & self._dirty_flat[line] & (old_tag >= 0)
+        in_line = hit | taken  # a duplicate lane of a hit or a fetch: the same line
+        # The metadata of the lines claimed (hits) and taken (misses); the rest into the scratch line.
+        scratch = self._lines
+        self._last_flat[torch.where(live_hit | taken, line, scratch)] = self.clock
+        at_taken = torch.where(taken, line, scratch)
+        self._tags_flat[at_taken] = req.to(self._tag_type)
+        self._dirty_flat[at_taken] = False
+        if self.policy == "lfu":
+            self._count_flat.index_put_((torch.where(live_hit, line, scratch),), torch.ones_like(line), accumulate=True)
+            self._count_flat[at_taken] = 1
+        bypass = miss & ~taken
+        self._counts += torch.stack([(~dup).sum(), live_hit.sum(), miss.sum(), bypass.sum(), evict.sum(),
+                                     taken.sum()])
+        rows = torch.arange(R, device=device)[:, None]
+        flags = (in_line.long() * IN_LINE + taken.long() * FETCH + evict.long() * EVICT + bypass.long() * BYPASS
+                 + dup.long() * DUPLICATE)
+        return line, self._host_index(rows, req), self._host_index(rows, old_tag.clamp(min=0)), flags
+
+    def begin_token(self, write_idx: torch.Tensor, read_idx: torch.Tensor) -> None:
+        line, host_row, evict_row, flags = self._plan(torch.cat([write_idx, read_idx], dim=1))
+        # The torch path: one copy back (the dirty victims), one copy in (the missed rows).
+        evict, fetch = (flags & EVICT) != 0, (flags & FETCH) != 0
         if bool(evict.any()):
-            e_r, e_s, e_w = lanes[evict], sets[evict], victims[evict]
-            self._to_host(self._host_index(e_r, evict_tag[evict]), self.data[e_r, e_s, e_w])
-            self.stats["writebacks"] += len(e_r)
-        f_r, f_s, f_w = lanes[taken], sets[taken], victims[taken]
-        if len(f_r):
-            self.data[f_r, f_s, f_w] = self._host_rows(self._host_index(f_r, req[taken]))
-            self.stats["fetched_rows"] += len(f_r)
+            self._to_host(evict_row[evict], self._data_flat[line[evict]])
+        if bool(fetch.any()):
+            self._data_flat[line[fetch]] = self._host_rows(host_row[fetch])
+
+    # -- the kernel step's rows (SlotStore._kernel_step): the plan, then the rows moved by two kernels ----
+    def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
+        from .offload_kernels import fill_kernel  # imports triton
+
+        line, host_row, evict_row, flags = self._plan(torch.cat([w_slots, r_slots], dim=1))
+        self._moves = (line, host_row, flags)
+        rows, n = line.shape
+        width = self.d_v + 1
+        table = torch.empty(rows, n, width, dtype=self.dtype, device=self.device)
+        fill_kernel[(rows,)](self._data_flat, self.host, table, line, host_row, evict_row, flags, N=n,
+                             N_PAD=triton_pad(n), ROW=width, COLS=triton_pad(width))
+        return table
+
+    def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:
+        from .offload_kernels import store_kernel  # imports triton
+
+        line, host_row, flags = self._moves
+        rows, n = line.shape
+        topk, width = w_slots.shape[1], self.d_v + 1
+        store_kernel[(rows,)](self._data_flat, self.host, self._dirty_flat.view(torch.uint8), table, line, host_row,
+                              flags, K=topk, K_PAD=triton_pad(topk), N=n, ROW=width, COLS=triton_pad(width))
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         hit, sets, way, rows = self._lookup(slots)
@@ -247,7 +299,8 @@ class OffloadState(SlotStore):
 
     def device_bytes(self) -> int:
         """The cache: rows, tags, ranks and dirty bits (the offsets besides)."""
-        return sum(t.numel() * t.element_size() for t in (self.data, self.tags, self.last, self.count, self.dirty))
+        tensors = (self._data_flat, self._tags_flat, self._last_flat, self._count_flat, self._dirty_flat)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def host_bytes(self) -> int:
         return self.host.numel() * self.host.element_size()
@@ -262,6 +315,11 @@ class OffloadState(SlotStore):
         offset, tokens = fn(self.offset), self.tokens
         self.load_dense(RAMState(dense[..., : self.d_v], dense[..., self.d_v], offset))
         self.tokens = tokens
+
+
+def triton_pad(n: int) -> int:
+    """The power of two >= n (>= 2) that a Triton tile of n entries takes."""
+    return max(2, 1 << (n - 1).bit_length())
 
 
 def dense_state_fraction(store: OffloadState) -> float:

@@ -21,6 +21,7 @@ from ramnet.ops.pdma.chunk_triton import CHUNK, NUM_WARPS
 from ramnet.ops.pdma.triton import GROUP
 from ramnet.ops.ram import step_kernels
 from ramnet.ops.ram.step import fused_step_constants
+from ramnet.states import offload_kernels
 
 FLOAT_ARGS = {"empty_z", "eps", "tau", "min_decay"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
@@ -29,7 +30,10 @@ POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_
 # The step kernels' pointers (named as their tensors): bf16 activations, fp32 state, int64 slots.
 STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
                  "offset": "*i64", "gamma": "*fp32", "cape": "*i1", "write_idx": "*i64", "read_idx": "*i64",
-                 "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32"}
+                 "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32",
+                 # the host-resident state's row movement (ramnet/states/offload_kernels.py)
+                 "data": "*fp32", "host": "*fp32", "table": "*fp32", "line": "*i64", "host_row": "*i64",
+                 "evict_row": "*i64", "flags": "*i64", "dirty": "*u8"}
 
 
 def signature(fn, constexprs):
@@ -85,6 +89,9 @@ def cases():
     for name in ("num_warps", "HAS_SHIFT"):
         constants.pop(name)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=False, MB=1, TOP=1)
+    # The host-resident state's fill and store (2K = 16 lanes, rows of d_v + 1 = 65 floats).
+    yield offload_kernels.fill_kernel, dict(N=16, N_PAD=16, ROW=65, COLS=128)
+    yield offload_kernels.store_kernel, dict(K=8, K_PAD=8, N=16, ROW=65, COLS=128)
     # ... and as a store's step runs it (step_addresses): one pair per program, the dense decoder at M 1024.
     fused = fused_step_constants(20, 5, 8, 64, True)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=True, MB=fused["MB"], TOP=fused["TOP"], BLOCK_N=2,

@@ -208,3 +208,70 @@ def test_the_kernel_step_of_a_store_gives_the_dense_steps_bits(geometry, device)
             assert torch.equal(mine.offset, reference.offset)
         if name == "offload":
             assert store.stats["misses"] > 0
+
+
+def _simulated_cache(requests, sets, ways, policy):
+    """The cache's rule, one lane after the other, in plain Python: per token, hits are claimed first; each
+    missed lane takes its set's lowest-ranked unclaimed line (empty lines first, then the least recently used,
+    or for LFU the least used, ties to the least recently used, then the lowest way), else bypasses."""
+    lines = [[dict(tag=-1, last=0, count=0) for _ in range(ways)] for _ in range(sets)]
+    stats = dict(accesses=0, hits=0, misses=0, bypasses=0)
+    for clock, req in enumerate(requests, start=1):
+        seen, claimed, misses = set(), set(), []
+        for slot in req:
+            if slot in seen:
+                continue
+            seen.add(slot)
+            stats["accesses"] += 1
+            s = slot % sets
+            way = next((w for w, line in enumerate(lines[s]) if line["tag"] == slot), None)
+            if way is None:
+                misses.append(slot)
+                continue
+            stats["hits"] += 1
+            claimed.add((s, way))
+            lines[s][way]["last"] = clock
+            lines[s][way]["count"] += 1
+        for slot in misses:
+            stats["misses"] += 1
+            s = slot % sets
+
+            def rank(w):
+                line = lines[s][w]
+                if line["tag"] < 0:
+                    return (-1, 0, w)
+                return ((line["count"], line["last"], w) if policy == "lfu" else (line["last"], 0, w))
+
+            free = [w for w in range(ways) if (s, w) not in claimed]
+            if not free:
+                stats["bypasses"] += 1
+                continue
+            way = min(free, key=rank)
+            lines[s][way] = dict(tag=slot, last=clock, count=1)
+            claimed.add((s, way))
+    return stats, [[line["tag"] for line in row] for row in lines]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("slots, ways", [(6, 2), (8, 8), (12, 3)])
+def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots, ways):
+    # Three (sequence, head) rows, 2K = 6 lanes a token over 24 slots (with repeats between a token's writes
+    # and reads): hits, misses, sets fuller than their ways (bypasses) and every rank tie.
+    store = OffloadState(slots=slots, ways=ways, policy=policy)
+    store.allocate(1, 3, 24, 2, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(slots * ways)
+    requests = []
+    for _ in range(40):
+        writes = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(3)])  # hot slots 0-11
+        reads = torch.stack([torch.randperm(24, generator=g)[:3] for _ in range(3)])
+        reads[:, 0] = writes[:, 1]  # a read of a slot this token writes
+        requests.append(torch.cat([writes, reads], dim=1))
+        store.begin_token(writes, reads)
+    totals = dict.fromkeys(("accesses", "hits", "misses", "bypasses"), 0)
+    for row in range(3):
+        stats, tags = _simulated_cache([req[row].tolist() for req in requests], store.sets, store.ways, policy)
+        for name in totals:
+            totals[name] += stats[name]
+        assert store.tags[row].tolist() == tags, row
+    assert {name: store.stats[name] for name in totals} == totals
+    assert totals["bypasses"] > 0 or ways >= 6
