@@ -7,25 +7,27 @@ on the device.
   slot m goes to set ``m % sets``), each with its slot tag, its row, a dirty bit and what the policy ranks
   it by: the last use (LRU) or the use count, ties to the least recently used (LFU).
 
-Before each token's step, ``_plan`` makes its K write and K read slots resident, in the metadata: hits
-are claimed first, then each miss takes the set's lowest-ranked line that this token has not claimed
-(vectorised over the batch, the heads and the lanes, with fixed-size tensor ops: nothing is read on the
-host). A slot whose set is full of this token's own slots (more than ``ways`` of its 2K slots in one set)
-is read and written on the host directly (a bypass, counted). Then the rows move, one of two ways:
+Before each token's step its K write and K read slots are made resident: hits are claimed first, then each
+miss takes the set's lowest-ranked line that this token has not claimed, else, when every line of its set
+is this token's (more than ``ways`` of its 2K slots in one set), it bypasses: its row is read and written on
+the host directly (counted). The rule is applied to all lanes at once (the j-th miss of a set takes the
+set's j-th lowest unclaimed line), with nothing read on the host, in one of two places:
 
 - where the step runs the Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``;
-  ``SlotStore._kernel_step``), two kernels (``offload_kernels.py``) per step and layer: one writes the
-  evicted dirty rows back, fetches the missed rows into their lines and builds the token's table of rows,
-  the step kernel steps the table, and the other stores the written rows (to their lines, or to the host
-  where they bypassed). The kernels load and store the host rows in place: the host table is pinned, and
-  a pinned tensor's address is valid on the GPU, so no copy is staged and no step reads the device on the
-  host;
-- otherwise (the torch recurrent path, the prompt streamed through the cache), torch copies: the dirty
-  victims back in one copy and the missed rows in one copy (on CUDA through pinned memory on a side
-  stream, after reading the missed slots' ids on the host), then the step's gathers and scatters.
+  ``SlotStore._kernel_step``): ``plan_fill_kernel`` (``offload_kernels.py``) plans a (sequence, head) row
+  per program, writes the evicted dirty rows back, fetches the missed rows into their lines and builds the
+  token's table of rows; the step kernel steps the table; ``store_kernel`` stores the written rows (to their
+  lines, or to the host where they bypassed). The kernels load and store the host rows in place: the host
+  table is pinned, and a pinned tensor's address is valid on the GPU, so no copy is staged. Four launches
+  with the decoder's, and a few small torch ops;
+- otherwise (the torch recurrent path, the prompt streamed through the cache): ``_plan`` in tensor ops,
+  then torch copies: the dirty victims back in one copy and the missed rows in one copy (on CUDA through
+  pinned memory on a side stream, after reading the missed slots' ids on the host), then the step's
+  gathers and scatters.
 
-Both give the dense state's outputs bit for bit (``SlotStore``). A step is still a few dozen small launches
-(the plan's tensor ops) besides the kernels, and not CUDA-graph capturable (the clock is a Python int).
+Both give the dense state's outputs bit for bit (``SlotStore``), and both plans are checked against a
+one-lane-at-a-time simulation of the rule (``tests/states``). Not CUDA-graph capturable yet: the clock is a
+Python int.
 
 The prompt (``prefill="dense"``, the default) goes through the op as for the dense state and its final
 state is moved to the host with an empty cache: one layer's dense state exists on the device at a time.
@@ -239,15 +241,22 @@ class OffloadState(SlotStore):
 
     # -- the kernel step's rows (SlotStore._kernel_step): the plan, then the rows moved by two kernels ----
     def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
-        from .offload_kernels import fill_kernel  # imports triton
+        from .offload_kernels import plan_fill_kernel  # imports triton
 
-        line, host_row, evict_row, flags = self._plan(torch.cat([w_slots, r_slots], dim=1))
-        self._moves = (line, host_row, flags)
-        rows, n = line.shape
+        req = torch.cat([w_slots, r_slots], dim=1)
+        rows, n = req.shape
+        self.clock += 1
         width = self.d_v + 1
         table = torch.empty(rows, n, width, dtype=self.dtype, device=self.device)
-        fill_kernel[(rows,)](self._data_flat, self.host, table, line, host_row, evict_row, flags, N=n,
-                             N_PAD=triton_pad(n), ROW=width, COLS=triton_pad(width))
+        line, host_row, flags = (torch.empty(rows, n, dtype=torch.long, device=self.device) for _ in range(3))
+        lfu = self.policy == "lfu"
+        plan_fill_kernel[(rows,)](
+            req, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
+            self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
+            self.clock, self.memory_slots, N=n, N_PAD=triton_pad(n), SETS=self.sets, W=self.ways,
+            W_PAD=triton_pad(self.ways), LFU=lfu, ROW=width, COLS=triton_pad(width),
+        )
+        self._moves = (line, host_row, flags)
         return table
 
     def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:

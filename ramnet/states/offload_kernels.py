@@ -1,16 +1,18 @@
-"""The host-resident state's row movement for one decoding step, in two kernels, one program per (sequence,
-head) row and all of its 2K lanes at once (``OffloadState._plan`` has decided, per lane, where its slot's row
-lives; nothing here decides anything).
+"""The host-resident state's decoding step around the step kernel, in two kernels, one program per (sequence,
+head) row and all of its 2K lanes at once: the cache's plan and the rows it moves before the step, and the
+written rows stored after it.
 
 The host rows are read and written in place, from the kernels: on CUDA the host table is pinned, and a pinned
 tensor's address is valid on the device (Triton resolves it with ``cuPointerGetAttribute``), so a missed
 row comes over the bus when a kernel loads it, without a copy staged on the host and without the host
 knowing which rows: no device read, no host synchronisation.
 
-``fill_kernel``: every load first (the evicted lines' rows, the missed and bypassed slots' host rows, the
-hit lines' rows), then every store (the evicted rows to the host, the fetched rows into their lines, the
-token's table of rows). No lane stores where another lane loads: a victim line is one no lane hits, and a
-slot whose row is fetched from the host was not in the cache, so no evicted line held it.
+``plan_fill_kernel``: ``OffloadState._plan`` for one row's lanes in registers, then the rows moved. Every
+load comes before any store (the metadata of the lanes' sets, the evicted lines' rows, the missed and
+bypassed slots' host rows, the hit lines' rows; then the new metadata, the evicted rows to the host, the
+fetched rows into their lines, the token's table of rows): no lane stores where another lane loads, since a
+victim line is one no lane hits, and a slot whose row is fetched was not in the cache, so no evicted line
+held it. The lanes' lines are distinct, so no two lanes store to one place.
 
 ``store_kernel``: the K written rows back, to their lines (dirty) or, for a bypassed lane, to the host.
 """
@@ -18,40 +20,99 @@ slot whose row is fetched from the host was not in the cache, so no evicted line
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rows(base, index, lane_mask, cols, col_mask, ROW: tl.constexpr):
-    """``base[index[l] * ROW + c]`` for the lanes in ``lane_mask`` (others 0): a [LANES, COLS] tile."""
-    return tl.load(base + index[:, None].to(tl.int64) * ROW + cols[None, :],
-                   mask=lane_mask[:, None] & col_mask[None, :], other=0.0)
+BIG = tl.constexpr(2**63 - 1)  # the score of a line no miss may take (claimed by a hit, or padding)
 
 
 @triton.jit
-def fill_kernel(data, host, table, line, host_row, evict_row, flags, N: tl.constexpr, N_PAD: tl.constexpr,
-                ROW: tl.constexpr, COLS: tl.constexpr):
-    # line / host_row / evict_row / flags: [R, N] (flat line index into data's rows, host row of the lane's
-    # slot, host row of the evicted line's old slot); flags bits: 1 the row is in its line after this step
-    # (a hit, or a fetch), 2 fetch it from the host into its line, 4 write the line's old row back first,
-    # 8 bypass (the row stays on the host), 16 a duplicate lane (its row is another lane's: no table row).
+def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out,
+                     clock, memory_slots, N: tl.constexpr, N_PAD: tl.constexpr, SETS: tl.constexpr,
+                     W: tl.constexpr, W_PAD: tl.constexpr, LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
+    # One program per (sequence, head) row r: OffloadState._plan for its N = 2K lanes (slots [R, N], writes
+    # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
+    # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
+    # atomically (STATS' order). Outputs per lane: its line, its slot's host row and its flags (_plan's).
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, N_PAD)
     live = lanes < N
-    at = r * N + lanes
-    f = tl.load(flags + at, mask=live, other=16)
-    ln = tl.load(line + at, mask=live, other=0)
-    hr = tl.load(host_row + at, mask=live, other=0)
-    er = tl.load(evict_row + at, mask=live, other=0)
-    in_line, fetch, evict, bypass = (f & 1) != 0, (f & 2) != 0, (f & 4) != 0, (f & 8) != 0
+    req = tl.load(slots + r * N + lanes, mask=live, other=-1).to(tl.int64)
+    ways = tl.arange(0, W_PAD)
+    wlive = ways < W
+    sets = tl.where(live, req % SETS, 0)
+    base = (r * SETS + sets) * W
+    at = base[:, None] + ways[None, :]  # [N, W]
+    in_set = live[:, None] & wlive[None, :]
+    tag = tl.load(tags + at, mask=in_set, other=-2).to(tl.int64)
+    match = (tag == req[:, None]) & in_set
+    hit = tl.max(match.to(tl.int32), axis=1) > 0
+    hit_way = tl.argmax(match.to(tl.int32), axis=1)  # the first matching way (a slot is in one line at most)
+    earlier = lanes[None, :] < lanes[:, None]  # [j, i]: lane i before lane j
+    dup = live & (tl.max(((req[:, None] == req[None, :]) & earlier & live[None, :]).to(tl.int32), axis=1) > 0)
+    live_hit = hit & ~dup
+    miss = live & ~hit & ~dup
+    same_set = (sets[:, None] == sets[None, :]) & live[None, :]  # [j, i]
+    claim_i = same_set & live_hit[None, :]  # hit lanes i in lane j's set
+    claimed = tl.max((claim_i[:, :, None] & (hit_way[None, :, None] == ways[None, None, :])).to(tl.int32),
+                     axis=1) > 0  # [j, w]
+    rank = tl.load(last + at, mask=in_set, other=0).to(tl.int64)
+    if LFU:  # the use count, then the last use
+        uses = tl.load(count + at, mask=in_set, other=0).to(tl.int64)
+        rank = uses * 4294967296 + rank
+    else:
+        uses = tl.zeros([N_PAD, W_PAD], dtype=tl.int64)
+    big = BIG
+    score = tl.where(claimed | ~wlive[None, :], big, tl.where(tag < 0, -1, rank))
+    # Each way's place in its set's order (score, then way): the j-th miss of a set takes place j.
+    s_w = score[:, :, None]
+    s_v = score[:, None, :]
+    before = (s_v < s_w) | ((s_v == s_w) & (ways[None, None, :] < ways[None, :, None]))
+    place = tl.sum(before.to(tl.int32), axis=2)  # [j, w]
+    nth = tl.sum((same_set & miss[None, :] & earlier).to(tl.int32), axis=1)
+    chosen = place == nth[:, None]
+    victim = tl.sum(tl.where(chosen, ways[None, :], 0), axis=1)
+    victim_score = tl.sum(tl.where(chosen, score, 0), axis=1)
+    taken = miss & (nth < W) & (victim_score != big)
+    bypass = miss & ~taken
+    way = tl.where(hit, hit_way, victim)
+    line = base + way
+    at_way = ways[None, :] == way[:, None]
+    old_tag = tl.sum(tl.where(at_way, tag, 0), axis=1)
+    old_uses = tl.sum(tl.where(at_way, uses, 0), axis=1)
+    was_dirty = tl.load(dirty + line, mask=taken, other=0) != 0
+    evict = taken & was_dirty & (old_tag >= 0)
+    in_line = live & (hit | taken)
+    host_row = r * memory_slots + req
+    evict_row = r * memory_slots + tl.where(evict, old_tag, 0)
+    # The rows: every load before any store (fill_kernel's rule, see the module docstring).
     cols = tl.arange(0, COLS)
-    cmask = cols < ROW
-    old = _rows(data, ln, evict, cols, cmask, ROW)
-    from_host = _rows(host, hr, fetch | bypass, cols, cmask, ROW)
-    cached = _rows(data, ln, in_line & ~fetch, cols, cmask, ROW)
-    pair = cmask[None, :]
-    tl.store(host + er[:, None].to(tl.int64) * ROW + cols[None, :], old, mask=evict[:, None] & pair)
-    tl.store(data + ln[:, None].to(tl.int64) * ROW + cols[None, :], from_host, mask=fetch[:, None] & pair)
-    rows = tl.where((fetch | bypass)[:, None], from_host, cached)
-    tl.store(table + at[:, None] * ROW + cols[None, :], rows, mask=((in_line | bypass) & live)[:, None] & pair)
+    cmask = cols[None, :] < ROW
+    line_at = line[:, None] * ROW + cols[None, :]
+    old = tl.load(data + line_at, mask=evict[:, None] & cmask, other=0.0)
+    from_host = tl.load(host + host_row[:, None] * ROW + cols[None, :], mask=(taken | bypass)[:, None] & cmask,
+                        other=0.0)
+    cached = tl.load(data + line_at, mask=(in_line & ~taken)[:, None] & cmask, other=0.0)
+    # The metadata of the lines claimed (hits) and taken (misses).
+    tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + clock, mask=live_hit | taken)
+    tl.store(tags + line, req, mask=taken)
+    tl.store(dirty + line, tl.full([N_PAD], 0, tl.uint8), mask=taken)
+    if LFU:
+        tl.store(count + line, tl.where(taken, 1, old_uses + 1), mask=live_hit | taken)
+    tl.atomic_add(counts + 0, tl.sum((live & ~dup).to(tl.int64), axis=0))
+    tl.atomic_add(counts + 1, tl.sum(live_hit.to(tl.int64), axis=0))
+    tl.atomic_add(counts + 2, tl.sum(miss.to(tl.int64), axis=0))
+    tl.atomic_add(counts + 3, tl.sum(bypass.to(tl.int64), axis=0))
+    tl.atomic_add(counts + 4, tl.sum(evict.to(tl.int64), axis=0))
+    tl.atomic_add(counts + 5, tl.sum(taken.to(tl.int64), axis=0))
+    # The rows: evicted ones back, fetched ones in, the token's table.
+    tl.store(host + evict_row[:, None] * ROW + cols[None, :], old, mask=evict[:, None] & cmask)
+    tl.store(data + line_at, from_host, mask=taken[:, None] & cmask)
+    rows = tl.where((taken | bypass)[:, None], from_host, cached)
+    out = r * N + lanes
+    tl.store(table + out[:, None] * ROW + cols[None, :], rows, mask=(in_line | bypass)[:, None] & cmask)
+    flags = (in_line.to(tl.int64) * 1 + taken.to(tl.int64) * 2 + evict.to(tl.int64) * 4 + bypass.to(tl.int64) * 8
+             + dup.to(tl.int64) * 16)
+    tl.store(line_out + out, line, mask=live)
+    tl.store(host_row_out + out, host_row, mask=live)
+    tl.store(flags_out + out, flags, mask=live)
 
 
 @triton.jit

@@ -33,7 +33,9 @@ STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*
                  "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32",
                  # the host-resident state's row movement (ramnet/states/offload_kernels.py)
                  "data": "*fp32", "host": "*fp32", "table": "*fp32", "line": "*i64", "host_row": "*i64",
-                 "evict_row": "*i64", "flags": "*i64", "dirty": "*u8"}
+                 "flags": "*i64", "dirty": "*u8", "slots": "*i64", "tags": "*i32", "last": "*i32", "count": "*i64",
+                 "counts": "*i64", "line_out": "*i64", "host_row_out": "*i64", "flags_out": "*i64", "clock": "i64",
+                 "memory_slots": "i64"}
 
 
 def signature(fn, constexprs):
@@ -90,7 +92,8 @@ def cases():
         constants.pop(name)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=False, MB=1, TOP=1)
     # The host-resident state's fill and store (2K = 16 lanes, rows of d_v + 1 = 65 floats).
-    yield offload_kernels.fill_kernel, dict(N=16, N_PAD=16, ROW=65, COLS=128)
+    for lfu in (False, True):  # 10% of M = 1024: 6 sets of 16 ways
+        yield offload_kernels.plan_fill_kernel, dict(N=16, N_PAD=16, SETS=6, W=16, W_PAD=16, LFU=lfu, ROW=65, COLS=128)
     yield offload_kernels.store_kernel, dict(K=8, K_PAD=8, N=16, ROW=65, COLS=128)
     # ... and as a store's step runs it (step_addresses): one pair per program, the dense decoder at M 1024.
     fused = fused_step_constants(20, 5, 8, 64, True)

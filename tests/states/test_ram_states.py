@@ -252,13 +252,18 @@ def _simulated_cache(requests, sets, ways, policy):
     return stats, [[line["tag"] for line in row] for row in lines]
 
 
+@pytest.mark.parametrize("path", ["torch", "kernel"])
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("slots, ways", [(6, 2), (8, 8), (12, 3)])
-def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots, ways):
+def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots, ways, path):
     # Three (sequence, head) rows, 2K = 6 lanes a token over 24 slots (with repeats between a token's writes
-    # and reads): hits, misses, sets fuller than their ways (bypasses) and every rank tie.
+    # and reads): hits, misses, sets fuller than their ways (bypasses) and every rank tie. "torch": _plan (the
+    # torch step's); "kernel": plan_fill_kernel (the kernel step's), its rows moved too: each row of the host
+    # table holds its slot id, so the token's table must hold the requested slots' ids, whoever serves them.
     store = OffloadState(slots=slots, ways=ways, policy=policy)
     store.allocate(1, 3, 24, 2, torch.float32, "cpu")
+    ids = torch.arange(3 * 24, dtype=torch.float32) % 24
+    store.host.copy_(torch.stack([ids, -ids, torch.ones_like(ids)], dim=1))
     g = torch.Generator().manual_seed(slots * ways)
     requests = []
     for _ in range(40):
@@ -266,7 +271,14 @@ def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots
         reads = torch.stack([torch.randperm(24, generator=g)[:3] for _ in range(3)])
         reads[:, 0] = writes[:, 1]  # a read of a slot this token writes
         requests.append(torch.cat([writes, reads], dim=1))
-        store.begin_token(writes, reads)
+        if path == "torch":
+            store.begin_token(writes, reads)
+            continue
+        table = store._table(writes, reads)
+        flags = store._moves[2]
+        served = (flags & 16) == 0  # a duplicate lane has no row of its own
+        assert torch.equal(table[..., 0][served], requests[-1].float()[served])
+        store._store_written(writes, table)
     totals = dict.fromkeys(("accesses", "hits", "misses", "bypasses"), 0)
     for row in range(3):
         stats, tags = _simulated_cache([req[row].tolist() for req in requests], store.sets, store.ways, policy)
