@@ -175,8 +175,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])])
-@pytest.mark.parametrize("geometry", [dict(num_partitions=3, partition_dim=4), dict(num_partitions=7, partition_dim=4)],
-                         ids=["M64-dense-decoder", "M16384-beam-decoder"])
+@pytest.mark.parametrize("geometry", [dict(num_partitions=3, partition_dim=4), dict(num_partitions=5, partition_dim=6)],
+                         ids=["M64-dense-decoder", "M7776-beam-decoder"])
 def test_the_kernel_step_of_a_store_gives_the_dense_steps_bits(geometry, device):
     # Where the dense state's step runs the Triton kernels (the interpreter on the CPU), a store's step runs them
     # too, on its gathered rows, with the dense step's decoder and tiles: the same bits, token by token, in
@@ -195,7 +195,7 @@ def test_the_kernel_step_of_a_store_gives_the_dense_steps_bits(geometry, device)
     for name, options in (("sparse", {}), ("offload", dict(slots=2)), ("offload", dict(slots=6, ways=2))):
         store = SparseState() if name == "sparse" else OffloadState(**options)
         reference = RAMState(dense.S.clone(), dense.z.clone(), dense.offset.clone())
-        for t in range(10):
+        for t in range(10 if M <= 4096 else 4):  # the beam decoder is slow under the interpreter
             q, k = (torch.randn(batch, heads, d_k, generator=g).to(device, torch.bfloat16) for _ in range(2))
             if t % 3 == 2:
                 q = k.clone()  # the query reads the slots the key writes
