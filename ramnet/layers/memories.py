@@ -105,6 +105,10 @@ class RAMMemory:
         the validated op for every call."""
         return self.mode in (None, "triton", "recurrent")
 
+    def steps_on_kernels(self, device) -> bool:
+        """Whether ``step`` runs the Triton step kernels on ``device`` (a store's step follows suit)."""
+        return self.mode != "recurrent" and triton_runs_on(device)
+
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: RAMState) -> torch.Tensor:
         """One decoding token per sequence, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``state`` (S, z in
         the compute dtype, offset) is updated in place, ``offset += 1`` included; returns ``o [B, H,
@@ -120,7 +124,7 @@ class RAMMemory:
         if isinstance(state, SlotStore):
             return state.step(self, q, k, v)
         spec = self.spec(q, inplace_state=True)
-        if self.mode != "recurrent" and triton_runs_on(q.device):
+        if self.steps_on_kernels(q.device):
             return ram_decode_step(q, k, v, state, spec)
         compute = state.S.dtype
         o, _ = recurrent_forward(q[:, None].to(compute), k[:, None].to(compute), v[:, None].to(compute), spec, state,

@@ -28,7 +28,7 @@ import torch
 from ..ops.checks import compute_dtype
 from ..ops.ram.common import decode_tokens
 from ..ops.ram.state import RAMState
-from ..ops.triton_support import kernels_apply, triton_runs_on
+from ..ops.triton_support import kernels_apply
 
 
 class SlotStore(ABC):
@@ -111,9 +111,9 @@ class SlotStore(ABC):
 
     def step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decoding token, ``q, k [B, H, d_k]``, ``v [B, H, d_v]``: ``o [B, H, d_v]`` in v's dtype.
-        On the step kernels where ``RAMMemory.step`` runs the dense state's on them (the same condition),
-        else the torch arithmetic of ``run``."""
-        if memory.mode != "recurrent" and triton_runs_on(q.device):
+        On the step kernels where the dense state's step runs on them (``RAMMemory.steps_on_kernels``), else
+        the torch arithmetic of ``run``."""
+        if memory.steps_on_kernels(q.device):
             return self._kernel_step(memory, q, k, v)
         o, _ = self.run(memory, q[:, None], k[:, None], v[:, None])
         return o[:, 0].to(v.dtype)
