@@ -26,8 +26,9 @@ set's j-th lowest unclaimed line), with nothing read on the host, in one of two 
   gathers and scatters.
 
 Both give the dense state's outputs bit for bit (``SlotStore``), and both plans are checked against a
-one-lane-at-a-time simulation of the rule (``tests/states``). Not CUDA-graph capturable yet: the clock is a
-Python int.
+one-lane-at-a-time simulation of the rule (``tests/states``). The kernel step reads nothing on the host and
+allocates the same shapes every token (the clock that ranks the lines is a device counter), so it can be
+captured in a CUDA graph and replayed.
 
 The prompt (``prefill="dense"``, the default) goes through the op as for the dense state and its final
 state is moved to the host with an empty cache: one layer's dense state exists on the device at a time.
@@ -90,7 +91,8 @@ class OffloadState(SlotStore):
 
     @stats.setter
     def stats(self, values: dict[str, int]) -> None:
-        self._counts = torch.tensor([int(values[name]) for name in STATS], dtype=torch.long, device=self._counts.device)
+        # in place: a captured step keeps adding to the same tensor
+        self._counts.copy_(torch.tensor([int(values[name]) for name in STATS], dtype=torch.long))
 
     # -- allocation -------------------------------------------------------------------------------------
     def _allocate(self) -> None:
@@ -129,7 +131,7 @@ class OffloadState(SlotStore):
         self._count_flat, self.count = per_line(0, torch.long) if self.policy == "lfu" else (None, None)
         self._dirty_flat, self.dirty = per_line(False, torch.bool)
         self._data_flat, self.data = per_line(0, self.dtype, self.d_v + 1)
-        self.clock = 0
+        self.clock = torch.zeros((), dtype=torch.long, device=self.device)  # a device counter: capturable
         self._counts = self._counts.to(self.device)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -215,7 +217,7 @@ class OffloadState(SlotStore):
         in_line = hit | taken  # a duplicate lane of a hit or a fetch: the same line
         # The metadata of the lines claimed (hits) and taken (misses); the rest into the scratch line.
         scratch = self._lines
-        self._last_flat[torch.where(live_hit | taken, line, scratch)] = self.clock
+        self._last_flat[torch.where(live_hit | taken, line, scratch)] = self.clock.to(self._tag_type)
         at_taken = torch.where(taken, line, scratch)
         self._tags_flat[at_taken] = req.to(self._tag_type)
         self._dirty_flat[at_taken] = False

@@ -30,7 +30,8 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     # One program per (sequence, head) row r: OffloadState._plan for its N = 2K lanes (slots [R, N], writes
     # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
     # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
-    # atomically (STATS' order). Outputs per lane: its line, its slot's host row and its flags (_plan's).
+    # atomically (STATS' order); clock: the step's time (a device scalar). Outputs per lane: its line, its slot's
+    # host row and its flags (_plan's).
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, N_PAD)
     live = lanes < N
@@ -91,7 +92,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
                         other=0.0)
     cached = tl.load(data + line_at, mask=(in_line & ~taken)[:, None] & cmask, other=0.0)
     # The metadata of the lines claimed (hits) and taken (misses).
-    tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + clock, mask=live_hit | taken)
+    tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + tl.load(clock), mask=live_hit | taken)
     tl.store(tags + line, req, mask=taken)
     tl.store(dirty + line, tl.full([N_PAD], 0, tl.uint8), mask=taken)
     if LFU:

@@ -287,3 +287,46 @@ def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots
         assert store.tags[row].tolist() == tags, row
     assert {name: store.stats[name] for name in totals} == totals
     assert totals["bypasses"] > 0 or ways >= 6
+
+
+@pytest.mark.cuda
+@CUDA
+@torch.no_grad()
+def test_on_cuda_the_offloaded_step_is_captured_in_a_cuda_graph_and_replays_the_dense_steps():
+    # The kernel step of the host-resident state reads nothing on the host: one step captured, then replayed
+    # with new inputs, gives the dense state's bits and evicts from a cache smaller than the working set.
+    from ramnet.layers.memories import RAMMemory
+    from ramnet.ops import RAMState
+
+    heads, d_v, topk, batch = 4, 16, 4, 2
+    memory = RAMMemory(heads, d_v, num_partitions=3, partition_dim=4, topk=topk, gamma=1.0, tau=1.0, eps=1e-6,
+                       proxy_eps=1e-6, cape=False, mode=None)
+    dense = RAMState.empty(batch, heads, memory.memory_slots, d_v, dtype=torch.float32, device="cuda")
+    store = OffloadState(slots=6, ways=3)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def inputs():
+        return (torch.randn(batch, heads, memory.head_k_dim, generator=g, device="cuda").bfloat16(),
+                torch.randn(batch, heads, memory.head_k_dim, generator=g, device="cuda").bfloat16(),
+                torch.randn(batch, heads, d_v, generator=g, device="cuda").bfloat16())
+
+    static = inputs()
+    assert torch.equal(memory.step(*static, store), memory.step(*static, dense))  # allocates, compiles
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
+        step_inputs = inputs()
+        assert torch.equal(memory.step(*step_inputs, store), memory.step(*step_inputs, dense))
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_store = memory.step(*static, store)
+    for _ in range(6):
+        new = inputs()
+        for buffer, value in zip(static, new):
+            buffer.copy_(value)
+        graph.replay()
+        assert torch.equal(o_store, memory.step(*new, dense))  # (capturing records the step, runs nothing)
+    mine = store.to_dense()
+    assert torch.equal(mine.S, dense.S) and torch.equal(mine.z, dense.z) and torch.equal(mine.offset, dense.offset)
+    assert store.stats["misses"] > 0 and store.stats["writebacks"] > 0
