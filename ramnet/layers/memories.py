@@ -81,8 +81,9 @@ class RAMMemory:
 
     def run(self, q, k, v, beta, state, cu_seqlens, output_final_state: bool):
         """Write every (k_t, v_t) and read with q_t after the write (beta is DeltaNet's; unused):
-        ``run_ram_attention`` with this memory's spec, so the inputs are checked as ``ram_attention``
-        checks them but the hyper-parameters are not checked again on every call. A non-dense ``state``
+        ``run_ram_attention`` with this memory's spec, so the inputs' shapes, dtypes and devices are checked
+        as ``ram_attention`` checks them, but neither the hyper-parameters (checked once, here) nor the
+        inputs' values (a host synchronisation each) on every call. A non-dense ``state``
         (a ``SlotStore``: ``RAMNetCache(ram_state="sparse" | "offload")``) runs the call itself."""
         if isinstance(state, SlotStore):
             return state.run(self, q, k, v, cu_seqlens)
@@ -94,9 +95,11 @@ class RAMMemory:
             # The state will be decoded from: the step's spec is built now, eagerly, so that a compiled
             # decoding step finds it instead of adding it (a change that would make torch.compile trace again).
             self.spec(q, inplace_state=True)
+        # check_values=False: q, k, v are this layer's projections and state its cache; scanning their values
+        # would synchronise with the GPU several times a layer in every training step and prefill.
         return run_ram_attention(q, k, v, self.spec(q, inplace), initial_state=state,
                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                 mode="recurrent" if inplace else self.mode)
+                                 mode="recurrent" if inplace else self.mode, check_values=False)
 
     @property
     def steps_in_place(self) -> bool:

@@ -28,6 +28,28 @@ def test_forward_backward_shapes_and_gradients():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_the_layer_reads_no_tensor_values_on_the_host(monkeypatch):
+    # Training, a prompt into a cache and a prompt continuing it: the op's value scans (q, k, v and the cached
+    # state finite), each a GPU synchronisation, are the public op's, not the layer's.
+    from ramnet.ops.ram import interface
+
+    def scanned(*args, **kwargs):
+        raise AssertionError("a value scan on the layer's path")
+
+    layer = _layer(layer_idx=0)
+    x = torch.randn(2, 9, 24, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(interface, "check_finite", scanned)
+    layer(x)[0].sum().backward()
+    cache = RAMNetCache()
+    with torch.no_grad():
+        layer(x[:, :5], past_key_values=cache, use_cache=True)
+        layer(x[:, 5:], past_key_values=cache, use_cache=True)
+    # ... while the op itself still scans (and says which input is bad).
+    q = torch.full((1, 3, 2, 8), float("nan"), dtype=torch.float64)
+    with pytest.raises(AssertionError, match="value scan"):
+        interface.ram_attention(q, q, torch.zeros(1, 3, 2, 6, dtype=torch.float64), num_partitions=2, topk=3)
+
+
 def test_log_scales_scale_q_and_k_per_head():
     # e^alpha multiplies the head's q (and k) logits: a doubled alpha-scale equals doubled weights.
     layer, scaled = _layer(), _layer()

@@ -76,11 +76,15 @@ def ram_attention(
 
 def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_final_state: bool = False,
                       cu_seqlens: torch.Tensor | None = None, mode: str | None = None,
-                      time_segments: int | None = None):
+                      time_segments: int | None = None, check_values: bool = True):
     """``ram_attention`` with the hyper-parameters already checked into ``spec`` (``build_spec``, for
     q's heads, d_k, compute dtype and device): the inputs are validated as ``ram_attention``
     validates them, then the path runs. For callers that hold a spec per layer, so that each call
-    does not build it again (building checks gamma on the device, a host synchronisation)."""
+    does not build it again (building checks gamma on the device, a host synchronisation).
+    ``check_values=False`` skips what reads tensor values on the host (q, k, v finite; the initial
+    state's z > 0, finite, offsets >= 0), each a synchronisation with the GPU: for a layer calling the
+    op on its own projections and its own cached state, where the shapes, dtypes and devices are still
+    checked."""
     q, k, v = (check_float_tensor(name, x, ndim=4) for name, x in (("q", q), ("k", k), ("v", v)))
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {tuple(q.shape)} = [B, T, H, d_k], got {tuple(k.shape)}")
@@ -102,9 +106,10 @@ def run_ram_attention(q, k, v, spec: RAMSpec, *, initial_state=None, output_fina
         # earlier checked steps, and scanning all M slots for NaN on every token would make the
         # step's cost grow with the memory size and synchronise with the GPU.
         state = _check_state(initial_state, num_seqs, heads, spec.memory_slots, v, compute, spec.eps,
-                             scan=not spec.inplace_state)
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+                             scan=check_values and not spec.inplace_state, check_offsets=check_values)
+    if check_values:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_finite(name, x)
     if spec.inplace_state:
         mode = _check_inplace(initial_state, mode, compute, (q, k, v))
     if mode is None:
@@ -192,7 +197,7 @@ def _check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> None:
 
 
 def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.Tensor, compute, eps: float,
-                 scan: bool = True) -> RAMState:
+                 scan: bool = True, check_offsets: bool = True) -> RAMState:
     if not isinstance(state, tuple) or len(state) != 3:
         raise ValueError("initial_state must be a RAMState or a tuple (S, z, offset)")
     S, z, offset = state
@@ -218,7 +223,7 @@ def _check_state(state, num_seqs: int, heads: int, memory_slots: int, v: torch.T
         if bool((z + eps <= 0).any()):
             raise ValueError(f"initial_state.z must be > -eps = {-eps} (the reads divide by z + eps; the op's states "
                              f"have z > 0), got min {z.min().item()}")
-    if bool((offset < 0).any()):
+    if check_offsets and bool((offset < 0).any()):
         raise ValueError("initial_state.offset must be >= 0")
     return RAMState(S.to(compute), z.to(compute), offset)
 
