@@ -243,8 +243,11 @@ class OffloadState(SlotStore):
 
     # -- the kernel step's rows (SlotStore._kernel_step): the plan, then the rows moved by two kernels ----
     def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
-        from .offload_kernels import plan_fill_kernel  # imports triton
+        import triton
 
+        from .offload_kernels import plan_fill_kernel
+
+        pad = triton.next_power_of_2
         req = torch.cat([w_slots, r_slots], dim=1)
         rows, n = req.shape
         self.clock += 1
@@ -255,20 +258,23 @@ class OffloadState(SlotStore):
         plan_fill_kernel[(rows,)](
             req, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
             self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
-            self.clock, self.memory_slots, N=n, N_PAD=triton_pad(n), SETS=self.sets, W=self.ways,
-            W_PAD=triton_pad(self.ways), LFU=lfu, ROW=width, COLS=triton_pad(width),
+            self.clock, self.memory_slots, N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways,
+            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width),
         )
         self._moves = (line, host_row, flags)
         return table
 
     def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:
-        from .offload_kernels import store_kernel  # imports triton
+        import triton
+
+        from .offload_kernels import store_kernel
 
         line, host_row, flags = self._moves
         rows, n = line.shape
         topk, width = w_slots.shape[1], self.d_v + 1
         store_kernel[(rows,)](self._data_flat, self.host, self._dirty_flat.view(torch.uint8), table, line, host_row,
-                              flags, K=topk, K_PAD=triton_pad(topk), N=n, ROW=width, COLS=triton_pad(width))
+                              flags, K=topk, K_PAD=max(2, triton.next_power_of_2(topk)), N=n, ROW=width,
+                              COLS=triton.next_power_of_2(width))
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         hit, sets, way, rows = self._lookup(slots)
@@ -326,11 +332,6 @@ class OffloadState(SlotStore):
         offset, tokens = fn(self.offset), self.tokens
         self.load_dense(RAMState(dense[..., : self.d_v], dense[..., self.d_v], offset))
         self.tokens = tokens
-
-
-def triton_pad(n: int) -> int:
-    """The power of two >= n (>= 2) that a Triton tile of n entries takes."""
-    return max(2, 1 << (n - 1).bit_length())
 
 
 def dense_state_fraction(store: OffloadState) -> float:

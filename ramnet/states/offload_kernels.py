@@ -83,7 +83,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     in_line = live & (hit | taken)
     host_row = r * memory_slots + req
     evict_row = r * memory_slots + tl.where(evict, old_tag, 0)
-    # The rows: every load before any store (fill_kernel's rule, see the module docstring).
+    # The rows: every load before any store (the module docstring says why that is enough).
     cols = tl.arange(0, COLS)
     cmask = cols[None, :] < ROW
     line_at = line[:, None] * ROW + cols[None, :]
@@ -120,7 +120,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
 def store_kernel(data, host, dirty, table, line, host_row, flags, K: tl.constexpr, K_PAD: tl.constexpr,
                  N: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
     # The first K lanes of each row are its writes: their table rows go to their lines (marked dirty) or,
-    # bypassed, to the host. flags as in fill_kernel.
+    # bypassed, to the host. flags as in plan_fill_kernel.
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, K_PAD)
     live = lanes < K

@@ -27,8 +27,8 @@ FLOAT_ARGS = {"empty_z", "eps", "tau", "min_decay"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
                  "shift_ptr": "*i64", "index_ptr": "*i64", "write_idx_ptr": "*i64", "read_idx_ptr": "*i64",
                  "cu_ptr": "*i32"}
-# The step kernels' pointers (named as their tensors): bf16 activations, fp32 state, int64 slots.
-STEP_POINTERS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
+# The step and offload kernels' arguments by name: bf16 activations, fp32 state and rows, int64 slots and scalars.
+ARG_TYPES = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32", "z": "*fp32",
                  "offset": "*i64", "gamma": "*fp32", "cape": "*i1", "write_idx": "*i64", "read_idx": "*i64",
                  "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32",
                  # the host-resident state's row movement (ramnet/states/offload_kernels.py)
@@ -42,8 +42,8 @@ def signature(fn, constexprs):
     def kind(name):
         if name in constexprs:
             return "constexpr"
-        if name in STEP_POINTERS:
-            return STEP_POINTERS[name]
+        if name in ARG_TYPES:
+            return ARG_TYPES[name]
         if name.endswith("_ptr"):
             return POINTER_TYPES.get(name, "*fp32")
         return "fp32" if name in FLOAT_ARGS else "i32"
