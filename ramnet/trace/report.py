@@ -17,6 +17,9 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+MIN_MARKER = 1.0
+
+
 def plot_traces(traces: list[LayerTrace], heads: list[int], path: Path, sequence: int = 0,
                 title: str | None = None) -> Path:
     """One panel per (layer, head): slot (y) against token (x), the K write slots of every token in red
@@ -36,7 +39,9 @@ def plot_traces(traces: list[LayerTrace], heads: list[int], path: Path, sequence
     for r, trace in enumerate(traces):
         tokens = np.arange(trace.num_tokens)
         t_k = np.repeat(tokens, trace.topk)
-        marker = max(0.3, min(6.0, 4000.0 / max(1, trace.num_tokens * trace.topk)))
+        # Marker area in points^2: smaller for longer traces, but never under MIN_MARKER (Agg draws nothing
+        # for an edgeless square of 0.3: the 2048-token, K 8 trace of `small` came out as empty panels).
+        marker = max(MIN_MARKER, min(6.0, 4000.0 / max(1, trace.num_tokens * trace.topk)))
         for c, h in enumerate(heads):
             ax = axes[r][c]
             ax.scatter(t_k, trace.write_idx[sequence, :, h].reshape(-1), s=marker, c=WRITE_COLOUR, marker="s",

@@ -135,3 +135,28 @@ def test_prefetch_prediction_from_the_last_tokens_slots():
     assert predicted_by_last_token(slots, tokens, 16, cape=False).tolist() == [False, False, True, False, False, False]
     # CAPE: a slot repeats one lower a token later (7 -> 6 would be caught, 5 -> 4 is)
     assert predicted_by_last_token(slots, tokens, 16, cape=True).tolist() == [False, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("tokens, topk", [(64, 4), (2048, 8), (8192, 8)])
+def test_the_plot_draws_every_access_however_long_the_trace(tmp_path, tokens, topk):
+    # The marker shrinks with the trace's length; at 2048 tokens x K 8 it once fell below what Agg draws
+    # and the trained `small` checkpoint's plot came out as empty panels. Each panel must show its points:
+    # red (writes) where only writes land, green (reads) where only reads do.
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from ramnet.trace.record import LayerTrace
+    from ramnet.trace.report import plot_traces
+
+    rng = np.random.default_rng(0)
+    M = 64
+    shape = (1, tokens, 2, topk)
+    write_idx = rng.integers(0, M // 2, shape)  # writes in the lower half of the slots, reads in the upper
+    read_idx = rng.integers(M // 2, M, shape)
+    weights = np.full(shape, 1.0 / topk, dtype=np.float32)
+    trace = LayerTrace(0, M, topk, (False, False), write_idx, weights, read_idx, weights)
+    path = plot_traces([trace], [0, 1], tmp_path / "trace.png")
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (rgb[..., 0] - rgb[..., 1] > 60).mean()
+    green = (rgb[..., 1] - rgb[..., 0] > 40).mean()
+    assert red > 0.001 and green > 0.001, (red, green)
