@@ -40,6 +40,7 @@ from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD
 from ramnet.ops import RAMState
 from ramnet.provenance import environment
 from ramnet.states import OffloadState, SparseState, dense_state_fraction
+from ramnet.states.offload import DEFAULT_POLICY, POLICIES
 
 SHAPE_340M = dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, topk=8, intermediate_size=2816,
                   vocab_size=32000)
@@ -212,7 +213,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=None,
                         help="default 1024 32768 1048576 (smoke 16 4096)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.25])
-    parser.add_argument("--policy", choices=["lru", "lfu"], default="lfu", help="the cache's policy (default lfu)")
+    parser.add_argument("--policy", choices=list(POLICIES), default=DEFAULT_POLICY,
+                        help=f"the cache's policy (default {DEFAULT_POLICY})")
     parser.add_argument("--states", nargs="+", default=["dense", "sparse", "offload"])
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 16; smoke 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")
