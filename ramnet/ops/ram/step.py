@@ -47,6 +47,13 @@ DEFAULT_LAYOUT = "dense"
 DENSE_MAX_SLOTS = 4096
 # The split layout's d_v columns per program (None: _launch_config's block, i.e. no split at d_v 64).
 SPLIT_BLOCK_DV = 16
+# The step kernels compile without contracting a * b + c into one FMA. A sparse or host-resident state's
+# step runs the decoder and the step in two kernels (step_addresses, pdma_step_triton) and must give the
+# fused kernel's bits; contraction is the compiler's choice per kernel, so the same source could round
+# differently in the two (the interpreter never contracts). On an H100 at 19f676d a store's z of a written
+# row differed from the dense state's in its last bit after one token while the outputs matched, which is
+# what one contraction more or less in z_new = decay * z + w gives (tests/states).
+EXACT_ROUNDING = dict(enable_fp_fusion=False)
 
 
 def default_layout(dtype: torch.dtype) -> str:
@@ -91,7 +98,7 @@ def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: 
         read_idx.contiguous(), read_w.contiguous(), o, write_idx,  # offset: unused without BUMP_OFFSET
         heads, float(eps),
         *S.stride(), *z.stride(),
-        K=topk, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=False, num_warps=num_warps,
+        K=topk, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=False, num_warps=num_warps, **EXACT_ROUNDING,
     )
     return o
 
@@ -177,7 +184,7 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
             *S.stride(), *z.stride())
     if layout != "split":
         kernels.fused_step_kernel[(batch * heads,)](q, k, v, S, z, offset, spec.gamma, spec.cape, o, *args,
-                                                   **constants)
+                                                   **constants, **EXACT_ROUNDING)
         offset.add_(1)
         return o
     kb = constants["KB"]
@@ -185,7 +192,7 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
     z_val = torch.empty(batch * heads * kb, dtype=z.dtype, device=q.device)
     grid = (batch * heads, triton.cdiv(d_v, constants["BLOCK_DV"]))
     kernels.split_step_kernel[grid](q, k, v, S, z, offset, spec.gamma, spec.cape, o, z_slot, z_val, *args,
-                                    **constants)
+                                    **constants, **EXACT_ROUNDING)
     kernels.commit_z_kernel[(batch * heads,)](z, offset, z_slot, z_val, heads, *z.stride(), KB=kb, num_warps=1)
     return o
 
@@ -212,7 +219,7 @@ def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tup
     kernels.decode_pairs_kernel[(triton.cdiv(2 * pairs, block_n),)](
         q, k, offset, spec.gamma, spec.cape, write_idx, write_w, decay, read_idx, read_w,
         pairs, heads, float(spec.tau), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        **{name: constants[name] for name in names}, **dense, BLOCK_N=block_n,
+        **{name: constants[name] for name in names}, **dense, BLOCK_N=block_n, **EXACT_ROUNDING,
     )
     return write_idx, write_w, decay, read_idx, read_w
 
@@ -260,7 +267,7 @@ def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
     kernels.pdma_step_kernel[(pairs,)](  # stores o in v's dtype, as the fused step does
         S, z, write_idx, write_w, decay, v_flat, read_idx, read_w, o, state.offset,
         heads, float(spec.eps), *S.stride(), *z.stride(),
-        K=k_out, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=True, num_warps=num_warps,
+        K=k_out, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=True, num_warps=num_warps, **EXACT_ROUNDING,
     )
     return o
 
