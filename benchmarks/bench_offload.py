@@ -11,6 +11,11 @@ fills; not timed, not counted in the hit rate) and N timed greedy steps through 
 
     python benchmarks/bench_offload.py --out benchmarks/results/offload.json        # one H200
     python benchmarks/bench_offload.py --smoke --out /tmp/offload.json              # CPU, tiny, seconds
+    python benchmarks/bench_offload.py --graph --out benchmarks/results/offload_graph.json   # steps in a CUDA graph
+
+``--graph`` times replays of one captured decoding step instead of eager steps, for the dense and the
+host-resident state alike (the sparse state cannot be captured): what the launches of a step cost is
+then the GPU's, not the host's, in both.
 
 The file (and a markdown table beside it, ``.md``) is rewritten after every row, so a run cut short keeps
 what it measured; ``--resume`` keeps the rows of an earlier run of the same device and settings and runs
@@ -105,9 +110,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def reset_stats(cache) -> None:
+    """The caches' counters to zero (in place: a captured step keeps adding to them)."""
+    for layer in cache.layers:
+        if isinstance(layer.state, OffloadState):
+            layer.state.stats = dict.fromkeys(layer.state.stats, 0)
+
+
 @torch.no_grad()
-def decode(model, cache, batch: int, warmup: int, steps: int, device: str):
-    """Greedy steps from token 1: ``(tokens [B, steps], seconds of the timed steps)``."""
+def decode(model, cache, batch: int, warmup: int, steps: int, device: str, graph: bool = False):
+    """Greedy steps from token 1: ``(tokens [B, steps], seconds of the timed steps)``. ``graph``: the timed
+    steps are replays of one step captured in a CUDA graph (after the warm-up and the capture's own two
+    warm-up steps, which decode too)."""
     token = torch.ones(batch, 1, dtype=torch.long, device=device)
     tokens = []
 
@@ -117,9 +131,9 @@ def decode(model, cache, batch: int, warmup: int, steps: int, device: str):
 
     for _ in range(warmup):
         token = one(token)
-    for layer in cache.layers:  # the hit rate of the timed steps only
-        if isinstance(layer.state, OffloadState):
-            layer.state.stats = dict.fromkeys(layer.state.stats, 0)
+    if graph:
+        return graph_decode(one, token, cache, steps)
+    reset_stats(cache)  # the hit rate of the timed steps only
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -127,6 +141,45 @@ def decode(model, cache, batch: int, warmup: int, steps: int, device: str):
         tokens.append(token)
     sync(device)
     return torch.cat(tokens, dim=1).cpu(), time.perf_counter() - start
+
+
+# Eager steps on a side stream before a capture (torch's recipe: allocations and lazy initialisations happen
+# outside the graph).
+CAPTURE_WARMUP = 2
+
+
+def graph_decode(one, token: torch.Tensor, cache, steps: int):
+    """``decode``'s timed steps as replays of one captured step: the token fed back through a fixed buffer,
+    each step's token written at a device counter. Both the dense and the host-resident state step in
+    place with nothing read on the host; the sparse state reads its key count and cannot be captured."""
+    ids = token.clone()
+    out = torch.zeros(token.shape[0], steps + CAPTURE_WARMUP, dtype=torch.long, device=token.device)
+    at = torch.zeros(1, dtype=torch.long, device=token.device)
+
+    def step():
+        nxt = one(ids)
+        ids.copy_(nxt)
+        out.index_copy_(1, at, nxt)
+        at.add_(1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(CAPTURE_WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the step, runs nothing
+        step()
+    reset_stats(cache)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    graph.reset()
+    return out.cpu()[:, CAPTURE_WARMUP:], seconds
 
 
 def hit_rate(cache) -> float | None:
@@ -173,7 +226,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
     lines = [f"Decoding with the three RAM states: {meta.get('device')}; torch {meta.get('torch')}, triton "
              f"{meta.get('triton')}; commit {meta.get('git_rev')}; {meta.get('dtype')}; {meta.get('warmup')} warm-up "
-             f"and {meta.get('steps')} timed steps; policy {meta.get('policy')}. {meta.get('context_note', '')}.", "",
+             f"and {meta.get('steps')} timed steps ({meta.get('mode', 'eager')}); policy {meta.get('policy')}. "
+             f"{meta.get('context_note', '')}.", "",
              "| state | budget | B | context | M | tok/s | GPU state / dense | hit rate | tokens = dense | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -197,9 +251,10 @@ def earlier_rows(out: Path, meta: dict) -> list[dict]:
     if not out.exists():
         return []
     old = json.loads(out.read_text())
-    for key in ("device", "shape", "dtype", "warmup", "steps", "policy", "smoke"):
-        if old["meta"].get(key) != meta.get(key):
-            raise SystemExit(f"--resume: {out} has {key}={old['meta'].get(key)!r}, this run {meta.get(key)!r}")
+    for key in ("device", "shape", "dtype", "warmup", "steps", "policy", "smoke", "mode"):
+        theirs = old["meta"].get(key, "eager" if key == "mode" else None)  # files from before --graph: eager
+        if theirs != meta.get(key):
+            raise SystemExit(f"--resume: {out} has {key}={theirs!r}, this run {meta.get(key)!r}")
     return [row for row in old["rows"] if row.get("tok_s") is not None]
 
 
@@ -220,7 +275,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")
     parser.add_argument("--host-limit", type=float, default=0.6, help="largest host state, as a fraction of RAM")
     parser.add_argument("--resume", action="store_true", help="keep --out's measured rows, run only the missing cases")
+    parser.add_argument("--graph", action="store_true",
+                        help="time replays of one captured decoding step (CUDA; the sparse state is skipped)")
     args = parser.parse_args()
+    if args.graph and (args.device == "cpu" or (args.smoke and args.device is None)):
+        parser.error("--graph captures CUDA graphs: it needs --device cuda")
     device = args.device or ("cpu" if args.smoke else "cuda")
     shape, geometries = (SMOKE_SHAPE, SMOKE_GEOMETRIES) if args.smoke else (SHAPE_340M, GEOMETRIES)
     memories = args.memory or list(geometries)
@@ -230,7 +289,7 @@ def main() -> None:
     steps = args.steps if args.steps is not None else (8 if args.smoke else 64)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     meta = dict(environment(device), issue=18, shape=shape, dtype=str(dtype), warmup=warmup, steps=steps,
-                policy=args.policy, smoke=args.smoke,
+                policy=args.policy, smoke=args.smoke, mode="graph" if args.graph else "eager",
                 context_note="a context is a random state at that offset with min(M, L*K) rows per head filled")
     rows = earlier_rows(args.out, meta) if args.resume else []
     done = {case_key(row) for row in rows}
@@ -255,6 +314,8 @@ def main() -> None:
                     row = dict(state=kind, budget=budget, B=batch, context=context, M=M, tok_s=None,
                                gpu_state_fraction=None, hit_rate=None)
                     reason = fits(model, batch, kind, device, args.host_limit)
+                    if args.graph and kind == "sparse":
+                        reason = "not capturable: the sparse state reads its key count on the host"
                     if reason:
                         rows.append(dict(row, skipped=reason))
                         print(json.dumps(rows[-1]), flush=True)
@@ -262,7 +323,7 @@ def main() -> None:
                         continue
                     try:
                         cache = make_cache(model, kind, budget, args.policy, batch, context, device)
-                        tokens, seconds = decode(model, cache, batch, warmup, steps, device)
+                        tokens, seconds = decode(model, cache, batch, warmup, steps, device, args.graph)
                         if kind == "dense":
                             reference = tokens
                         gpu_bytes = state_device_bytes(cache)

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_offload.py"
 
 
@@ -43,3 +46,26 @@ def test_rows_are_written_as_they_come_and_resume_runs_only_the_missing_cases(tm
     done = subprocess.run(base + ["--context", "16", "--steps", "3", "--resume"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode != 0 and "steps" in done.stderr
+
+
+def test_graph_mode_needs_cuda_and_says_so(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--graph", "--out", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--graph" in done.stderr and "cuda" in done.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_mode_replays_the_dense_and_offloaded_steps_with_the_dense_tokens(tmp_path):
+    # The timed steps are replays of one captured step: the host-resident state's tokens must still be the
+    # dense state's (the same captured arithmetic), and the sparse state is skipped with its reason.
+    out = tmp_path / "offload.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cuda", "--graph", "--memory", "64",
+                    "--batch", "2", "--context", "4096", "--warmup", "2", "--steps", "6", "--budgets", "0.1",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["meta"]["mode"] == "graph"
+    rows = {r["state"]: r for r in result["rows"]}
+    assert "not capturable" in rows["sparse"]["skipped"]
+    for kind in ("dense", "offload"):
+        assert rows[kind]["tok_s"] > 0 and rows[kind]["tokens_match"] is True, rows[kind]
