@@ -8,7 +8,7 @@ row comes over the bus when a kernel loads it, without a copy staged on the host
 knowing which rows: no device read, no host synchronisation.
 
 ``plan_fill_kernel``: ``OffloadState._plan`` for one row's lanes in registers, then the rows moved. Every
-load comes before any store (the metadata of the lanes' sets, the evicted lines' rows, the missed and
+load comes before any store, across the program's warps too (a barrier between them) (the metadata of the lanes' sets, the evicted lines' rows, the missed and
 bypassed slots' host rows, the hit lines' rows; then the new metadata, the evicted rows to the host, the
 fetched rows into their lines, the token's table of rows): no lane stores where another lane loads, since a
 victim line is one no lane hits, and a slot whose row is fetched was not in the cache, so no evicted line
@@ -91,6 +91,11 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     from_host = tl.load(host + host_row[:, None] * ROW + cols[None, :], mask=(taken | bypass)[:, None] & cmask,
                         other=0.0)
     cached = tl.load(data + line_at, mask=(in_line & ~taken)[:, None] & cmask, other=0.0)
+    # Program order is not enough across warps: a lane's values (its set's tags, its line's dirty bit) sit in
+    # several warps, and a warp that ran ahead could store a line's new tag or clean bit before another
+    # warp's copy of the lane had loaded the old one (that warp would then skip its part of the eviction).
+    # The barrier orders every load of the program before any store.
+    tl.debug_barrier()
     # The metadata of the lines claimed (hits) and taken (misses).
     tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + tl.load(clock), mask=live_hit | taken)
     tl.store(tags + line, req, mask=taken)
