@@ -8,9 +8,10 @@ row comes over the bus when a kernel loads it, without a copy staged on the host
 knowing which rows: no device read, no host synchronisation.
 
 ``plan_fill_kernel``: ``OffloadState._plan`` for one row's lanes in registers, then the rows moved. Every
-load comes before any store, across the program's warps too (a barrier between them) (the metadata of the lanes' sets, the evicted lines' rows, the missed and
-bypassed slots' host rows, the hit lines' rows; then the new metadata, the evicted rows to the host, the
-fetched rows into their lines, the token's table of rows): no lane stores where another lane loads, since a
+load comes before any store, across the program's warps too (a barrier between them): first the metadata of
+the lanes' sets, the evicted lines' rows, the missed and bypassed slots' host rows, the hit lines' rows; then
+the new metadata, the evicted rows to the host, the fetched rows into their lines, the token's table of rows.
+No lane stores where another lane loads, since a
 victim line is one no lane hits, and a slot whose row is fetched was not in the cache, so no evicted line
 held it. The lanes' lines are distinct, so no two lanes store to one place.
 

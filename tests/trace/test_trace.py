@@ -140,8 +140,8 @@ def test_prefetch_prediction_from_the_last_tokens_slots():
 @pytest.mark.parametrize("tokens, topk", [(64, 4), (2048, 8), (8192, 8)])
 def test_the_plot_draws_every_access_however_long_the_trace(tmp_path, tokens, topk):
     # The marker shrinks with the trace's length; at 2048 tokens x K 8 it once fell below what Agg draws
-    # and the trained `small` checkpoint's plot came out as empty panels. Each panel must show its points:
-    # red (writes) where only writes land, green (reads) where only reads do.
+    # and the trained `small` checkpoint's plot came out as empty panels. Both colours must show: red (writes)
+    # and green (reads).
     pytest.importorskip("matplotlib")
     from PIL import Image
 
