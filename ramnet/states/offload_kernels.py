@@ -11,9 +11,9 @@ knowing which rows: no device read, no host synchronisation.
 load comes before any store, across the program's warps too (a barrier between them): first the metadata of
 the lanes' sets, the evicted lines' rows, the missed and bypassed slots' host rows, the hit lines' rows; then
 the new metadata, the evicted rows to the host, the fetched rows into their lines, the token's table of rows.
-No lane stores where another lane loads, since a
-victim line is one no lane hits, and a slot whose row is fetched was not in the cache, so no evicted line
-held it. The lanes' lines are distinct, so no two lanes store to one place.
+No lane stores where another lane loads, since a victim line is one no lane hits, and a slot whose row is
+fetched was not in the cache, so no evicted line held it. The lanes' lines are distinct, so no two lanes store
+to one place.
 
 ``store_kernel``: the K written rows back, to their lines (dirty) or, for a bypassed lane, to the host.
 """
