@@ -13,9 +13,11 @@ memory some other way and serves a token's step from the rows ``[S, z]`` of the 
 per token the K written rows ``decay * old + w * [v, 1]``, stored, then ``o = sum_k r_k S / (z + eps)``
 over the K read rows after the write. A decoding step (``step``) where the dense state's step runs
 the Triton kernels (``RAMMemory.step``) runs them too, on a table of the token's gathered rows with the
-decoder and tiles of the dense state's layout (``step_addresses``): the same bits as the dense state,
+decoder and tiles of the dense state's layout (``step_addresses``), meant to give the dense state's bits,
 so that a bf16 model's greedy tokens do not drift apart (they did with the torch arithmetic on the GPU:
-``benchmarks/results/offload_h100_partial.md``). Stores are created empty and unallocated by a ``RAMNetCache`` with
+``benchmarks/results/offload_h100_partial.md``). Tested bit for bit under the interpreter; on an H100 at
+19f676d the greedy tokens matched at B=1 and not at B=16 (``benchmarks/results/offload_h100.md``), and
+``EXACT_ROUNDING`` (``ramnet/ops/ram/step.py``) is the answer not yet run there. Stores are created empty and unallocated by a ``RAMNetCache`` with
 ``ram_state="sparse"`` or ``"offload"`` (``make_store``), and allocate on the layer's first call.
 """
 

@@ -25,7 +25,8 @@ set's j-th lowest unclaimed line), with nothing read on the host, in one of two 
   pinned memory on a side stream, after reading the missed slots' ids on the host), then the step's
   gathers and scatters.
 
-Both give the dense state's outputs bit for bit (``SlotStore``), and both plans are checked against a
+Both are meant to give the dense state's outputs bit for bit (``SlotStore``: tested under the interpreter;
+on the GPU see its docstring), and both plans are checked against a
 one-lane-at-a-time simulation of the rule (``tests/states``). The kernel step reads nothing on the host and
 allocates the same shapes every token (the clock that ranks the lines is a device counter), so it can be
 captured in a CUDA graph and replayed.

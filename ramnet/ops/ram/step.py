@@ -51,8 +51,8 @@ SPLIT_BLOCK_DV = 16
 # step runs the decoder and the step in two kernels (step_addresses, pdma_step_triton) and must give the
 # fused kernel's bits; contraction is the compiler's choice per kernel, so the same source could round
 # differently in the two (the interpreter never contracts). On an H100 at 19f676d a store's z of a written
-# row differed from the dense state's in its last bit after one token while the outputs matched, which is
-# what one contraction more or less in z_new = decay * z + w gives (tests/states).
+# row differed from the dense state's after one token while the outputs matched, which one contraction more
+# or less in z_new = decay * z + w would explain (tests/states; suspected, not yet confirmed on a GPU).
 EXACT_ROUNDING = dict(enable_fp_fusion=False)
 
 
