@@ -12,12 +12,16 @@ from .state import RAMState
 
 
 def chunked_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens,
-                    use_triton: bool = True):
+                    use_triton: bool = True, kernels: str = "chunked"):
     offset, _, tokens = decoded_call(q, k, spec, initial_state, cu_seqlens, use_triton)
     h0 = None if initial_state is None else (initial_state.S, initial_state.z)
     kw = dict(memory_slots=spec.memory_slots, eps=spec.eps, initial_state=h0, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
-    if use_triton:
+    if use_triton and kernels == "token":
+        from ..pdma.token_triton import token_pdma_triton  # imports triton, an optional dependency
+
+        o, final = token_pdma_triton(*tokens, v, **kw)
+    elif use_triton:
         from ..pdma.chunk_triton import chunk_pdma_triton  # imports triton, an optional dependency
 
         o, final = chunk_pdma_triton(*tokens, v, **kw)

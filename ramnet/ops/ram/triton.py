@@ -35,16 +35,17 @@ CHUNKED_TABLE_ROWS_PER_EVENT = 1
 # docs/kernels.md). Turn on where benchmarks/bench_chunk_pdma.py shows them faster.
 CHUNKED_BY_DEFAULT_ON_CUDA = False
 
+KERNEL_FAMILIES = ("token", "chunked", "sorted")
 _forced: str | None = None
 
 
 @contextmanager
 def pdma_kernels(kind: str):
-    """Inside the block, the Triton path runs the ``"chunked"`` or the ``"sorted"`` PDMA kernels
-    whatever the sizes (``"auto"``: by ``pdma_kernels_for``). For tests and benchmarks."""
+    """Inside the block, the Triton path runs the ``"token"``, ``"chunked"`` or ``"sorted"`` PDMA
+    kernels whatever the sizes (``"auto"``: by ``pdma_kernels_for``). For tests and benchmarks."""
     global _forced
-    if kind not in ("auto", "chunked", "sorted"):
-        raise ValueError(f"kind must be 'auto', 'chunked' or 'sorted', got {kind!r}")
+    if kind not in ("auto", *KERNEL_FAMILIES):
+        raise ValueError(f"kind must be 'auto', 'token', 'chunked' or 'sorted', got {kind!r}")
     before, _forced = _forced, (None if kind == "auto" else kind)
     try:
         yield
@@ -53,7 +54,7 @@ def pdma_kernels(kind: str):
 
 
 def pdma_kernels_for(q: torch.Tensor, spec: RAMSpec, cu_seqlens) -> str:
-    """``"chunked"`` or ``"sorted"``: the PDMA kernels the Triton path runs for this call."""
+    """``"token"``, ``"chunked"`` or ``"sorted"``: the PDMA kernels the Triton path runs for this call."""
     if _forced is not None:
         return _forced
     if q.is_cuda and not CHUNKED_BY_DEFAULT_ON_CUDA:
@@ -67,8 +68,10 @@ def pdma_kernels_for(q: torch.Tensor, spec: RAMSpec, cu_seqlens) -> str:
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
-    if pdma_kernels_for(q, spec, cu_seqlens) == "chunked":
-        return chunked_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True)
+    kernels = pdma_kernels_for(q, spec, cu_seqlens)
+    if kernels != "sorted":
+        return chunked_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True,
+                               kernels=kernels)
     from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
     stream = sorted_events(q, k, spec, initial_state, cu_seqlens, use_triton=True)

@@ -1,0 +1,208 @@
+"""The Triton path's PDMA kernel families side by side, through ``ram_attention(..., mode="triton")``
+with each forced (``ram.triton.pdma_kernels``): token-by-token (``ops/pdma/token_triton.py``),
+chunked (``ops/pdma/chunk_triton.py``) and slot-sorted (``ops/pdma/triton.py``), at the paper's
+layer shape (H 16, d_v 64, U 5 x d_p 4 so M 1024, K 8, bf16) and B x T in {8 x 2048, 2 x 8192,
+1 x 32768}.
+
+Per shape: first each family's outputs and input gradients against the slot-sorted kernels' (the
+largest difference over the largest value), then ``triton.testing.do_bench`` medians of the forward
+(no grad) and of forward+backward, the peak memory of forward+backward over the inputs, and each table
+family's PDMA kernels alone (fwd+bwd on tokens decoded beforehand). With ``--time-segments n`` the
+token family also runs each shape cut into n pieces (``ram_attention(time_segments=n)``). Then, at the
+first shape, the launch settings of the table families (module constants; each setting compiles the
+kernels again, tens of seconds).
+
+    python benchmarks/bench_pdma_kernels.py [--out benchmarks/results/pdma_kernels_h200.json]
+    python benchmarks/bench_pdma_kernels.py --families sorted,token --shapes 8x2048 --no-sweep   # the quickest
+
+(Until 2026-12-07 this was ``bench_chunk_pdma.py``, chunked against sorted only:
+``results/chunk_pdma_h100.json``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from ramnet.files import write_text_atomic
+from ramnet.ops import ram_attention
+from ramnet.ops.pdma import chunk_triton, token_triton
+from ramnet.ops.ram.common import decode_tokens
+from ramnet.ops.ram.spec import build_spec
+from ramnet.ops.ram.triton import pdma_kernels
+from ramnet.provenance import environment
+
+HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
+OP = dict(num_partitions=U, topk=TOPK, cape=torch.tensor([h % 2 == 0 for h in range(HEADS)]))
+SHAPES = ["8x2048", "2x8192", "1x32768"]
+FAMILIES = ["sorted", "token", "chunked"]
+LAUNCHERS = {"token": (token_triton, "token_pdma_triton"), "chunked": (chunk_triton, "chunk_pdma_triton")}
+# Launch settings tried at the first shape, per family: module constants of its launcher, each one
+# change from the defaults. Chunked: at B8 (128 sequence-head pairs) TARGET_PROGRAMS gives 4 slices of
+# 16 columns. Token: d_v columns a program (WIDTH) and warps.
+SWEEP = {
+    "chunked": [("4 warps", dict(NUM_WARPS=4)), ("2 slices", dict(TARGET_PROGRAMS=256)),
+                ("1 slice", dict(TARGET_PROGRAMS=0)), ("ieee products", dict(DOT_PRECISION="ieee"))],
+    "token": [(f"width {w}, {n} warp{'s' if n > 1 else ''}", dict(WIDTH=w, NUM_WARPS=n))
+              for w, n in ((16, 1), (64, 1), (32, 2), (64, 2), (64, 4))],
+}
+MISMATCH = 2e-2  # bf16 outputs and gradients: a few bf16 ulps of the largest value
+DEVICE = "cuda"
+
+
+def inputs(batch: int, seq_len: int):
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    shape = (batch, seq_len, HEADS)
+    q, k = (torch.randn(*shape, U * D_P, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in "qk")
+    v = torch.randn(*shape, D_V, device=DEVICE, generator=gen, dtype=torch.bfloat16)
+    return q, k, v, torch.randn_like(v)
+
+
+def op_step(q, k, v, grad, kernels: str, backward: bool, segments: int | None = None):
+    def run():
+        with pdma_kernels(kernels):
+            if not backward:
+                with torch.no_grad():
+                    return ram_attention(q, k, v, mode="triton", time_segments=segments, **OP)[0]
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            o, _ = ram_attention(*leaves, mode="triton", time_segments=segments, **OP)
+            return o, *torch.autograd.grad(o, leaves, grad)
+    return run
+
+
+def pdma_only_step(q, k, v, grad, family: str):
+    """A table family's PDMA kernels, forward+backward on tokens decoded once, outside the timing."""
+    module, name = LAUNCHERS[family]
+    spec = build_spec(HEADS, U * D_P, dtype=torch.float32, device=DEVICE, **OP)
+    positions = torch.arange(q.shape[1], device=DEVICE)[None].expand(q.shape[0], -1)
+    with torch.no_grad():
+        write_idx, write_w, decay, read_idx, read_w = decode_tokens(q.float(), k.float(), spec, positions,
+                                                                    use_triton=True)
+    leaves = [x.detach().requires_grad_() for x in (write_w, decay, read_w)] + [v.float().requires_grad_()]
+
+    def run():
+        o, _ = getattr(module, name)(write_idx, leaves[0], leaves[1], read_idx, leaves[2], leaves[3],
+                                     memory_slots=D_P**U, eps=1e-6)
+        return torch.autograd.grad(o, leaves, grad.float())
+    return run
+
+
+def worst_difference(got, want) -> float:
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+               for a, b in zip(got, want))
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[int]) -> list[dict]:
+    q, k, v, grad = inputs(batch, seq_len)
+    label = f"B{batch} T{seq_len}"
+    want = op_step(q, k, v, grad, "sorted", True)()
+    runs = [(family, None) for family in families] + [("token", n) for n in segments if "token" in families]
+    rows = []
+    for kernels, n in runs:
+        name = kernels if n is None else f"{kernels}, {n} time segments"
+        diff = 0.0 if (kernels, n) == ("sorted", None) else worst_difference(op_step(q, k, v, grad, kernels, True, n)(),
+                                                                            want)
+        row = dict(shape=label, B=batch, T=seq_len, kernels=kernels, time_segments=n, check=diff,
+                   check_ok=diff <= MISMATCH, fwd_ms=bench(op_step(q, k, v, grad, kernels, False, n)),
+                   fwd_bwd_ms=bench(op_step(q, k, v, grad, kernels, True, n)),
+                   fwd_bwd_peak_mib=peak_mib(op_step(q, k, v, grad, kernels, True, n)))
+        if kernels in LAUNCHERS and n is None:
+            row["pdma_fwd_bwd_ms"] = bench(pdma_only_step(q, k, v, grad, kernels))
+        rows.append(row)
+        print(f"{label} {name:26s} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms   "
+              f"peak {row['fwd_bwd_peak_mib']:8.1f} MiB   vs sorted {diff:.1e}" + ("" if row["check_ok"] else " MISMATCH") +
+              (f"   (PDMA kernels alone {row['pdma_fwd_bwd_ms']:.3f} ms)" if "pdma_fwd_bwd_ms" in row else ""),
+              flush=True)
+    return rows
+
+
+def sweep(batch: int, seq_len: int, family: str) -> list[dict]:
+    q, k, v, grad = inputs(batch, seq_len)
+    want = op_step(q, k, v, grad, "sorted", True)()
+    module = LAUNCHERS[family][0]
+    defaults = {name: getattr(module, name) for _, change in SWEEP[family] for name in change}
+    rows = []
+    for label, change in SWEEP[family]:
+        for name, value in change.items():
+            setattr(module, name, value)
+        try:
+            diff = worst_difference(op_step(q, k, v, grad, family, True)(), want)
+            row = dict(family=family, setting=label, **change, check=diff, check_ok=diff <= MISMATCH,
+                       fwd_ms=bench(op_step(q, k, v, grad, family, False)),
+                       fwd_bwd_ms=bench(op_step(q, k, v, grad, family, True)))
+            print(f"  {family} {label:20s} fwd {row['fwd_ms']:8.3f} ms   fwd+bwd {row['fwd_bwd_ms']:8.3f} ms   "
+                  f"check {diff:.1e}", flush=True)
+        except Exception as err:  # a setting that does not compile (e.g. out of shared memory)
+            row = dict(family=family, setting=label, **change, error=f"{type(err).__name__}: {str(err)[:200]}")
+            print(f"  {family} {label:20s} failed: {row['error']}", flush=True)
+        finally:
+            for name, value in defaults.items():
+                setattr(module, name, value)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pdma_kernels.json")
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T, e.g. 8x2048")
+    parser.add_argument("--families", type=lambda s: s.split(","), default=FAMILIES,
+                        help=f"comma-separated, from {','.join(FAMILIES)} (sorted always runs: the reference)")
+    parser.add_argument("--time-segments", type=int, nargs="*", default=[],
+                        help="also run the token family with each sequence cut into this many pieces")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch settings of the table families")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    unknown = set(args.families) - set(FAMILIES)
+    if unknown:
+        parser.error(f"--families: unknown {sorted(unknown)}; choose from {FAMILIES}")
+    families = ["sorted"] + [f for f in args.families if f != "sorted"]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    defaults = {family: {name: getattr(LAUNCHERS[family][0], name) for _, change in SWEEP[family] for name in change}
+                for family in LAUNCHERS}
+    meta = dict(**environment("cuda"), timer="triton.testing.do_bench median (warmup 5, rep 40)",
+                shape=dict(H=HEADS, d_v=D_V, U=U, d_p=D_P, M=D_P**U, K=TOPK, dtype="bf16", cape_heads=HEADS // 2),
+                launch_defaults=defaults, argv=sys.argv[1:])
+    print(f"{meta['device']}, launch defaults {defaults}", flush=True)
+    rows, settings = [], []
+    for batch, seq_len in shapes:
+        rows += measure_shape(batch, seq_len, families, args.time_segments)
+        _write(args.out, meta, rows, settings)  # a call cut short keeps what it measured
+    if not args.no_sweep:
+        for family in families[1:]:
+            print(f"{family} launch settings at B{shapes[0][0]} T{shapes[0][1]}:", flush=True)
+            settings += sweep(*shapes[0], family)
+            _write(args.out, meta, rows, settings)
+    print("\n| shape | kernels | time segments | fwd ms | fwd+bwd ms | peak MiB | check |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['shape']} | {row['kernels']} | {row['time_segments'] or ''} | {row['fwd_ms']:.3f} | "
+              f"{row['fwd_bwd_ms']:.3f} | {row['fwd_bwd_peak_mib']:.0f} | {row['check']:.1e} |")
+    print(f"wrote {args.out}")
+
+
+def _write(path: Path, meta: dict, rows: list, settings: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(dict(meta=meta, rows=rows, settings=settings), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Token-by-token PDMA on the Triton kernels of ``token_triton_kernels``: the autograd Function and
+its launch shape. Same arguments and results as the torch reference ``chunk.chunk_pdma`` (the chunk
+function with one token a chunk is this recurrence); computes in fp32 whatever the input dtype.
+
+Memory, besides the inputs: the state tables (``N*H*M x (d_v + slices)`` fp32; in the backward a
+copy rolled back token by token and the adjoint) and, for the backward, every write's pre-write row
+(``B*T*H*K x (d_v + 1)`` fp32, written by the forward only when a gradient is needed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..autograd_support import first_order_backward, without_autocast
+from . import token_triton_kernels as kernels
+from .chunk import KERNEL_MAX_TOPK
+
+# Columns of d_v per program. A program's time is the length of its sequence times the latency of
+# one token (a round trip to L2 and the [K, K, width] match reductions), whatever the batch, so
+# slices buy parallelism only where the (sequence, head) pairs are too few to fill the GPU.
+WIDTH = 32
+NUM_WARPS = 1
+
+
+def launch_shape(d_v: int) -> tuple[int, int]:
+    """``(columns per program, slices)``: slices of ``WIDTH`` columns (fewer if d_v is narrower)."""
+    width = min(WIDTH, triton.next_power_of_2(d_v))
+    return width, math.ceil(d_v / width)
+
+
+class _TokenPDMA(torch.autograd.Function):
+    @staticmethod
+    @without_autocast
+    def forward(ctx, write_w, decay, read_w, v, S0, z0, write_idx, read_idx, cu_seqlens, memory_slots, eps,
+                return_final):
+        batch, seq_len, heads, topk = write_idx.shape
+        d_v, dev = v.shape[-1], v.device
+        num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
+        rows = num_seqs * heads
+        table_rows = rows * memory_slots
+        width, slices = launch_shape(d_v)
+        if S0 is None:
+            S = torch.zeros(table_rows, d_v, dtype=torch.float32, device=dev)
+            z = torch.full((slices, table_rows), 1.0 / memory_slots, dtype=torch.float32, device=dev)
+        else:
+            S = S0.reshape(table_rows, d_v).to(torch.float32, copy=True)
+            z = z0.reshape(1, table_rows).to(torch.float32).repeat(slices, 1)
+        save = any(ctx.needs_input_grad[:6])
+        events = write_idx.numel()
+        saved_S = torch.empty(events if save else 0, d_v, dtype=torch.float32, device=dev)
+        saved_z = torch.empty(events if save else 0, dtype=torch.float32, device=dev)
+        o = torch.empty(batch, seq_len, heads, d_v, dtype=torch.float32, device=dev)
+        config = dict(K=topk, KP=triton.next_power_of_2(topk), DS=width, VARLEN=cu_seqlens is not None,
+                      num_warps=NUM_WARPS)
+        cu = cu_seqlens if cu_seqlens is not None else write_idx  # never read without VARLEN
+        token_args = (write_idx, write_w, decay, read_idx, read_w, v, cu)
+        if rows:
+            kernels.token_fwd_kernel[(rows, slices)](
+                *token_args, S, z, saved_S, saved_z, o, seq_len, heads, memory_slots, d_v, table_rows, eps,
+                SAVE=save, **config)
+        ctx.save_for_backward(*token_args, S, z, saved_S, saved_z)
+        ctx.setup = (config, S0 is not None, S0.dtype if S0 is not None else None, eps, num_seqs, memory_slots)
+        if not return_final:
+            return o, None, None
+        return o, S.view(num_seqs, heads, memory_slots, d_v), z[0].view(num_seqs, heads, memory_slots)
+
+    @staticmethod
+    @first_order_backward
+    def backward(ctx, grad_o, grad_S, grad_z):
+        write_idx, write_w, decay, read_idx, read_w, v, cu, S, z, saved_S, saved_z = ctx.saved_tensors
+        config, has_h0, state_dtype, eps, num_seqs, memory_slots = ctx.setup
+        heads, d_v = write_idx.shape[2], v.shape[-1]
+        slices, table_rows = z.shape
+        events = write_idx.numel()
+        # The backward rolls the tables back in place: copies, so that it can run again.
+        S, z = S.clone(), z.clone()
+        dS = grad_S.reshape(table_rows, d_v).float().clone() if grad_S is not None else torch.zeros_like(S)
+        dz = torch.zeros_like(z)
+        if grad_z is not None:  # one slice carries it; the slices' z adjoints add up
+            dz[0] = grad_z.reshape(table_rows)
+        grads = torch.empty(3, slices, events, dtype=torch.float32, device=v.device)
+        grad_v = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+        if table_rows:
+            kernels.token_bwd_kernel[(num_seqs * heads, slices)](
+                write_idx, write_w, decay, read_idx, read_w, v, cu, S, z, saved_S, saved_z, dS, dz,
+                grad_o.contiguous(), grads[0], grads[1], grads[2], grad_v,
+                write_idx.shape[1], heads, memory_slots, d_v, table_rows, events, eps, **config)
+        grad_write_w, grad_decay, grad_read_w = (g.sum(0).view(write_idx.shape) for g in grads)
+        grad_S0 = grad_z0 = None
+        if has_h0:
+            grad_S0 = dS.view(num_seqs, heads, memory_slots, d_v).to(state_dtype)
+            grad_z0 = dz.sum(0).view(num_seqs, heads, memory_slots).to(state_dtype)
+        return (grad_write_w.to(write_w.dtype), grad_decay.to(decay.dtype), grad_read_w.to(read_w.dtype),
+                grad_v.to(v.dtype), grad_S0, grad_z0, None, None, None, None, None, None)
+
+
+def token_pdma_triton(write_idx, write_w, decay, read_idx, read_w, v, *, memory_slots: int, eps: float,
+                      initial_state=None, output_final_state: bool = False, cu_seqlens=None):
+    """``chunk.chunk_pdma`` on the token-by-token Triton kernels (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``), for K <= ``KERNEL_MAX_TOPK`` and M < 2**31. Returns ``o [B, T, H, d_v]``
+    fp32 and ``(S, z)`` fp32 or None."""
+    topk = write_idx.shape[-1]
+    if topk > KERNEL_MAX_TOPK or memory_slots >= 2**31:
+        raise ValueError(f"the token PDMA kernels take K <= {KERNEL_MAX_TOPK} and M < 2**31, got K={topk}, "
+                         f"M={memory_slots}")
+    S0, z0 = initial_state if initial_state is not None else (None, None)
+    o, S, z = _TokenPDMA.apply(write_w.contiguous(), decay.contiguous(), read_w.contiguous(), v.contiguous(),
+                               S0, z0, write_idx.contiguous(), read_idx.contiguous(), cu_seqlens, memory_slots,
+                               float(eps), bool(output_final_state))
+    return o, ((S, z) if output_final_state else None)
