@@ -16,6 +16,7 @@ from triton.compiler import ASTSource
 from ramnet.ops.address import triton_kernels as decoder_kernels
 from ramnet.ops.address.triton import beam_search_constants, decoder_constants
 from ramnet.ops.pdma import chunk_triton_kernels as chunk_kernels
+from ramnet.ops.pdma import token_triton_kernels as token_kernels
 from ramnet.ops.pdma import triton_kernels as kernels
 from ramnet.ops.pdma.chunk_triton import CHUNK, NUM_WARPS
 from ramnet.ops.pdma.triton import GROUP
@@ -67,6 +68,11 @@ def cases():
                      UPCAST=flag, num_warps=NUM_WARPS)
         yield chunk_kernels.chunk_fwd_kernel, dict(chunk, SAVE=flag)
         yield chunk_kernels.chunk_bwd_kernel, chunk
+        # Token-by-token PDMA at K 8: slices of 32 columns on one warp, or all 64 on two; packed
+        # sequences and the saved rows with every flag on.
+        token = dict(K=8, KP=8, DS=64 if flag else 32, VARLEN=flag, num_warps=2 if flag else 1)
+        yield token_kernels.token_fwd_kernel, dict(token, SAVE=flag)
+        yield token_kernels.token_bwd_kernel, token
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).
         constants = decoder_constants(20 if not flag else 128, 5 if not flag else 8, 8, has_shift=flag)
         constants.pop("num_warps")
