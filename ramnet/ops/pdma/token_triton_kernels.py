@@ -41,14 +41,14 @@ SHAPE_ARGS = ["T", "H", "M", "NHM", "NEV"]
 def _token(t, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w_ptr,
            v_ptr, K: tl.constexpr, KP: tl.constexpr):
     """Token t's row in ``[B, T, H, ...]`` arrays, its events' index into ``[B, T, H, K]`` arrays and
-    validity (padded lanes and t outside ``[start, end)`` are off, write slots -1 and read slots -2 there so that
-    they match no real slot), slots, weights, decays and v's columns. Independent of the state, so
+    validity (padded lanes and t outside ``[start, end)`` are off, write slots -1 and read slots -2
+    there so that they match no real slot), its columns' validity (``here``), slots, weights, decays and v's columns. Independent of the state, so
     the loops load the next token's while this one's gathers are in flight."""
     lane = tl.arange(0, KP)
     lane_t = lane * 0 + t  # a tensor also where t is a Python int (the interpreter's first token)
     valid = (lane < K) & (lane_t >= start) & (lane_t < end)
     col_t = cols * 0 + t
-    here = (col_t >= start) & (col_t < end)
+    here = cmask & (col_t >= start) & (col_t < end)
     row = (b * T + t).to(tl.int64) * H + h
     ev = row * K + lane
     ws = tl.load(write_idx_ptr + ev, mask=valid, other=-1).to(tl.int64)
@@ -56,8 +56,20 @@ def _token(t, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr
     ww = tl.load(write_w_ptr + ev, mask=valid, other=0.0).to(tl.float32)
     decay = tl.load(decay_ptr + ev, mask=valid, other=1.0).to(tl.float32)
     rw = tl.load(read_w_ptr + ev, mask=valid, other=0.0).to(tl.float32)
-    vt = tl.load(v_ptr + row * D + cols, mask=cmask & here, other=0.0).to(tl.float32)
-    return row, ev, valid, ws, rs, ww, decay, rw, vt
+    vt = tl.load(v_ptr + row * D + cols, mask=here, other=0.0).to(tl.float32)
+    return row, ev, valid, here, ws, rs, ww, decay, rw, vt
+
+
+@triton.jit
+def _saved(token, cols, cmask, D, saved_S_ptr, saved_z_ptr, grad_o_ptr):
+    """What the backward reads of a token besides ``_token``'s and the tables: its writes' pre-write
+    rows (saved by the forward) and the output's gradient. Independent of the tables, so loaded a
+    token ahead too."""
+    row, ev, valid, here = token[0], token[1], token[2], token[3]
+    S_old = tl.load(saved_S_ptr + ev[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0)
+    z_old = tl.load(saved_z_ptr + ev, mask=valid, other=1.0)
+    go = tl.load(grad_o_ptr + row * D + cols, mask=here, other=0.0)
+    return S_old, z_old, go.to(tl.float32)
 
 
 @triton.jit
@@ -85,7 +97,7 @@ def token_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
     nxt = _token(start, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr,
                  read_w_ptr, v_ptr, K, KP)
     for t in range(start, end):
-        row, ev, valid, ws, rs, ww, decay, rw, vt = nxt
+        row, ev, valid, _, ws, rs, ww, decay, rw, vt = nxt
         rmask = valid[:, None] & cmask[None, :]
         S_w = tl.load(S_tab + ws[:, None] * D, mask=rmask, other=0.0)
         z_w = tl.load(z_tab + ws, mask=valid, other=1.0)
@@ -133,9 +145,11 @@ def token_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
     grad_base = part.to(tl.int64) * NEV
     nxt = _token(end - 1, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr,
                  read_w_ptr, v_ptr, K, KP)
+    nxt_saved = _saved(nxt, cols, cmask, D, saved_S_ptr, saved_z_ptr, grad_o_ptr)
     for i in range(start, end):
         t = end - 1 - (i - start)
-        row, ev, valid, ws, rs, ww, decay, rw, vt = nxt
+        row, ev, valid, _, ws, rs, ww, decay, rw, vt = nxt
+        S_old, z_old, go = nxt_saved
         rmask = valid[:, None] & cmask[None, :]
         S_r = tl.load(S_tab + rs[:, None] * D, mask=rmask, other=0.0)
         z_r = tl.load(z_tab + rs, mask=valid, other=1.0)
@@ -143,11 +157,9 @@ def token_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         gz_r = tl.load(dz_tab + rs, mask=valid, other=0.0)
         G_w = tl.load(dS_tab + ws[:, None] * D, mask=rmask, other=0.0)
         gz_w = tl.load(dz_tab + ws, mask=valid, other=0.0)
-        S_old = tl.load(saved_S_ptr + ev[:, None] * D + cols[None, :], mask=rmask, other=0.0)
-        z_old = tl.load(saved_z_ptr + ev, mask=valid, other=1.0)
-        go = tl.load(grad_o_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
         nxt = _token(t - 1, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr,
                      read_w_ptr, v_ptr, K, KP)
+        nxt_saved = _saved(nxt, cols, cmask, D, saved_S_ptr, saved_z_ptr, grad_o_ptr)
         # The read: o = sum_j r_j S_j / (z_j + eps), with S_j, z_j the state after the token's write.
         den = z_r + eps
         u = tl.sum(S_r * go[None, :], 1)
