@@ -42,8 +42,9 @@ def _token(t, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr
            v_ptr, K: tl.constexpr, KP: tl.constexpr):
     """Token t's row in ``[B, T, H, ...]`` arrays, its events' index into ``[B, T, H, K]`` arrays and
     validity (padded lanes and t outside ``[start, end)`` are off, write slots -1 and read slots -2
-    there so that they match no real slot), its columns' validity (``here``), slots, weights, decays and v's columns. Independent of the state, so
-    the loops load the next token's while this one's gathers are in flight."""
+    there so that they match no real slot), its columns' validity (``here``), slots, weights, decays
+    and v's columns. Independent of the state, so the loops load the next token's while this one's
+    gathers are in flight."""
     lane = tl.arange(0, KP)
     lane_t = lane * 0 + t  # a tensor also where t is a Python int (the interpreter's first token)
     valid = (lane < K) & (lane_t >= start) & (lane_t < end)
