@@ -70,7 +70,8 @@ def cases():
         yield chunk_kernels.chunk_bwd_kernel, chunk
         # Token-by-token PDMA at K 8: slices of 32 columns on one warp, or all 64 on two; packed
         # sequences and the saved rows with every flag on.
-        token = dict(K=8, KP=8, DS=64 if flag else 32, VARLEN=flag, num_warps=2 if flag else 1)
+        token = dict(K=8, KP=8, DS=64 if flag else 32, VARLEN=flag, KEEP="evict_last" if flag else "",
+                     STREAM="evict_first" if flag else "", num_warps=2 if flag else 1)
         yield token_kernels.token_fwd_kernel, dict(token, SAVE=flag)
         yield token_kernels.token_bwd_kernel, token
         # The paper's decoder (U 5, d_p 4: int32 slot indices) and one with M = 16**8 = 2**32 (int64).

@@ -23,6 +23,8 @@ from .chunk import KERNEL_MAX_TOPK
 # slices buy parallelism only where the (sequence, head) pairs are too few to fill the GPU.
 WIDTH = 32
 NUM_WARPS = 1
+# L2 eviction hints: keep the tables, stream the rest (token_triton_kernels; "" for no hint).
+KEEP, STREAM = "evict_last", "evict_first"
 
 
 def launch_shape(d_v: int) -> tuple[int, int]:
@@ -54,7 +56,7 @@ class _TokenPDMA(torch.autograd.Function):
         saved_z = torch.empty(events if save else 0, dtype=torch.float32, device=dev)
         o = torch.empty(batch, seq_len, heads, d_v, dtype=torch.float32, device=dev)
         config = dict(K=topk, KP=triton.next_power_of_2(topk), DS=width, VARLEN=cu_seqlens is not None,
-                      num_warps=NUM_WARPS)
+                      KEEP=KEEP, STREAM=STREAM, num_warps=NUM_WARPS)
         cu = cu_seqlens if cu_seqlens is not None else write_idx  # never read without VARLEN
         token_args = (write_idx, write_w, decay, read_idx, read_w, v, cu)
         if rows:
