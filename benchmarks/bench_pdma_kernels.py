@@ -2,7 +2,7 @@
 with each forced (``ram.triton.pdma_kernels``): token-by-token (``ops/pdma/token_triton.py``),
 chunked (``ops/pdma/chunk_triton.py``) and slot-sorted (``ops/pdma/triton.py``), at the paper's
 layer shape (H 16, d_v 64, U 5 x d_p 4 so M 1024, K 8, bf16) and B x T in {8 x 2048, 2 x 8192,
-1 x 32768}.
+1 x 32768}; ``--partitions`` adds larger memories (U 6, 7, 8: M 4096 to 65536).
 
 Per shape: first each family's outputs and input gradients against the slot-sorted kernels' (the
 largest difference over the largest value), then ``triton.testing.do_bench`` medians of the forward
@@ -38,7 +38,7 @@ from ramnet.ops.ram.triton import pdma_kernels
 from ramnet.provenance import environment
 
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
-OP = dict(num_partitions=U, topk=TOPK, cape=torch.tensor([h % 2 == 0 for h in range(HEADS)]))
+CAPE = torch.tensor([h % 2 == 0 for h in range(HEADS)])
 SHAPES = ["8x2048", "2x8192", "1x32768"]
 FAMILIES = ["sorted", "token", "chunked"]
 LAUNCHERS = {"token": (token_triton, "token_pdma_triton"), "chunked": (chunk_triton, "chunk_pdma_triton")}
@@ -55,22 +55,29 @@ MISMATCH = 2e-2  # bf16 outputs and gradients: a few bf16 ulps of the largest va
 DEVICE = "cuda"
 
 
-def inputs(batch: int, seq_len: int):
+def inputs(batch: int, seq_len: int, partitions: int):
     gen = torch.Generator(DEVICE).manual_seed(0)
     shape = (batch, seq_len, HEADS)
-    q, k = (torch.randn(*shape, U * D_P, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in "qk")
+    q, k = (torch.randn(*shape, partitions * D_P, device=DEVICE, generator=gen, dtype=torch.bfloat16) for _ in "qk")
     v = torch.randn(*shape, D_V, device=DEVICE, generator=gen, dtype=torch.bfloat16)
     return q, k, v, torch.randn_like(v)
 
 
+def op_kwargs(q) -> dict:
+    """The op's settings for q's key width: U = d_k / d_p partitions, so M = d_p**U."""
+    return dict(num_partitions=q.shape[-1] // D_P, topk=TOPK, cape=CAPE)
+
+
 def op_step(q, k, v, grad, kernels: str, backward: bool, segments: int | None = None):
+    kw = op_kwargs(q)
+
     def run():
         with pdma_kernels(kernels):
             if not backward:
                 with torch.no_grad():
-                    return ram_attention(q, k, v, mode="triton", time_segments=segments, **OP)[0]
+                    return ram_attention(q, k, v, mode="triton", time_segments=segments, **kw)[0]
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            o, _ = ram_attention(*leaves, mode="triton", time_segments=segments, **OP)
+            o, _ = ram_attention(*leaves, mode="triton", time_segments=segments, **kw)
             return o, *torch.autograd.grad(o, leaves, grad)
     return run
 
@@ -78,7 +85,8 @@ def op_step(q, k, v, grad, kernels: str, backward: bool, segments: int | None = 
 def pdma_only_step(q, k, v, grad, family: str):
     """A table family's PDMA kernels, forward+backward on tokens decoded once, outside the timing."""
     module, name = LAUNCHERS[family]
-    spec = build_spec(HEADS, U * D_P, dtype=torch.float32, device=DEVICE, **OP)
+    kw = op_kwargs(q)
+    spec = build_spec(HEADS, q.shape[-1], dtype=torch.float32, device=DEVICE, **kw)
     positions = torch.arange(q.shape[1], device=DEVICE)[None].expand(q.shape[0], -1)
     with torch.no_grad():
         write_idx, write_w, decay, read_idx, read_w = decode_tokens(q.float(), k.float(), spec, positions,
@@ -87,7 +95,7 @@ def pdma_only_step(q, k, v, grad, family: str):
 
     def run():
         o, _ = getattr(module, name)(write_idx, leaves[0], leaves[1], read_idx, leaves[2], leaves[3],
-                                     memory_slots=D_P**U, eps=1e-6)
+                                     memory_slots=D_P ** kw["num_partitions"], eps=1e-6)
         return torch.autograd.grad(o, leaves, grad.float())
     return run
 
@@ -110,9 +118,9 @@ def peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[int]) -> list[dict]:
-    q, k, v, grad = inputs(batch, seq_len)
-    label = f"B{batch} T{seq_len}"
+def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[int], partitions: int = U) -> list[dict]:
+    q, k, v, grad = inputs(batch, seq_len, partitions)
+    label = f"B{batch} T{seq_len}" + ("" if partitions == U else f" M{D_P ** partitions}")
     want = op_step(q, k, v, grad, "sorted", True)()
     runs = [(family, None) for family in families] + [("token", n) for n in segments if "token" in families]
     rows = []
@@ -120,7 +128,7 @@ def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[
         name = kernels if n is None else f"{kernels}, {n} time segments"
         diff = 0.0 if (kernels, n) == ("sorted", None) else worst_difference(op_step(q, k, v, grad, kernels, True, n)(),
                                                                             want)
-        row = dict(shape=label, B=batch, T=seq_len, kernels=kernels, time_segments=n, check=diff,
+        row = dict(shape=label, B=batch, T=seq_len, U=partitions, M=D_P**partitions, kernels=kernels, time_segments=n, check=diff,
                    check_ok=diff <= MISMATCH, fwd_ms=bench(op_step(q, k, v, grad, kernels, False, n)),
                    fwd_bwd_ms=bench(op_step(q, k, v, grad, kernels, True, n)),
                    fwd_bwd_peak_mib=peak_mib(op_step(q, k, v, grad, kernels, True, n)))
@@ -135,7 +143,7 @@ def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[
 
 
 def sweep(batch: int, seq_len: int, family: str) -> list[dict]:
-    q, k, v, grad = inputs(batch, seq_len)
+    q, k, v, grad = inputs(batch, seq_len, U)
     want = op_step(q, k, v, grad, "sorted", True)()
     module = LAUNCHERS[family][0]
     defaults = {name: getattr(module, name) for _, change in SWEEP[family] for name in change}
@@ -168,6 +176,9 @@ def main() -> None:
                         help=f"comma-separated, from {','.join(FAMILIES)} (sorted always runs: the reference)")
     parser.add_argument("--time-segments", type=int, nargs="*", default=[],
                         help="also run the token family with each sequence cut into this many pieces")
+    parser.add_argument("--partitions", type=int, nargs="+", default=[U],
+                        help=f"U values (M = {D_P}**U: 5 is 1024, 8 is 65536), each at every shape: where the "
+                             "table families give way to the sorted kernels")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch settings of the table families")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -180,13 +191,15 @@ def main() -> None:
     defaults = {family: {name: getattr(LAUNCHERS[family][0], name) for _, change in SWEEP[family] for name in change}
                 for family in LAUNCHERS}
     meta = dict(**environment("cuda"), timer="triton.testing.do_bench median (warmup 5, rep 40)",
-                shape=dict(H=HEADS, d_v=D_V, U=U, d_p=D_P, M=D_P**U, K=TOPK, dtype="bf16", cape_heads=HEADS // 2),
+                shape=dict(H=HEADS, d_v=D_V, U=args.partitions, d_p=D_P, M=[D_P**u for u in args.partitions], K=TOPK,
+                           dtype="bf16", cape_heads=HEADS // 2),
                 launch_defaults=defaults, argv=sys.argv[1:])
     print(f"{meta['device']}, launch defaults {defaults}", flush=True)
     rows, settings = [], []
     for batch, seq_len in shapes:
-        rows += measure_shape(batch, seq_len, families, args.time_segments)
-        _write(args.out, meta, rows, settings)  # a call cut short keeps what it measured
+        for partitions in args.partitions:
+            rows += measure_shape(batch, seq_len, families, args.time_segments, partitions)
+            _write(args.out, meta, rows, settings)  # a call cut short keeps what it measured
     if not args.no_sweep:
         for family in families[1:]:
             print(f"{family} launch settings at B{shapes[0][0]} T{shapes[0][1]}:", flush=True)
