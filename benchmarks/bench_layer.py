@@ -10,7 +10,7 @@ last, and a contender whose first call takes over ``--first-call-timeout`` secon
     python3 benchmarks/bench_layer.py                            # CUDA, writes results/layer.{json,md}
     python3 benchmarks/bench_layer.py --skip gated_deltanet --ram-modes triton   # --quick: T 2048, 32768; no (G)DN
     python3 benchmarks/bench_layer.py --device cpu --ram-modes parallel --out /tmp/layer_cpu.json
-    python3 benchmarks/bench_layer.py --ram-modes triton/sorted,triton/chunked   # both PDMA kernel families
+    python3 benchmarks/bench_layer.py --ram-modes triton/sorted,triton/token   # both PDMA kernel families
     python3 benchmarks/bench_layer.py --ram-modes triton --time-segments 8 16    # + the op on pieces side by side
 """
 
@@ -88,12 +88,12 @@ def fla_layer(cls_name: str, hidden: int, kwargs: dict):
 
 
 def ram_mode(spec: str):
-    """``"triton"`` or ``"triton/chunked"``: the ``ram_attention`` mode and the Triton path's PDMA
-    kernels (``ram.triton.pdma_kernels``: ``auto``, ``chunked`` or ``sorted``); the forward picks them
+    """``"triton"`` or ``"triton/token"``: the ``ram_attention`` mode and the Triton path's PDMA
+    kernels (``ram.triton.pdma_kernels``: ``auto``, ``token`` or ``sorted``); the forward picks them
     and the backward follows its forward."""
     mode, _, kernels = spec.partition("/")
-    if kernels not in ("", "auto", "chunked", "sorted") or (kernels and mode != "triton"):
-        raise ValueError(f"--ram-modes: {spec!r} is not MODE or triton/{{auto,chunked,sorted}}")
+    if kernels not in ("", "auto", "token", "sorted") or (kernels and mode != "triton"):
+        raise ValueError(f"--ram-modes: {spec!r} is not MODE or triton/{{auto,token,sorted}}")
     return mode, kernels or "auto"
 
 
@@ -281,7 +281,7 @@ class Runner:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes; triton/chunked or triton/sorted forces the PDMA kernels")
+    parser.add_argument("--ram-modes", default="triton,parallel", help="comma-separated ram_attention modes; triton/token or triton/sorted forces the PDMA kernels")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="default: 2048 8192 32768 (cpu: 64 256)")
     parser.add_argument("--time-segments", type=int, nargs="*", default=[],
                         help="op level: also each mode with its sequences cut into this many pieces side by side")

@@ -1,22 +1,22 @@
-"""The Triton path's PDMA kernel families side by side, through ``ram_attention(..., mode="triton")``
-with each forced (``ram.triton.pdma_kernels``): token-by-token (``ops/pdma/token_triton.py``),
-chunked (``ops/pdma/chunk_triton.py``) and slot-sorted (``ops/pdma/triton.py``), at the paper's
+"""The Triton path's two PDMA kernel families side by side, through ``ram_attention(..., mode="triton")``
+with each forced (``ram.triton.pdma_kernels``): token-by-token (``ops/pdma/token_triton.py``) and
+slot-sorted (``ops/pdma/triton.py``), at the paper's
 layer shape (H 16, d_v 64, U 5 x d_p 4 so M 1024, K 8, bf16) and B x T in {8 x 2048, 2 x 8192,
 1 x 32768}; ``--partitions`` adds larger memories (U 6, 7, 8: M 4096 to 65536).
 
-Per shape: first each family's outputs and input gradients against the slot-sorted kernels' (the
+Per shape: first the token kernels' outputs and input gradients against the slot-sorted kernels' (the
 largest difference over the largest value), then ``triton.testing.do_bench`` medians of the forward
-(no grad) and of forward+backward, the peak memory of forward+backward over the inputs, and each table
-family's PDMA kernels alone (fwd+bwd on tokens decoded beforehand). With ``--time-segments n`` the
-token family also runs each shape cut into n pieces (``ram_attention(time_segments=n)``). Then, at the
-first shape, the launch settings of the table families (module constants; each setting compiles the
-kernels again, tens of seconds).
+(no grad) and of forward+backward, the peak memory of forward+backward over the inputs, and the token
+kernels alone (fwd+bwd on tokens decoded beforehand). With ``--time-segments n`` the token kernels
+also run each shape cut into n pieces (``ram_attention(time_segments=n)``). Then, at the first shape,
+the token kernels' launch settings (module constants; each setting compiles the kernels again, tens
+of seconds).
 
     python benchmarks/bench_pdma_kernels.py [--out benchmarks/results/pdma_kernels_h200.json]
     python benchmarks/bench_pdma_kernels.py --families sorted,token --shapes 8x2048 --no-sweep   # the quickest
 
-(Until 2026-12-07 this was ``bench_chunk_pdma.py``, chunked against sorted only:
-``results/chunk_pdma_h100.json``.)
+(Until 2026-12-07 this was ``bench_chunk_pdma.py``, which timed the chunked kernels, since removed,
+against the sorted ones: ``results/chunk_pdma_h100.json``.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton.testing
 
 from ramnet.files import write_text_atomic
 from ramnet.ops import ram_attention
-from ramnet.ops.pdma import chunk_triton, token_triton
+from ramnet.ops.pdma import token_triton
 from ramnet.ops.ram.common import decode_tokens
 from ramnet.ops.ram.spec import build_spec
 from ramnet.ops.ram.triton import pdma_kernels
@@ -40,14 +40,11 @@ from ramnet.provenance import environment
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
 CAPE = torch.tensor([h % 2 == 0 for h in range(HEADS)])
 SHAPES = ["8x2048", "2x8192", "1x32768"]
-FAMILIES = ["sorted", "token", "chunked"]
-LAUNCHERS = {"token": (token_triton, "token_pdma_triton"), "chunked": (chunk_triton, "chunk_pdma_triton")}
+FAMILIES = ["sorted", "token"]
+LAUNCHERS = {"token": (token_triton, "token_pdma_triton")}
 # Launch settings tried at the first shape, per family: module constants of its launcher, each one
-# change from the defaults. Chunked: at B8 (128 sequence-head pairs) TARGET_PROGRAMS gives 4 slices of
-# 16 columns. Token: d_v columns a program (WIDTH) and warps.
+# change from the defaults: d_v columns a program (WIDTH), warps, the L2 hints.
 SWEEP = {
-    "chunked": [("4 warps", dict(NUM_WARPS=4)), ("2 slices", dict(TARGET_PROGRAMS=256)),
-                ("1 slice", dict(TARGET_PROGRAMS=0)), ("ieee products", dict(DOT_PRECISION="ieee"))],
     "token": [(f"width {w}, {n} warp{'s' if n > 1 else ''}", dict(WIDTH=w, NUM_WARPS=n))
               for w, n in ((16, 1), (64, 1), (32, 2), (64, 2))] + [("no cache hints", dict(KEEP="", STREAM=""))],
 }

@@ -15,9 +15,9 @@ from bench_layer import ram_mode, ram_name  # noqa: E402
 
 def test_ram_modes_name_the_kernels_and_reject_what_they_cannot_run():
     assert ram_mode("parallel") == ("parallel", "auto")
-    assert ram_mode("triton/chunked") == ("triton", "chunked")
+    assert ram_mode("triton/token") == ("triton", "token")
     assert ram_name("triton/sorted") == "ram_triton_sorted"
-    for bad in ("triton/fast", "parallel/chunked"):
+    for bad in ("triton/fast", "triton/chunked", "parallel/token"):
         with pytest.raises(ValueError, match="--ram-modes"):
             ram_mode(bad)
 

@@ -15,16 +15,14 @@ from triton.compiler import ASTSource
 
 from ramnet.ops.address import triton_kernels as decoder_kernels
 from ramnet.ops.address.triton import beam_search_constants, decoder_constants
-from ramnet.ops.pdma import chunk_triton_kernels as chunk_kernels
 from ramnet.ops.pdma import token_triton_kernels as token_kernels
 from ramnet.ops.pdma import triton_kernels as kernels
-from ramnet.ops.pdma.chunk_triton import CHUNK, NUM_WARPS
 from ramnet.ops.pdma.triton import GROUP
 from ramnet.ops.ram import step_kernels
 from ramnet.ops.ram.step import fused_step_constants
 from ramnet.states import offload_kernels
 
-FLOAT_ARGS = {"empty_z", "eps", "tau", "min_decay"}
+FLOAT_ARGS = {"empty_z", "eps", "tau"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
                  "shift_ptr": "*i64", "index_ptr": "*i64", "write_idx_ptr": "*i64", "read_idx_ptr": "*i64",
                  "cu_ptr": "*i32"}
@@ -59,15 +57,6 @@ def cases():
         yield kernels.bwd_aggregate_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.bwd_output_kernel, dict(base, HAS_GRAD_FINAL=flag)
         yield kernels.carry_kernel, dict(DV=64, REVERSE=flag, G_CARRY=32)
-        # Chunked PDMA at K 8 (C K = 128 events of each kind): 4 slices of d_v 64 with exact fp32
-        # products, or one slice with tf32x3; packed sequences, the saved rows and fp32 selection
-        # products with every flag on.
-        # UPCAST (the selection products in fp32, as under the interpreter) must compile too: a GPU
-        # test runs it.
-        chunk = dict(K=8, KP=8, C=CHUNK, DS=64 if flag else 16, VARLEN=flag, PREC="tf32x3" if flag else "ieee",
-                     UPCAST=flag, num_warps=NUM_WARPS)
-        yield chunk_kernels.chunk_fwd_kernel, dict(chunk, SAVE=flag)
-        yield chunk_kernels.chunk_bwd_kernel, chunk
         # Token-by-token PDMA at K 8: slices of 32 columns on one warp, or all 64 on two; packed
         # sequences and the saved rows with every flag on.
         token = dict(K=8, KP=8, DS=64 if flag else 32, VARLEN=flag, KEEP="evict_last" if flag else "",

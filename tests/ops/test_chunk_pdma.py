@@ -8,7 +8,7 @@ import torch
 from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.pdma import proxy_decay
 from ramnet.ops.pdma.chunk import chunk_pdma
-from ramnet.ops.ram.chunked import chunked_forward
+from ramnet.ops.ram.table import table_forward
 from ramnet.ops.ram.recurrent import pdma_step
 from ramnet.ops.ram.spec import build_spec
 
@@ -61,7 +61,7 @@ def test_matches_op_paths(config, dtype, reference, tol):
     spec = build_spec(heads, d_k, dtype=dtype, **kw)
 
     def chunked(q, k, v, s):
-        return chunked_forward(q, k, v, spec, s, True, cu_seqlens, use_triton=False)
+        return table_forward(q, k, v, spec, s, True, cu_seqlens, use_triton=False)
 
     def op(q, k, v, s):
         return ram_attention(q, k, v, initial_state=s, output_final_state=True, cu_seqlens=cu_seqlens,

@@ -1,6 +1,5 @@
 """mode="triton" (fused Triton kernels) agrees with the parallel path: outputs, final state and
-gradients, with each family of PDMA kernels (token-by-token, chunked and slot-sorted, forced by
-``pdma_kernels``).
+gradients, with each family of PDMA kernels (token-by-token and slot-sorted, forced by ``pdma_kernels``).
 On CPU the kernels run under Triton's interpreter (slow: the shapes stay tiny)."""
 
 import pytest
@@ -47,7 +46,7 @@ def _assert_close(got, want, rtol=1e-4, atol=1e-5):
 
 
 KW = dict(num_partitions=2, topk=3, gamma=torch.tensor([0.0, 0.5, 2.0]), cape=torch.tensor([True, False, True]))
-KERNELS = ["token", "chunked", "sorted"]
+KERNELS = ["token", "sorted"]
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

@@ -1,7 +1,8 @@
 """Chunked PDMA: the state as one table of rows per (sequence, head, slot), updated once per chunk
-of C tokens, no sort. The readable torch reference of the chunked Triton kernels
-(``chunk_triton.py``): the same chunk function, vectorised over (sequence, head), a Python loop
-over chunks, autograd for the backward.
+of C tokens, no sort. The torch reference of the token-by-token Triton kernels (``token_triton.py``,
+this recurrence at one token a chunk): the chunk function vectorised over (sequence, head), a
+Python loop over chunks, autograd for the backward. (Chunked Triton kernels of the same function
+were removed: 4.5x the slot-sorted kernels' time on an H100, docs/kernels.md.)
 
 One chunk, per (sequence, head). Its writes e and reads ρ, C * K of each (a token's K slots are
 distinct), see the pre-chunk rows ``S_old, z_old`` of their slots. With ``la = log(decay)``
@@ -31,9 +32,6 @@ import torch
 # ``log_decay``) stays a normal float for any factor that matters (> exp(-47) in fp32).
 LOG_DECAY_FLOOR = {torch.float32: -40.0, torch.float64: -80.0}
 CHUNK_SIZE = 16
-# The chunked Triton kernels take K up to this: a chunk's C K events of each kind make [C K, C K]
-# tiles (128 x 128 at C = 16, K = 8); beyond it the Triton path runs the slot-sorted kernels.
-KERNEL_MAX_TOPK = 8
 
 
 class _LogDecay(torch.autograd.Function):

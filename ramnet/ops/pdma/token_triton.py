@@ -16,8 +16,10 @@ import triton
 
 from ..autograd_support import first_order_backward, without_autocast
 from . import token_triton_kernels as kernels
-from .chunk import KERNEL_MAX_TOPK
 
+# The kernels take K up to this: a token's [K, K, width] slot-match tiles live in registers; beyond
+# it they refuse (the slot-sorted kernels take any K).
+KERNEL_MAX_TOPK = 8
 # Columns of d_v per program. A program's time is the length of its sequence times the latency of
 # one token (a round trip to L2 and the [K, K, width] match reductions), whatever the batch, so
 # slices buy parallelism only where the (sequence, head) pairs are too few to fill the GPU.

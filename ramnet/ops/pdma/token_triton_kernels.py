@@ -2,7 +2,7 @@
 (sequence, head, d_v slice) walks its tokens in order (forward) or in reverse (backward), each token
 gathering, updating and storing the K rows it writes and gathering the K rows it reads.
 
-The state lives as tables in global memory, as for the chunked kernels: ``S [N*H*M, D]`` (a slice
+The state lives as tables in global memory: ``S [N*H*M, D]`` (a slice
 owns its columns) and ``z [NS, N*H*M]`` (one copy per slice, so that no slice reads a z another has
 already moved on). At the paper's shape the tables of every (sequence, head) of a training step fit
 in the GPU's L2 cache (B8 H16 M1024: 34 MB against the H100's 50 MB), so a token's gathers are L2
@@ -34,11 +34,25 @@ its own share in its own ``dz`` and its gradients are shares that the caller sum
 import triton
 import triton.language as tl
 
-from .chunk_triton_kernels import _sequence
-
 # Sizes that only enter address arithmetic: not specialised, so that a new length or batch does
 # not compile a new kernel. D stays specialised (row loads vectorise when it divides by 16).
 SHAPE_ARGS = ["T", "H", "M", "NHM", "NEV"]
+
+
+@triton.jit
+def _sequence(pid, H, T, cu_ptr, VARLEN: tl.constexpr):
+    """Batch row, head and token range ``[start, end)`` of program ``pid`` = sequence * H + head."""
+    n = pid // H
+    h = pid % H
+    if VARLEN:
+        b = 0
+        start = tl.load(cu_ptr + n).to(tl.int32)
+        end = tl.load(cu_ptr + n + 1).to(tl.int32)
+    else:
+        b = n
+        start = 0
+        end = T
+    return b, h, start, end
 
 
 @triton.jit

@@ -1,7 +1,8 @@
-"""The op over chunked PDMA (``ops/pdma/chunk.py`` and its Triton kernels): decode every token,
-then run the chunks on the token layout, with no sort of the events. The Triton path takes it when
-the state table is small enough (``ram/triton.py``); with ``use_triton=False`` it runs the torch
-reference (the tests compare both with the other paths)."""
+"""The op over PDMA on the tokens as decoded, the state as a table of rows per (sequence, head, slot),
+no sort of the events: the token-by-token Triton kernels (``ops/pdma/token_triton.py``), or with
+``use_triton=False`` the chunked torch reference (``ops/pdma/chunk.py``), which computes the same
+recurrence a chunk of tokens at a time. The Triton path takes it when ``pdma_kernels("token")`` asks
+for it (``ram/triton.py``); the tests compare both with the other paths."""
 
 from __future__ import annotations
 
@@ -11,20 +12,16 @@ from .spec import RAMSpec
 from .state import RAMState
 
 
-def chunked_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens,
-                    use_triton: bool = True, kernels: str = "chunked"):
+def table_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens,
+                  use_triton: bool = True):
     offset, _, tokens = decoded_call(q, k, spec, initial_state, cu_seqlens, use_triton)
     h0 = None if initial_state is None else (initial_state.S, initial_state.z)
     kw = dict(memory_slots=spec.memory_slots, eps=spec.eps, initial_state=h0, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
-    if use_triton and kernels == "token":
+    if use_triton:
         from ..pdma.token_triton import token_pdma_triton  # imports triton, an optional dependency
 
         o, final = token_pdma_triton(*tokens, v, **kw)
-    elif use_triton:
-        from ..pdma.chunk_triton import chunk_pdma_triton  # imports triton, an optional dependency
-
-        o, final = chunk_pdma_triton(*tokens, v, **kw)
     else:
         o, final = chunk_pdma(*tokens, v, **kw)
     o = o.to(q.dtype)
