@@ -40,8 +40,12 @@ SHAPE_ARGS = ["T", "H", "M", "NHM", "NEV"]
 
 
 @triton.jit
-def _sequence(pid, H, T, cu_ptr, VARLEN: tl.constexpr):
-    """Batch row, head and token range ``[start, end)`` of program ``pid`` = sequence * H + head."""
+def _program(T, H, M, D, NHM, cu_ptr, VARLEN: tl.constexpr, DS: tl.constexpr):
+    """What program (sequence * H + head, slice) owns: its batch row, head and token range
+    ``[start, end)``, its columns of d_v, and the offsets of its rows in the S table (a ``[1, DS]``
+    tile of its columns) and in its slice's z table."""
+    pid = tl.program_id(0)
+    part = tl.program_id(1)
     n = pid // H
     h = pid % H
     if VARLEN:
@@ -52,7 +56,9 @@ def _sequence(pid, H, T, cu_ptr, VARLEN: tl.constexpr):
         b = n
         start = 0
         end = T
-    return b, h, start, end
+    row0 = pid.to(tl.int64) * M
+    cols = part * DS + tl.arange(0, DS)
+    return b, h, start, end, cols, cols < D, row0 * D + cols[None, :], part.to(tl.int64) * NHM + row0
 
 
 @triton.jit
@@ -102,17 +108,12 @@ def token_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
                      S_ptr, z_ptr, saved_S_ptr, saved_z_ptr, o_ptr, T, H, M, D, NHM, eps,
                      K: tl.constexpr, KP: tl.constexpr, DS: tl.constexpr, VARLEN: tl.constexpr,
                      SAVE: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr):
-    """The tokens of one (sequence, head) in order, columns ``[part * DS, (part + 1) * DS)``: the
+    """The tokens of one (sequence, head) in order, one slice of d_v's columns: the
     reads into ``o [B, T, H, D]``, the written rows into the tables and (``SAVE``) the pre-write rows
     at their events."""
-    pid = tl.program_id(0)
-    part = tl.program_id(1)
-    b, h, start, end = _sequence(pid, H, T, cu_ptr, VARLEN)
-    row0 = pid.to(tl.int64) * M
-    cols = part * DS + tl.arange(0, DS)
-    cmask = cols < D
-    S_tab = S_ptr + row0 * D + cols[None, :]
-    z_tab = z_ptr + part.to(tl.int64) * NHM + row0
+    b, h, start, end, cols, cmask, S_row, z_row = _program(T, H, M, D, NHM, cu_ptr, VARLEN, DS)
+    S_tab = S_ptr + S_row
+    z_tab = z_ptr + z_row
     nxt = _token(start, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr,
                  read_w_ptr, v_ptr, K, KP, STREAM)
     for t in range(start, end):
@@ -134,7 +135,7 @@ def token_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         tl.store(o_ptr + row * D + cols, out, mask=cmask, eviction_policy=STREAM)
         if SAVE:
             tl.store(saved_S_ptr + ev[:, None] * D + cols[None, :], S_w, mask=rmask, eviction_policy=STREAM)
-            if part == 0:
+            if tl.program_id(1) == 0:  # one slice saves z (every slice computes the same z)
                 tl.store(saved_z_ptr + ev, z_w, mask=valid, eviction_policy=STREAM)
         tl.debug_barrier()  # every thread's gathers of this token are done before a row changes
         tl.store(S_tab + ws[:, None] * D, S_new, mask=rmask, eviction_policy=KEEP)
@@ -152,17 +153,10 @@ def token_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
     are rolled back token by token from the saved rows; ``dS, dz`` hold the adjoint of the state
     after the token and become the adjoint before it. Stores v's gradient (its columns) and this
     slice's share of those of the write weights, decays and read weights (``[NS, B*T*H*K]``)."""
-    pid = tl.program_id(0)
-    part = tl.program_id(1)
-    b, h, start, end = _sequence(pid, H, T, cu_ptr, VARLEN)
-    row0 = pid.to(tl.int64) * M
-    cols = part * DS + tl.arange(0, DS)
-    cmask = cols < D
-    S_tab = S_ptr + row0 * D + cols[None, :]
-    dS_tab = dS_ptr + row0 * D + cols[None, :]
-    z_tab = z_ptr + part.to(tl.int64) * NHM + row0
-    dz_tab = dz_ptr + part.to(tl.int64) * NHM + row0
-    grad_base = part.to(tl.int64) * NEV
+    b, h, start, end, cols, cmask, S_row, z_row = _program(T, H, M, D, NHM, cu_ptr, VARLEN, DS)
+    S_tab, dS_tab = S_ptr + S_row, dS_ptr + S_row
+    z_tab, dz_tab = z_ptr + z_row, dz_ptr + z_row
+    grad_base = tl.program_id(1).to(tl.int64) * NEV
     nxt = _token(end - 1, start, end, b, h, T, H, D, cols, cmask, write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr,
                  read_w_ptr, v_ptr, K, KP, STREAM)
     nxt_saved = _saved(nxt, cols, cmask, D, saved_S_ptr, saved_z_ptr, grad_o_ptr, STREAM)
