@@ -2,6 +2,9 @@
 paper's layer shape (B8 T2048 H16, d_k 20 = U5 x d_p 4, K 8, d_v 64, bf16), per mode.
 
     python benchmarks/profile_op.py --modes triton,parallel [--batch 8 --seq-len 2048]
+    python benchmarks/profile_op.py --modes triton/sorted,triton/token --batch 256 --seq-len 256
+
+``triton/token`` and ``triton/sorted`` force the Triton path's PDMA kernels (``ram.triton.pdma_kernels``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ramnet.ops import ram_attention
+from ramnet.ops.ram.triton import pdma_kernels
 
 
 def main() -> None:
@@ -29,9 +33,12 @@ def main() -> None:
     v = torch.randn(*shape, 64, device=device, generator=gen, dtype=torch.bfloat16).requires_grad_()
     grad = torch.randn_like(v)
 
-    for mode in args.modes.split(","):
+    for name in args.modes.split(","):
+        mode, _, kernels = name.partition("/")
+
         def step():
-            o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode=mode)
+            with pdma_kernels(kernels or "auto"):
+                o, _ = ram_attention(q, k, v, num_partitions=5, topk=8, mode=mode)
             o.backward(grad)
 
         for _ in range(3):
@@ -41,7 +48,7 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-        print(f"\n== mode {mode}: {1e3 * (time.perf_counter() - start) / 5:.2f} ms per fwd+bwd (wall)")
+        print(f"\n== mode {name}: {1e3 * (time.perf_counter() - start) / 5:.2f} ms per fwd+bwd (wall)")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
