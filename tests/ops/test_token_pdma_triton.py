@@ -11,7 +11,6 @@ from ramnet.ops import RAMState, ram_attention
 from ramnet.ops.pdma import proxy_decay
 from ramnet.ops.pdma.chunk import chunk_pdma
 from ramnet.ops.ram import triton as triton_path
-from ramnet.ops.ram.spec import build_spec
 from test_chunk_pdma import _tokens
 from triton_skip import needs_triton
 
@@ -169,7 +168,7 @@ def test_dispatch(monkeypatch, kernels):
     v = torch.randn(2, 17, 2, 5, generator=gen, dtype=torch.float64)
     kw = dict(num_partitions=2, topk=2, gamma=torch.tensor([0.5, 3.0]), cape=torch.tensor([True, False]))
     with triton_path.pdma_kernels(kernels):
-        assert triton_path.pdma_kernels_for(q, build_spec(2, 6, **kw), None) == ("sorted" if kernels == "auto" else kernels)
+        assert triton_path.pdma_kernels_for() == ("sorted" if kernels == "auto" else kernels)
         got = _op(q, k, v, kw, "triton")
     assert calls == ["token_pdma_triton" if kernels == "token" else "segment_pdma_triton"]
     for i, (a, b) in enumerate(zip(got, _op(q, k, v, kw, "parallel"))):

@@ -33,7 +33,7 @@ _forced: str | None = None
 @contextmanager
 def pdma_kernels(kind: str):
     """Inside the block, the Triton path runs the ``"token"`` or ``"sorted"`` PDMA kernels whatever the
-    sizes (``"auto"``: by ``pdma_kernels_for``). For tests and benchmarks."""
+    sizes (``"auto"``: the sorted ones, ``pdma_kernels_for``). For tests and benchmarks."""
     global _forced
     if kind not in ("auto", *KERNEL_FAMILIES):
         raise ValueError(f"kind must be 'auto', 'token' or 'sorted', got {kind!r}")
@@ -44,15 +44,16 @@ def pdma_kernels(kind: str):
         _forced = before
 
 
-def pdma_kernels_for(q: torch.Tensor, spec: RAMSpec, cu_seqlens) -> str:
-    """``"token"`` or ``"sorted"``: the PDMA kernels the Triton path runs for this call (the token
-    kernels refuse K > 8 and M >= 2**31 with a ValueError)."""
+def pdma_kernels_for() -> str:
+    """``"token"`` or ``"sorted"``: the PDMA kernels the Triton path runs now (the token kernels
+    refuse K > 8 and M >= 2**31 with a ValueError). No size rule: the sorted kernels were as fast or
+    faster at every shape measured."""
     return _forced or "sorted"
 
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     require_triton(q.device, 'mode="triton"')
-    if pdma_kernels_for(q, spec, cu_seqlens) == "token":
+    if pdma_kernels_for() == "token":
         return table_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True)
     from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
