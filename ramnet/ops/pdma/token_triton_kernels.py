@@ -91,10 +91,20 @@ def _saved(token, cols, cmask, D, saved_S_ptr, saved_z_ptr, grad_o_ptr, STREAM: 
     rows (saved by the forward) and the output's gradient. Independent of the tables, so loaded a
     token ahead too."""
     row, ev, valid, here = token[0], token[1], token[2], token[3]
-    S_old = tl.load(saved_S_ptr + ev[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0, eviction_policy=STREAM)
+    S_old = tl.load(saved_S_ptr + ev[:, None] * D + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0,
+                    eviction_policy=STREAM)
     z_old = tl.load(saved_z_ptr + ev, mask=valid, other=1.0, eviction_policy=STREAM)
     go = tl.load(grad_o_ptr + row * D + cols, mask=here, other=0.0, eviction_policy=STREAM)
     return S_old, z_old, go.to(tl.float32)
+
+
+@triton.jit
+def _same_slot(rs, ws):
+    """``match [KP, KP]``: whether read j and write i of a token address the same slot (a token's
+    slots are distinct, so a read matches at most one write), and how many writes each read matches
+    (0 or 1)."""
+    match = rs[:, None] == ws[None, :]
+    return match, tl.sum(match.to(tl.int32), 1)
 
 
 @triton.jit
@@ -127,8 +137,8 @@ def token_fwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
                      read_w_ptr, v_ptr, K, KP, STREAM)
         S_new = decay[:, None] * S_w + ww[:, None] * vt[None, :]
         z_new = decay * z_w + ww
-        match = rs[:, None] == ws[None, :]  # [read j, write i]
-        hit = tl.sum(match.to(tl.int32), 1) > 0
+        match, hits = _same_slot(rs, ws)
+        hit = hits > 0
         S_r = tl.where(hit[:, None], _rows_of(S_new, match), S_r)
         z_r = tl.where(hit, tl.sum(tl.where(match, z_new[None, :], 0.0), 1), z_r)
         out = tl.sum((rw / (z_r + eps))[:, None] * S_r, 0)
@@ -181,13 +191,14 @@ def token_bwd_kernel(write_idx_ptr, write_w_ptr, decay_ptr, read_idx_ptr, read_w
         c_S = (rw / den)[:, None] * go[None, :]
         c_z = -rw * u / (den * den)
         # The write: S = decay S_old + w v, its adjoint the table's plus a same-slot read's share.
-        match = rs[:, None] == ws[None, :]  # [read j, write i]
-        hits = tl.sum(match.to(tl.int32), 1)
+        match, hits = _same_slot(rs, ws)
         G_w += tl.sum(tl.where(match[:, :, None], c_S[:, None, :], 0.0), 0)
         gz_w += tl.sum(tl.where(match, c_z[:, None], 0.0), 0)
         tl.store(grad_v_ptr + row * D + cols, tl.sum(ww[:, None] * G_w, 0), mask=cmask, eviction_policy=STREAM)
-        tl.store(grad_write_w_ptr + grad_base + ev, tl.sum(G_w * vt[None, :], 1) + gz_w, mask=valid, eviction_policy=STREAM)
-        tl.store(grad_decay_ptr + grad_base + ev, tl.sum(G_w * S_old, 1) + gz_w * z_old, mask=valid, eviction_policy=STREAM)
+        tl.store(grad_write_w_ptr + grad_base + ev, tl.sum(G_w * vt[None, :], 1) + gz_w, mask=valid,
+                 eviction_policy=STREAM)
+        tl.store(grad_decay_ptr + grad_base + ev, tl.sum(G_w * S_old, 1) + gz_w * z_old, mask=valid,
+                 eviction_policy=STREAM)
         tl.debug_barrier()  # every thread's gathers of this token are done before a row changes
         tl.store(S_tab + ws[:, None] * D, S_old, mask=rmask, eviction_policy=KEEP)
         tl.store(z_tab + ws, z_old, mask=valid, eviction_policy=KEEP)
