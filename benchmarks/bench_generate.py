@@ -25,6 +25,12 @@ Modes (``--modes``):
            so its ``best`` row is not run and says so (``status: "skipped"``, ``same_as: "default"``).
            On the CPU transformers compiles nothing: ``best`` is the static cache, eager (``compiled``
            in each row says whether the step ran compiled).
+  eager    RAM-Net only: its decode loop without the CUDA graph (``ramnet_decode_loop="eager"``): every
+           kernel of every step launched from Python, what a user's eager ``generate`` costs (issue 17's
+           "eager model.generate" target: 13.2 ms a token at B=1 on an H200 before the fused step).
+  hf_loop  RAM-Net only: transformers' own loop over the default cache, the model step eager
+           (``ramnet_decode_loop=False``). The other models' ``eager`` and ``hf_loop`` rows are skipped
+           (``same_as: "default"``): their default already is transformers' eager loop.
 
 Every run generates exactly N new tokens (greedy; the EOS id is unset, so nothing stops early; the
 row checks the length). Timing, per cell (model, B, prompt length P, mode), with
@@ -102,7 +108,9 @@ TINY = {
     "gated_deltanet": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=32, intermediate_size=128),
     "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
 }
-MODES = ("default", "best")
+MODES = ("default", "best", "eager", "hf_loop")
+# The modes that only RAM-Net has (the others' `default` is already eager in transformers' loop).
+RAMNET_ONLY_MODES = ("eager", "hf_loop")
 GDN_NOTE = ("fla 0.6.0's generate is Gated DeltaNet's only path: its caches are not is_compileable (transformers "
             "does not compile them) and it has no static cache, so best = default")
 GRIDS = {  # batch sizes, prompt lengths, new tokens
@@ -164,6 +172,10 @@ def generate_kwargs(name: str, mode: str) -> dict:
         kwargs["cache_implementation"] = "static"
     if mode == "best" and name == "ramnet":  # asked for, whatever the defaults say
         kwargs["ramnet_decode_loop"] = "compiled"
+    if mode == "eager":  # RAM-Net's decode loop without the graph: every step's kernels launched by Python
+        kwargs["ramnet_decode_loop"] = "eager"
+    if mode == "hf_loop":  # transformers' loop over the default cache, the model step eager
+        kwargs["ramnet_decode_loop"] = False
     return kwargs
 
 
@@ -438,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
             row.update(status="skipped", error=skipped[name])
         elif name == "gated_deltanet" and mode == "best":
             row.update(status="skipped", same_as="default", note=GDN_NOTE)
+        elif name != "ramnet" and mode in RAMNET_ONLY_MODES:
+            row.update(status="skipped", same_as="default",
+                       note=f"{mode} is RAM-Net's: this model's default is already transformers' eager loop")
         else:
             model = built[name]
             if args.device == "cuda":
