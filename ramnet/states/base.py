@@ -122,42 +122,36 @@ class SlotStore(ABC):
 
     def _kernel_step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``step`` on the Triton kernels: the addresses from the dense step's decoder, then
-        ``pdma_step_triton`` on a table of the 2K gathered rows (the K written first, then the K read,
-        with the read slots renumbered into the table: a read of a slot written this token is renumbered
-        to the written row, which the kernel takes from its registers, as it does on the dense state),
-        and the K written rows stored back."""
-        from ..ops.ram.step import pdma_step_triton, step_addresses  # imports triton
+        ``pdma_table_step`` on a table of the 2K gathered rows (the K written first, then the K read; a
+        read of a slot written this token takes the written row, from the kernel's registers, as on the
+        dense state), which also advances ``offset``; then the K written rows stored back."""
+        from ..ops.ram.step import pdma_table_step, step_addresses  # imports triton
 
         batch, heads, _ = q.shape
         d_v = v.shape[-1]
         if not self.allocated:
             self.allocate(batch, heads, memory.memory_slots, d_v, compute_dtype(v.dtype), q.device)
         spec = memory.spec(q, inplace_state=True)
-        (w_slots, write_w, decay, r_slots, read_w), launch = step_addresses(q, k, v, self.offset, spec)
-        rows, topk = w_slots.shape
-        table = self._table(w_slots, r_slots)  # [R, 2K, d_v + 1]
-        lanes = torch.arange(topk, device=q.device)
-        hit = r_slots[:, :, None] == w_slots[:, None, :]  # write slots are distinct: at most one per read
-        r_rows = torch.where(hit.any(-1), hit.to(torch.int8).argmax(-1), topk + lanes)
-        o = pdma_step_triton(
-            table[:, None, :, :d_v], table[:, None, :, d_v], lanes.expand(rows, topk)[:, None], write_w[:, None],
-            decay[:, None], v.reshape(rows, 1, d_v), r_rows[:, None], read_w[:, None], spec.eps, launch=launch,
-            out_dtype=v.dtype,  # rounded by the kernel, as the fused step rounds it
-        )  # updates the written rows of the table in place
-        self._store_written(w_slots, table)
-        self.offset.add_(1)
+        (slots, write_w, decay, read_w), launch = step_addresses(q, k, v, self.offset, spec)
+        table = self._table(slots)  # [R, 2K, d_v + 1]
+        o = pdma_table_step(table, slots, write_w, decay, v.reshape(batch * heads, d_v), read_w, spec.eps, launch,
+                            out_dtype=v.dtype, offset=self.offset, num_heads=heads)  # the written rows in place
+        self._store_written(slots, table)
         self.tokens += 1
         return o.view(batch, heads, d_v)
 
-    def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
-        """The kernel step's rows ``[R, 2K, d_v + 1]``: the K write slots' rows, then the K read slots'
-        (a read slot also written this token: any row, the kernel takes the written one)."""
+    def _table(self, slots: torch.Tensor) -> torch.Tensor:
+        """The kernel step's rows ``[R, 2K, d_v + 1]`` of ``slots [R, 2K]`` (the K write slots, then the K
+        read slots; a read slot also written this token: any row, the kernel takes the written one)."""
+        topk = slots.shape[1] // 2
+        w_slots, r_slots = slots[:, :topk], slots[:, topk:]
         self.begin_token(w_slots, r_slots)
         return torch.cat([self.gather(w_slots), self.gather(r_slots)], dim=1)
 
-    def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:
-        """Store the first K rows of the stepped ``table``, the written ones."""
-        self.scatter(w_slots, table[:, : w_slots.shape[1]])
+    def _store_written(self, slots: torch.Tensor, table: torch.Tensor) -> None:
+        """Store the first K rows of the stepped ``table``, the written ones (``slots [R, 2K]``, writes first)."""
+        topk = slots.shape[1] // 2
+        self.scatter(slots[:, :topk], table[:, :topk])
 
     def _step(self, write_idx, write_w, decay, v, read_idx, read_w, eps):
         """``pdma_step``'s arithmetic on the gathered rows; addresses ``[B, H, K]``, ``v [B, H, d_v]``."""

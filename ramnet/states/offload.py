@@ -16,10 +16,11 @@ set's j-th lowest unclaimed line), with nothing read on the host, in one of two 
 - where the step runs the Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``;
   ``SlotStore._kernel_step``): ``plan_fill_kernel`` (``offload_kernels.py``) plans a (sequence, head) row
   per program, writes the evicted dirty rows back, fetches the missed rows into their lines and builds the
-  token's table of rows; the step kernel steps the table; ``store_kernel`` stores the written rows (to their
-  lines, or to the host where they bypassed). The kernels load and store the host rows in place: the host
-  table is pinned, and a pinned tensor's address is valid on the GPU, so no copy is staged. Four launches
-  with the decoder's, and a few small torch ops;
+  token's table of rows; ``table_step_kernel`` (``ops/ram/step_kernels.py``) steps the table and advances
+  ``offset``; ``store_kernel`` stores the written rows (to their lines, or to the host where they bypassed)
+  and advances the clock. The kernels load and store the host rows in place: the host table is pinned, and a
+  pinned tensor's address is valid on the GPU, so no copy is staged. Four launches with the decoder's (which
+  writes the 2K slots into the one tensor the plan reads) and no other op on the device;
 - otherwise (the torch recurrent path, the prompt streamed through the cache): ``_plan`` in tensor ops,
   then torch copies: the dirty victims back in one copy and the missed rows in one copy (on CUDA through
   pinned memory on a side stream, after reading the missed slots' ids on the host), then the step's
@@ -244,21 +245,21 @@ class OffloadState(SlotStore):
             self._data_flat[line[fetch]] = self._host_rows(host_row[fetch])
 
     # -- the kernel step's rows (SlotStore._kernel_step): the plan, then the rows moved by two kernels ----
-    def _table(self, w_slots: torch.Tensor, r_slots: torch.Tensor) -> torch.Tensor:
+    def _table(self, slots: torch.Tensor) -> torch.Tensor:
         import triton
 
         from .offload_kernels import plan_fill_kernel
 
         pad = triton.next_power_of_2
-        req = torch.cat([w_slots, r_slots], dim=1)
-        rows, n = req.shape
-        self.clock += 1
+        rows, n = slots.shape
         width = self.d_v + 1
         table = torch.empty(rows, n, width, dtype=self.dtype, device=self.device)
         line, host_row, flags = (torch.empty(rows, n, dtype=torch.long, device=self.device) for _ in range(3))
         lfu = self.policy == "lfu"
+        # The plan runs at clock + 1; store_kernel, launched after the step, advances the clock (no launch of
+        # its own for `clock += 1`).
         plan_fill_kernel[(rows,)](
-            req, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
+            slots, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
             self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
             self.clock, self.memory_slots, N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways,
             W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width),
@@ -266,16 +267,16 @@ class OffloadState(SlotStore):
         self._moves = (line, host_row, flags)
         return table
 
-    def _store_written(self, w_slots: torch.Tensor, table: torch.Tensor) -> None:
+    def _store_written(self, slots: torch.Tensor, table: torch.Tensor) -> None:
         import triton
 
         from .offload_kernels import store_kernel
 
         line, host_row, flags = self._moves
         rows, n = line.shape
-        topk, width = w_slots.shape[1], self.d_v + 1
+        topk, width = n // 2, self.d_v + 1
         store_kernel[(rows,)](self._data_flat, self.host, self._dirty_flat.view(torch.uint8), table, line, host_row,
-                              flags, K=topk, K_PAD=max(2, triton.next_power_of_2(topk)), N=n, ROW=width,
+                              flags, self.clock, K=topk, K_PAD=max(2, triton.next_power_of_2(topk)), N=n, ROW=width,
                               COLS=triton.next_power_of_2(width))
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:

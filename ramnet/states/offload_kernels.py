@@ -15,7 +15,8 @@ No lane stores where another lane loads, since a victim line is one no lane hits
 fetched was not in the cache, so no evicted line held it. The lanes' lines are distinct, so no two lanes store
 to one place.
 
-``store_kernel``: the K written rows back, to their lines (dirty) or, for a bypassed lane, to the host.
+``store_kernel``: the K written rows back, to their lines (dirty) or, for a bypassed lane, to the host; and
+the step's clock.
 """
 
 import triton
@@ -31,8 +32,9 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     # One program per (sequence, head) row r: OffloadState._plan for its N = 2K lanes (slots [R, N], writes
     # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
     # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
-    # atomically (STATS' order); clock: the step's time (a device scalar). Outputs per lane: its line, its slot's
-    # host row and its flags (_plan's).
+    # atomically (STATS' order); clock: a device scalar, the last step's time (this step's is clock + 1:
+    # store_kernel advances it after the step). Outputs per lane: its line, its slot's host row and its flags
+    # (_plan's).
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, N_PAD)
     live = lanes < N
@@ -98,7 +100,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     # The barrier orders every load of the program before any store.
     tl.debug_barrier()
     # The metadata of the lines claimed (hits) and taken (misses).
-    tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + tl.load(clock), mask=live_hit | taken)
+    tl.store(last + line, tl.full([N_PAD], 0, tl.int64) + (tl.load(clock) + 1), mask=live_hit | taken)
     tl.store(tags + line, req, mask=taken)
     tl.store(dirty + line, tl.full([N_PAD], 0, tl.uint8), mask=taken)
     if LFU:
@@ -123,11 +125,14 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
 
 
 @triton.jit
-def store_kernel(data, host, dirty, table, line, host_row, flags, K: tl.constexpr, K_PAD: tl.constexpr,
+def store_kernel(data, host, dirty, table, line, host_row, flags, clock, K: tl.constexpr, K_PAD: tl.constexpr,
                  N: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
     # The first K lanes of each row are its writes: their table rows go to their lines (marked dirty) or,
-    # bypassed, to the host. flags as in plan_fill_kernel.
+    # bypassed, to the host. flags as in plan_fill_kernel. Program 0 advances the clock to the step's time
+    # (every plan_fill_kernel program, launched before, has read it).
     r = tl.program_id(0).to(tl.int64)
+    if r == 0:
+        tl.store(clock, tl.load(clock) + 1)
     lanes = tl.arange(0, K_PAD)
     live = lanes < K
     at = r * N + lanes

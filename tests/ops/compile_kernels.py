@@ -76,6 +76,8 @@ def cases():
     # Decoding: the step kernel, and the step that decodes its own addresses (paper shape; M = 2**32).
     for bump in (False, True):
         yield step_kernels.pdma_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64, BUMP_OFFSET=bump)
+        # a store's step on its table of gathered rows (ramnet/states), as the dense layout's tiles launch it
+        yield step_kernels.table_step_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64, BUMP_OFFSET=bump, num_warps=2)
     # The layouts of step.py: fused (the beam, and at M 1024 the dense decoder), split (dense), the
     # split's z commit, the separate decoder. (The beam at M = 2**32 once: minutes of compile each.)
     for d_k, u, dense, block_dv in ((20, 5, False, None), (128, 8, False, None), (20, 5, True, None), (20, 5, True, 16)):

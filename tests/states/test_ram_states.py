@@ -274,11 +274,11 @@ def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots
         if path == "torch":
             store.begin_token(writes, reads)
             continue
-        table = store._table(writes, reads)
+        table = store._table(requests[-1])
         flags = store._moves[2]
         served = (flags & 16) == 0  # a duplicate lane has no row of its own
         assert torch.equal(table[..., 0][served], requests[-1].float()[served])
-        store._store_written(writes, table)
+        store._store_written(requests[-1], table)
     totals = dict.fromkeys(("accesses", "hits", "misses", "bypasses"), 0)
     for row in range(3):
         stats, tags = _simulated_cache([req[row].tolist() for req in requests], store.sets, store.ways, policy)

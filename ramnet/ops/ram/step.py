@@ -96,7 +96,7 @@ def pdma_step_triton(S, z, write_idx, write_w, decay, v, read_idx, read_w, eps: 
     kernels.pdma_step_kernel[(batch * heads,)](
         S, z, write_idx.contiguous(), write_w.contiguous(), decay.contiguous(), v.contiguous(),
         read_idx.contiguous(), read_w.contiguous(), o, write_idx,  # offset: unused without BUMP_OFFSET
-        heads, float(eps),
+        heads, float(eps), topk,
         *S.stride(), *z.stride(),
         K=topk, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=False, num_warps=num_warps, **EXACT_ROUNDING,
     )
@@ -198,11 +198,11 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
 
 
 def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tuple[torch.Tensor, ...]:
-    """``decode_pairs_kernel``: one token's ``write_idx, write_w, decay, read_idx, read_w``, each
-    ``[B * H, K]``, CAPE and the write decay applied; ``offset [B]`` is read (CAPE), not advanced.
-    Without ``fused``, the "separate" layout's launch: the beam search over many rows per program.
-    With ``fused`` (``fused_step_constants``), the fused step's decoder in its tile: one (key, query)
-    pair per program, its dense decoder where it has one, its warps."""
+    """``decode_pairs_kernel``: one token's ``slots [B * H, 2K]`` (the K write slots, then the K read
+    slots) and ``write_w, decay, read_w [B * H, K]``, CAPE and the write decay applied; ``offset [B]`` is
+    read (CAPE), not advanced. Without ``fused``, the "separate" layout's launch: the beam search over
+    many rows per program. With ``fused`` (``fused_step_constants``), the fused step's decoder in its
+    tile: one (key, query) pair per program, its dense decoder where it has one, its warps."""
     batch, heads, d_k = q.shape
     constants = beam_search_constants(decoder_constants(d_k, spec.num_partitions, spec.topk, has_shift=True),
                                       spec.topk)
@@ -213,42 +213,67 @@ def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tup
         dense = dict(DENSE=False, MB=1, TOP=1)
     k_out, block_n = constants["K_OUT"], constants["BLOCK_N"]
     pairs = batch * heads
-    write_idx, read_idx = (torch.empty(pairs, k_out, dtype=torch.int64, device=q.device) for _ in range(2))
+    # One tensor for both slot lists: a store's cache plans the 2K slots of a row together.
+    slots = torch.empty(pairs, 2 * k_out, dtype=torch.int64, device=q.device)
     write_w, decay, read_w = (torch.empty(pairs, k_out, dtype=torch.float32, device=q.device) for _ in range(3))
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL", "num_warps")
     kernels.decode_pairs_kernel[(triton.cdiv(2 * pairs, block_n),)](
-        q, k, offset, spec.gamma, spec.cape, write_idx, write_w, decay, read_idx, read_w,
-        pairs, heads, float(spec.tau), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        q, k, offset, spec.gamma, spec.cape, slots, write_w, decay, slots[:, k_out:], read_w,
+        pairs, heads, float(spec.tau), 2 * k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         **{name: constants[name] for name in names}, **dense, BLOCK_N=block_n, **EXACT_ROUNDING,
     )
-    return write_idx, write_w, decay, read_idx, read_w
+    return slots, write_w, decay, read_w
 
 
 def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
     """What ``ram_decode_step``'s default layout computes for one token, split in two for a step over
-    gathered rows (a ``SlotStore``'s, ``ramnet/states``): the addresses ``write_idx, write_w, decay,
-    read_idx, read_w`` ``[B * H, K]`` from the decoder that layout uses, and the ``launch`` of
-    ``pdma_step_triton`` whose tiles are that layout's. The step kernels share ``_write_then_read``,
-    so a store that runs ``pdma_step_triton`` with these on its gathered rows gets the dense state's
-    bits (a different decoder or tile gives weights and sums that differ in the last bits, and the
-    greedy tokens of a bf16 model then drift apart). ``q, k [B, H, d_k]``, ``v [B, H, d_v]``; offset is
-    read, not advanced. Where Triton runs."""
+    gathered rows (a ``SlotStore``'s, ``ramnet/states``): the addresses ``slots [B * H, 2K]`` (the K
+    write slots, then the K read slots) and ``write_w, decay, read_w [B * H, K]`` from the decoder that
+    layout uses, and the ``launch`` of ``pdma_table_step`` whose tiles are that layout's. The step
+    kernels share ``_write_then_read``, so a store that runs ``pdma_table_step`` with these on its
+    gathered rows gets the dense state's bits (a different decoder or tile gives weights and sums that
+    differ in the last bits, and the greedy tokens of a bf16 model then drift apart). ``q, k [B, H,
+    d_k]``, ``v [B, H, d_v]``; offset is read, not advanced. Where Triton runs."""
     require_triton(q.device, "step_addresses")
     batch, heads, d_k = q.shape
     d_v = v.shape[-1]
     compute = compute_dtype(v.dtype)
     layout = default_layout(compute)
     if layout == "torch":  # the torch decoder in the state's dtype, then the step kernel's own launch
-        addresses = decode_tokens(q[:, None].to(compute), k[:, None].to(compute), spec, offset[:, None])
-        addresses = tuple(a[:, 0].reshape(batch * heads, -1) for a in addresses)
-        return addresses, _launch_config(addresses[0].shape[-1], d_v)
+        write_idx, write_w, decay, read_idx, read_w = (
+            a[:, 0].reshape(batch * heads, -1)
+            for a in decode_tokens(q[:, None].to(compute), k[:, None].to(compute), spec, offset[:, None]))
+        return (torch.cat([write_idx, read_idx], dim=1), write_w, decay, read_w), _launch_config(write_w.shape[1], d_v)
     if layout == "separate":
         addresses = _decode_pairs(q, k, offset, spec)
-        return addresses, _launch_config(addresses[0].shape[-1], d_v)
+        return addresses, _launch_config(addresses[1].shape[1], d_v)
     # "fused", "dense" and "split": their decoder; the fused kernel's tiles (the split layout's are the
     # same per column block)
     fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"))
     return _decode_pairs(q, k, offset, spec, fused), (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
+
+
+def pdma_table_step(table, slots, write_w, decay, v, read_w, eps: float, launch: tuple[int, int, int],
+                    out_dtype: torch.dtype, offset: torch.Tensor | None = None, num_heads: int = 1) -> torch.Tensor:
+    """A store's step on its token's table of rows, in one kernel (``table_step_kernel``): ``table [R, 2K,
+    d_v + 1]`` (the rows of ``slots [R, 2K]``, the K written slots', then the K read slots'; R = B * H),
+    updated in place on its K written rows; ``write_w, decay, read_w [R, K]`` and ``launch`` from
+    ``step_addresses``; ``v [R, d_v]``. Returns ``o [R, d_v]`` in ``out_dtype``, rounded by the kernel's
+    store. With ``offset`` (``[B]``, ``num_heads`` rows per sequence), the kernel also advances it by one:
+    no launch of its own. No checks, no host synchronisation (capturable)."""
+    rows, d_v = v.shape
+    o = torch.empty(rows, d_v, dtype=out_dtype, device=v.device)
+    if rows == 0 or d_v == 0:
+        if offset is not None:
+            offset.add_(1)
+        return o
+    k_pad, block_dv, num_warps = launch
+    kernels.table_step_kernel[(rows,)](
+        table, slots, write_w, decay, v, read_w, o, slots if offset is None else offset, num_heads, float(eps),
+        K=write_w.shape[1], K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=offset is not None,
+        num_warps=num_warps, **EXACT_ROUNDING,
+    )
+    return o
 
 
 def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
@@ -257,16 +282,16 @@ def _separate_step(q, k, v, state: RAMState, spec: RAMSpec, o) -> torch.Tensor:
     batch, heads, _ = q.shape
     d_v = v.shape[-1]
     S, z = state.S, state.z
-    write_idx, write_w, decay, read_idx, read_w = _decode_pairs(q, k, state.offset, spec)
-    pairs, k_out = write_idx.shape
+    slots, write_w, decay, read_w = _decode_pairs(q, k, state.offset, spec)
+    pairs, k_out = write_w.shape
     k_pad, block_dv, num_warps = _launch_config(k_out, d_v)
     v_flat = v.reshape(pairs, d_v)
     if v_flat.stride(0) != d_v:
         v_flat = v_flat.contiguous()
     o = o if o.is_contiguous() else torch.empty(batch, heads, d_v, dtype=o.dtype, device=o.device)
     kernels.pdma_step_kernel[(pairs,)](  # stores o in v's dtype, as the fused step does
-        S, z, write_idx, write_w, decay, v_flat, read_idx, read_w, o, state.offset,
-        heads, float(spec.eps), *S.stride(), *z.stride(),
+        S, z, slots, write_w, decay, v_flat, slots[:, k_out:], read_w, o, state.offset,
+        heads, float(spec.eps), 2 * k_out, *S.stride(), *z.stride(),
         K=k_out, K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, BUMP_OFFSET=True, num_warps=num_warps, **EXACT_ROUNDING,
     )
     return o
@@ -281,4 +306,5 @@ def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: i
                       proxy_eps=proxy_eps, cape=cape, dtype=compute_dtype(dtype), device=device, inplace_state=True)
 
 
-__all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "ram_decode_step", "step_addresses"]
+__all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "pdma_table_step", "ram_decode_step",
+           "step_addresses"]

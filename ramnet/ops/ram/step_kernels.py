@@ -8,6 +8,9 @@ in place, then read K, for every (sequence, head). Four layouts (``step.py`` pic
   ``DENSE`` the addresses come from ``dense_topk_rows`` (below) instead of the beam search.
 - ``split_step_kernel`` + ``commit_z_kernel``: grid (b, h) x column blocks of d_v; every program
   decodes the addresses (redundantly), and none stores z (see "split" below).
+- ``table_step_kernel``: a non-dense state's step (``ramnet/states``) on the token's gathered rows, with
+  the addresses of ``decode_pairs_kernel`` in the dense layout's tiles, i.e. ``pdma_step_kernel``'s
+  arithmetic (``_write_then_read``) on a table instead of the memory.
 
 Why the step is slow at B = 1 (16 programs on 132 SMs). Each program is one serial chain: load q and
 k, decode, load z of the written rows, store z, load z of the read rows, then per column block
@@ -114,11 +117,12 @@ def _write_then_read(S_bh, z_bh, w_idx, w_w, w_dec, r_idx, r_w, live, v_row, o_r
 @triton.jit
 def pdma_step_kernel(
     S, z, write_idx, write_w, decay, v, read_idx, read_w, o, offset,
-    num_heads, eps,
+    num_heads, eps, idx_stride,
     s_b, s_h, s_m, s_d, z_b, z_h, z_m,
     K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BUMP_OFFSET: tl.constexpr,
 ):
-    # One program per (b, h). Address tensors, v and o are contiguous [B * H, K] / [B * H, d_v].
+    # One program per (b, h). Weights, v and o are contiguous [B * H, K] / [B * H, d_v]; the slot
+    # tensors' rows are idx_stride apart (K, or 2K where the decoder wrote both into one [B * H, 2K]).
     # BUMP_OFFSET: the program of head 0 also advances offset[b] (the separate layout's decoder,
     # launched before, has read it).
     row = tl.program_id(0).to(tl.int64)
@@ -126,15 +130,50 @@ def pdma_step_kernel(
     slots = tl.arange(0, K_PAD)
     live = slots < K
     at = row * K + slots
+    at_idx = row * idx_stride + slots
     _write_then_read(
         S + b * s_b + (row % num_heads) * s_h, z + b * z_b + (row % num_heads) * z_h,
-        tl.load(write_idx + at, mask=live, other=-1).to(tl.int64), tl.load(write_w + at, mask=live, other=0.0),
-        tl.load(decay + at, mask=live, other=0.0), tl.load(read_idx + at, mask=live, other=-2).to(tl.int64),
+        tl.load(write_idx + at_idx, mask=live, other=-1).to(tl.int64), tl.load(write_w + at, mask=live, other=0.0),
+        tl.load(decay + at, mask=live, other=0.0), tl.load(read_idx + at_idx, mask=live, other=-2).to(tl.int64),
         tl.load(read_w + at, mask=live, other=0.0), live, v + row * D_V, o + row * D_V, eps, s_m, s_d, z_m,
         0, D_V, BLOCK_DV, D_V, True,
     )
     if BUMP_OFFSET:
         if row % num_heads == 0:
+            tl.store(offset + b, tl.load(offset + b) + 1)
+
+
+@triton.jit
+def table_step_kernel(
+    table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps,
+    K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BUMP_OFFSET: tl.constexpr,
+):
+    # A store's step (ramnet/states): one program per (b, h) row r on its table of gathered rows
+    # [R, 2K, d_v + 1] (the K written slots' rows, then the K read slots'), slots [R, 2K] (writes, then
+    # reads), weights [R, K], v and o [R, d_v]. A read of a slot that this token writes is renumbered to
+    # the written lane (which _write_then_read takes from its registers), every other read to its own
+    # row K + j: what pdma_step_kernel does on the dense state, with the same tiles, so the same bits.
+    # BUMP_OFFSET: the program of head 0 advances offset[b] (the decoder, launched before, has read it).
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, K_PAD)
+    live = lanes < K
+    at = row * K + lanes
+    w_slot = tl.load(slots + row * 2 * K + lanes, mask=live, other=-1)
+    r_slot = tl.load(slots + row * 2 * K + K + lanes, mask=live, other=-2)
+    hit = (r_slot[:, None] == w_slot[None, :]) & live[:, None]  # write slots are distinct: one w at most
+    written_lane = tl.sum(tl.where(hit, lanes[None, :], 0), axis=1)
+    r_row = tl.where(tl.max(hit.to(tl.int32), axis=1) > 0, written_lane, K + lanes)
+    width = D_V + 1
+    base = table + row * 2 * K * width
+    _write_then_read(
+        base, base + D_V, tl.where(live, lanes, -1).to(tl.int64), tl.load(write_w + at, mask=live, other=0.0),
+        tl.load(decay + at, mask=live, other=0.0), tl.where(live, r_row, -2).to(tl.int64),
+        tl.load(read_w + at, mask=live, other=0.0), live, v + row * D_V, o + row * D_V, eps, width, 1, width,
+        0, D_V, BLOCK_DV, D_V, True,
+    )
+    if BUMP_OFFSET:
+        if row % num_heads == 0:
+            b = row // num_heads
             tl.store(offset + b, tl.load(offset + b) + 1)
 
 
@@ -288,14 +327,15 @@ def commit_z_kernel(z, offset, z_slot, z_val, num_heads, z_b, z_h, z_m, KB: tl.c
 @triton.jit
 def decode_pairs_kernel(
     q, k, offset, gamma, cape, write_idx, write_w, decay, read_idx, read_w,
-    n_pairs, num_heads, tau, q_b, q_h, k_b, k_h,
+    n_pairs, num_heads, tau, idx_stride, q_b, q_h, k_b, k_h,
     U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, INDEX_64: tl.constexpr,
     UNROLL: tl.constexpr, DENSE: tl.constexpr, MB: tl.constexpr, TOP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The separate layout's decoder: BLOCK_N lanes per program, the key (even lanes) and the query
     # (odd lanes) of BLOCK_N / 2 (b, h) pairs; writes the [B * H, K_OUT] address tensors of
-    # pdma_step_kernel (CAPE applied, decay (1 - w) ** gamma as in fused_step_kernel).
+    # pdma_step_kernel (CAPE applied, decay (1 - w) ** gamma as in fused_step_kernel); the slot
+    # tensors' rows are idx_stride apart.
     lane = tl.arange(0, BLOCK_N)
     pair = tl.program_id(0).to(tl.int64) * (BLOCK_N // 2) + lane // 2
     ok = pair < n_pairs
@@ -316,8 +356,9 @@ def decode_pairs_kernel(
     out = pair[None, :] * K_OUT + slots
     keep = ok[None, :] & (slots < K_OUT)
     wk, rk = keep & is_key[None, :], keep & (~is_key)[None, :]
-    tl.store(write_idx + out, index, mask=wk)
+    out_idx = pair[None, :] * idx_stride + slots
+    tl.store(write_idx + out_idx, index, mask=wk)
     tl.store(write_w + out, weight, mask=wk)
     tl.store(decay + out, dec, mask=wk)
-    tl.store(read_idx + out, index, mask=rk)
+    tl.store(read_idx + out_idx, index, mask=rk)
     tl.store(read_w + out, weight, mask=rk)
