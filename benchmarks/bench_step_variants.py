@@ -47,9 +47,14 @@ ACT = torch.bfloat16
 # name -> (layout, the split layout's d_v columns per program)
 # ("torch", the torch decoder + the step kernel, is the check's reference, not a contender: a dozen
 # launches, and until ab11412 its decoder failed a CUDA graph capture.)
+# "dense_wN": the dense layout with its decoder tile on N warps (step.DENSE_WARPS; "dense" sizes them itself: 8
+# at M 1024).
 VARIANTS = {
     "fused": ("fused", None),
     "dense": ("dense", None),
+    "dense_w1": ("dense", None),
+    "dense_w2": ("dense", None),
+    "dense_w4": ("dense", None),
     "split16": ("split", 16),
     "split32": ("split", 32),
     "separate": ("separate", None),
@@ -88,9 +93,12 @@ def torch_step(q, k, v, state, spec):
 def variant_fn(name):
     layout, block_dv = VARIANTS[name]
 
+    warps = int(name.split("_w")[1]) if "_w" in name else None
+
     def fn(q, k, v, state, spec):
         if block_dv is not None:
             step_module.SPLIT_BLOCK_DV = block_dv  # read at each call (constants cached per block)
+        step_module.DENSE_WARPS = warps  # read at each call (constants cached per warps)
         return ram_decode_step(q, k, v, state, spec, layout=layout)
 
     return fn

@@ -47,6 +47,9 @@ DEFAULT_LAYOUT = "dense"
 DENSE_MAX_SLOTS = 4096
 # The split layout's d_v columns per program (None: _launch_config's block, i.e. no split at d_v 64).
 SPLIT_BLOCK_DV = 16
+# The dense decoder's warps per (sequence, head) program: None sizes them by its [M, 2] tile (about 8 scores a
+# thread, at most 8 warps); an int fixes them (benchmarks/bench_step_variants.py times 1, 2 and 4 against it).
+DENSE_WARPS: int | None = None
 # The step kernels compile without contracting a * b + c into one FMA. A sparse or host-resident state's
 # step runs the decoder and the step in two kernels (step_addresses, pdma_step_triton) and must give the
 # fused kernel's bits; contraction is the compiler's choice per kernel, so the same source could round
@@ -117,8 +120,8 @@ def ram_decode_step(
     and can be captured in a CUDA graph). ``spec`` comes from ``decode_spec``.
 
     ``layout`` picks the kernels (``LAYOUTS``; the same step and the same slots in each, see
-    ``step_kernels.py``): "fused", "dense" and "split" decode the addresses inside the step kernel
-    (in fp32) and take two launches in all; "separate" the Triton decoder over many rows per
+    ``step_kernels.py``): "fused" and "dense" decode the addresses inside the step kernel (in fp32),
+    one launch ``offset += 1`` included; "split" too, in two launches; "separate" the Triton decoder over many rows per
     program, then the step kernel (two launches); "torch" the torch decoder (in the state's dtype)
     and then the step kernel (a dozen small launches, ``benchmarks/results/decode_h100.md``).
     ``triton_decode`` is the older switch: False is "torch", True the default Triton layout. With
@@ -146,17 +149,17 @@ def ram_decode_step(
 
 @functools.lru_cache(maxsize=None)
 def fused_step_constants(d_k: int, num_partitions: int, topk: int, d_v: int, dense: bool = False,
-                         block_dv: int | None = None) -> dict:
+                         block_dv: int | None = None, dense_warps: int | None = None) -> dict:
     """The step kernels' compile-time constants and warps for one geometry (computed once: the step
     is on the serving hot path). ``dense``: the dense decoder (where M <= DENSE_MAX_SLOTS);
-    ``block_dv``: the columns per program (the split layout)."""
+    ``block_dv``: the columns per program (the split layout); ``dense_warps``: ``DENSE_WARPS``."""
     constants = beam_search_constants(decoder_constants(d_k, num_partitions, topk, has_shift=True), topk)
     _, default_dv, num_warps = _launch_config(topk, d_v)  # its K_PAD is the decoder's KB
     dense = bool(dense) and constants["M"] <= DENSE_MAX_SLOTS
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")
     mb = triton.next_power_of_2(constants["M"]) if dense else 1
-    if dense:  # the dense decoder's [M, 2] tile: about 8 scores per thread
-        num_warps = max(num_warps, min(8, max(1, 2 * mb // 256)))
+    if dense:  # the dense decoder's [M, 2] tile: about 8 scores per thread, or the warps asked for
+        num_warps = dense_warps or max(num_warps, min(8, max(1, 2 * mb // 256)))
     return dict({name: constants[name] for name in names}, D_V=d_v, BLOCK_DV=block_dv or default_dv, DENSE=dense,
                 MB=mb, TOP=constants["DP"] ** (num_partitions - 1) if dense else 1, num_warps=num_warps)
 
@@ -178,14 +181,13 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
     block_dv = None
     if layout == "split":
         block_dv = min(SPLIT_BLOCK_DV or d_v, max(16, triton.next_power_of_2(d_v)))
-    constants = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, dense, block_dv)
+    constants = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, dense, block_dv, DENSE_WARPS)
     args = (heads, float(spec.eps), float(spec.tau),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             *S.stride(), *z.stride())
     if layout != "split":
         kernels.fused_step_kernel[(batch * heads,)](q, k, v, S, z, offset, spec.gamma, spec.cape, o, *args,
-                                                   **constants, **EXACT_ROUNDING)
-        offset.add_(1)
+                                                   **constants, **EXACT_ROUNDING)  # offset += 1 included
         return o
     kb = constants["KB"]
     z_slot = torch.empty(batch * heads * kb, dtype=torch.int64, device=q.device)
@@ -249,7 +251,8 @@ def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, 
         return addresses, _launch_config(addresses[1].shape[1], d_v)
     # "fused", "dense" and "split": their decoder; the fused kernel's tiles (the split layout's are the
     # same per column block)
-    fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"))
+    fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"),
+                                 dense_warps=DENSE_WARPS)
     return _decode_pairs(q, k, offset, spec, fused), (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
 
 

@@ -60,13 +60,30 @@ itself (the same numbers in every program), uses it for the read coefficients an
 d_v columns of S (disjoint between programs: no race on S). Column block 0 also writes (slot,
 z_new) of the K written rows to a ``[B * H, K]`` scratch, and ``commit_z_kernel``, launched after it
 on the same stream (so after every program has read z_old), stores them into z and advances
-``offset`` (which the decode read for CAPE). Two launches, as the fused step with ``offset += 1``.
+``offset`` (which the decode read for CAPE). Two launches, where the fused step takes one (``_arrive``).
 """
 
 import triton
 import triton.language as tl
 
 from ..address.triton_kernels import _partition, beam_topk_rows, cape_shift_slots
+
+
+ARRIVAL = tl.constexpr(1 << 40)  # _arrive's unit: positions stay below it (10**12 tokens)
+
+
+@triton.jit
+def _arrive(offset_b, num_heads):
+    """The position ``offset[b]`` for one of the ``num_heads`` programs of sequence b, which together
+    advance it by one: each adds ARRIVAL atomically, so the value it gets back holds the position in
+    its low bits and how many programs came before it in the high bits; the last to arrive takes the
+    heads' ARRIVALs back and adds the token. Every program reads before that last add, and no other
+    launch runs in between (stream order), so no program sees another's token."""
+    unit = tl.full([], ARRIVAL, tl.int64)
+    ticket = tl.atomic_add(offset_b, unit)
+    if ticket // unit == num_heads - 1:
+        tl.atomic_add(offset_b, 1 - num_heads * unit)
+    return ticket % unit
 
 
 @triton.jit
@@ -267,9 +284,10 @@ def fused_step_kernel(
 ):
     # One program per (b, h): the key's and the query's addresses as the two rows of one decoder
     # tile (lane 0 the key: the write; lane 1 the query: the read), CAPE, the write decay, then the step.
+    # offset[b] += 1 without a launch of its own: see _arrive.
     row = tl.program_id(0).to(tl.int64)
     b, h = row // num_heads, row % num_heads
-    shift = tl.where(tl.load(cape + h) != 0, tl.load(offset + b) % M, 0)
+    shift = tl.where(tl.load(cape + h) != 0, _arrive(offset + b, num_heads) % M, 0)
     w_idx, w_w, w_dec, r_idx, r_w, live = _pair_addresses(
         k + b * k_b + h * k_h, q + b * q_b + h * q_h, shift, tl.load(gamma + h).to(tl.float32), tau,
         U, DP, DP_PAD, K, KP, KPB, KB, K_OUT, M, INDEX_64, UNROLL, DENSE, MB, TOP)
