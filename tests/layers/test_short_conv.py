@@ -50,3 +50,24 @@ def test_starts_as_the_identity():
     x = torch.randn(2, 7, 6)
     y, _ = ShortConvolution(6, 4)(x)
     torch.testing.assert_close(y, x)
+
+
+def test_a_one_token_step_gives_the_convolutions_output_in_low_precision_too():
+    # The decoding step sums size products per channel instead of calling conv1d; in bf16 both accumulate in
+    # fp32 and round once, so they agree to bf16's rounding of the same sum (and exactly where the sum is exact).
+    conv = ShortConvolution(64, 4)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.float32, torch.bfloat16):
+        step = conv.to(dtype)
+        full, _ = step(x.to(dtype))
+        _, history = step(x[:, :7].to(dtype))
+        last, _ = step(x[:, 7:].to(dtype), history)
+        assert last.dtype == dtype
+        torch.testing.assert_close(last[:, 0], full[:, 7], rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    grid = (torch.randint(-8, 8, (3, 8, 64)) / 4).to(torch.bfloat16)  # products and sums exact in fp32
+    with torch.no_grad():
+        conv.weight.copy_((torch.randint(-4, 4, conv.weight.shape) / 2).to(torch.bfloat16))
+    _, history = conv(grid[:, :7])
+    assert torch.equal(conv(grid[:, 7:], history)[0][:, 0], conv(grid)[0][:, 7])
