@@ -28,8 +28,9 @@ Modes (``--modes``):
   eager    RAM-Net only: its decode loop without the CUDA graph (``ramnet_decode_loop="eager"``): every
            kernel of every step launched from Python, what a user's eager ``generate`` costs (issue 17's
            "eager model.generate" target: 13.2 ms a token at B=1 on an H200 before the fused step).
-  hf_loop  RAM-Net only: transformers' own loop over the default cache, the model step eager
-           (``ramnet_decode_loop=False``). The other models' ``eager`` and ``hf_loop`` rows are skipped
+  hf_loop  RAM-Net only: transformers' own loop over the default cache (``ramnet_decode_loop=False``): on
+           CUDA the static cache, whose step transformers compiles itself (``compiled``: True); on the CPU
+           the dynamic cache, eager. The other models' ``eager`` and ``hf_loop`` rows are skipped
            (``same_as: "default"``): their default already is transformers' eager loop.
 
 Every run generates exactly N new tokens (greedy; the EOS id is unset, so nothing stops early; the
@@ -173,7 +174,7 @@ def generate_kwargs(name: str, mode: str) -> dict:
     if mode == "best" and name == "ramnet":  # asked for, whatever the defaults say
         kwargs["ramnet_decode_loop"] = "compiled"
     if mode == "eager":  # RAM-Net's decode loop without the graph: every step's kernels launched by Python
-        kwargs["ramnet_decode_loop"] = "eager"
+        kwargs.update(ramnet_decode_loop="eager", cache_implementation="static")  # the loop's cache, on the CPU too
     if mode == "hf_loop":  # transformers' loop over the default cache, the model step eager
         kwargs["ramnet_decode_loop"] = False
     return kwargs
