@@ -47,8 +47,7 @@ ACT = torch.bfloat16
 # name -> (layout, the split layout's d_v columns per program)
 # ("torch", the torch decoder + the step kernel, is the check's reference, not a contender: a dozen
 # launches, and until ab11412 its decoder failed a CUDA graph capture.)
-# "dense_wN": the dense layout with its decoder tile on N warps (step.DENSE_WARPS; "dense" sizes them itself: 8
-# at M 1024).
+# "dense_wN": the dense layout on N warps (step.DENSE_WARPS); "dense" takes step.dense_warps' rule by B * H.
 VARIANTS = {
     "fused": ("fused", None),
     "dense": ("dense", None),

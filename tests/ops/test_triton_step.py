@@ -244,3 +244,15 @@ def test_default_layout_is_the_measured_winner_and_fp64_takes_the_torch_decoder(
         ram_decode_step(*(torch.zeros(1, 1, 4, device=DEVICE) for _ in range(3)),
                         RAMState.empty(1, 1, 4, 4, dtype=torch.float32, device=DEVICE),
                         decode_spec(1, 4, num_partitions=1, topk=1, device=DEVICE), layout="nope")
+
+
+def test_the_dense_layouts_warps_shrink_as_the_batch_grows_and_can_be_fixed(monkeypatch):
+    # Few (sequence, head) rows: several warps per program shorten each step's chain; many rows: one warp each
+    # keeps the GPU busy (step.DENSE_WARPS_BY_ROWS says what was measured). DENSE_WARPS fixes them (the bench).
+    from ramnet.ops.ram import step
+
+    assert [step.dense_warps(rows) for rows in (1, 16, 64, 65, 256, 512, 513, 4096)] == [4, 4, 4, 2, 2, 2, 1, 1]
+    monkeypatch.setattr(step, "DENSE_WARPS", 8)
+    assert step.dense_warps(4096) == 8
+    assert step.fused_step_constants(20, 5, 8, 64, True, warps=1)["num_warps"] == 1
+    assert step.fused_step_constants(20, 5, 8, 64, True)["num_warps"] == 8  # sized by the [M, 2] tile

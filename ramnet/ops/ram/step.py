@@ -47,9 +47,22 @@ DEFAULT_LAYOUT = "dense"
 DENSE_MAX_SLOTS = 4096
 # The split layout's d_v columns per program (None: _launch_config's block, i.e. no split at d_v 64).
 SPLIT_BLOCK_DV = 16
-# The dense decoder's warps per (sequence, head) program: None sizes them by its [M, 2] tile (about 8 scores a
-# thread, at most 8 warps); an int fixes them (benchmarks/bench_step_variants.py times 1, 2 and 4 against it).
+# The dense layout's warps per (sequence, head) program, by the step's B * H rows: (at most this many rows,
+# warps), then 1. Its [M, 2] decoder tile sized them before (8 at M 1024, about 8 scores a thread), which is
+# best for latency at B 1 but wastes the GPU at large B: on an H100 (75643be, benchmarks/results/
+# step_variants_h100_75643be.md, CUDA-graph bursts, paper shape) 4 warps took 0.0099 ms at B 1 (8: 0.0103),
+# 2 warps 0.0111 at B 16 (8: 0.0137) and 1 warp 0.0619 at B 256 (8: 0.1439; the separate layout 0.1278; fla's
+# Gated DeltaNet step 0.2195). B 64 (1024 rows) was not timed: 1 warp from there is an interpolation.
+DENSE_WARPS_BY_ROWS = ((64, 4), (512, 2))
+# Fixed warps for the dense layout instead of DENSE_WARPS_BY_ROWS (benchmarks/bench_step_variants.py's dense_wN).
 DENSE_WARPS: int | None = None
+
+
+def dense_warps(rows: int) -> int:
+    """The dense layout's warps per program for a step of ``rows`` = B * H (sequence, head) pairs."""
+    if DENSE_WARPS is not None:
+        return DENSE_WARPS
+    return next((warps for most, warps in DENSE_WARPS_BY_ROWS if rows <= most), 1)
 # The step kernels compile without contracting a * b + c into one FMA. A sparse or host-resident state's
 # step runs the decoder and the step in two kernels (step_addresses, pdma_step_triton) and must give the
 # fused kernel's bits; contraction is the compiler's choice per kernel, so the same source could round
@@ -149,17 +162,18 @@ def ram_decode_step(
 
 @functools.lru_cache(maxsize=None)
 def fused_step_constants(d_k: int, num_partitions: int, topk: int, d_v: int, dense: bool = False,
-                         block_dv: int | None = None, dense_warps: int | None = None) -> dict:
+                         block_dv: int | None = None, warps: int | None = None) -> dict:
     """The step kernels' compile-time constants and warps for one geometry (computed once: the step
     is on the serving hot path). ``dense``: the dense decoder (where M <= DENSE_MAX_SLOTS);
-    ``block_dv``: the columns per program (the split layout); ``dense_warps``: ``DENSE_WARPS``."""
+    ``block_dv``: the columns per program (the split layout); ``warps``: the dense decoder's warps
+    (``dense_warps``; None: sized by its tile)."""
     constants = beam_search_constants(decoder_constants(d_k, num_partitions, topk, has_shift=True), topk)
     _, default_dv, num_warps = _launch_config(topk, d_v)  # its K_PAD is the decoder's KB
     dense = bool(dense) and constants["M"] <= DENSE_MAX_SLOTS
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL")
     mb = triton.next_power_of_2(constants["M"]) if dense else 1
     if dense:  # the dense decoder's [M, 2] tile: about 8 scores per thread, or the warps asked for
-        num_warps = dense_warps or max(num_warps, min(8, max(1, 2 * mb // 256)))
+        num_warps = warps or max(num_warps, min(8, max(1, 2 * mb // 256)))
     return dict({name: constants[name] for name in names}, D_V=d_v, BLOCK_DV=block_dv or default_dv, DENSE=dense,
                 MB=mb, TOP=constants["DP"] ** (num_partitions - 1) if dense else 1, num_warps=num_warps)
 
@@ -181,7 +195,8 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
     block_dv = None
     if layout == "split":
         block_dv = min(SPLIT_BLOCK_DV or d_v, max(16, triton.next_power_of_2(d_v)))
-    constants = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, dense, block_dv, DENSE_WARPS)
+    constants = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, dense, block_dv,
+                                     dense_warps(batch * heads) if layout == "dense" else None)
     args = (heads, float(spec.eps), float(spec.tau),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
             *S.stride(), *z.stride())
@@ -252,7 +267,7 @@ def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, 
     # "fused", "dense" and "split": their decoder; the fused kernel's tiles (the split layout's are the
     # same per column block)
     fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"),
-                                 dense_warps=DENSE_WARPS)
+                                 warps=dense_warps(batch * heads) if layout == "dense" else None)
     return _decode_pairs(q, k, offset, spec, fused), (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
 
 
