@@ -121,11 +121,11 @@ class SlotStore(ABC):
         return o[:, 0].to(v.dtype)
 
     def _kernel_step(self, memory, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``step`` on the Triton kernels: the addresses from the dense step's decoder, then
-        ``pdma_table_step`` on a table of the 2K gathered rows (the K written first, then the K read; a
-        read of a slot written this token takes the written row, from the kernel's registers, as on the
-        dense state), which also advances ``offset``; then the K written rows stored back."""
-        from ..ops.ram.step import pdma_table_step, step_addresses  # imports triton
+        """``step`` on the Triton kernels: the addresses from the dense step's decoder, then the step on a
+        table of the 2K gathered rows (``_step_table``: the K written first, then the K read; a read of a
+        slot written this token takes the written row, from the kernel's registers, as on the dense state),
+        which also advances ``offset`` and stores the K written rows back."""
+        from ..ops.ram.step import step_addresses  # imports triton
 
         batch, heads, _ = q.shape
         d_v = v.shape[-1]
@@ -134,9 +134,8 @@ class SlotStore(ABC):
         spec = memory.spec(q, inplace_state=True)
         (slots, write_w, decay, read_w), launch = step_addresses(q, k, v, self.offset, spec)
         table = self._table(slots)  # [R, 2K, d_v + 1]
-        o = pdma_table_step(table, slots, write_w, decay, v.reshape(batch * heads, d_v), read_w, spec.eps, launch,
-                            out_dtype=v.dtype, offset=self.offset, num_heads=heads)  # the written rows in place
-        self._store_written(slots, table)
+        o = self._step_table(table, slots, write_w, decay, v.reshape(batch * heads, d_v), read_w, spec.eps, launch,
+                             v.dtype)
         self.tokens += 1
         return o.view(batch, heads, d_v)
 
@@ -148,10 +147,16 @@ class SlotStore(ABC):
         self.begin_token(w_slots, r_slots)
         return torch.cat([self.gather(w_slots), self.gather(r_slots)], dim=1)
 
-    def _store_written(self, slots: torch.Tensor, table: torch.Tensor) -> None:
-        """Store the first K rows of the stepped ``table``, the written ones (``slots [R, 2K]``, writes first)."""
+    def _step_table(self, table, slots, write_w, decay, v, read_w, eps: float, launch, out_dtype) -> torch.Tensor:
+        """The kernel step on the token's ``table`` (``pdma_table_step``, ``offset`` advanced), then its first K
+        rows, the written ones, stored; returns ``o [R, d_v]``."""
+        from ..ops.ram.step import pdma_table_step
+
+        o = pdma_table_step(table, slots, write_w, decay, v, read_w, eps, launch, out_dtype=out_dtype,
+                            offset=self.offset, num_heads=self.heads)
         topk = slots.shape[1] // 2
         self.scatter(slots[:, :topk], table[:, :topk])
+        return o
 
     def _step(self, write_idx, write_w, decay, v, read_idx, read_w, eps):
         """``pdma_step``'s arithmetic on the gathered rows; addresses ``[B, H, K]``, ``v [B, H, d_v]``."""

@@ -16,10 +16,10 @@ set's j-th lowest unclaimed line), with nothing read on the host, in one of two 
 - where the step runs the Triton kernels (CUDA, or the CPU under ``TRITON_INTERPRET=1``;
   ``SlotStore._kernel_step``): ``plan_fill_kernel`` (``offload_kernels.py``) plans a (sequence, head) row
   per program, writes the evicted dirty rows back, fetches the missed rows into their lines and builds the
-  token's table of rows; ``table_step_kernel`` (``ops/ram/step_kernels.py``) steps the table and advances
-  ``offset``; ``store_kernel`` stores the written rows (to their lines, or to the host where they bypassed)
-  and advances the clock. The kernels load and store the host rows in place: the host table is pinned, and a
-  pinned tensor's address is valid on the GPU, so no copy is staged. Four launches with the decoder's (which
+  token's table of rows; ``step_store_kernel`` steps the table (``table_step``, ``ops/ram/step_kernels.py``),
+  advances ``offset``, stores the written rows (to their lines, or to the host where they bypassed) and
+  advances the clock. The kernels load and store the host rows in place: the host table is pinned, and a
+  pinned tensor's address is valid on the GPU, so no copy is staged. Three launches with the decoder's (which
   writes the 2K slots into the one tensor the plan reads) and no other op on the device;
 - otherwise (the torch recurrent path, the prompt streamed through the cache): ``_plan`` in tensor ops,
   then torch copies: the dirty victims back in one copy and the missed rows in one copy (on CUDA through
@@ -256,8 +256,8 @@ class OffloadState(SlotStore):
         table = torch.empty(rows, n, width, dtype=self.dtype, device=self.device)
         line, host_row, flags = (torch.empty(rows, n, dtype=torch.long, device=self.device) for _ in range(3))
         lfu = self.policy == "lfu"
-        # The plan runs at clock + 1; store_kernel, launched after the step, advances the clock (no launch of
-        # its own for `clock += 1`).
+        # The plan runs at clock + 1; step_store_kernel, launched after it, advances the clock (no launch of its
+        # own for `clock += 1`).
         plan_fill_kernel[(rows,)](
             slots, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
             self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
@@ -267,17 +267,23 @@ class OffloadState(SlotStore):
         self._moves = (line, host_row, flags)
         return table
 
-    def _store_written(self, slots: torch.Tensor, table: torch.Tensor) -> None:
+    def _step_table(self, table, slots, write_w, decay, v, read_w, eps: float, launch, out_dtype) -> torch.Tensor:
         import triton
 
-        from .offload_kernels import store_kernel
+        from ..ops.ram.step import EXACT_ROUNDING
+        from .offload_kernels import step_store_kernel
 
         line, host_row, flags = self._moves
-        rows, n = line.shape
-        topk, width = n // 2, self.d_v + 1
-        store_kernel[(rows,)](self._data_flat, self.host, self._dirty_flat.view(torch.uint8), table, line, host_row,
-                              flags, self.clock, K=topk, K_PAD=max(2, triton.next_power_of_2(topk)), N=n, ROW=width,
-                              COLS=triton.next_power_of_2(width))
+        rows, d_v = v.shape
+        o = torch.empty(rows, d_v, dtype=out_dtype, device=v.device)
+        k_pad, block_dv, num_warps = launch  # the dense step's tiles: its bits
+        step_store_kernel[(rows,)](
+            table, slots, write_w, decay, v, read_w, o, self.offset, self.heads, float(eps), self._data_flat,
+            self.host, self._dirty_flat.view(torch.uint8), line, host_row, flags, self.clock,
+            K=write_w.shape[1], K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, COLS=triton.next_power_of_2(d_v + 1),
+            num_warps=num_warps, **EXACT_ROUNDING,
+        )
+        return o
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         hit, sets, way, rows = self._lookup(slots)

@@ -15,12 +15,14 @@ No lane stores where another lane loads, since a victim line is one no lane hits
 fetched was not in the cache, so no evicted line held it. The lanes' lines are distinct, so no two lanes store
 to one place.
 
-``store_kernel``: the K written rows back, to their lines (dirty) or, for a bypassed lane, to the host; and
-the step's clock.
+``step_store_kernel``: the step on the table (``table_step``, ``ops/ram/step_kernels.py``), then the K
+written rows back, to their lines (dirty) or, for a bypassed lane, to the host; and the step's clock.
 """
 
 import triton
 import triton.language as tl
+
+from ..ops.ram.step_kernels import table_step
 
 BIG = tl.constexpr(2**63 - 1)  # the score of a line no miss may take (claimed by a hit, or padding)
 
@@ -33,7 +35,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
     # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
     # atomically (STATS' order); clock: a device scalar, the last step's time (this step's is clock + 1:
-    # store_kernel advances it after the step). Outputs per lane: its line, its slot's host row and its flags
+    # step_store_kernel advances it after the step). Outputs per lane: its line, its slot's host row and its flags
     # (_plan's).
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, N_PAD)
@@ -125,25 +127,32 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
 
 
 @triton.jit
-def store_kernel(data, host, dirty, table, line, host_row, flags, clock, K: tl.constexpr, K_PAD: tl.constexpr,
-                 N: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
-    # The first K lanes of each row are its writes: their table rows go to their lines (marked dirty) or,
-    # bypassed, to the host. flags as in plan_fill_kernel. Program 0 advances the clock to the step's time
-    # (every plan_fill_kernel program, launched before, has read it).
+def step_store_kernel(table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps, data, host, dirty, line,
+                      host_row, flags, clock, K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, COLS: tl.constexpr):
+    # One program per (b, h) row r: the step on the row's table (table_step: the dense state's arithmetic and
+    # tiles, offset advanced), then the K written rows (the first K lanes) from the table to their lines
+    # (marked dirty) or, bypassed, to the host; flags as in plan_fill_kernel. Program 0 advances the clock to
+    # the step's time (every plan_fill_kernel program, launched before, has read it).
     r = tl.program_id(0).to(tl.int64)
+    table_step(table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps, r, K, K_PAD, D_V, BLOCK_DV, True)
     if r == 0:
         tl.store(clock, tl.load(clock) + 1)
+    # The table's written rows were stored by all of the program's threads: the barrier makes them visible to
+    # the threads that move them on.
+    tl.debug_barrier()
+    width = D_V + 1
     lanes = tl.arange(0, K_PAD)
     live = lanes < K
-    at = r * N + lanes
+    at = r * 2 * K + lanes
     f = tl.load(flags + at, mask=live, other=0)
     ln = tl.load(line + at, mask=live, other=0)
     hr = tl.load(host_row + at, mask=live, other=0)
     in_line, bypass = live & ((f & 1) != 0), live & ((f & 8) != 0)
     cols = tl.arange(0, COLS)
-    cmask = cols < ROW
-    rows = tl.load(table + at[:, None] * ROW + cols[None, :], mask=(in_line | bypass)[:, None] & cmask[None, :],
+    cmask = cols < width
+    rows = tl.load(table + at[:, None] * width + cols[None, :], mask=(in_line | bypass)[:, None] & cmask[None, :],
                    other=0.0)
-    tl.store(data + ln[:, None].to(tl.int64) * ROW + cols[None, :], rows, mask=in_line[:, None] & cmask[None, :])
-    tl.store(host + hr[:, None].to(tl.int64) * ROW + cols[None, :], rows, mask=bypass[:, None] & cmask[None, :])
+    tl.store(data + ln[:, None].to(tl.int64) * width + cols[None, :], rows, mask=in_line[:, None] & cmask[None, :])
+    tl.store(host + hr[:, None].to(tl.int64) * width + cols[None, :], rows, mask=bypass[:, None] & cmask[None, :])
     tl.store(dirty + ln, tl.full([K_PAD], 1, tl.uint8), mask=in_line)  # dirty: the bool tensor as uint8

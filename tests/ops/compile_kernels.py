@@ -92,7 +92,7 @@ def cases():
     # The host-resident state's fill and store (2K = 16 lanes, rows of d_v + 1 = 65 floats).
     for lfu in (False, True):  # 10% of M = 1024: 6 sets of 16 ways
         yield offload_kernels.plan_fill_kernel, dict(N=16, N_PAD=16, SETS=6, W=16, W_PAD=16, LFU=lfu, ROW=65, COLS=128)
-    yield offload_kernels.store_kernel, dict(K=8, K_PAD=8, N=16, ROW=65, COLS=128)
+    yield offload_kernels.step_store_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64, COLS=128, num_warps=2)
     # ... and as a store's step runs it (step_addresses): one pair per program, the dense decoder at M 1024.
     fused = fused_step_constants(20, 5, 8, 64, True)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=True, MB=fused["MB"], TOP=fused["TOP"], BLOCK_N=2,

@@ -278,7 +278,11 @@ def test_the_caches_vectorised_plan_is_the_one_lane_at_a_time_rule(policy, slots
         flags = store._moves[2]
         served = (flags & 16) == 0  # a duplicate lane has no row of its own
         assert torch.equal(table[..., 0][served], requests[-1].float()[served])
-        store._store_written(requests[-1], table)
+        # The kernel step after the plan, with weights that leave the rows as they are (decay 1, write 0): it
+        # stores the written rows back (dirty lines, bypasses to the host) and advances the clock.
+        zeros = torch.zeros(3, 3)
+        store._step_table(table, requests[-1], zeros, zeros + 1, torch.zeros(3, 2), zeros, 1e-6, (4, 16, 1),
+                          torch.float32)
     totals = dict.fromkeys(("accesses", "hits", "misses", "bypasses"), 0)
     for row in range(3):
         stats, tags = _simulated_cache([req[row].tolist() for req in requests], store.sets, store.ways, policy)

@@ -10,7 +10,8 @@ in place, then read K, for every (sequence, head). Four layouts (``step.py`` pic
   decodes the addresses (redundantly), and none stores z (see "split" below).
 - ``table_step_kernel``: a non-dense state's step (``ramnet/states``) on the token's gathered rows, with
   the addresses of ``decode_pairs_kernel`` in the dense layout's tiles, i.e. ``pdma_step_kernel``'s
-  arithmetic (``_write_then_read``) on a table instead of the memory.
+  arithmetic (``_write_then_read``) on a table instead of the memory (``table_step``, which the
+  host-resident state's kernel also runs before storing the written rows itself).
 
 Why the step is slow at B = 1 (16 programs on 132 SMs). Each program is one serial chain: load q and
 k, decode, load z of the written rows, store z, load z of the read rows, then per column block
@@ -161,17 +162,16 @@ def pdma_step_kernel(
 
 
 @triton.jit
-def table_step_kernel(
-    table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps,
-    K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BUMP_OFFSET: tl.constexpr,
-):
-    # A store's step (ramnet/states): one program per (b, h) row r on its table of gathered rows
-    # [R, 2K, d_v + 1] (the K written slots' rows, then the K read slots'), slots [R, 2K] (writes, then
-    # reads), weights [R, K], v and o [R, d_v]. A read of a slot that this token writes is renumbered to
-    # the written lane (which _write_then_read takes from its registers), every other read to its own
-    # row K + j: what pdma_step_kernel does on the dense state, with the same tiles, so the same bits.
-    # BUMP_OFFSET: the program of head 0 advances offset[b] (the decoder, launched before, has read it).
-    row = tl.program_id(0).to(tl.int64)
+def table_step(table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps, row,
+               K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BUMP_OFFSET: tl.constexpr):
+    """A store's step (ramnet/states) for its (b, h) row ``row``, on the row's table of gathered rows
+    ``[R, 2K, d_v + 1]`` (the K written slots' rows, then the K read slots'), ``slots [R, 2K]`` (writes,
+    then reads), weights ``[R, K]``, v and o ``[R, d_v]``; the written rows are updated in the table. A
+    read of a slot that this token writes is renumbered to the written lane (which _write_then_read takes
+    from its registers), every other read to its own row K + j: what pdma_step_kernel does on the dense
+    state, with the same tiles, so the same bits. BUMP_OFFSET: the program of head 0 advances offset[b]
+    (the decoder, launched before, has read it)."""
     lanes = tl.arange(0, K_PAD)
     live = lanes < K
     at = row * K + lanes
@@ -192,6 +192,16 @@ def table_step_kernel(
         if row % num_heads == 0:
             b = row // num_heads
             tl.store(offset + b, tl.load(offset + b) + 1)
+
+
+@triton.jit
+def table_step_kernel(
+    table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps,
+    K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, BUMP_OFFSET: tl.constexpr,
+):
+    # One program per (b, h) row: table_step.
+    table_step(table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps, tl.program_id(0).to(tl.int64),
+               K, K_PAD, D_V, BLOCK_DV, BUMP_OFFSET)
 
 
 @triton.jit
