@@ -15,10 +15,11 @@ over the K read rows after the write. A decoding step (``step``) where the dense
 the Triton kernels (``RAMMemory.step``) runs them too, on a table of the token's gathered rows with the
 decoder and tiles of the dense state's layout (``step_addresses``), meant to give the dense state's bits,
 so that a bf16 model's greedy tokens do not drift apart (they did with the torch arithmetic on the GPU:
-``benchmarks/results/offload_h100_partial.md``). Tested bit for bit under the interpreter; on an H100 at
-19f676d the greedy tokens matched at B=1 and not at B=16 (``benchmarks/results/offload_h100.md``), and
-``EXACT_ROUNDING`` (``ramnet/ops/ram/step.py``) is the answer not yet run there. Stores are created empty and unallocated by a ``RAMNetCache`` with
-``ram_state="sparse"`` or ``"offload"`` (``make_store``), and allocate on the layer's first call.
+``benchmarks/results/offload_h100_partial.md``). Tested bit for bit under the interpreter; on an H100 the
+greedy tokens matched at B=1 and B=16 at 1b13f1f and 75643be (with ``EXACT_ROUNDING``,
+``ramnet/ops/ram/step.py``; at 19f676d, without it, not at B=16), and a GPU test of the bits at M 7776 with
+the beam decoder still fails (docs/trace.md). Stores are created empty and unallocated by a ``RAMNetCache``
+with ``ram_state="sparse"`` or ``"offload"`` (``make_store``), and allocate on the layer's first call.
 """
 
 from __future__ import annotations

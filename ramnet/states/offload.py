@@ -63,8 +63,8 @@ DEFAULT_POLICY = "lru"
 class OffloadState(SlotStore):
     """See the module docstring. ``budget``: the cache's device memory as a fraction of the dense state's
     (its lines' tags, ranks and dirty bits counted, so a little under ``budget * M`` slots per (sequence,
-    head)); ``slots``: the slots per (sequence, head) instead; ``ways``: lines per set (default: fully associative up to 64 slots,
-    else 16 ways); ``policy``: ``"lru"`` (the default: the traces of the trained `small` favour it
+    head)); ``slots``: the slots per (sequence, head) instead; ``ways``: lines per set (default: fully associative
+    up to 64 slots, else 16 ways); ``policy``: ``"lru"`` (the default: the traces of the trained `small` favour it
     from a 10% budget up, docs/trace.md) or ``"lfu"``."""
 
     kind = "offload"
@@ -345,7 +345,8 @@ class OffloadState(SlotStore):
 
 def dense_state_fraction(store: OffloadState) -> float:
     """The cache's device bytes against the dense state's ``B * H * M * (d_v + 1)`` floats (``budget`` bounds it)."""
-    dense = store.batch * store.heads * store.memory_slots * (store.d_v + 1) * torch.empty(0, dtype=store.dtype).element_size()
+    row_bytes = (store.d_v + 1) * torch.empty(0, dtype=store.dtype).element_size()
+    dense = store.batch * store.heads * store.memory_slots * row_bytes
     return store.device_bytes() / dense
 
 
