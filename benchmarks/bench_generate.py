@@ -7,7 +7,7 @@ tokenizer's 32,000 ids): ``small`` (RAM-Net), ``small-gated-deltanet`` (fla's Ga
 ``small-transformer`` (Llama, SDPA attention); about 55M parameters each (39M without the input
 embedding; every row records the model's count). bf16 on CUDA, fp32 on the CPU, eval mode.
 
-Modes (``--modes``):
+Modes (``--modes``; default ``default,best``):
   default  plain ``model.generate``, greedy, with the model's default cache: RAM-Net's ``RAMNetStaticCache``
            and its decode loop on CUDA (``RAMNetCache`` and transformers' loop on the CPU), fla's ``Cache``,
            transformers' ``DynamicCache`` for Llama.
@@ -110,6 +110,7 @@ TINY = {
     "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
 }
 MODES = ("default", "best", "eager", "hf_loop")
+DEFAULT_MODES = ("default", "best")  # --modes' default; eager and hf_loop when asked for
 # The modes that only RAM-Net has (the others' `default` is already eager in transformers' loop).
 RAMNET_ONLY_MODES = ("eager", "hf_loop")
 GDN_NOTE = ("fla 0.6.0's generate is Gated DeltaNet's only path: its caches are not is_compileable (transformers "
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", help="comma-separated batch sizes (default 1,16,64,256)")
     parser.add_argument("--prompt", help="comma-separated prompt lengths (default 512,8192)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per call (default 256)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (the best is kept)")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no cell after this many seconds")
     parser.add_argument("--quick", action="store_true", help="a small grid: B 1,16, prompt 128, 32 new tokens")

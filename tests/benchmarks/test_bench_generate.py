@@ -36,7 +36,7 @@ def test_a_tiny_cpu_sweep_writes_every_row_with_its_meta(tmp_path):
     assert meta["new_tokens"] == 3 and meta["device"].startswith("cpu")
     assert out.with_suffix(".md").read_text().startswith("End-to-end")
     assert {(r["model"], r["B"], r["prompt"], r["mode"]) for r in rows} == {
-        (m, b, 8, mode) for m in bench_generate.MODELS for b in (1, 2) for mode in bench_generate.MODES}
+        (m, b, 8, mode) for m in bench_generate.MODELS for b in (1, 2) for mode in bench_generate.DEFAULT_MODES}
     for row in rows:
         assert {"model", "B", "prompt", "mode", "tok_s", "ms_per_token", "status"} <= set(row)
     ran = [r for r in rows if r["status"] == "ok"]
@@ -66,6 +66,19 @@ def test_a_tiny_cpu_sweep_writes_every_row_with_its_meta(tmp_path):
     gdn = [r for r in rows if r["model"] == "gated_deltanet"]
     assert all(r["status"] in ("ok", "skipped", "error") for r in gdn)
     assert all(r["status"] == "skipped" for r in gdn if r["mode"] == "best")  # fla has no better path
+
+
+@pytest.mark.usefixtures("torch_step")
+def test_the_eager_mode_runs_ramnets_own_loop_without_a_graph_and_others_skip_it(tmp_path):
+    out = tmp_path / "generate.json"
+    bench_generate.main(["--device", "cpu", "--tiny", "--models", "ramnet,llama", "--modes", "default,eager,hf_loop",
+                         "--batch", "1", "--prompt", "8", "--new-tokens", "3", "--out", str(out)])
+    rows = {(r["model"], r["mode"]): r for r in json.loads(out.read_text())["rows"]}
+    eager, hf_loop = rows["ramnet", "eager"], rows["ramnet", "hf_loop"]
+    assert eager["status"] == "ok" and eager["decode_loop"] == "eager" and eager["cache"] == "RAMNetStaticCache"
+    assert hf_loop["status"] == "ok" and hf_loop["decode_loop"] is None  # transformers' loop
+    assert eager["same_tokens_as_default"] is True and hf_loop["same_tokens_as_default"] is True  # fp32 on the CPU
+    assert rows["llama", "eager"]["status"] == rows["llama", "hf_loop"]["status"] == "skipped"
 
 
 def test_the_cells_run_in_order_of_importance():
