@@ -44,19 +44,19 @@ from bench_decode import Skip, capture, case_gdn  # noqa: E402  (beside this scr
 PAPER = dict(H=16, d_v=64, U=5, d_p=4, K=8)
 QUICK_CPU = dict(H=2, d_v=24, U=3, d_p=4, K=5)  # the interpreter's smoke test: small and fast
 ACT = torch.bfloat16
-# name -> (layout, the split layout's d_v columns per program)
+# name -> (layout, the split layout's d_v columns per program, the dense layout's warps (step.DENSE_WARPS;
+# None: step.dense_warps' rule by B * H))
 # ("torch", the torch decoder + the step kernel, is the check's reference, not a contender: a dozen
 # launches, and until ab11412 its decoder failed a CUDA graph capture.)
-# "dense_wN": the dense layout on N warps (step.DENSE_WARPS); "dense" takes step.dense_warps' rule by B * H.
 VARIANTS = {
-    "fused": ("fused", None),
-    "dense": ("dense", None),
-    "dense_w1": ("dense", None),
-    "dense_w2": ("dense", None),
-    "dense_w4": ("dense", None),
-    "split16": ("split", 16),
-    "split32": ("split", 32),
-    "separate": ("separate", None),
+    "fused": ("fused", None, None),
+    "dense": ("dense", None, None),
+    "dense_w1": ("dense", None, 1),
+    "dense_w2": ("dense", None, 2),
+    "dense_w4": ("dense", None, 4),
+    "split16": ("split", 16, None),
+    "split32": ("split", 32, None),
+    "separate": ("separate", None, None),
 }
 GDN = (16, 128, 128)  # H, d_k, d_v
 
@@ -90,9 +90,7 @@ def torch_step(q, k, v, state, spec):
 
 
 def variant_fn(name):
-    layout, block_dv = VARIANTS[name]
-
-    warps = int(name.split("_w")[1]) if "_w" in name else None
+    layout, block_dv, warps = VARIANTS[name]
 
     def fn(q, k, v, state, spec):
         if block_dv is not None:

@@ -88,6 +88,15 @@ def _arrive(offset_b, num_heads):
 
 
 @triton.jit
+def _advance(offset, row, num_heads):
+    """offset[b] += 1 by the program of head 0 of sequence b (row = b * num_heads + h), for kernels
+    launched after every read of offset (the decoder's, for CAPE)."""
+    if row % num_heads == 0:
+        b = row // num_heads
+        tl.store(offset + b, tl.load(offset + b) + 1)
+
+
+@triton.jit
 def _write_then_read(S_bh, z_bh, w_idx, w_w, w_dec, r_idx, r_w, live, v_row, o_row, eps, s_m, s_d, z_m,
                      COL0, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, COLS: tl.constexpr, STORE_Z: tl.constexpr):
     """The PDMA step of one (sequence, head) from its K write and K read slots ``[K_PAD]``
@@ -157,8 +166,7 @@ def pdma_step_kernel(
         0, D_V, BLOCK_DV, D_V, True,
     )
     if BUMP_OFFSET:
-        if row % num_heads == 0:
-            tl.store(offset + b, tl.load(offset + b) + 1)
+        _advance(offset, row, num_heads)
 
 
 @triton.jit
@@ -189,9 +197,7 @@ def table_step(table, slots, write_w, decay, v, read_w, o, offset, num_heads, ep
         0, D_V, BLOCK_DV, D_V, True,
     )
     if BUMP_OFFSET:
-        if row % num_heads == 0:
-            b = row // num_heads
-            tl.store(offset + b, tl.load(offset + b) + 1)
+        _advance(offset, row, num_heads)
 
 
 @triton.jit
@@ -348,8 +354,7 @@ def commit_z_kernel(z, offset, z_slot, z_val, num_heads, z_b, z_h, z_m, KB: tl.c
     slots = row * KB + tl.arange(0, KB)
     idx = tl.load(z_slot + slots)
     tl.store(z + b * z_b + h * z_h + idx * z_m, tl.load(z_val + slots), mask=idx >= 0)
-    if h == 0:
-        tl.store(offset + b, tl.load(offset + b) + 1)
+    _advance(offset, row, num_heads)
 
 
 @triton.jit
