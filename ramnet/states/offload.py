@@ -58,14 +58,19 @@ DEFAULT_BUDGET = 0.1
 # LFU at budgets of 10% and up (33.8% against 21.4% at 10%, 58.8 against 38.1 at 25%), LFU only at 5% (12.9
 # against 9.7). The tiny checkpoint (200 steps, M 64) had favoured LFU at every budget (docs/trace.md).
 DEFAULT_POLICY = "lru"
+# The default associativity's bound. The kernel plan ranks a set's ways against each other ([2K, W, W] per (sequence,
+# head)): at a 5% budget of M = 1024 the sets were fully associative with 49 ways, 16x the comparisons of 16 ways,
+# and the offloaded step ran at 0.34x the dense step's tokens/s at B=1 against 0.83x at 10% (16 ways;
+# benchmarks/results/offload_graph_h100_75643be.md).
+MAX_DEFAULT_WAYS = 16
 
 
 class OffloadState(SlotStore):
     """See the module docstring. ``budget``: the cache's device memory as a fraction of the dense state's
     (its lines' tags, ranks and dirty bits counted, so a little under ``budget * M`` slots per (sequence,
-    head)); ``slots``: the slots per (sequence, head) instead; ``ways``: lines per set (default: fully associative
-    up to 64 slots, else 16 ways); ``policy``: ``"lru"`` (the default: the traces of the trained `small` favour it
-    from a 10% budget up, docs/trace.md) or ``"lfu"``."""
+    head)); ``slots``: the slots per (sequence, head) instead; ``ways``: lines per set (default: at most
+    ``MAX_DEFAULT_WAYS``, in as few sets as that allows); ``policy``: ``"lru"`` (the default: the traces of the
+    trained `small` favour it from a 10% budget up, docs/trace.md) or ``"lfu"``."""
 
     kind = "offload"
 
@@ -110,10 +115,13 @@ class OffloadState(SlotStore):
         else:  # the budget is a fraction of the dense state's bytes: the lines' metadata counts
             capacity = max(1, int(self.budget * M * row_bytes / line_bytes))
         capacity = min(capacity, M)
-        ways = self.ways_option or (capacity if capacity <= 64 else 16)
-        ways = min(ways, capacity)
-        self.sets = max(1, capacity // ways)
-        self.ways = ways
+        if self.ways_option:
+            ways = min(self.ways_option, capacity)
+            sets = capacity // ways
+        else:  # as few sets as MAX_DEFAULT_WAYS allows, their ways filling the capacity (less than a set lost)
+            sets = -(-capacity // MAX_DEFAULT_WAYS)
+            ways = capacity // sets
+        self.sets, self.ways = sets, ways
         self.capacity = self.sets * self.ways
         rows = self.batch * self.heads
         pin = self.device.type == "cuda" and self.host_device.type == "cpu"

@@ -60,6 +60,9 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     claimed = tl.max((claim_i[:, :, None] & (hit_way[None, :, None] == ways[None, None, :])).to(tl.int32),
                      axis=1) > 0  # [j, w]
     rank = tl.load(last + at, mask=in_set, other=0).to(tl.int64)
+    # The dirty bits of the whole set, loaded with its tags rather than after the victim is known: one
+    # dependent round trip less.
+    set_dirty = tl.load(dirty + at, mask=in_set, other=0).to(tl.int32)
     if LFU:  # the use count, then the last use
         uses = tl.load(count + at, mask=in_set, other=0).to(tl.int64)
         rank = uses * 4294967296 + rank
@@ -83,7 +86,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     at_way = ways[None, :] == way[:, None]
     old_tag = tl.sum(tl.where(at_way, tag, 0), axis=1)
     old_uses = tl.sum(tl.where(at_way, uses, 0), axis=1)
-    was_dirty = tl.load(dirty + line, mask=taken, other=0) != 0
+    was_dirty = tl.sum(tl.where(at_way, set_dirty, 0), axis=1) != 0
     evict = taken & was_dirty & (old_tag >= 0)
     in_line = live & (hit | taken)
     host_row = r * memory_slots + req

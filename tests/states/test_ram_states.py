@@ -129,6 +129,27 @@ def test_offload_budget_bounds_the_device_memory_and_options_are_checked():
         RAMNetCache(budget=0.1)
 
 
+
+def _lines(budget: float, memory_slots: int = 1024) -> int:
+    """The lines a budget pays for at d_v 64, fp32, LRU: a row of 65 floats plus a tag, a rank and a dirty byte."""
+    return min(memory_slots, max(1, int(budget * memory_slots * (65 * 4) / (65 * 4 + 2 * 4 + 1))))
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.1, 0.25, 1.0])
+def test_the_default_sets_have_at_most_16_ways_and_fill_the_budget(budget):
+    # The kernel plan's cost grows with ways squared (it ranks a set's ways against each other): the default
+    # caps them, and the sets it then needs lose less than one set's worth of the budget's lines.
+    from ramnet.states.offload import MAX_DEFAULT_WAYS
+
+    store = OffloadState(budget=budget)
+    store.allocate(1, 2, 1024, 64, torch.float32, "cpu")
+    assert store.ways <= MAX_DEFAULT_WAYS and store.capacity == store.sets * store.ways
+    assert _lines(budget) - store.sets < store.capacity <= _lines(budget)
+    assert dense_state_fraction(store) <= budget
+    chosen = OffloadState(budget=0.25, ways=4)
+    chosen.allocate(1, 2, 1024, 64, torch.float32, "cpu")
+    assert chosen.ways == 4 and chosen.sets == _lines(0.25) // 4
+
 def test_non_dense_states_refuse_padding_in_a_streamed_prompt():
     model = tiny_model()
     ids = random_ids(2, 6)
