@@ -157,13 +157,55 @@ def predicted_by_last_token(slots: np.ndarray, tokens: np.ndarray, memory_slots:
     return out
 
 
+def lru_prefetch(slots: np.ndarray, tokens: np.ndarray, size: int, memory_slots: int, cape: bool) -> dict:
+    """An LRU cache of ``size`` slots that, before each token's accesses, fetches the last token's slots
+    (shifted by one on a CAPE head, as in ``predicted_by_last_token``) that are not resident, as the most
+    recently used (evicting as a miss does): what a prefetch from the last token buys, pollution included.
+    ``hit_rate``: hits over all accesses (a hit on a prefetched slot counts); ``fetched_per_token``: the rows
+    prefetched per token; ``used``: the share of them accessed before they were evicted."""
+    from collections import OrderedDict
+
+    cache: OrderedDict[int, bool] = OrderedDict()  # slot -> prefetched and not yet used; the last is the newest
+    hits = fetched = used = 0
+    prev: list[int] = []
+    current: list[int] = []
+    t_now = -1
+
+    def insert(slot: int, prefetched: bool) -> None:
+        if len(cache) >= size:
+            cache.popitem(last=False)
+        cache[slot] = prefetched
+
+    for s, t in zip(slots.tolist(), tokens.tolist()):
+        if t != t_now:  # a new token: prefetch what the last one predicts
+            prev, current, t_now = current, [], t
+            for p in prev:
+                p = (p - 1) % memory_slots if cape else p
+                if p not in cache:
+                    insert(p, True)
+                    fetched += 1
+        current.append(s)
+        if s in cache:
+            hits += 1
+            used += cache[s]
+            cache[s] = False
+            cache.move_to_end(s)
+        else:
+            insert(s, False)
+    n_tokens = len(set(tokens.tolist()))
+    return dict(hit_rate=hits / max(1, len(slots)), fetched_per_token=fetched / max(1, n_tokens),
+                used=used / fetched if fetched else None)
+
+
 def summarize_head(write_idx: np.ndarray, read_idx: np.ndarray, memory_slots: int, fractions: list[float],
                    policies: tuple[str, ...] = ("lru", "lfu", "belady"), cape: bool = False) -> dict:
     """Locality of one (sequence, head): ``write_idx, read_idx [T, K]`` (``cape``: the head shifts its slots).
 
     ``prefetch``: per cache size, the fraction of all accesses that miss in the LRU cache but were among
     the previous token's slots (shifted by one on a CAPE head): the most a prefetch from the last token
-    could turn into hits (``predicted_by_last_token``)."""
+    could turn into hits (``predicted_by_last_token``), an upper bound; ``lru_prefetch``: per cache size, the
+    LRU cache with that prefetch simulated (``lru_prefetch``: its hit rate, rows fetched ahead per token and
+    the share of them used)."""
     slots, tokens = access_stream(write_idx, read_idx)
     distances = stack_distances(slots)
     predicted = predicted_by_last_token(slots, tokens, memory_slots, cape)
@@ -187,6 +229,7 @@ def summarize_head(write_idx: np.ndarray, read_idx: np.ndarray, memory_slots: in
         out["hit_rate"]["lru"] = lru_hit_rates(distances, sizes)
     miss = [(distances < 0) | (distances >= c) for c in sizes]
     out["prefetch"] = [float((m & predicted).mean()) if len(slots) else 0.0 for m in miss]
+    out["lru_prefetch"] = [lru_prefetch(slots, tokens, c, memory_slots, cape) for c in sizes]
     if "lfu" in policies:
         out["hit_rate"]["lfu"] = [lfu_hit_rate(slots, c) for c in sizes]
     if "belady" in policies:

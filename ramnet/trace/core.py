@@ -57,15 +57,26 @@ def summarize(traces: list[LayerTrace], heads: list[int], budgets: list[float],
                 reuse_histogram=reuse_histogram(distances, trace.memory_slots),
                 hit_rate={p: np.mean([s["hit_rate"][p] for s in seqs], axis=0).tolist() for p in policies},
                 prefetch=np.mean([s["prefetch"] for s in seqs], axis=0).tolist(),
+                lru_prefetch=[_mean_dicts([s["lru_prefetch"][i] for s in seqs]) for i in range(len(budgets))],
             ))
     mean_hit = {p: np.mean([e["hit_rate"][p] for e in per_head], axis=0).tolist() for p in policies}
     mean_prefetch = np.mean([e["prefetch"] for e in per_head], axis=0).tolist()
+    mean_lru_prefetch = [_mean_dicts([e["lru_prefetch"][i] for e in per_head]) for i in range(len(budgets))]
     return dict(
         memory_slots=first.memory_slots, topk=first.topk, tokens=first.num_tokens,
         sequences=int(first.write_idx.shape[0]), layers=[t.layer for t in traces], heads=heads,
         budgets=list(budgets), cache_slots=cache_sizes(first.memory_slots, list(budgets)),
-        per_head=per_head, mean_hit_rate=mean_hit, mean_prefetch=mean_prefetch,
+        per_head=per_head, mean_hit_rate=mean_hit, mean_prefetch=mean_prefetch, mean_lru_prefetch=mean_lru_prefetch,
     )
+
+
+def _mean_dicts(entries: list[dict]) -> dict:
+    """The key-wise mean of dicts of numbers (None entries left out; None where all are)."""
+    out = {}
+    for key in entries[0]:
+        values = [e[key] for e in entries if e[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 def trace_model(model, input_ids: torch.Tensor, out_dir: Path | None, *, layers: list[int] | None = None,

@@ -100,12 +100,14 @@ def test_the_command_writes_png_json_and_table_in_under_a_minute(ckpt, tmp_path,
                  "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert time.perf_counter() - start < 60
     out = capsys.readouterr().out
-    assert "LRU@10%" in out and "mean hit rate, LFU" in out and "BELADY" in out
+    assert "LRU@10%" in out and "mean hit rate, LFU" in out and "BELADY" in out and "LRU with that prefetch" in out
     assert (tmp_path / "out" / "trace.png").stat().st_size > 10_000
     result = json.loads((tmp_path / "out" / "trace.json").read_text())
     summary = result["summary"]
     assert summary["memory_slots"] == 64 and summary["topk"] == 4 and summary["tokens"] == 1024
     assert summary["cache_slots"] == [3, 6, 16, 32] and len(summary["per_head"]) == 16
+    for sim in summary["mean_lru_prefetch"]:
+        assert 0 <= sim["hit_rate"] <= 1 and sim["fetched_per_token"] >= 0 and (sim["used"] is None or 0 <= sim["used"] <= 1)
     assert result["meta"]["git_rev"] is None or isinstance(result["meta"]["git_rev"], str)
     first = result["traces"][0]
     assert np.array(first["write_idx"]).shape == (1, 1024, 4, 4)
@@ -135,6 +137,27 @@ def test_prefetch_prediction_from_the_last_tokens_slots():
     assert predicted_by_last_token(slots, tokens, 16, cape=False).tolist() == [False, False, True, False, False, False]
     # CAPE: a slot repeats one lower a token later (7 -> 6 would be caught, 5 -> 4 is)
     assert predicted_by_last_token(slots, tokens, 16, cape=True).tolist() == [False, False, True, False, True, False]
+
+
+def test_a_simulated_prefetch_catches_a_cape_heads_stripes_and_pollutes_where_it_guesses_wrong():
+    from ramnet.trace.analysis import lru_hit_rates, lru_prefetch
+
+    def stream(per_token):
+        slots = np.array([s for row in per_token for s in row])
+        return slots, np.repeat(np.arange(len(per_token)), [len(row) for row in per_token])
+
+    # A CAPE head choosing the same two addresses: its slots move down one a token, all cold for LRU.
+    stripes = stream([[(3 - t) % 16, (9 - t) % 16] for t in range(8)])
+    assert lru_hit_rates(stack_distances(stripes[0]), [4]) == [0.0]
+    caught = lru_prefetch(*stripes, size=4, memory_slots=16, cape=True)
+    assert caught == dict(hit_rate=14 / 16, fetched_per_token=14 / 8, used=1.0)
+    # A content head repeating its slots: the last token's slots are resident, nothing is fetched.
+    bands = stream([[2, 5]] * 6)
+    assert lru_prefetch(*bands, size=4, memory_slots=16, cape=False) == dict(
+        hit_rate=lru_hit_rates(stack_distances(bands[0]), [4])[0], fetched_per_token=0.0, used=None)
+    # Taken for a CAPE head, the same stream gets wrong guesses that evict the slots it needs from a 2-slot cache.
+    wrong = lru_prefetch(*bands, size=2, memory_slots=16, cape=True)
+    assert wrong["hit_rate"] == 0.0 and wrong["used"] == 0.0 and wrong["fetched_per_token"] == 10 / 6
 
 
 @pytest.mark.parametrize("tokens, topk", [(64, 4), (2048, 8), (8192, 8)])
