@@ -32,8 +32,7 @@ ARG_TYPES = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32
                  "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32",
                  # the host-resident state's row movement (ramnet/states/offload_kernels.py)
                  "data": "*fp32", "host": "*fp32", "table": "*fp32", "line": "*i64", "host_row": "*i64",
-                 "flags": "*i64", "dirty": "*u8", "slots": "*i64", "read_slots": "*i64",
-                 "tags": "*i32", "last": "*i32", "count": "*i64",
+                 "flags": "*i64", "dirty": "*u8", "slots": "*i64", "read_slots": "*i64", "tags": "*i32", "last": "*i32", "count": "*i64",
                  "counts": "*i64", "line_out": "*i64", "host_row_out": "*i64", "flags_out": "*i64", "clock": "*i64",
                  "memory_slots": "i64"}
 
