@@ -126,24 +126,19 @@ class SlotStore(ABC):
         table of the 2K gathered rows (``_step_table``: the K written first, then the K read; a read of a
         slot written this token takes the written row, from the kernel's registers, as on the dense state),
         which also advances ``offset`` and stores the K written rows back."""
+        from ..ops.ram.step import step_addresses  # imports triton
+
         batch, heads, _ = q.shape
         d_v = v.shape[-1]
         if not self.allocated:
             self.allocate(batch, heads, memory.memory_slots, d_v, compute_dtype(v.dtype), q.device)
         spec = memory.spec(q, inplace_state=True)
-        (slots, write_w, decay, read_w), table, launch = self._addresses_and_table(q, k, v, spec)
+        (slots, write_w, decay, read_w), launch = step_addresses(q, k, v, self.offset, spec)
+        table = self._table(slots)  # [R, 2K, d_v + 1]
         o = self._step_table(table, slots, write_w, decay, v.reshape(batch * heads, d_v), read_w, spec.eps, launch,
                              v.dtype)
         self.tokens += 1
         return o.view(batch, heads, d_v)
-
-    def _addresses_and_table(self, q, k, v, spec):
-        """The kernel step's addresses ``(slots, write_w, decay, read_w)`` (``step_addresses``), the table of
-        their rows ``[R, 2K, d_v + 1]`` (``_table``) and the step's ``launch``."""
-        from ..ops.ram.step import step_addresses  # imports triton
-
-        addresses, launch = step_addresses(q, k, v, self.offset, spec)
-        return addresses, self._table(addresses[0]), launch
 
     def _table(self, slots: torch.Tensor) -> torch.Tensor:
         """The kernel step's rows ``[R, 2K, d_v + 1]`` of ``slots [R, 2K]`` (the K write slots, then the K

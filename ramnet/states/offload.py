@@ -253,30 +253,10 @@ class OffloadState(SlotStore):
             self._data_flat[line[fetch]] = self._host_rows(host_row[fetch])
 
     # -- the kernel step's rows (SlotStore._kernel_step): the plan, then the rows moved by two kernels ----
-    def _addresses_and_table(self, q, k, v, spec):
-        # Where the dense step's decoder is decode_pairs in its tile, the decoder and the plan in one kernel.
-        from ..ops.ram.step import step_decoder
-        from .offload_kernels import decode_plan_fill_kernel
-
-        decoder = step_decoder(q, k, v, self.offset, spec)
-        if decoder is None:
-            return super()._addresses_and_table(q, k, v, spec)
-        addresses, decode_args, decode_constants, launch = decoder
-        table, plan_args, plan_constants = self._plan_launch(addresses[0])
-        decode_plan_fill_kernel[(table.shape[0],)](*decode_args, *plan_args, **decode_constants, **plan_constants)
-        return addresses, table, launch
-
     def _table(self, slots: torch.Tensor) -> torch.Tensor:
-        from .offload_kernels import plan_fill_kernel
-
-        table, args, constants = self._plan_launch(slots)
-        plan_fill_kernel[(table.shape[0],)](slots, *args, **constants)
-        return table
-
-    def _plan_launch(self, slots: torch.Tensor):
-        """``plan_fill``'s outputs and arguments after ``slots [R, 2K]``: ``(table, args, constants)``; the
-        lanes' lines, host rows and flags are kept for ``_step_table``."""
         import triton
+
+        from .offload_kernels import plan_fill_kernel
 
         pad = triton.next_power_of_2
         rows, n = slots.shape
@@ -286,13 +266,14 @@ class OffloadState(SlotStore):
         lfu = self.policy == "lfu"
         # The plan runs at clock + 1; step_store_kernel, launched after it, advances the clock (no launch of its
         # own for `clock += 1`).
-        args = (self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
-                self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row,
-                flags, self.clock, self.memory_slots)
+        plan_fill_kernel[(rows,)](
+            slots, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
+            self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
+            self.clock, self.memory_slots, N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways,
+            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width),
+        )
         self._moves = (line, host_row, flags)
-        constants = dict(N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways, W_PAD=max(2, pad(self.ways)), LFU=lfu,
-                         ROW=width, COLS=pad(width))
-        return table, args, constants
+        return table
 
     def _step_table(self, table, slots, write_w, decay, v, read_w, eps: float, launch, out_dtype) -> torch.Tensor:
         import triton

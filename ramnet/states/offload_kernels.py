@@ -22,7 +22,7 @@ written rows back, to their lines (dirty) or, for a bypassed lane, to the host; 
 import triton
 import triton.language as tl
 
-from ..ops.ram.step_kernels import decode_pairs, table_step
+from ..ops.ram.step_kernels import table_step
 
 BIG = tl.constexpr(2**63 - 1)  # the score of a line no miss may take (claimed by a hit, or padding)
 
@@ -31,43 +31,13 @@ BIG = tl.constexpr(2**63 - 1)  # the score of a line no miss may take (claimed b
 def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out,
                      clock, memory_slots, N: tl.constexpr, N_PAD: tl.constexpr, SETS: tl.constexpr,
                      W: tl.constexpr, W_PAD: tl.constexpr, LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
-    # One program per (sequence, head) row: plan_fill.
-    plan_fill(tl.program_id(0).to(tl.int64), slots, tags, last, count, dirty, counts, data, host, table, line_out,
-              host_row_out, flags_out, clock, memory_slots, N, N_PAD, SETS, W, W_PAD, LFU, ROW, COLS)
-
-
-@triton.jit
-def decode_plan_fill_kernel(
-    q, k, offset, gamma, cape, slots, write_w, decay, read_slots, read_w, n_pairs, num_heads, tau, idx_stride,
-    q_b, q_h, k_b, k_h,
-    tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out, clock, memory_slots,
-    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, INDEX_64: tl.constexpr,
-    UNROLL: tl.constexpr, DENSE: tl.constexpr, MB: tl.constexpr, TOP: tl.constexpr, BLOCK_N: tl.constexpr,
-    N: tl.constexpr, N_PAD: tl.constexpr, SETS: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr,
-    LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr,
-):
-    # One program per (sequence, head) row r: its key's and query's addresses (decode_pairs, the dense step's
-    # decoder in its tile: BLOCK_N = 2, one pair), stored; a barrier, so that every thread sees the row's 2K
-    # slots; then plan_fill on them. One launch and one launch gap fewer than the two kernels.
+    # One program per (sequence, head) row r: OffloadState._plan for its N = 2K lanes (slots [R, N], writes
+    # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
+    # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
+    # atomically (STATS' order); clock: a device scalar, the last step's time (this step's is clock + 1:
+    # step_store_kernel advances it after the step). Outputs per lane: its line, its slot's host row and its flags
+    # (_plan's).
     r = tl.program_id(0).to(tl.int64)
-    decode_pairs(r, q, k, offset, gamma, cape, slots, write_w, decay, read_slots, read_w, n_pairs, num_heads, tau,
-                 idx_stride, q_b, q_h, k_b, k_h, U, DP, DP_PAD, K, KP, KPB, KB, K_OUT, M, INDEX_64, UNROLL, DENSE, MB,
-                 TOP, BLOCK_N)
-    tl.debug_barrier()
-    plan_fill(r, slots, tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out, clock,
-              memory_slots, N, N_PAD, SETS, W, W_PAD, LFU, ROW, COLS)
-
-
-@triton.jit
-def plan_fill(r, slots, tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out,
-              clock, memory_slots, N: tl.constexpr, N_PAD: tl.constexpr, SETS: tl.constexpr,
-              W: tl.constexpr, W_PAD: tl.constexpr, LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
-    """OffloadState._plan for row r's N = 2K lanes (slots [R, N], writes then reads), in registers ([N, W]
-    per-lane views of their sets, [N, N] and [N, W, W] comparisons), then the rows moved. The per-line tensors
-    are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed atomically (STATS' order); clock: a device
-    scalar, the last step's time (this step's is clock + 1: step_store_kernel advances it after the step).
-    Outputs per lane: its line, its slot's host row and its flags (_plan's)."""
     lanes = tl.arange(0, N_PAD)
     live = lanes < N
     req = tl.load(slots + r * N + lanes, mask=live, other=-1).to(tl.int64)

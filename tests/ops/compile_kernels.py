@@ -32,7 +32,7 @@ ARG_TYPES = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "S": "*fp32
                  "write_w": "*fp32", "read_w": "*fp32", "decay": "*fp32", "z_slot": "*i64", "z_val": "*fp32",
                  # the host-resident state's row movement (ramnet/states/offload_kernels.py)
                  "data": "*fp32", "host": "*fp32", "table": "*fp32", "line": "*i64", "host_row": "*i64",
-                 "flags": "*i64", "dirty": "*u8", "slots": "*i64", "read_slots": "*i64", "tags": "*i32", "last": "*i32", "count": "*i64",
+                 "flags": "*i64", "dirty": "*u8", "slots": "*i64", "tags": "*i32", "last": "*i32", "count": "*i64",
                  "counts": "*i64", "line_out": "*i64", "host_row_out": "*i64", "flags_out": "*i64", "clock": "*i64",
                  "memory_slots": "i64"}
 
@@ -97,10 +97,6 @@ def cases():
     fused = fused_step_constants(20, 5, 8, 64, True)
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=True, MB=fused["MB"], TOP=fused["TOP"], BLOCK_N=2,
                                                  num_warps=fused["num_warps"])
-    # ... and as the host-resident state runs it: that decoder and the plan in one kernel.
-    yield offload_kernels.decode_plan_fill_kernel, dict(
-        constants, DENSE=True, MB=fused["MB"], TOP=fused["TOP"], BLOCK_N=2, num_warps=fused["num_warps"],
-        N=16, N_PAD=16, SETS=6, W=16, W_PAD=16, LFU=False, ROW=65, COLS=128)
 
 
 def main() -> int:

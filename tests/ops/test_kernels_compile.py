@@ -17,4 +17,4 @@ def test_training_kernels_compile_for_sm90():
     script = Path(__file__).with_name("compile_kernels.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of cubin") == 35, done.stdout  # every case compiled (compile_kernels.cases)
+    assert done.stdout.count("bytes of cubin") == 34, done.stdout  # every case compiled (compile_kernels.cases)

@@ -214,13 +214,12 @@ def _triton_step(q, k, v, state: RAMState, spec: RAMSpec, layout: str) -> torch.
     return o
 
 
-def _decoder(q, k, offset, spec: RAMSpec, fused: dict | None = None):
-    """``decode_pairs``' outputs and launch, not launched: ``((slots, write_w, decay, read_w), args, constants,
-    programs)``. ``slots [B * H, 2K]`` (the K write slots, then the K read slots) and ``write_w, decay, read_w
-    [B * H, K]``, CAPE and the write decay applied; ``offset [B]`` is read (CAPE), not advanced. Without
-    ``fused``, the "separate" layout's launch: the beam search over many rows per program. With ``fused``
-    (``fused_step_constants``), the fused step's decoder in its tile: one (key, query) pair per program, its
-    dense decoder where it has one, its warps."""
+def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tuple[torch.Tensor, ...]:
+    """``decode_pairs_kernel``: one token's ``slots [B * H, 2K]`` (the K write slots, then the K read
+    slots) and ``write_w, decay, read_w [B * H, K]``, CAPE and the write decay applied; ``offset [B]`` is
+    read (CAPE), not advanced. Without ``fused``, the "separate" layout's launch: the beam search over
+    many rows per program. With ``fused`` (``fused_step_constants``), the fused step's decoder in its
+    tile: one (key, query) pair per program, its dense decoder where it has one, its warps."""
     batch, heads, d_k = q.shape
     constants = beam_search_constants(decoder_constants(d_k, spec.num_partitions, spec.topk, has_shift=True),
                                       spec.topk)
@@ -235,33 +234,12 @@ def _decoder(q, k, offset, spec: RAMSpec, fused: dict | None = None):
     slots = torch.empty(pairs, 2 * k_out, dtype=torch.int64, device=q.device)
     write_w, decay, read_w = (torch.empty(pairs, k_out, dtype=torch.float32, device=q.device) for _ in range(3))
     names = ("U", "DP", "DP_PAD", "K", "KP", "KPB", "KB", "K_OUT", "M", "INDEX_64", "UNROLL", "num_warps")
-    args = (q, k, offset, spec.gamma, spec.cape, slots, write_w, decay, slots[:, k_out:], read_w,
-            pairs, heads, float(spec.tau), 2 * k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    constants = dict({name: constants[name] for name in names}, **dense, BLOCK_N=block_n, **EXACT_ROUNDING)
-    return (slots, write_w, decay, read_w), args, constants, triton.cdiv(2 * pairs, block_n)
-
-
-def _decode_pairs(q, k, offset, spec: RAMSpec, fused: dict | None = None) -> tuple[torch.Tensor, ...]:
-    """``decode_pairs_kernel`` launched (``_decoder``): ``(slots, write_w, decay, read_w)``."""
-    addresses, args, constants, programs = _decoder(q, k, offset, spec, fused)
-    kernels.decode_pairs_kernel[(programs,)](*args, **constants)
-    return addresses
-
-
-def step_decoder(q, k, v, offset, spec: RAMSpec):
-    """The decoder of ``ram_decode_step``'s default layout where it is ``decode_pairs`` in the fused step's tile
-    (the "fused", "dense" and "split" layouts), for a kernel of a store (``ramnet/states``) that runs it
-    before its own work, one (key, query) pair per program: ``(addresses, args, constants, launch)``, as
-    ``_decoder`` and ``step_addresses`` give them; None for the other layouts."""
-    batch, heads, d_k = q.shape
-    layout = default_layout(compute_dtype(v.dtype))
-    if layout in ("torch", "separate"):
-        return None
-    # their decoder; the fused kernel's tiles (the split layout's are the same per column block)
-    fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, v.shape[-1], layout in ("dense", "split"),
-                                 warps=dense_warps(batch * heads) if layout == "dense" else None)
-    addresses, args, constants, _ = _decoder(q, k, offset, spec, fused)
-    return addresses, args, constants, (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
+    kernels.decode_pairs_kernel[(triton.cdiv(2 * pairs, block_n),)](
+        q, k, offset, spec.gamma, spec.cape, slots, write_w, decay, slots[:, k_out:], read_w,
+        pairs, heads, float(spec.tau), 2 * k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        **{name: constants[name] for name in names}, **dense, BLOCK_N=block_n, **EXACT_ROUNDING,
+    )
+    return slots, write_w, decay, read_w
 
 
 def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int]]:
@@ -286,9 +264,11 @@ def step_addresses(q, k, v, offset, spec: RAMSpec) -> tuple[tuple[torch.Tensor, 
     if layout == "separate":
         addresses = _decode_pairs(q, k, offset, spec)
         return addresses, _launch_config(addresses[1].shape[1], d_v)
-    addresses, args, constants, launch = step_decoder(q, k, v, offset, spec)
-    kernels.decode_pairs_kernel[(batch * heads,)](*args, **constants)
-    return addresses, launch
+    # "fused", "dense" and "split": their decoder; the fused kernel's tiles (the split layout's are the
+    # same per column block)
+    fused = fused_step_constants(d_k, spec.num_partitions, spec.topk, d_v, layout in ("dense", "split"),
+                                 warps=dense_warps(batch * heads) if layout == "dense" else None)
+    return _decode_pairs(q, k, offset, spec, fused), (fused["KB"], fused["BLOCK_DV"], fused["num_warps"])
 
 
 def pdma_table_step(table, slots, write_w, decay, v, read_w, eps: float, launch: tuple[int, int, int],
@@ -345,4 +325,4 @@ def decode_spec(num_heads: int, head_k_dim: int, *, num_partitions: int, topk: i
 
 
 __all__ = ["LAYOUTS", "decode_spec", "default_layout", "pdma_step_triton", "pdma_table_step", "ram_decode_step",
-           "step_addresses", "step_decoder"]
+           "step_addresses"]

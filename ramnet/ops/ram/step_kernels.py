@@ -9,7 +9,7 @@ in place, then read K, for every (sequence, head). Four layouts (``step.py`` pic
 - ``split_step_kernel`` + ``commit_z_kernel``: grid (b, h) x column blocks of d_v; every program
   decodes the addresses (redundantly), and none stores z (see "split" below).
 - ``table_step_kernel``: a non-dense state's step (``ramnet/states``) on the token's gathered rows, with
-  the addresses of ``decode_pairs`` in the dense layout's tiles, i.e. ``pdma_step_kernel``'s
+  the addresses of ``decode_pairs_kernel`` in the dense layout's tiles, i.e. ``pdma_step_kernel``'s
   arithmetic (``_write_then_read``) on a table instead of the memory (``table_step``, which the
   host-resident state's kernel also runs before storing the written rows itself).
 
@@ -365,25 +365,12 @@ def decode_pairs_kernel(
     KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, INDEX_64: tl.constexpr,
     UNROLL: tl.constexpr, DENSE: tl.constexpr, MB: tl.constexpr, TOP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # The separate layout's decoder, and a store's (one pair per program): decode_pairs.
-    decode_pairs(tl.program_id(0).to(tl.int64), q, k, offset, gamma, cape, write_idx, write_w, decay, read_idx, read_w,
-                 n_pairs, num_heads, tau, idx_stride, q_b, q_h, k_b, k_h, U, DP, DP_PAD, K, KP, KPB, KB, K_OUT, M,
-                 INDEX_64, UNROLL, DENSE, MB, TOP, BLOCK_N)
-
-
-@triton.jit
-def decode_pairs(
-    program, q, k, offset, gamma, cape, write_idx, write_w, decay, read_idx, read_w,
-    n_pairs, num_heads, tau, idx_stride, q_b, q_h, k_b, k_h,
-    U: tl.constexpr, DP: tl.constexpr, DP_PAD: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    KPB: tl.constexpr, KB: tl.constexpr, K_OUT: tl.constexpr, M: tl.constexpr, INDEX_64: tl.constexpr,
-    UNROLL: tl.constexpr, DENSE: tl.constexpr, MB: tl.constexpr, TOP: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """BLOCK_N decoder lanes for ``program``: the key (even lanes) and the query (odd lanes) of BLOCK_N / 2
-    (b, h) pairs; writes the [B * H, K_OUT] address tensors of pdma_step_kernel (CAPE applied, decay
-    (1 - w) ** gamma as in fused_step_kernel); the slot tensors' rows are idx_stride apart."""
+    # The separate layout's decoder: BLOCK_N lanes per program, the key (even lanes) and the query
+    # (odd lanes) of BLOCK_N / 2 (b, h) pairs; writes the [B * H, K_OUT] address tensors of
+    # pdma_step_kernel (CAPE applied, decay (1 - w) ** gamma as in fused_step_kernel); the slot
+    # tensors' rows are idx_stride apart.
     lane = tl.arange(0, BLOCK_N)
-    pair = program * (BLOCK_N // 2) + lane // 2
+    pair = tl.program_id(0).to(tl.int64) * (BLOCK_N // 2) + lane // 2
     ok = pair < n_pairs
     pair = tl.where(ok, pair, 0)
     b, h = pair // num_heads, pair % num_heads
