@@ -31,7 +31,14 @@ def _partition(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr
     x = tl.where(col_mask, x, float("-inf"))
     z = x / tau
     z = z - tl.max(z, axis=0)[None, :]
-    return x, z - tl.log(tl.sum(tl.exp(z), axis=0))[None, :]
+    # The softmax's sum column after column (each taken out by a sum of one nonzero, exact), not tl.sum's
+    # layout-dependent order: the decoding step decodes in two kernels for a non-dense state, and both must give
+    # the same bits (ops/ram/step_kernels.py's _sum_rows_in_order says why).
+    e = tl.exp(z)
+    total = tl.sum(tl.where(cols == 0, e, 0.0), axis=0)
+    for d in tl.static_range(1, DP):
+        total += tl.sum(tl.where(cols == d, e, 0.0), axis=0)
+    return x, z - tl.log(total)[None, :]
 
 
 @triton.jit

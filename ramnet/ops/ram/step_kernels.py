@@ -97,6 +97,20 @@ def _advance(offset, row, num_heads):
 
 
 @triton.jit
+def _sum_rows_in_order(x):
+    """``x [R, C]`` summed over its rows, row 0 first, then 1, ...: the same bits whatever layout the compiler
+    gives the tile. (``tl.sum``'s order follows the layout, which follows the kernel around it: the dense
+    state's step and a store's step on the same rows, in two kernels, summed in two orders on an H100, and a
+    bf16 model's greedy tokens drifted apart.) Each term is taken out of the tile by a sum of one nonzero, which
+    is exact."""
+    rows = tl.arange(0, x.shape[0])[:, None]
+    total = tl.sum(tl.where(rows == 0, x, 0.0), axis=0)
+    for j in tl.static_range(1, x.shape[0]):
+        total += tl.sum(tl.where(rows == j, x, 0.0), axis=0)
+    return total
+
+
+@triton.jit
 def _write_then_read(S_bh, z_bh, w_idx, w_w, w_dec, r_idx, r_w, live, v_row, o_row, eps, s_m, s_d, z_m,
                      COL0, D_V: tl.constexpr, BLOCK_DV: tl.constexpr, COLS: tl.constexpr, STORE_Z: tl.constexpr):
     """The PDMA step of one (sequence, head) from its K write and K read slots ``[K_PAD]``
@@ -134,7 +148,7 @@ def _write_then_read(S_bh, z_bh, w_idx, w_w, w_dec, r_idx, r_w, live, v_row, o_r
         vv = tl.load(v_row + cols, mask=cmask, other=0.0).to(compute)
         S_new = w_dec[:, None] * S_w + w_w[:, None] * vv[None, :]
         tl.store(w_ptr, S_new, mask=w_mask)
-        out = tl.sum(coef_r[:, None] * S_r, axis=0) + tl.sum(coef_w[:, None] * S_new, axis=0)
+        out = _sum_rows_in_order(coef_r[:, None] * S_r) + _sum_rows_in_order(coef_w[:, None] * S_new)
         tl.store(o_row + cols, out, mask=cmask)  # cast to o's dtype
     if STORE_Z:
         tl.store(z_bh + w_idx * z_m, z_new, mask=live)
