@@ -37,8 +37,9 @@ state is moved to the host with an empty cache: one layer's dense state exists o
 ``prefill="stream"`` runs the prompt token by token through the cache instead.
 
 Prefetch: none. The next token's slots depend on its key and query, i.e. on the layer's input at that
-token, which is not known before the previous layers have run; what could be prefetched is a guess (e.g.
-CAPE's shift of the last slots), which the traces do not support (docs/trace.md).
+token, which is not known before the previous layers have run; what could be prefetched is a guess (the last
+token's slots, shifted by one on a CAPE head), which a simulated cache on the traces does not support
+(``ramnet trace``'s ``lru_prefetch``, docs/trace.md).
 """
 
 from __future__ import annotations
