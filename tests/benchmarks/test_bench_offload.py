@@ -67,6 +67,7 @@ def test_graph_mode_replays_the_dense_and_offloaded_steps_with_the_dense_tokens(
     assert result["meta"]["mode"] == "graph"
     rows = {r["state"]: r for r in result["rows"]}
     assert [rows[kind]["mode"] for kind in ("dense", "sparse", "offload")] == ["graph", "eager", "graph"]
+    assert rows["sparse"]["tokens_reference"] == "dense, eager"
     for kind in ("dense", "sparse", "offload"):
         assert rows[kind]["tok_s"] > 0 and rows[kind]["tokens_match"] is True, rows[kind]
     assert "eager steps" in out.with_suffix(".md").read_text()
