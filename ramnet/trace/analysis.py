@@ -247,5 +247,5 @@ def reuse_histogram(distances: np.ndarray, memory_slots: int) -> dict:
     return dict(edges=edges, counts=counts.tolist(), cold=int((distances < 0).sum()))
 
 
-__all__ = ["access_stream", "belady_hit_rate", "predicted_by_last_token", "cache_sizes", "lfu_hit_rate", "lru_hit_rates", "reuse_histogram",
-           "stack_distances", "summarize_head"]
+__all__ = ["access_stream", "belady_hit_rate", "cache_sizes", "lfu_hit_rate", "lru_hit_rates", "lru_prefetch",
+           "predicted_by_last_token", "reuse_histogram", "stack_distances", "summarize_head"]

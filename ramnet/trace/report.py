@@ -102,7 +102,8 @@ def format_table(summary: dict) -> str:
         out.append("LRU misses a prefetch of the last token's slots would have caught (% of accesses): " + ", ".join(
             f"{100 * f:g}% {_pct(x)}%" for f, x in zip(fractions, summary["mean_prefetch"])))
     if "mean_lru_prefetch" in summary:
-        out.append("LRU with that prefetch, simulated: hit rate (rows fetched ahead per token, share used): " + ", ".join(
+        head = "LRU with that prefetch, simulated: hit rate (rows fetched ahead per token, share used): "
+        out.append(head + ", ".join(
             f"{100 * f:g}% {_pct(x['hit_rate'])}% ({x['fetched_per_token']:.2f}, "
             f"{'-' if x['used'] is None else _pct(x['used']) + '%'})"
             for f, x in zip(fractions, summary["mean_lru_prefetch"])))

@@ -107,7 +107,8 @@ def test_the_command_writes_png_json_and_table_in_under_a_minute(ckpt, tmp_path,
     assert summary["memory_slots"] == 64 and summary["topk"] == 4 and summary["tokens"] == 1024
     assert summary["cache_slots"] == [3, 6, 16, 32] and len(summary["per_head"]) == 16
     for sim in summary["mean_lru_prefetch"]:
-        assert 0 <= sim["hit_rate"] <= 1 and sim["fetched_per_token"] >= 0 and (sim["used"] is None or 0 <= sim["used"] <= 1)
+        assert 0 <= sim["hit_rate"] <= 1 and sim["fetched_per_token"] >= 0
+        assert sim["used"] is None or 0 <= sim["used"] <= 1
     assert result["meta"]["git_rev"] is None or isinstance(result["meta"]["git_rev"], str)
     first = result["traces"][0]
     assert np.array(first["write_idx"]).shape == (1, 1024, 4, 4)
