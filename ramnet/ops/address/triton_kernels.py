@@ -17,6 +17,12 @@ import triton
 import triton.language as tl
 
 
+# Up to this d_p the decoder's softmax sums in a fixed order (DP reductions of the partition's tile, so DP**2 work;
+# d_p is 4 at the paper's shapes). Above it, tl.sum's order: a store's decoding step may then differ from the dense
+# step's in the last bits.
+ORDERED_SUM_MAX_DP = tl.constexpr(16)
+
+
 @triton.jit
 def _partition(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr):
     """Partition u of BLOCK_N rows starting at the pointers ``row_ptr [BLOCK_N]``: its entries ``x``
@@ -31,13 +37,16 @@ def _partition(row_ptr, row_mask, tau, u, DP: tl.constexpr, DP_PAD: tl.constexpr
     x = tl.where(col_mask, x, float("-inf"))
     z = x / tau
     z = z - tl.max(z, axis=0)[None, :]
-    # The softmax's sum column after column (each taken out by a sum of one nonzero, exact), not tl.sum's
-    # layout-dependent order: the decoding step decodes in two kernels for a non-dense state, and both must give
-    # the same bits (ops/ram/step_kernels.py's _sum_rows_in_order says why).
     e = tl.exp(z)
-    total = tl.sum(tl.where(cols == 0, e, 0.0), axis=0)
-    for d in tl.static_range(1, DP):
-        total += tl.sum(tl.where(cols == d, e, 0.0), axis=0)
+    if DP <= ORDERED_SUM_MAX_DP:
+        # The softmax's sum column after column (each taken out by a sum of one nonzero, exact), not tl.sum's
+        # layout-dependent order: the decoding step decodes in two kernels for a non-dense state, and both must
+        # give the same bits (ops/ram/step_kernels.py's _sum_rows_in_order says why).
+        total = tl.sum(tl.where(cols == 0, e, 0.0), axis=0)
+        for d in tl.static_range(1, DP):
+            total += tl.sum(tl.where(cols == d, e, 0.0), axis=0)
+    else:
+        total = tl.sum(e, axis=0)
     return x, z - tl.log(total)[None, :]
 
 
