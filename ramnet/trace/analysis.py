@@ -159,7 +159,8 @@ def predicted_by_last_token(slots: np.ndarray, tokens: np.ndarray, memory_slots:
 
 def lru_prefetch(slots: np.ndarray, tokens: np.ndarray, size: int, memory_slots: int, cape: bool) -> dict:
     """An LRU cache of ``size`` slots that, before each token's accesses, fetches the last token's slots
-    (shifted by one on a CAPE head, as in ``predicted_by_last_token``) that are not resident, as the most
+    (on a CAPE head shifted by one only: unshifted they were just used, so resident unless the cache is smaller
+    than a token's slots; ``predicted_by_last_token`` counts both) that are not resident, as the most
     recently used (evicting as a miss does): what a prefetch from the last token buys, pollution included.
     ``hit_rate``: hits over all accesses (a hit on a prefetched slot counts); ``fetched_per_token``: the rows
     prefetched per token; ``used``: the share of them accessed before they were evicted."""
