@@ -83,6 +83,10 @@ def _launch(token_args, S, z, saved_S, saved_z, o, memory_slots: int, eps: float
     cu32 = cu.to(device=v.device, dtype=torch.int32) if varlen else write_idx  # never read without VARLEN
     with torch.cuda.device(v.device):
         if _shared_configured.get(id(kernel), -1) < nbytes:
+            if not hasattr(kernel, "set_shared_memory_config"):
+                raise RuntimeError(f"the on-chip PDMA kernel needs {nbytes} bytes of shared memory a block, which "
+                                   f"torch {torch.__version__}'s compiled kernels cannot be given (no "
+                                   f"set_shared_memory_config)")
             kernel.set_shared_memory_config(nbytes)
             _shared_configured[id(kernel)] = nbytes
         kernel(grid=(rows, slices, 1), block=(width, 1, 1), shared_mem=nbytes,
