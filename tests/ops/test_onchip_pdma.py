@@ -292,7 +292,7 @@ def test_fits_is_the_shared_memory_rule(monkeypatch):
     assert onchip.onchip_fits(1760, 64, "cuda")  # 1760 * 33 * 4 = 232,320
     assert not onchip.onchip_fits(1761, 64, "cuda")
     assert onchip.onchip_fits(3418, 16, "cuda") and not onchip.onchip_fits(3419, 16, "cuda")  # d_v 16: 16 columns
-    assert onchip.onchip_shape(64) == (32, 2) and onchip.onchip_shape(40) == (32, 2) and onchip.onchip_shape(4) == (16, 1)
+    assert [onchip.onchip_shape(d_v) for d_v in (64, 40, 4)] == [(32, 2), (32, 2), (16, 1)]
     monkeypatch.setattr(onchip, "WIDTH", 16)
     assert onchip.onchip_shape(40) == (16, 3)
 
@@ -435,7 +435,8 @@ def emulated(monkeypatch, tmp_path_factory):
             (folder / "kernel.cpp").write_text(emulation_source(onchip_kernels.source(*config[:6], HAS_H0=config[6],
                                                                                       PF=config[7])))
             done = subprocess.run([CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o",
-                                   str(folder / "kernel.so"), str(folder / "kernel.cpp")], capture_output=True, text=True)
+                                   str(folder / "kernel.so"), str(folder / "kernel.cpp")],
+                                  capture_output=True, text=True)
             assert done.returncode == 0, done.stderr[-3000:]
             _libraries[config] = _Emulated(ctypes.CDLL(str(folder / "kernel.so")))
         return _libraries[config]
