@@ -26,9 +26,10 @@ Per token (its K write slots distinct, its K read slots distinct):
   lane ``j < K`` computes read ``j``'s factor ``r_j / (z_j + eps)`` from shared memory after the
   stores, and ``K`` warp shuffles hand the factors to every lane: ``o = sum_j f_j S_j``. Two
   ``__syncwarp``: one before the z stores (every lane's z loads of the previous token's reads and of
-  this token's writes are done) and one after them (the reads see them). This is the brief's design
-  with the z work spread over the lanes: no ``[K, K]`` slot match and one division a lane instead of
-  K redundant ones, because one warp issues one instruction a cycle and the chain is what it costs.
+  this token's writes are done) and one after them (the reads see them). Rather than every lane
+  computing all K new z and matching read slots to write slots (the Triton kernel's ``[K, K]``
+  match), the z work is spread over the lanes: no match and one division a lane instead of K, since
+  one warp issues one instruction a cycle and each token's chain of instructions is the cost.
 - With ``SAVE`` the pre-write entries go to ``saved_S [B*T*H*K, D]`` (this slice's columns) and the
   pre-write z to ``saved_z`` (slice 0's lanes) at event ``((b*T + t)*H + h)*K + i``; o is fp32.
 
