@@ -1,19 +1,22 @@
-"""The Triton path's two PDMA kernel families side by side, through ``ram_attention(..., mode="triton")``
+"""The Triton path's PDMA kernel families side by side, through ``ram_attention(..., mode="triton")``
 with each forced (``ram.triton.pdma_kernels``): token-by-token (``ops/pdma/token_triton.py``) and
-slot-sorted (``ops/pdma/triton.py``), at the paper's
+slot-sorted (``ops/pdma/triton.py``), and on request (``--families sorted,token,onchip``) the token
+family with its forward on the on-chip CUDA kernel (``ops/pdma/onchip.py``), at the paper's
 layer shape (H 16, d_v 64, U 5 x d_p 4 so M 1024, K 8, bf16) and B x T in {8 x 2048, 2 x 8192,
 1 x 32768}; ``--partitions`` adds larger memories (U 6, 7, 8: M 4096 to 65536).
 
 Per shape: first the token kernels' outputs and input gradients against the slot-sorted kernels' (the
 largest difference over the largest value), then ``triton.testing.do_bench`` medians of the forward
 (no grad) and of forward+backward, the peak memory of forward+backward over the inputs, and the token
-kernels alone (fwd+bwd on tokens decoded beforehand). With ``--time-segments n`` the token kernels
+kernels alone (fwd+bwd on tokens decoded beforehand; the on-chip ones too, and they sit out the shapes
+whose table slice does not fit in shared memory, ``onchip_fits``). With ``--time-segments n`` the token kernels
 also run each shape cut into n pieces (``ram_attention(time_segments=n)``). Then, at the first shape,
-the token kernels' launch settings (module constants; each setting compiles the kernels again, tens
-of seconds).
+the table families' launch settings (module constants; each setting compiles the kernels again, tens
+of seconds for the Triton ones).
 
     python benchmarks/bench_pdma_kernels.py [--out benchmarks/results/pdma_kernels_h200.json]
     python benchmarks/bench_pdma_kernels.py --families sorted,token --shapes 8x2048 --no-sweep   # the quickest
+    python benchmarks/bench_pdma_kernels.py --families sorted,token,onchip --shapes 8x2048 1x32768
 
 (Until 2026-12-07 this was ``bench_chunk_pdma.py``, which timed the chunked kernels, since removed,
 against the sorted ones: ``results/chunk_pdma_h100.json``.)
@@ -31,7 +34,7 @@ import triton.testing
 
 from ramnet.files import write_text_atomic
 from ramnet.ops import ram_attention
-from ramnet.ops.pdma import token_triton
+from ramnet.ops.pdma import onchip, token_triton
 from ramnet.ops.ram.common import decode_tokens
 from ramnet.ops.ram.spec import build_spec
 from ramnet.ops.ram.triton import pdma_kernels
@@ -40,13 +43,16 @@ from ramnet.provenance import environment
 HEADS, D_V, U, D_P, TOPK = 16, 64, 5, 4, 8
 CAPE = torch.tensor([h % 2 == 0 for h in range(HEADS)])
 SHAPES = ["8x2048", "2x8192", "1x32768"]
-FAMILIES = ["sorted", "token"]
-LAUNCHERS = {"token": (token_triton, "token_pdma_triton")}
+FAMILIES = ["sorted", "token"]  # the default; "onchip" on request
+KNOWN_FAMILIES = ["sorted", "token", "onchip"]
+LAUNCHERS = {"token": (token_triton, "token_pdma_triton"), "onchip": (onchip, "onchip_pdma")}
 # Launch settings tried at the first shape, per family: module constants of its launcher, each one
 # change from the defaults: d_v columns a program (WIDTH), warps, the L2 hints.
 SWEEP = {
     "token": [(f"width {w}, {n} warp{'s' if n > 1 else ''}", dict(WIDTH=w, NUM_WARPS=n))
               for w, n in ((16, 1), (64, 1), (32, 2), (64, 2))] + [("no cache hints", dict(KEEP="", STREAM=""))],
+    # the on-chip forward's columns a block and how many tokens' inputs it loads ahead
+    "onchip": [("width 16", dict(WIDTH=16)), ("prefetch 1", dict(PREFETCH=1)), ("prefetch 3", dict(PREFETCH=3))],
 }
 MISMATCH = 2e-2  # bf16 outputs and gradients: a few bf16 ulps of the largest value
 DEVICE = "cuda"
@@ -124,6 +130,10 @@ def measure_shape(batch: int, seq_len: int, families: list[str], segments: list[
     rows = []
     for kernels, n in runs:
         name = kernels if n is None else f"{kernels}, {n} time segments"
+        if kernels == "onchip" and not onchip.onchip_fits(D_P**partitions, D_V, DEVICE):
+            print(f"{label} {name:26s} skipped: a table slice of M {D_P**partitions} does not fit in shared memory",
+                  flush=True)
+            continue
         reference = (kernels, n) == ("sorted", None)
         diff = 0.0 if reference else worst_difference(op_step(q, k, v, grad, kernels, True, n)(), want)
         row = dict(shape=label, B=batch, T=seq_len, U=partitions, M=D_P**partitions, kernels=kernels, time_segments=n,
@@ -172,7 +182,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pdma_kernels.json")
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="B x T, e.g. 8x2048")
     parser.add_argument("--families", type=lambda s: s.split(","), default=FAMILIES,
-                        help=f"comma-separated, from {','.join(FAMILIES)} (sorted always runs: the reference)")
+                        help=f"comma-separated, from {','.join(KNOWN_FAMILIES)} (default {','.join(FAMILIES)}; "
+                             "sorted always runs: the reference)")
     parser.add_argument("--time-segments", type=int, nargs="*", default=[],
                         help="also run the token family with each sequence cut into this many pieces")
     parser.add_argument("--partitions", type=int, nargs="+", default=[U],
@@ -182,13 +193,13 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    unknown = set(args.families) - set(FAMILIES)
+    unknown = set(args.families) - set(KNOWN_FAMILIES)
     if unknown:
-        parser.error(f"--families: unknown {sorted(unknown)}; choose from {FAMILIES}")
+        parser.error(f"--families: unknown {sorted(unknown)}; choose from {KNOWN_FAMILIES}")
     families = ["sorted"] + [f for f in args.families if f != "sorted"]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     defaults = {family: {name: getattr(LAUNCHERS[family][0], name) for _, change in SWEEP[family] for name in change}
-                for family in LAUNCHERS}
+                for family in LAUNCHERS if family in families}
     meta = dict(**environment("cuda"), timer="triton.testing.do_bench median (warmup 5, rep 40)",
                 shape=dict(H=HEADS, d_v=D_V, U=args.partitions, d_p=D_P, M=[D_P**u for u in args.partitions], K=TOPK,
                            dtype="bf16", cape_heads=HEADS // 2),

@@ -5,6 +5,9 @@ function with one token a chunk is this recurrence); computes in fp32 whatever t
 Memory, besides the inputs: the state tables (``N*H*M x (d_v + slices)`` fp32; in the backward a
 copy rolled back token by token and the adjoint) and, for the backward, every write's pre-write row
 (``B*T*H*K x (d_v + 1)`` fp32, written by the forward only when a gradient is needed).
+
+``onchip.py`` runs the forward as a CUDA kernel over tables in shared memory and shares the rest:
+``forward_buffers``, ``finish_forward`` and this backward (its Function subclasses ``_TokenPDMA``).
 """
 
 from __future__ import annotations
@@ -35,41 +38,67 @@ def launch_shape(d_v: int) -> tuple[int, int]:
     return width, math.ceil(d_v / width)
 
 
+def token_config(topk: int, d_v: int, varlen: bool) -> tuple[dict, int]:
+    """The Triton kernels' compile-time constants and launch options, and the number of d_v slices
+    (the rows of the z table)."""
+    width, slices = launch_shape(d_v)
+    config = dict(K=topk, KP=triton.next_power_of_2(topk), DS=width, VARLEN=varlen, KEEP=KEEP, STREAM=STREAM,
+                  num_warps=NUM_WARPS)
+    return config, slices
+
+
+def forward_buffers(write_idx, v, S0, z0, memory_slots: int, num_seqs: int, slices: int, save: bool):
+    """What a token forward writes: the tables ``S [N*H*M, d_v]`` and ``z [slices, N*H*M]`` filled
+    with the initial state (zeros and 1/M without one), the pre-write rows' buffers (empty unless
+    ``save``) and ``o [B, T, H, d_v]``, all fp32."""
+    batch, seq_len, heads, _ = write_idx.shape
+    d_v, dev = v.shape[-1], v.device
+    table_rows = num_seqs * heads * memory_slots
+    if S0 is None:
+        S = torch.zeros(table_rows, d_v, dtype=torch.float32, device=dev)
+        z = torch.full((slices, table_rows), 1.0 / memory_slots, dtype=torch.float32, device=dev)
+    else:
+        S = S0.reshape(table_rows, d_v).to(torch.float32, copy=True)
+        z = z0.reshape(1, table_rows).to(torch.float32).repeat(slices, 1)
+    events = write_idx.numel()
+    saved_S = torch.empty(events if save else 0, d_v, dtype=torch.float32, device=dev)
+    saved_z = torch.empty(events if save else 0, dtype=torch.float32, device=dev)
+    o = torch.empty(batch, seq_len, heads, d_v, dtype=torch.float32, device=dev)
+    return S, z, saved_S, saved_z, o
+
+
+def finish_forward(ctx, token_args, S, z, saved_S, saved_z, o, config, S0, eps, num_seqs, memory_slots,
+                   return_final):
+    """Save what ``_TokenPDMA.backward`` reads (the tables as the forward left them, ``z`` with one
+    copy per slice of ``config``) and return the Function's outputs."""
+    heads, d_v = token_args[0].shape[2], S.shape[-1]
+    ctx.save_for_backward(*token_args, S, z, saved_S, saved_z)
+    ctx.setup = (config, S0 is not None, S0.dtype if S0 is not None else None, eps, num_seqs, memory_slots)
+    if not return_final:
+        return o, None, None
+    return o, S.view(num_seqs, heads, memory_slots, d_v), z[0].view(num_seqs, heads, memory_slots)
+
+
 class _TokenPDMA(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def forward(ctx, write_w, decay, read_w, v, S0, z0, write_idx, read_idx, cu_seqlens, memory_slots, eps,
                 return_final):
-        batch, seq_len, heads, topk = write_idx.shape
-        d_v, dev = v.shape[-1], v.device
-        num_seqs = batch if cu_seqlens is None else len(cu_seqlens) - 1
+        seq_len, heads = write_idx.shape[1:3]
+        d_v = v.shape[-1]
+        num_seqs = write_idx.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
         rows = num_seqs * heads
-        table_rows = rows * memory_slots
-        width, slices = launch_shape(d_v)
-        if S0 is None:
-            S = torch.zeros(table_rows, d_v, dtype=torch.float32, device=dev)
-            z = torch.full((slices, table_rows), 1.0 / memory_slots, dtype=torch.float32, device=dev)
-        else:
-            S = S0.reshape(table_rows, d_v).to(torch.float32, copy=True)
-            z = z0.reshape(1, table_rows).to(torch.float32).repeat(slices, 1)
+        config, slices = token_config(write_idx.shape[-1], d_v, cu_seqlens is not None)
         save = any(ctx.needs_input_grad[:6])
-        events = write_idx.numel()
-        saved_S = torch.empty(events if save else 0, d_v, dtype=torch.float32, device=dev)
-        saved_z = torch.empty(events if save else 0, dtype=torch.float32, device=dev)
-        o = torch.empty(batch, seq_len, heads, d_v, dtype=torch.float32, device=dev)
-        config = dict(K=topk, KP=triton.next_power_of_2(topk), DS=width, VARLEN=cu_seqlens is not None,
-                      KEEP=KEEP, STREAM=STREAM, num_warps=NUM_WARPS)
+        S, z, saved_S, saved_z, o = forward_buffers(write_idx, v, S0, z0, memory_slots, num_seqs, slices, save)
         cu = cu_seqlens if cu_seqlens is not None else write_idx  # never read without VARLEN
         token_args = (write_idx, write_w, decay, read_idx, read_w, v, cu)
         if rows:
             kernels.token_fwd_kernel[(rows, slices)](
-                *token_args, S, z, saved_S, saved_z, o, seq_len, heads, memory_slots, d_v, table_rows, eps,
+                *token_args, S, z, saved_S, saved_z, o, seq_len, heads, memory_slots, d_v, rows * memory_slots, eps,
                 SAVE=save, **config)
-        ctx.save_for_backward(*token_args, S, z, saved_S, saved_z)
-        ctx.setup = (config, S0 is not None, S0.dtype if S0 is not None else None, eps, num_seqs, memory_slots)
-        if not return_final:
-            return o, None, None
-        return o, S.view(num_seqs, heads, memory_slots, d_v), z[0].view(num_seqs, heads, memory_slots)
+        return finish_forward(ctx, token_args, S, z, saved_S, saved_z, o, config, S0, eps, num_seqs, memory_slots,
+                              return_final)
 
     @staticmethod
     @first_order_backward

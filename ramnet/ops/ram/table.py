@@ -2,7 +2,9 @@
 no sort of the events: the token-by-token Triton kernels (``ops/pdma/token_triton.py``), or with
 ``use_triton=False`` the chunked torch reference (``ops/pdma/chunk.py``), which computes the same
 recurrence a chunk of tokens at a time. The Triton path takes it when ``pdma_kernels("token")`` asks
-for it (``ram/triton.py``); the tests compare both with the other paths."""
+for it (``ram/triton.py``), and with ``kernels="onchip"`` (``pdma_kernels("onchip")``) runs the forward
+on the on-chip CUDA kernel instead (``ops/pdma/onchip.py``); the tests compare them with the other
+paths."""
 
 from __future__ import annotations
 
@@ -13,12 +15,16 @@ from .state import RAMState
 
 
 def table_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens,
-                  use_triton: bool = True):
+                  use_triton: bool = True, kernels: str = "token"):
     offset, _, tokens = decoded_call(q, k, spec, initial_state, cu_seqlens, use_triton)
     h0 = None if initial_state is None else (initial_state.S, initial_state.z)
     kw = dict(memory_slots=spec.memory_slots, eps=spec.eps, initial_state=h0, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
-    if use_triton:
+    if use_triton and kernels == "onchip":
+        from ..pdma.onchip import onchip_pdma  # imports triton (its backward), an optional dependency
+
+        o, final = onchip_pdma(*tokens, v, **kw)
+    elif use_triton:
         from ..pdma.token_triton import token_pdma_triton  # imports triton, an optional dependency
 
         o, final = token_pdma_triton(*tokens, v, **kw)

@@ -1,7 +1,8 @@
 """The Triton path: the parallel path's segment-sorted PDMA with the scan, the reads and their
 backward fused into Triton kernels, or the token-by-token PDMA kernels (``ram/table.py``) when
-``pdma_kernels("token")`` asks for them. Computes in fp32 (fp64 inputs too). Runs on CUDA, or on CPU
-under ``TRITON_INTERPRET=1``.
+``pdma_kernels("token")`` asks for them, or (``pdma_kernels("onchip")``, CUDA only) those with the
+forward on the on-chip CUDA kernel (``ops/pdma/onchip.py``). Computes in fp32 (fp64 inputs too). Runs
+on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 
 The PDMA kernels (``ops/pdma/triton_kernels.py``) walk the slot-sorted events in a loop, one
 program per chunk of events with the channels across threads. (An earlier family ran blocks of
@@ -25,18 +26,20 @@ from .table import table_forward
 
 # "auto" runs the slot-sorted kernels: on an H100 (benchmarks/results/pdma_kernels_h100.md) the token
 # kernels took 1.36x their forward+backward at B8 T2048 and 5.6x at B1 T32768; a token costs a round trip
-# to L2 in a chain, so they can only win where sequences are short and many.
-KERNEL_FAMILIES = ("token", "sorted")
+# to L2 in a chain, so they can only win where sequences are short and many. "onchip" (the token family with
+# its forward's tables in shared memory, CUDA C) is forced only, until it is measured on a GPU.
+KERNEL_FAMILIES = ("token", "sorted", "onchip")
 _forced: str | None = None
 
 
 @contextmanager
 def pdma_kernels(kind: str):
-    """Inside the block, the Triton path runs the ``"token"`` or ``"sorted"`` PDMA kernels whatever the
-    sizes (``"auto"``: the sorted ones, ``pdma_kernels_for``). For tests and benchmarks."""
+    """Inside the block, the Triton path runs the ``"token"``, ``"sorted"`` or ``"onchip"`` PDMA kernels
+    whatever the sizes (``"auto"``: the sorted ones, ``pdma_kernels_for``). For tests and benchmarks.
+    ``"onchip"`` runs on CUDA only and raises elsewhere (no fallback)."""
     global _forced
     if kind not in ("auto", *KERNEL_FAMILIES):
-        raise ValueError(f"kind must be 'auto', 'token' or 'sorted', got {kind!r}")
+        raise ValueError(f"kind must be 'auto', 'token', 'sorted' or 'onchip', got {kind!r}")
     before, _forced = _forced, (None if kind == "auto" else kind)
     try:
         yield
@@ -45,16 +48,22 @@ def pdma_kernels(kind: str):
 
 
 def pdma_kernels_for() -> str:
-    """``"token"`` or ``"sorted"``: the PDMA kernels the Triton path runs now (the token kernels
-    refuse K > 8 and M >= 2**31 with a ValueError). No size rule: the sorted kernels were as fast or
+    """``"token"``, ``"sorted"`` or ``"onchip"``: the PDMA kernels the Triton path runs now (the token
+    and on-chip kernels refuse K > 8 and M >= 2**31 with a ValueError, the on-chip ones a table slice
+    that does not fit in shared memory too). No size rule: the sorted kernels were as fast or
     faster at every shape measured."""
     return _forced or "sorted"
 
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
+    kernels = pdma_kernels_for()
+    if kernels == "onchip" and q.device.type != "cuda":  # first, and never a fallback
+        raise RuntimeError(f"pdma_kernels('onchip') runs a CUDA C kernel and needs CUDA tensors, got device "
+                           f"{q.device}; use pdma_kernels('token') or 'sorted' instead")
     require_triton(q.device, 'mode="triton"')
-    if pdma_kernels_for() == "token":
-        return table_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True)
+    if kernels in ("token", "onchip"):
+        return table_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True,
+                             kernels=kernels)
     from ..pdma.triton import segment_pdma_triton  # imports triton, an optional dependency
 
     stream = sorted_events(q, k, spec, initial_state, cu_seqlens, use_triton=True)
