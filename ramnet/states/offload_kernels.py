@@ -9,7 +9,8 @@ knowing which rows: no device read, no host synchronisation.
 
 ``plan_fill_kernel``: ``OffloadState._plan`` for one row's lanes in registers, then the rows moved. Every
 load comes before any store, across the program's warps too (a barrier between them): first the metadata of
-the lanes' sets, the evicted lines' rows, the missed and bypassed slots' host rows, the hit lines' rows; then
+the lanes' sets, then the missed slots' host rows and the hit lines' rows (issued as soon as the hits are known,
+before the victims are ranked, so that the bus's latency overlaps the ranking), the evicted lines' rows; then
 the new metadata, the evicted rows to the host, the fetched rows into their lines, the token's table of rows.
 No lane stores where another lane loads, since a victim line is one no lane hits, and a slot whose row is
 fetched was not in the cache, so no evicted line held it. The lanes' lines are distinct, so no two lanes store
@@ -49,6 +50,15 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     at = base[:, None] + ways[None, :]  # [N, W]
     in_set = live[:, None] & wlive[None, :]
     tag = tl.load(tags + at, mask=in_set, other=-2).to(tl.int64)
+    # The ranks and dirty bits of the whole set, loaded with its tags rather than after the victim is known:
+    # one dependent round trip less.
+    rank = tl.load(last + at, mask=in_set, other=0).to(tl.int64)
+    set_dirty = tl.load(dirty + at, mask=in_set, other=0).to(tl.int32)
+    if LFU:  # the use count, then the last use
+        uses = tl.load(count + at, mask=in_set, other=0).to(tl.int64)
+        rank = uses * 4294967296 + rank
+    else:
+        uses = tl.zeros([N_PAD, W_PAD], dtype=tl.int64)
     match = (tag == req[:, None]) & in_set
     hit = tl.max(match.to(tl.int32), axis=1) > 0
     hit_way = tl.argmax(match.to(tl.int32), axis=1)  # the first matching way (a slot is in one line at most)
@@ -56,19 +66,20 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     dup = live & (tl.max(((req[:, None] == req[None, :]) & earlier & live[None, :]).to(tl.int32), axis=1) > 0)
     live_hit = hit & ~dup
     miss = live & ~hit & ~dup
+    # The rows a lane needs whatever the ranking below decides, issued before it so that the bus's latency
+    # overlaps it: a missed slot's host row (it is fetched into a line or bypasses: taken | bypass == miss) and
+    # a hit line's row (in_line & ~taken == live & hit).
+    cols = tl.arange(0, COLS)
+    cmask = cols[None, :] < ROW
+    host_row = r * memory_slots + req
+    from_host = tl.load(host + host_row[:, None] * HOST_STRIDE + cols[None, :],
+                        mask=miss[:, None] & cmask, other=0.0)
+    cached = tl.load(data + (base + hit_way)[:, None] * ROW + cols[None, :], mask=(live & hit)[:, None] & cmask,
+                     other=0.0)
     same_set = (sets[:, None] == sets[None, :]) & live[None, :]  # [j, i]
     claim_i = same_set & live_hit[None, :]  # hit lanes i in lane j's set
     claimed = tl.max((claim_i[:, :, None] & (hit_way[None, :, None] == ways[None, None, :])).to(tl.int32),
                      axis=1) > 0  # [j, w]
-    rank = tl.load(last + at, mask=in_set, other=0).to(tl.int64)
-    # The dirty bits of the whole set, loaded with its tags rather than after the victim is known: one
-    # dependent round trip less.
-    set_dirty = tl.load(dirty + at, mask=in_set, other=0).to(tl.int32)
-    if LFU:  # the use count, then the last use
-        uses = tl.load(count + at, mask=in_set, other=0).to(tl.int64)
-        rank = uses * 4294967296 + rank
-    else:
-        uses = tl.zeros([N_PAD, W_PAD], dtype=tl.int64)
     big = BIG
     score = tl.where(claimed | ~wlive[None, :], big, tl.where(tag < 0, -1, rank))
     # Each way's place in its set's order (score, then way): the j-th miss of a set takes place j.
@@ -90,16 +101,10 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     was_dirty = tl.sum(tl.where(at_way, set_dirty, 0), axis=1) != 0
     evict = taken & was_dirty & (old_tag >= 0)
     in_line = live & (hit | taken)
-    host_row = r * memory_slots + req
     evict_row = r * memory_slots + tl.where(evict, old_tag, 0)
-    # The rows: every load before any store (the module docstring says why that is enough).
-    cols = tl.arange(0, COLS)
-    cmask = cols[None, :] < ROW
+    # The evicted rows: every load before any store (the module docstring says why that is enough).
     line_at = line[:, None] * ROW + cols[None, :]
     old = tl.load(data + line_at, mask=evict[:, None] & cmask, other=0.0)
-    from_host = tl.load(host + host_row[:, None] * HOST_STRIDE + cols[None, :],
-                        mask=(taken | bypass)[:, None] & cmask, other=0.0)
-    cached = tl.load(data + line_at, mask=(in_line & ~taken)[:, None] & cmask, other=0.0)
     # Program order is not enough across warps: a lane's values (its set's tags, its line's dirty bit) sit in
     # several warps, and a warp that ran ahead could store a line's new tag or clean bit before another
     # warp's copy of the lane had loaded the old one (that warp would then skip its part of the eviction).
