@@ -394,7 +394,8 @@ def emulation_source(text: str) -> str:
     lines, shared memory from the emulation, and its launcher at the end."""
     from ramnet.ops.pdma import onchip_kernels
 
-    defines, body = text[:-len(onchip_kernels.BODY)], onchip_kernels.BODY
+    defines, body = text.split(onchip_kernels.COMMON)
+    body = onchip_kernels.COMMON + body
     body = body.replace("extern __shared__ float smem[];", "float *smem = emu_smem;")
     body = body.replace('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));', "f = emu_half(x);")
     return defines + EMULATION + body + LAUNCH
