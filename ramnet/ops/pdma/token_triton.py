@@ -6,8 +6,9 @@ Memory, besides the inputs: the state tables (``N*H*M x (d_v + slices)`` fp32; i
 copy rolled back token by token and the adjoint) and, for the backward, every write's pre-write row
 (``B*T*H*K x (d_v + 1)`` fp32, written by the forward only when a gradient is needed).
 
-``onchip.py`` runs the forward as a CUDA kernel over tables in shared memory and shares the rest:
-``forward_buffers``, ``finish_forward`` and this backward (its Function subclasses ``_TokenPDMA``).
+``onchip.py`` runs the forward and the backward as CUDA kernels over tables in shared memory and shares
+the rest: ``forward_buffers``, ``finish_forward``, and this backward where its own backward's tables do
+not fit (its Function subclasses ``_TokenPDMA``).
 """
 
 from __future__ import annotations
