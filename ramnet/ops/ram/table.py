@@ -2,9 +2,9 @@
 no sort of the events: the token-by-token Triton kernels (``ops/pdma/token_triton.py``), or with
 ``use_triton=False`` the chunked torch reference (``ops/pdma/chunk.py``), which computes the same
 recurrence a chunk of tokens at a time. The Triton path takes it when ``pdma_kernels("token")`` asks
-for it (``ram/triton.py``), and with ``kernels="onchip"`` (``pdma_kernels("onchip")``) runs the forward
-on the on-chip CUDA kernel instead (``ops/pdma/onchip.py``); the tests compare them with the other
-paths."""
+for it (``ram/triton.py``), and with ``kernels="onchip"`` (``pdma_kernels("onchip")``) runs the token
+kernels' CUDA C versions instead, their tables in shared memory (``ops/pdma/onchip.py``: the forward, and the
+backward where the state and its adjoint fit); the tests compare them with the other paths."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Triton path: the parallel path's segment-sorted PDMA with the scan, the reads and their
 backward fused into Triton kernels, or the token-by-token PDMA kernels (``ram/table.py``) when
-``pdma_kernels("token")`` asks for them, or (``pdma_kernels("onchip")``, CUDA only) those with the
-forward on the on-chip CUDA kernel (``ops/pdma/onchip.py``). Computes in fp32 (fp64 inputs too). Runs
+``pdma_kernels("token")`` asks for them, or (``pdma_kernels("onchip")``, CUDA only) their CUDA C versions
+with the tables in shared memory (``ops/pdma/onchip.py``). Computes in fp32 (fp64 inputs too). Runs
 on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
 
 The PDMA kernels (``ops/pdma/triton_kernels.py``) walk the slot-sorted events in a loop, one
@@ -27,7 +27,7 @@ from .table import table_forward
 # "auto" runs the slot-sorted kernels: on an H100 (benchmarks/results/pdma_kernels_h100.md) the token
 # kernels took 1.36x their forward+backward at B8 T2048 and 5.6x at B1 T32768; a token costs a round trip
 # to L2 in a chain, so they can only win where sequences are short and many. "onchip" (the token family with
-# its forward's tables in shared memory, CUDA C) is forced only, until it is measured on a GPU.
+# its tables in shared memory, CUDA C) is forced only, until it is measured on a GPU.
 KERNEL_FAMILIES = ("token", "sorted", "onchip")
 _forced: str | None = None
 
