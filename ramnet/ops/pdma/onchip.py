@@ -21,7 +21,8 @@ import torch
 
 from ..autograd_support import first_order_backward, without_autocast
 from . import onchip_kernels as kernels
-from .token_triton import KERNEL_MAX_TOPK, _TokenPDMA, finish_forward, forward_buffers, token_config
+from .token_triton import (KERNEL_MAX_TOPK, _TokenPDMA, backward_results, finish_forward, forward_buffers,
+                           token_config)
 
 # Columns of d_v a block (one thread each, one warp): 32, or 16 (also taken where d_v <= 16).
 WIDTH = 32
@@ -173,7 +174,7 @@ def _backward(ctx, grad_o, grad_S, grad_z):
     end as the initial state's, one z share per slice of this kernel's width, summed here as the
     per-slice shares of the write weight, decay and read weight gradients are."""
     write_idx, write_w, decay, read_idx, read_w, v, cu, S, z, saved_S, saved_z = ctx.saved_tensors
-    config, has_h0, state_dtype, eps, num_seqs, memory_slots = ctx.setup
+    config, has_h0, _, eps, num_seqs, memory_slots = ctx.setup
     seq_len, heads, topk = write_idx.shape[1:]
     d_v, dev = v.shape[-1], v.device
     table_rows = z.shape[1]
@@ -204,13 +205,7 @@ def _backward(ctx, grad_o, grad_S, grad_z):
                    args=[write_idx, write_w, decay, read_idx, read_w, v, cu32, S, z[0], saved_S, saved_z, dS, dz,
                          grad_o.float().contiguous(), grads[0], grads[1], grads[2], grad_v,
                          seq_len, heads, memory_slots, d_v, float(eps)])
-    grad_write_w, grad_decay, grad_read_w = (g.sum(0).view(write_idx.shape) for g in grads)
-    grad_S0 = grad_z0 = None
-    if has_h0:
-        grad_S0 = dS.view(num_seqs, heads, memory_slots, d_v).to(state_dtype)
-        grad_z0 = dz.sum(0).view(num_seqs, heads, memory_slots).to(state_dtype)
-    return (grad_write_w.to(write_w.dtype), grad_decay.to(decay.dtype), grad_read_w.to(read_w.dtype),
-            grad_v.to(v.dtype), grad_S0, grad_z0, None, None, None, None, None, None)
+    return backward_results(ctx, grads, grad_v, dS, dz)
 
 
 class _OnchipPDMA(_TokenPDMA):

@@ -122,13 +122,24 @@ class _TokenPDMA(torch.autograd.Function):
                 write_idx, write_w, decay, read_idx, read_w, v, cu, S, z, saved_S, saved_z, dS, dz,
                 grad_o.contiguous(), grads[0], grads[1], grads[2], grad_v,
                 write_idx.shape[1], heads, memory_slots, d_v, table_rows, events, eps, **config)
-        grad_write_w, grad_decay, grad_read_w = (g.sum(0).view(write_idx.shape) for g in grads)
-        grad_S0 = grad_z0 = None
-        if has_h0:
-            grad_S0 = dS.view(num_seqs, heads, memory_slots, d_v).to(state_dtype)
-            grad_z0 = dz.sum(0).view(num_seqs, heads, memory_slots).to(state_dtype)
-        return (grad_write_w.to(write_w.dtype), grad_decay.to(decay.dtype), grad_read_w.to(read_w.dtype),
-                grad_v.to(v.dtype), grad_S0, grad_z0, None, None, None, None, None, None)
+        return backward_results(ctx, grads, grad_v, dS, dz)
+
+
+def backward_results(ctx, grads, grad_v, dS, dz):
+    """The backward's returns from what its kernels leave: the slices' shares of the write weight, decay and read
+    weight gradients (``grads [3, slices, events]``) and of z's adjoint (``dz [slices, N*H*M]``) summed, the
+    initial state's gradients where there was one, each in its input's dtype (``_TokenPDMA`` and
+    ``onchip._OnchipPDMA``)."""
+    write_idx, write_w, decay, _, read_w, v = ctx.saved_tensors[:6]
+    _, has_h0, state_dtype, _, num_seqs, memory_slots = ctx.setup
+    heads, d_v = write_idx.shape[2], v.shape[-1]
+    grad_write_w, grad_decay, grad_read_w = (g.sum(0).view(write_idx.shape) for g in grads)
+    grad_S0 = grad_z0 = None
+    if has_h0:
+        grad_S0 = dS.view(num_seqs, heads, memory_slots, d_v).to(state_dtype)
+        grad_z0 = dz.sum(0).view(num_seqs, heads, memory_slots).to(state_dtype)
+    return (grad_write_w.to(write_w.dtype), grad_decay.to(decay.dtype), grad_read_w.to(read_w.dtype),
+            grad_v.to(v.dtype), grad_S0, grad_z0, None, None, None, None, None, None)
 
 
 def token_pdma_triton(write_idx, write_w, decay, read_idx, read_w, v, *, memory_slots: int, eps: float,
