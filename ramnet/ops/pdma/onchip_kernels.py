@@ -114,6 +114,31 @@ __device__ __forceinline__ float v_to_f32(double x) { return (float)x; }
 __device__ __forceinline__ long long token_row(int b, int t, int T, int H, int h) {
     return ((long long)b * T + t) * H + h;
 }
+
+// What a block owns (as the Triton kernels' _program): block (sequence * H + head, slice), its batch row b,
+// head h and token range [start, end), and the thread's lane.
+struct Program {
+    int pid, part, lane, b, h, start, end;
+};
+
+__device__ __forceinline__ Program block_program(const int *__restrict__ cu, int T, int H) {
+    Program p;
+    p.pid = blockIdx.x;
+    p.part = blockIdx.y;
+    p.lane = threadIdx.x;
+    const int n = p.pid / H;
+    p.h = p.pid % H;
+#if VARLEN
+    p.b = 0;
+    p.start = cu[n];
+    p.end = cu[n + 1];
+#else
+    p.b = n;
+    p.start = 0;
+    p.end = T;
+#endif
+    return p;
+}
 """
 
 BODY = r"""
@@ -192,20 +217,8 @@ onchip_token_fwd(const idx_t *__restrict__ write_idx, const float *__restrict__ 
     extern __shared__ float smem[];
     float *S_sh = smem;                       // [M, DS]: entry (slot, c) at slot * DS + c
     float *z_sh = smem + (long long)M * DS;   // [M]
-    const int pid = blockIdx.x;
-    const int part = blockIdx.y;
-    const int lane = threadIdx.x;
-    const int n = pid / H;
-    const int h = pid % H;
-#if VARLEN
-    const int b = 0;
-    const int start = cu[n];
-    const int end = cu[n + 1];
-#else
-    const int b = n;
-    const int start = 0;
-    const int end = T;
-#endif
+    const Program p = block_program(cu, T, H);
+    const int pid = p.pid, part = p.part, lane = p.lane, b = p.b, h = p.h, start = p.start, end = p.end;
     if (start >= end) return;  // no token: the global tables already hold this row's state
     const float eps = (float)eps_arg;
     const int col = part * DS + lane;
@@ -408,22 +421,9 @@ onchip_token_bwd(const idx_t *__restrict__ write_idx, const float *__restrict__ 
     float *dS_sh = smem + (long long)M * DS;       // [M, DS]
     float *z_sh = smem + 2 * (long long)M * DS;    // [M]
     float *dz_sh = z_sh + M;                       // [M]
-    const int pid = blockIdx.x;
-    const int part = blockIdx.y;
-    const int lane = threadIdx.x;
-    const int n = pid / H;
-    const int h = pid % H;
-#if VARLEN
-    const int b = 0;
-    const int start = cu[n];
-    const int end = cu[n + 1];
-    const long long events = (long long)T * H * K;
-#else
-    const int b = n;
-    const int start = 0;
-    const int end = T;
-    const long long events = (long long)(gridDim.x / H) * T * H * K;
-#endif
+    const Program p = block_program(cu, T, H);
+    const int pid = p.pid, part = p.part, lane = p.lane, b = p.b, h = p.h, start = p.start, end = p.end;
+    const long long events = (long long)(VARLEN ? 1 : gridDim.x / H) * T * H * K;  // B * T * H * K
     if (start >= end) return;  // no token: dS and dz already hold this row's adjoint of the initial state
     const float eps = (float)eps_arg;
     const int col = part * DS + lane;
