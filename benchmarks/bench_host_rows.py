@@ -25,6 +25,8 @@ import argparse
 import json
 import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 import triton
@@ -60,7 +62,6 @@ def gather(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor, rows_per_p
 def timed(fn, launches: int, repeats: int, device: torch.device) -> float:
     """Median over ``repeats`` of the mean microseconds of ``launches`` calls ``fn(i)``."""
     if device.type != "cuda":
-        import time
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         launches, repeats = args.launches, args.repeats
     rows = run(device, sizes, strides, per, table, launches, repeats)
     meta = dict(environment(device), issue=18, width=WIDTH, table_rows=table, launches=launches, repeats=repeats)
-    out = __import__("pathlib").Path(args.out)
+    out = Path(args.out)
     write_text_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     write_text_atomic(out.with_suffix(".md"), markdown(meta, rows))
     print(f"wrote {out} and {out.with_suffix('.md')}")

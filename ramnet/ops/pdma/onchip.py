@@ -91,30 +91,33 @@ def onchip_backward_fits(memory_slots: int, d_v: int, device) -> bool:
     return backward_shared_bytes(memory_slots, backward_shape(d_v)[0]) <= shared_memory_limit(device)
 
 
+def _nvidia(device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.version.hip is None
+
+
+def _require(what: str, device, nbytes: int, rule: str, memory_slots: int, width: int) -> None:
+    """Raise a clear error where ``what`` (CUDA C, ``nbytes`` of shared memory a block by ``rule``) cannot run."""
+    if not _nvidia(device):
+        raise RuntimeError(f"{what} is CUDA C and needs CUDA tensors on an NVIDIA GPU, got device {device}; use "
+                           f"pdma_kernels('token') or 'sorted' instead")
+    if nbytes > shared_memory_limit(device):
+        raise ValueError(f"{what} holds {rule} = {nbytes} bytes of shared memory a block (M={memory_slots}, "
+                         f"DS={width}); {device} allows {shared_memory_limit(device)}")
+
+
 def require_onchip(device, memory_slots: int, d_v: int) -> None:
     """Raise a clear error where the on-chip kernel cannot run."""
-    device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip is not None:
-        raise RuntimeError(f"the on-chip PDMA kernel (pdma_kernels('onchip')) is CUDA C and needs CUDA tensors on an "
-                           f"NVIDIA GPU, got device {device}; use pdma_kernels('token') or 'sorted' instead")
-    if not onchip_fits(memory_slots, d_v, device):
-        width = onchip_shape(d_v)[0]
-        raise ValueError(f"the on-chip PDMA kernel holds M * (DS + 1) * 4 = {shared_bytes(memory_slots, width)} bytes "
-                         f"of shared memory a block (M={memory_slots}, DS={width}); {device} allows "
-                         f"{shared_memory_limit(device)}")
+    width = onchip_shape(d_v)[0]
+    _require("the on-chip PDMA kernel (pdma_kernels('onchip'))", device, shared_bytes(memory_slots, width),
+             "M * (DS + 1) * 4", memory_slots, width)
 
 
 def require_onchip_backward(device, memory_slots: int, d_v: int) -> None:
     """Raise a clear error where the on-chip backward cannot run (``BACKWARD = "onchip"``)."""
-    device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip is not None:
-        raise RuntimeError(f"the on-chip PDMA backward (onchip.BACKWARD = 'onchip') is CUDA C and needs CUDA tensors "
-                           f"on an NVIDIA GPU, got device {device}")
-    if not onchip_backward_fits(memory_slots, d_v, device):
-        width = backward_shape(d_v)[0]
-        raise ValueError(f"the on-chip PDMA backward holds 2 * M * (DS + 1) * 4 = "
-                         f"{backward_shared_bytes(memory_slots, width)} bytes of shared memory a block "
-                         f"(M={memory_slots}, DS={width}); {device} allows {shared_memory_limit(device)}")
+    width = backward_shape(d_v)[0]
+    _require("the on-chip PDMA backward (onchip.BACKWARD = 'onchip')", device,
+             backward_shared_bytes(memory_slots, width), "2 * M * (DS + 1) * 4", memory_slots, width)
 
 
 def backward_on_chip(device, memory_slots: int, d_v: int) -> bool:
@@ -126,8 +129,7 @@ def backward_on_chip(device, memory_slots: int, d_v: int) -> bool:
     if BACKWARD == "onchip":
         require_onchip_backward(device, memory_slots, d_v)
         return True
-    device = torch.device(device)
-    return device.type == "cuda" and torch.version.hip is None and onchip_backward_fits(memory_slots, d_v, device)
+    return _nvidia(device) and onchip_backward_fits(memory_slots, d_v, device)
 
 
 def _check_sizes(seq_len: int, heads: int, memory_slots: int, d_v: int, rows: int) -> None:

@@ -57,10 +57,11 @@ def pdma_kernels_for() -> str:
 
 def triton_forward(q, k, v, spec: RAMSpec, initial_state: RAMState | None, output_final_state: bool, cu_seqlens):
     kernels = pdma_kernels_for()
-    if kernels == "onchip" and q.device.type != "cuda":  # first, and never a fallback
-        raise RuntimeError(f"pdma_kernels('onchip') runs a CUDA C kernel and needs CUDA tensors, got device "
-                           f"{q.device}; use pdma_kernels('token') or 'sorted' instead")
     require_triton(q.device, 'mode="triton"')
+    if kernels == "onchip":  # before decoding, and never a fallback
+        from ..pdma.onchip import require_onchip  # imports triton (the token kernels), an optional dependency
+
+        require_onchip(q.device, spec.memory_slots, v.shape[-1])
     if kernels in ("token", "onchip"):
         return table_forward(q, k, v, spec, initial_state, output_final_state, cu_seqlens, use_triton=True,
                              kernels=kernels)
