@@ -119,7 +119,8 @@ class OffloadState(SlotStore):
         M = self.memory_slots
         # Slot tags and last uses in int32 where they fit; use counts for LFU only.
         self._tag_type = torch.int32 if M <= torch.iinfo(torch.int32).max else torch.long
-        row_bytes = (self.d_v + 1) * torch.empty(0, dtype=self.dtype).element_size()
+        element = self.dtype.itemsize
+        row_bytes = (self.d_v + 1) * element
         line_bytes = row_bytes + 2 * torch.empty(0, dtype=self._tag_type).element_size() + 1 + (
             8 if self.policy == "lfu" else 0)
         if self.slots is not None:
@@ -137,7 +138,6 @@ class OffloadState(SlotStore):
         self.capacity = self.sets * self.ways
         rows = self.batch * self.heads
         pin = self.device.type == "cuda" and self.host_device.type == "cpu"
-        element = torch.empty(0, dtype=self.dtype).element_size()
         per_row = max(1, self.host_alignment // element)  # the stride: a whole number of alignments
         self.host_stride = -(-(self.d_v + 1) // per_row) * per_row
         self.host_buffer = torch.zeros(rows * M, self.host_stride, dtype=self.dtype, device=self.host_device,
