@@ -57,14 +57,16 @@ def runner(fn, args, backward: bool):
     return forward_backward
 
 
-def measure(fn, batch: int, seq_len: int, clock_mhz: float) -> dict:
+def measure(fn, batch: int, seq_len: int, clock_mhz: float, blocks_an_sm: bool) -> dict:
     args = inputs(batch, seq_len)
     row = {}
     for key, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
         row[key] = triton.testing.do_bench(runner(fn, [a.clone() for a in args], backward), warmup=5, rep=40,
                                           return_mode="median")
-    chains = batch * H * 2  # blocks of 32 columns: about one an SM
-    waves = -(-chains // torch.cuda.get_device_properties(0).multi_processor_count)
+    waves = 1  # the token kernels' one-warp programs all fit on the GPU at once at these batches
+    if blocks_an_sm:  # the on-chip forward: one block a (sequence, head, slice), one an SM at M 1024
+        chains = batch * H * -(-D_V // onchip.WIDTH)
+        waves = -(-chains // torch.cuda.get_device_properties(0).multi_processor_count)
     row["fwd_cycles_per_token"] = row["fwd_ms"] * 1e-3 * clock_mhz * 1e6 / (seq_len * waves)
     return row
 
@@ -75,15 +77,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--prefetch", type=int, nargs="+", default=[1, 2, 3, 4])
+    # Not torch.cuda.clock_rate: it reads the current clock, an idle 345 MHz on an H100 between launches.
+    parser.add_argument("--sm-clock-mhz", type=float, default=1980.0, help="the SM clock under load (H100 SXM: 1980)")
     args = parser.parse_args()
-    clock = torch.cuda.clock_rate(0) if hasattr(torch.cuda, "clock_rate") else 1980.0
-    clock = float(clock or 1980.0)
+    clock = args.sm_clock_mhz
     meta = dict(**environment("cuda"), sm_clock_mhz=clock, shape=dict(H=H, d_v=D_V, M=M, K=K, seq_len=args.seq_len))
     rows = []
 
     def record(label: str, fn, batch: int, **setting):
         try:
-            row = dict(label=label, B=batch, **setting, **measure(fn, batch, args.seq_len, clock))
+            row = dict(label=label, B=batch, **setting,
+                       **measure(fn, batch, args.seq_len, clock, blocks_an_sm=label == "onchip"))
         except Exception as err:  # a setting that does not compile or does not fit
             row = dict(label=label, B=batch, **setting, error=f"{type(err).__name__}: {str(err)[:300]}")
         rows.append(row)
