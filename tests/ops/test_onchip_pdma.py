@@ -496,11 +496,11 @@ def test_refuses_topk_beyond_the_backward():
 
 
 def test_names_the_torch_without_compile_kernel(monkeypatch):
-    from ramnet.ops.pdma import onchip_kernels
+    from ramnet.ops import nvrtc
 
     monkeypatch.delattr(torch.cuda, "_compile_kernel", raising=False)
     with pytest.raises(RuntimeError, match=re.escape(torch.__version__)):
-        onchip_kernels._compile("extern \"C\" __global__ void onchip_token_fwd() {}")
+        nvrtc.compile_kernel("extern \"C\" __global__ void onchip_token_fwd() {}", "onchip_token_fwd")
 
 
 # The source on the CPU: one lane at a time -----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The fused Triton address decoder (jit code in ``triton_kernels.py``): its launch shape, its
-compile-time constants and the autograd Function of ``triton_beam_topk``."""
+compile-time constants and the autograd Function of ``triton_beam_topk``. Its forward runs the CUDA C
+forward (``cuda.py``) instead where that fits (``cuda.DECODER``); the backward is always Triton's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import triton
 
 from ..autograd_support import first_order_backward, without_autocast
 from ..triton_support import require_triton
+from . import cuda as cuda_decoder
 from . import triton_kernels as kernels
 
 
@@ -58,9 +60,12 @@ class _BeamTopK(torch.autograd.Function):
         if shift is not None:  # to [0, M) (floor remainder) once, so the kernels undo it with a compare
             shift = torch.remainder(shift, constants["M"]).contiguous()
         shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
-        grid = (triton.cdiv(n, constants["BLOCK_N"]),)
-        kernels.beam_topk_fwd_kernel[grid](x, shift_arg, index, weight, n, x.stride(0), tau,
-                                           **beam_search_constants(constants, topk))
+        if cuda_decoder.use_cuda_decoder(x, num_partitions, topk):  # the CUDA C forward (address/cuda.py)
+            cuda_decoder.cuda_beam_topk_fwd(x, shift, index, weight, num_partitions, topk, tau)
+        else:
+            grid = (triton.cdiv(n, constants["BLOCK_N"]),)
+            kernels.beam_topk_fwd_kernel[grid](x, shift_arg, index, weight, n, x.stride(0), tau,
+                                               **beam_search_constants(constants, topk))
         ctx.mark_non_differentiable(index)
         ctx.save_for_backward(x, shift, index, weight)
         ctx.constants, ctx.tau = constants, tau

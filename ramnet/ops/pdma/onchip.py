@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .. import nvrtc
 from ..autograd_support import first_order_backward, without_autocast
 from . import onchip_kernels as kernels
 from .token_triton import (KERNEL_MAX_TOPK, _TokenPDMA, backward_results, finish_forward, forward_buffers,
@@ -91,14 +92,9 @@ def onchip_backward_fits(memory_slots: int, d_v: int, device) -> bool:
     return backward_shared_bytes(memory_slots, backward_shape(d_v)[0]) <= shared_memory_limit(device)
 
 
-def _nvidia(device) -> bool:
-    device = torch.device(device)
-    return device.type == "cuda" and torch.version.hip is None
-
-
 def _require(what: str, device, nbytes: int, rule: str, memory_slots: int, width: int) -> None:
     """Raise a clear error where ``what`` (CUDA C, ``nbytes`` of shared memory a block by ``rule``) cannot run."""
-    if not _nvidia(device):
+    if not nvrtc.on_nvidia(device):
         raise RuntimeError(f"{what} is CUDA C and needs CUDA tensors on an NVIDIA GPU, got device {device}; use "
                            f"pdma_kernels('token') or 'sorted' instead")
     if nbytes > shared_memory_limit(device):
@@ -129,7 +125,7 @@ def backward_on_chip(device, memory_slots: int, d_v: int) -> bool:
     if BACKWARD == "onchip":
         require_onchip_backward(device, memory_slots, d_v)
         return True
-    return _nvidia(device) and onchip_backward_fits(memory_slots, d_v, device)
+    return nvrtc.on_nvidia(device) and onchip_backward_fits(memory_slots, d_v, device)
 
 
 def _check_sizes(seq_len: int, heads: int, memory_slots: int, d_v: int, rows: int) -> None:

@@ -77,6 +77,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import nvrtc
+
 KERNEL_NAME = "onchip_token_fwd"
 
 INDEX_TYPES = {torch.int32: "int", torch.int64: "long long"}
@@ -521,52 +523,17 @@ def backward_source(K: int, DS: int, VARLEN: bool, idx_type: torch.dtype, v_type
         BACKWARD_BODY
 
 
-_compiled: dict[tuple, object] = {}
-
-
-def _compile(text: str, name: str = KERNEL_NAME):
-    """``torch.cuda._compile_kernel`` (NVRTC, torch >= 2.8) of kernel ``name`` on the current device.
-    It puts ``CUDA_HOME/include`` on NVRTC's include path and raises where no CUDA toolkit is found (a
-    pip torch with no toolkit): the source includes no header, so any directory serves then."""
-    compile_kernel = getattr(torch.cuda, "_compile_kernel", None)
-    if compile_kernel is None:
-        raise RuntimeError(f"the on-chip PDMA kernel is compiled by torch.cuda._compile_kernel (NVRTC, torch >= 2.8); "
-                           f"torch {torch.__version__} has none")
-    from torch.utils import cpp_extension
-
-    if getattr(cpp_extension, "CUDA_HOME", "") is not None:
-        return compile_kernel(text, name)
-    import os
-
-    cpp_extension.CUDA_HOME = os.path.dirname(torch.__file__)
-    try:
-        return compile_kernel(text, name)
-    finally:
-        cpp_extension.CUDA_HOME = None
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def compiled(device: torch.device, K: int, DS: int, VARLEN: bool, SAVE: bool, idx_type: torch.dtype,
              v_type: torch.dtype, HAS_H0: bool, PF: int):
     """The forward for one configuration on ``device`` (a CUDA device), compiled once per process."""
-    index = _device_index(device)
-    key = (index, K, DS, bool(VARLEN), bool(SAVE), idx_type, v_type, bool(HAS_H0), PF)
-    if key not in _compiled:
-        with torch.cuda.device(index):
-            _compiled[key] = _compile(source(K, DS, VARLEN, SAVE, idx_type, v_type, HAS_H0=HAS_H0, PF=PF))
-    return _compiled[key]
+    key = ("onchip_fwd", K, DS, bool(VARLEN), bool(SAVE), idx_type, v_type, bool(HAS_H0), PF)
+    return nvrtc.compiled(device, key, lambda: (source(K, DS, VARLEN, SAVE, idx_type, v_type, HAS_H0=HAS_H0, PF=PF),
+                                                KERNEL_NAME))
 
 
 def compiled_backward(device: torch.device, K: int, DS: int, VARLEN: bool, idx_type: torch.dtype,
                       v_type: torch.dtype, GRAD_FINAL: bool, HAS_H0: bool, PF: int):
     """The backward for one configuration on ``device`` (a CUDA device), compiled once per process."""
-    index = _device_index(device)
-    key = ("backward", index, K, DS, bool(VARLEN), idx_type, v_type, bool(GRAD_FINAL), bool(HAS_H0), PF)
-    if key not in _compiled:
-        with torch.cuda.device(index):
-            text = backward_source(K, DS, VARLEN, idx_type, v_type, GRAD_FINAL=GRAD_FINAL, HAS_H0=HAS_H0, PF=PF)
-            _compiled[key] = _compile(text, BACKWARD_KERNEL_NAME)
-    return _compiled[key]
+    key = ("onchip_bwd", K, DS, bool(VARLEN), idx_type, v_type, bool(GRAD_FINAL), bool(HAS_H0), PF)
+    return nvrtc.compiled(device, key, lambda: (backward_source(K, DS, VARLEN, idx_type, v_type, GRAD_FINAL=GRAD_FINAL,
+                                                                HAS_H0=HAS_H0, PF=PF), BACKWARD_KERNEL_NAME))
