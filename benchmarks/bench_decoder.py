@@ -7,6 +7,7 @@ are checked to agree: the same slots in the same order, weights to 4e-6 relative
 The first CUDA C call's NVRTC compile is timed on its own.
 
     python benchmarks/bench_decoder.py --out /tmp/decoder.json [--rows 524288] [--shapes 5x4x8 6x4x8 3x8x8]
+    python benchmarks/bench_decoder.py --out /tmp/decoder.json --op 8x2048 1x32768   # and the whole op
 
 Writes the JSON and a markdown table beside it (``.md``). CUDA only.
 """
@@ -23,6 +24,7 @@ import torch
 import triton.testing
 
 from ramnet.files import write_text_atomic
+from ramnet.ops import ram_attention
 from ramnet.ops.address import cuda as cuda_decoder
 from ramnet.ops.address.triton import triton_beam_topk
 from ramnet.provenance import environment
@@ -98,17 +100,53 @@ def measure(rows: int, shape: tuple[int, int, int]) -> list[dict]:
     return out
 
 
+def measure_op(batch: int, seq_len: int) -> list[dict]:
+    """The whole op, ``ram_attention(mode="triton")`` at the paper's layer shape (H 16, U 5 x d_p 4, K 8, d_v 64,
+    bf16), forward and forward+backward, under each decoder."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    shape = (batch, seq_len, 16)
+    q, k = (torch.randn(*shape, 20, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in "qk")
+    v = torch.randn(*shape, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    grad = torch.randn_like(v)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out = []
+    for decoder in ("triton", "cuda"):
+        cuda_decoder.DECODER = decoder
+        row = dict(op=f"B{batch} T{seq_len}", decoder=decoder)
+
+        def forward():
+            with torch.no_grad():
+                ram_attention(*leaves, num_partitions=5, topk=8, mode="triton")
+
+        def forward_backward():
+            o, _ = ram_attention(*leaves, num_partitions=5, topk=8, mode="triton")
+            torch.autograd.grad(o, leaves, grad)
+
+        row["fwd_ms"] = triton.testing.do_bench(forward, warmup=5, rep=40, return_mode="median")
+        row["fwd_bwd_ms"] = triton.testing.do_bench(forward_backward, warmup=5, rep=40, return_mode="median")
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"The address decoder's forward, Triton and CUDA C (`address.cuda.DECODER`): {meta['device']}; torch "
              f"{meta['torch']}, triton {meta['triton']}; commit {meta['git_rev']}; bf16 logits with a CAPE shift, "
              f"tau {TAU}; do_bench medians (the backward is the Triton one in both).", "",
              "| U x d_p x K | M | rows | decoder | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|"]
     for r in rows:
+        if "op" in r:
+            continue
         if "error" in r:
             lines.append(f"| {r['U']}x{r['d_p']}x{r['K']} | {r['M']} | {r['rows']} | {r['decoder']} | {r['error']} | |")
             continue
         lines.append(f"| {r['U']}x{r['d_p']}x{r['K']} | {r['M']} | {r['rows']} | {r['decoder']} | {r['fwd_ms']:.3f} | "
                      f"{r['fwd_bwd_ms']:.3f} |")
+    ops = [r for r in rows if "op" in r]
+    if ops:
+        lines += ["", "The whole op, `ram_attention(mode=\"triton\")` (H 16, U 5 x d_p 4, K 8, d_v 64, bf16, default PDMA "
+                  "kernels), under each decoder:", "", "| op | decoder | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['decoder']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |" for r in ops]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the JSON; the markdown goes beside it (.md)")
     parser.add_argument("--rows", type=int, default=524_288, help="rows decoded (B * T * H * 2)")
     parser.add_argument("--shapes", nargs="+", type=parse_shape, default=[(5, 4, 8)], help="U x d_p x K, e.g. 5x4x8")
+    parser.add_argument("--op", nargs="*", default=[], metavar="BxT",
+                        help="also the whole op (ram_attention) at these batch x length shapes, e.g. 8x2048")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -126,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for shape in args.shapes:
             rows += measure(args.rows, shape)
+            write_text_atomic(args.out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+        for text in args.op:
+            batch, seq_len = (int(v) for v in text.lower().split("x"))
+            rows += measure_op(batch, seq_len)
             write_text_atomic(args.out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     finally:
         cuda_decoder.DECODER = default
