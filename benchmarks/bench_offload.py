@@ -48,7 +48,7 @@ from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD
 from ramnet.ops import RAMState
 from ramnet.provenance import environment
 from ramnet.states import OffloadState, SparseState, dense_state_fraction
-from ramnet.states.offload import DEFAULT_HOST_ALIGNMENT, DEFAULT_POLICY, POLICIES
+from ramnet.states.offload import DEFAULT_POLICY, POLICIES
 
 SHAPE_340M = dict(hidden_size=1024, num_hidden_layers=27, num_heads=16, head_v_dim=64, topk=8, intermediate_size=2816,
                   vocab_size=32000)
@@ -81,10 +81,9 @@ def filled_state(batch: int, heads: int, memory_slots: int, d_v: int, topk: int,
     return state
 
 
-def make_cache(model, kind: str, budget: float | None, policy: str, batch: int, context: int, device: str,
-               host_alignment: int = DEFAULT_HOST_ALIGNMENT):
+def make_cache(model, kind: str, budget: float | None, policy: str, batch: int, context: int, device: str):
     config = model.config
-    options = {} if kind != "offload" else dict(budget=budget, policy=policy, host_alignment=host_alignment)
+    options = {} if kind != "offload" else dict(budget=budget, policy=policy)
     cache = RAMNetCache(ram_state=kind, **options)
     M = config.partition_dim ** config.num_partitions
     for layer in range(config.num_hidden_layers):
@@ -231,8 +230,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
     lines = [f"Decoding with the three RAM states: {meta.get('device')}; torch {meta.get('torch')}, triton "
              f"{meta.get('triton')}; commit {meta.get('git_rev')}; {meta.get('dtype')}; {meta.get('warmup')} warm-up "
-             f"and {meta.get('steps')} timed steps ({meta.get('mode', 'eager')}); policy {meta.get('policy')}; host rows "
-             f"aligned to {meta.get('host_alignment', 4)} bytes. "
+             f"and {meta.get('steps')} timed steps ({meta.get('mode', 'eager')}); policy {meta.get('policy')}. "
              f"{meta.get('context_note', '')}.", "",
              "| state | budget | B | context | M | tok/s | GPU state / dense | hit rate | tokens = dense | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -259,9 +257,8 @@ def earlier_rows(out: Path, meta: dict) -> list[dict]:
     if not out.exists():
         return []
     old = json.loads(out.read_text())
-    before = dict(mode="eager", host_alignment=4)  # files from before --graph: eager; before padding: packed fp32
-    for key in ("device", "shape", "dtype", "warmup", "steps", "policy", "host_alignment", "smoke", "mode"):
-        theirs = old["meta"].get(key, before.get(key))
+    for key in ("device", "shape", "dtype", "warmup", "steps", "policy", "smoke", "mode"):
+        theirs = old["meta"].get(key, "eager" if key == "mode" else None)  # files from before --graph: eager
         if theirs != meta.get(key):
             raise SystemExit(f"--resume: {out} has {key}={theirs!r}, this run {meta.get(key)!r}")
     return [row for row in old["rows"] if row.get("tok_s") is not None]
@@ -279,8 +276,6 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.10, 0.25])
     parser.add_argument("--policy", choices=list(POLICIES), default=DEFAULT_POLICY,
                         help=f"the cache's policy (default {DEFAULT_POLICY})")
-    parser.add_argument("--host-alignment", type=int, default=DEFAULT_HOST_ALIGNMENT,
-                        help=f"bytes each host row is padded to a multiple of (default {DEFAULT_HOST_ALIGNMENT})")
     parser.add_argument("--states", nargs="+", default=["dense", "sparse", "offload"])
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 16; smoke 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 64; smoke 8)")
@@ -300,7 +295,7 @@ def main() -> None:
     steps = args.steps if args.steps is not None else (8 if args.smoke else 64)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     meta = dict(environment(device), issue=18, shape=shape, dtype=str(dtype), warmup=warmup, steps=steps,
-                policy=args.policy, host_alignment=args.host_alignment, smoke=args.smoke, mode="graph" if args.graph else "eager",
+                policy=args.policy, smoke=args.smoke, mode="graph" if args.graph else "eager",
                 context_note="a context is a random state at that offset with min(M, L*K) rows per head filled")
     rows = earlier_rows(args.out, meta) if args.resume else []
     done = {case_key(row) for row in rows}
@@ -333,8 +328,7 @@ def main() -> None:
                         write(args.out, meta, rows)
                         continue
                     try:
-                        cache = make_cache(model, kind, budget, args.policy, batch, context, device,
-                                           args.host_alignment)
+                        cache = make_cache(model, kind, budget, args.policy, batch, context, device)
                         tokens, seconds = decode(model, cache, batch, warmup, steps, device, graph)
                         if kind == "dense":
                             reference = tokens

@@ -2,9 +2,7 @@
 on the device.
 
 - Host: the rows ``[S, z]`` of every (sequence, head, slot), ``[B * H * M, d_v + 1]``, on ``host_device``
-  (the CPU; pinned when the compute device is CUDA, so that copies can be asynchronous); each row starts at a
-  multiple of ``host_alignment`` bytes (padding after its d_v + 1 values: ``host`` is a view of the padded
-  ``host_buffer``).
+  (the CPU; pinned when the compute device is CUDA, so that copies can be asynchronous).
 - Device: per (sequence, head) a set-associative cache of ``sets x ways`` lines (``C = sets * ways`` slots;
   slot m goes to set ``m % sets``), each with its slot tag, its row, a dirty bit and what the policy ranks
   it by: the last use (LRU) or the use count, ties to the least recently used (LFU).
@@ -66,9 +64,6 @@ DEFAULT_POLICY = "lru"
 # and the offloaded step ran at 0.34x the dense step's tokens/s at B=1 against 0.83x at 10% (16 ways;
 # benchmarks/results/offload_graph_h100_75643be.md).
 MAX_DEFAULT_WAYS = 16
-# Host rows start at a multiple of this many bytes: at d_v 64 a packed fp32 row is 260 bytes, which the kernels'
-# loads over the bus cannot fetch in 16-byte vectors (benchmarks/bench_host_rows.py measures the layouts).
-DEFAULT_HOST_ALIGNMENT = 4
 
 
 class OffloadState(SlotStore):
@@ -76,14 +71,12 @@ class OffloadState(SlotStore):
     (its lines' tags, ranks and dirty bits counted, so a little under ``budget * M`` slots per (sequence,
     head)); ``slots``: the slots per (sequence, head) instead; ``ways``: lines per set (default: at most
     ``MAX_DEFAULT_WAYS``, in as few sets as that allows); ``policy``: ``"lru"`` (the default: the traces of the
-    trained `small` favour it from a 10% budget up, docs/trace.md) or ``"lfu"``; ``host_alignment``: the bytes
-    (a power of two) each host row is padded to a multiple of."""
+    trained `small` favour it from a 10% budget up, docs/trace.md) or ``"lfu"``."""
 
     kind = "offload"
 
     def __init__(self, budget: float | None = None, slots: int | None = None, ways: int | None = None,
-                 policy: str = DEFAULT_POLICY, prefill: str = "dense", host_device="cpu",
-                 host_alignment: int = DEFAULT_HOST_ALIGNMENT):
+                 policy: str = DEFAULT_POLICY, prefill: str = "dense", host_device="cpu"):
         super().__init__()
         if budget is not None and slots is not None:
             raise ValueError("give the offload cache's size as budget (a fraction of M) or slots, not both")
@@ -95,10 +88,6 @@ class OffloadState(SlotStore):
         ways = None if ways is None else check_int("ways", ways, 1)
         check_choice("policy", policy, POLICIES)
         check_choice("prefill", prefill, ("dense", "stream"))
-        host_alignment = check_int("host_alignment", host_alignment, 1)
-        if host_alignment & (host_alignment - 1) or host_alignment > 4096:
-            raise ValueError(f"host_alignment must be a power of two of at most 4096 bytes, got {host_alignment}")
-        self.host_alignment = host_alignment
         self.budget, self.slots, self.ways_option, self.policy, self.prefill = budget, slots, ways, policy, prefill
         self.host_device = torch.device(host_device)
         self._counts = torch.zeros(len(STATS), dtype=torch.long)  # on the device once allocated
@@ -119,8 +108,7 @@ class OffloadState(SlotStore):
         M = self.memory_slots
         # Slot tags and last uses in int32 where they fit; use counts for LFU only.
         self._tag_type = torch.int32 if M <= torch.iinfo(torch.int32).max else torch.long
-        element = self.dtype.itemsize
-        row_bytes = (self.d_v + 1) * element
+        row_bytes = (self.d_v + 1) * self.dtype.itemsize
         line_bytes = row_bytes + 2 * torch.empty(0, dtype=self._tag_type).element_size() + 1 + (
             8 if self.policy == "lfu" else 0)
         if self.slots is not None:
@@ -138,11 +126,7 @@ class OffloadState(SlotStore):
         self.capacity = self.sets * self.ways
         rows = self.batch * self.heads
         pin = self.device.type == "cuda" and self.host_device.type == "cpu"
-        per_row = max(1, self.host_alignment // element)  # the stride: a whole number of alignments
-        self.host_stride = -(-(self.d_v + 1) // per_row) * per_row
-        self.host_buffer = torch.zeros(rows * M, self.host_stride, dtype=self.dtype, device=self.host_device,
-                                       pin_memory=pin)
-        self.host = self.host_buffer[:, : self.d_v + 1]
+        self.host = torch.zeros(rows * M, self.d_v + 1, dtype=self.dtype, device=self.host_device, pin_memory=pin)
         self.host[:, self.d_v] = self.empty_z
         shape = (rows, self.sets, self.ways)
         # Each per-line tensor has one line more, a scratch line past the end: _plan's updates write every
@@ -287,7 +271,7 @@ class OffloadState(SlotStore):
             slots, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
             self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
             self.clock, self.memory_slots, N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways,
-            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width), HOST_STRIDE=self.host_stride,
+            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width),
         )
         self._moves = (line, host_row, flags)
         return table
@@ -306,7 +290,6 @@ class OffloadState(SlotStore):
             table, slots, write_w, decay, v, read_w, o, self.offset, self.heads, float(eps), self._data_flat,
             self.host, self._dirty_flat.view(torch.uint8), line, host_row, flags, self.clock,
             K=write_w.shape[1], K_PAD=k_pad, D_V=d_v, BLOCK_DV=block_dv, COLS=triton.next_power_of_2(d_v + 1),
-            HOST_STRIDE=self.host_stride,
             num_warps=num_warps, **EXACT_ROUNDING,
         )
         return o
@@ -335,7 +318,7 @@ class OffloadState(SlotStore):
 
     def to_dense(self) -> RAMState:
         self.flush()
-        table = self.host.to(self.device).reshape(self.batch, self.heads, self.memory_slots, self.d_v + 1)
+        table = self.host.to(self.device).view(self.batch, self.heads, self.memory_slots, self.d_v + 1)
         return RAMState(table[..., : self.d_v].contiguous(), table[..., self.d_v].contiguous(), self.offset.clone())
 
     def load_dense(self, state: RAMState) -> None:
@@ -355,14 +338,14 @@ class OffloadState(SlotStore):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def host_bytes(self) -> int:
-        return self.host_buffer.numel() * self.host_buffer.element_size()
+        return self.host.numel() * self.host.element_size()
 
     def hit_rate(self) -> float:
         return self.stats["hits"] / max(1, self.stats["accesses"])
 
     def map_batch(self, fn) -> None:
         self.flush()
-        host = self.host.reshape(self.batch, self.heads * self.memory_slots, self.d_v + 1)
+        host = self.host.view(self.batch, self.heads * self.memory_slots, self.d_v + 1)
         dense = fn(host.to(self.device)).view(-1, self.heads, self.memory_slots, self.d_v + 1)
         offset, tokens = fn(self.offset), self.tokens
         self.load_dense(RAMState(dense[..., : self.d_v], dense[..., self.d_v], offset))

@@ -31,14 +31,13 @@ BIG = tl.constexpr(2**63 - 1)  # the score of a line no miss may take (claimed b
 @triton.jit
 def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table, line_out, host_row_out, flags_out,
                      clock, memory_slots, N: tl.constexpr, N_PAD: tl.constexpr, SETS: tl.constexpr,
-                     W: tl.constexpr, W_PAD: tl.constexpr, LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr,
-                     HOST_STRIDE: tl.constexpr):
+                     W: tl.constexpr, W_PAD: tl.constexpr, LFU: tl.constexpr, ROW: tl.constexpr, COLS: tl.constexpr):
     # One program per (sequence, head) row r: OffloadState._plan for its N = 2K lanes (slots [R, N], writes
     # then reads), in registers ([N, W] per-lane views of their sets, [N, N] and [N, W, W] comparisons), then
     # the rows moved. The per-line tensors are flat [R * SETS * W (+1)]; dirty as uint8; counts [6] summed
-    # atomically (STATS' order); host rows HOST_STRIDE >= ROW values apart (padded); clock: a device scalar, the
-    # last step's time (this step's is clock + 1: step_store_kernel advances it after the step). Outputs per
-    # lane: its line, its slot's host row and its flags (_plan's).
+    # atomically (STATS' order); clock: a device scalar, the last step's time (this step's is clock + 1:
+    # step_store_kernel advances it after the step). Outputs per lane: its line, its slot's host row and its flags
+    # (_plan's).
     r = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, N_PAD)
     live = lanes < N
@@ -72,8 +71,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     cols = tl.arange(0, COLS)
     cmask = cols[None, :] < ROW
     host_row = r * memory_slots + req
-    from_host = tl.load(host + host_row[:, None] * HOST_STRIDE + cols[None, :],
-                        mask=miss[:, None] & cmask, other=0.0)
+    from_host = tl.load(host + host_row[:, None] * ROW + cols[None, :], mask=miss[:, None] & cmask, other=0.0)
     cached = tl.load(data + (base + hit_way)[:, None] * ROW + cols[None, :], mask=(live & hit)[:, None] & cmask,
                      other=0.0)
     same_set = (sets[:, None] == sets[None, :]) & live[None, :]  # [j, i]
@@ -123,7 +121,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
     tl.atomic_add(counts + 4, tl.sum(evict.to(tl.int64), axis=0))
     tl.atomic_add(counts + 5, tl.sum(taken.to(tl.int64), axis=0))
     # The rows: evicted ones back, fetched ones in, the token's table.
-    tl.store(host + evict_row[:, None] * HOST_STRIDE + cols[None, :], old, mask=evict[:, None] & cmask)
+    tl.store(host + evict_row[:, None] * ROW + cols[None, :], old, mask=evict[:, None] & cmask)
     tl.store(data + line_at, from_host, mask=taken[:, None] & cmask)
     rows = tl.where((taken | bypass)[:, None], from_host, cached)
     out = r * N + lanes
@@ -138,7 +136,7 @@ def plan_fill_kernel(slots, tags, last, count, dirty, counts, data, host, table,
 @triton.jit
 def step_store_kernel(table, slots, write_w, decay, v, read_w, o, offset, num_heads, eps, data, host, dirty, line,
                       host_row, flags, clock, K: tl.constexpr, K_PAD: tl.constexpr, D_V: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, COLS: tl.constexpr, HOST_STRIDE: tl.constexpr):
+                      BLOCK_DV: tl.constexpr, COLS: tl.constexpr):
     # One program per (b, h) row r: the step on the row's table (table_step: the dense state's arithmetic and
     # tiles, offset advanced), then the K written rows (the first K lanes) from the table to their lines
     # (marked dirty) or, bypassed, to the host; flags as in plan_fill_kernel. Program 0 advances the clock to
@@ -163,6 +161,5 @@ def step_store_kernel(table, slots, write_w, decay, v, read_w, o, offset, num_he
     rows = tl.load(table + at[:, None] * width + cols[None, :], mask=(in_line | bypass)[:, None] & cmask[None, :],
                    other=0.0)
     tl.store(data + ln[:, None].to(tl.int64) * width + cols[None, :], rows, mask=in_line[:, None] & cmask[None, :])
-    tl.store(host + hr[:, None].to(tl.int64) * HOST_STRIDE + cols[None, :], rows,
-             mask=bypass[:, None] & cmask[None, :])
+    tl.store(host + hr[:, None].to(tl.int64) * width + cols[None, :], rows, mask=bypass[:, None] & cmask[None, :])
     tl.store(dirty + ln, tl.full([K_PAD], 1, tl.uint8), mask=in_line)  # dirty: the bool tensor as uint8

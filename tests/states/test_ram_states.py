@@ -18,12 +18,12 @@ from ramnet.models.ramnet.modeling_ramnet import CACHE_FIELD  # noqa: E402
 from ramnet.states import OffloadState, SparseState, dense_state_fraction  # noqa: E402
 
 # (ram_state, options): a cache of 2 slots per head where a token needs up to 2K = 8 (most lanes bypass),
-# 4 of 27 in 2-way sets with host rows padded to 64 bytes, a quarter of the bytes under LRU (the others: LFU, the
-# default), and the prompt streamed through a small cache.
+# 4 of 27 in 2-way sets, a quarter of the bytes under LRU (the others: LFU, the default), and the prompt
+# streamed through a small cache.
 STATES = [
     ("sparse", {}),
     ("offload", dict(slots=2)),
-    ("offload", dict(slots=4, ways=2, host_alignment=64)),
+    ("offload", dict(slots=4, ways=2)),
     ("offload", dict(budget=0.25, policy="lru")),
     ("offload", dict(slots=6, prefill="stream")),
 ]
@@ -117,15 +117,10 @@ def test_offload_budget_bounds_the_device_memory_and_options_are_checked():
     store = cache.layers[0].state
     assert 0.08 < dense_state_fraction(store) <= 0.1
     assert store.host_bytes() == 2 * 4 * 512 * 9 * 8  # the whole state on the host, fp64
-    padded = OffloadState(slots=4, host_alignment=32)  # rows of 9 fp64 values: 72 bytes, padded to 96
-    padded.allocate(2, 4, 512, 8, torch.float64, "cpu")
-    assert padded.host_stride == 12 and padded.host_bytes() == 2 * 4 * 512 * 12 * 8
-    assert padded.host.shape == (2 * 4 * 512, 9) and padded.host.data_ptr() == padded.host_buffer.data_ptr()
     for options, message in ((dict(budget=0.1, slots=3), "not both"), (dict(policy="fifo"), "policy"),
                              (dict(budget=2.0), "budget"), (dict(budget="0.1"), "budget"),
                              (dict(budget=float("nan")), "budget"), (dict(slots=2.5), "slots"),
-                             (dict(ways=0), "ways"), (dict(prefill="x"), "prefill"),
-                             (dict(host_alignment=48), "host_alignment"), (dict(host_alignment=0), "host_alignment")):
+                             (dict(ways=0), "ways"), (dict(prefill="x"), "prefill")):
         with pytest.raises(ValueError, match=message):
             RAMNetCache(ram_state="offload", **options)
     with pytest.raises(ValueError, match="ram_state"):
@@ -218,8 +213,7 @@ def test_the_kernel_step_of_a_store_gives_the_dense_steps_bits(geometry, device)
     d_k, M = memory.head_k_dim, memory.memory_slots
     g = torch.Generator().manual_seed(0)
     dense = RAMState.empty(batch, heads, M, d_v, dtype=torch.float32, device=device)
-    for name, options in (("sparse", {}), ("offload", dict(slots=2)),
-                          ("offload", dict(slots=6, ways=2, host_alignment=32))):
+    for name, options in (("sparse", {}), ("offload", dict(slots=2)), ("offload", dict(slots=6, ways=2))):
         store = SparseState() if name == "sparse" else OffloadState(**options)
         reference = RAMState(dense.S.clone(), dense.z.clone(), dense.offset.clone())
         for t in range(10 if M <= 4096 else 4):  # the beam decoder is slow under the interpreter
