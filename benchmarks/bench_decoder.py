@@ -24,10 +24,12 @@ import torch
 import triton.testing
 
 from ramnet.files import write_text_atomic
-from ramnet.ops import ram_attention
 from ramnet.ops.address import cuda as cuda_decoder
 from ramnet.ops.address.triton import triton_beam_topk
 from ramnet.provenance import environment
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_pdma_kernels  # noqa: E402  (beside this script: the op's inputs and timed step)
 
 TAU = 1.0
 RTOL = 4e-6  # the weights' agreement (tests/ops/test_address_cuda.py's RTOL_TRITON)
@@ -101,29 +103,15 @@ def measure(rows: int, shape: tuple[int, int, int]) -> list[dict]:
 
 
 def measure_op(batch: int, seq_len: int) -> list[dict]:
-    """The whole op, ``ram_attention(mode="triton")`` at the paper's layer shape (H 16, U 5 x d_p 4, K 8, d_v 64,
-    bf16), forward and forward+backward, under each decoder."""
-    gen = torch.Generator("cuda").manual_seed(0)
-    shape = (batch, seq_len, 16)
-    q, k = (torch.randn(*shape, 20, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in "qk")
-    v = torch.randn(*shape, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
-    grad = torch.randn_like(v)
-    leaves = [x.requires_grad_() for x in (q, k, v)]
+    """The whole op at the paper's layer shape, ``bench_pdma_kernels``'s inputs and step (``ram_attention(mode=
+    "triton")``, the slot-sorted PDMA kernels), forward and forward+backward, under each decoder."""
+    q, k, v, grad = bench_pdma_kernels.inputs(batch, seq_len, bench_pdma_kernels.U)
     out = []
     for decoder in ("triton", "cuda"):
         cuda_decoder.DECODER = decoder
         row = dict(op=f"B{batch} T{seq_len}", decoder=decoder)
-
-        def forward():
-            with torch.no_grad():
-                ram_attention(*leaves, num_partitions=5, topk=8, mode="triton")
-
-        def forward_backward():
-            o, _ = ram_attention(*leaves, num_partitions=5, topk=8, mode="triton")
-            torch.autograd.grad(o, leaves, grad)
-
-        row["fwd_ms"] = triton.testing.do_bench(forward, warmup=5, rep=40, return_mode="median")
-        row["fwd_bwd_ms"] = triton.testing.do_bench(forward_backward, warmup=5, rep=40, return_mode="median")
+        for key, backward in (("fwd_ms", False), ("fwd_bwd_ms", True)):
+            row[key] = bench_pdma_kernels.bench(bench_pdma_kernels.op_step(q, k, v, grad, "sorted", backward))
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -144,8 +132,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{r['fwd_bwd_ms']:.3f} |")
     ops = [r for r in rows if "op" in r]
     if ops:
-        lines += ["", "The whole op, `ram_attention(mode=\"triton\")` (H 16, U 5 x d_p 4, K 8, d_v 64, bf16, default PDMA "
-                  "kernels), under each decoder:", "", "| op | decoder | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+        lines += ["", "The whole op, `ram_attention(mode=\"triton\")` (bench_pdma_kernels.py's shape and inputs, "
+                  "slot-sorted PDMA kernels), under each decoder:", "", "| op | decoder | fwd ms | fwd+bwd ms |",
+                  "|---|---|---|---|"]
         lines += [f"| {r['op']} | {r['decoder']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |" for r in ops]
     return "\n".join(lines) + "\n"
 

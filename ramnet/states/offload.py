@@ -109,7 +109,7 @@ class OffloadState(SlotStore):
         # Slot tags and last uses in int32 where they fit; use counts for LFU only.
         self._tag_type = torch.int32 if M <= torch.iinfo(torch.int32).max else torch.long
         row_bytes = (self.d_v + 1) * self.dtype.itemsize
-        line_bytes = row_bytes + 2 * torch.empty(0, dtype=self._tag_type).element_size() + 1 + (
+        line_bytes = row_bytes + 2 * self._tag_type.itemsize + 1 + (
             8 if self.policy == "lfu" else 0)
         if self.slots is not None:
             capacity = self.slots

@@ -312,7 +312,7 @@ def test_cuda_raises_outside_the_domain_and_auto_falls_back(monkeypatch):
 
     monkeypatch.setattr(nvrtc, "on_nvidia", lambda device: True)
     monkeypatch.setattr(nvrtc, "can_compile", lambda: True)
-    monkeypatch.setattr(cuda_decoder, "_traced", lambda x: False)
+    monkeypatch.setattr(cuda_decoder, "traced", lambda x: False)
     monkeypatch.setattr(cuda_decoder, "DECODER", "auto")
     assert cuda_decoder.use_cuda_decoder(torch.randn(4, 20), 5, 8)
     assert cuda_decoder.use_cuda_decoder(torch.randn(4, 20, dtype=torch.bfloat16), 5, 8)

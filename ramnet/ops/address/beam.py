@@ -75,16 +75,16 @@ def best_of(scores: torch.Tensor, index: torch.Tensor, keep: int) -> torch.Tenso
     are redone by sorting by index and then stably by score."""
     best, positions = scores.topk(keep, dim=-1)
     cut = (scores >= best[..., -1:]).sum(-1) > keep
-    if _traced(scores):  # a traced or captured step must not read the device: every row is redone, tied
+    if traced(scores):  # a traced or captured step must not read the device: every row is redone, tied
         return torch.where(cut[..., None], _by_rule(scores, index, keep), positions)  # ones kept
     if bool(cut.any()):
         positions[cut] = _by_rule(scores[cut], index[cut], keep)
     return positions
 
 
-def _traced(x: torch.Tensor) -> bool:
+def traced(x: torch.Tensor) -> bool:
     """Whether this runs under torch.compile or inside a CUDA graph capture (``torch.cuda.graph``),
-    where reading a device value on the host is not allowed."""
+    where reading a device value on the host is not allowed (nor a first NVRTC compile: ``cuda.py``)."""
     return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .. import nvrtc
 from . import cuda_kernels as kernels
+from .beam import traced
 
 DECODER = "triton"  # "auto" once measured on a GPU (module docstring)
 DECODERS = ("auto", "cuda", "triton")
@@ -31,11 +32,6 @@ def cuda_decoder_fits(d_k: int, num_partitions: int, topk: int, device) -> bool:
     return nvrtc.on_nvidia(device) and nvrtc.can_compile() and kernels.in_domain(d_k, num_partitions, topk)
 
 
-def _traced(x: torch.Tensor) -> bool:
-    """Under torch.compile or inside a CUDA graph capture: a first NVRTC compile has no place there."""
-    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def use_cuda_decoder(x: torch.Tensor, num_partitions: int, topk: int) -> bool:
     """Whether ``_BeamTopK.forward`` runs the CUDA C forward on ``x [N, d_k]`` (``DECODER``)."""
     if DECODER not in DECODERS:
@@ -48,7 +44,7 @@ def use_cuda_decoder(x: torch.Tensor, num_partitions: int, topk: int) -> bool:
         if not fits:
             require_cuda_decoder(x, num_partitions, topk)
         return True
-    return fits and not _traced(x)
+    return fits and not traced(x)
 
 
 def require_cuda_decoder(x: torch.Tensor, num_partitions: int, topk: int) -> None:

@@ -59,10 +59,10 @@ class _BeamTopK(torch.autograd.Function):
         weight = torch.empty(n, constants["K_OUT"], dtype=torch.float32, device=x.device)
         if shift is not None:  # to [0, M) (floor remainder) once, so the kernels undo it with a compare
             shift = torch.remainder(shift, constants["M"]).contiguous()
-        shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
         if cuda_decoder.use_cuda_decoder(x, num_partitions, topk):  # the CUDA C forward (address/cuda.py)
             cuda_decoder.cuda_beam_topk_fwd(x, shift, index, weight, num_partitions, topk, tau)
         else:
+            shift_arg = index if shift is None else shift  # any int64 pointer; unread without HAS_SHIFT
             grid = (triton.cdiv(n, constants["BLOCK_N"]),)
             kernels.beam_topk_fwd_kernel[grid](x, shift_arg, index, weight, n, x.stride(0), tau,
                                                **beam_search_constants(constants, topk))
