@@ -55,12 +55,15 @@ def package_version(distribution: str, module: str | None = None) -> str | None:
 
 
 def environment(device) -> dict:
-    """``device``, ``python``, ``torch``, ``triton``, ``transformers``, ``fla``, ``ramnet`` versions and
-    ``git_rev``: the ``meta`` block of every results file."""
+    """``device``, ``python``, ``torch``, ``triton``, ``transformers``, ``fla``, ``ramnet`` versions,
+    ``git_rev`` and ``address_decoder`` (``ops.address.cuda.DECODER``: which forward of the address decoder
+    the training paths ran on CUDA): the ``meta`` block of every results file."""
     from . import __version__
+    from .ops.address import cuda as address_cuda
 
     return dict(
         device=device_name(device), python=platform.python_version(), torch=torch.__version__,
         triton=package_version("triton"), transformers=package_version("transformers"),
         fla=package_version("flash-linear-attention", "fla"), ramnet=__version__, git_rev=git_revision(),
+        address_decoder=address_cuda.DECODER,
     )
