@@ -81,9 +81,12 @@ def filled_state(batch: int, heads: int, memory_slots: int, d_v: int, topk: int,
     return state
 
 
-def make_cache(model, kind: str, budget: float | None, policy: str, batch: int, context: int, device: str):
+def make_cache(model, kind: str, budget: float | None, policy: str, batch: int, context: int, device: str,
+               host_device: str = "cpu"):
+    """The layers' states at ``context`` tokens; the host-resident state's host table on ``host_device`` (the
+    CPU; "cuda" puts it in device memory: the cache's cost without the bus, a diagnostic)."""
     config = model.config
-    options = {} if kind != "offload" else dict(budget=budget, policy=policy)
+    options = {} if kind != "offload" else dict(budget=budget, policy=policy, host_device=host_device)
     cache = RAMNetCache(ram_state=kind, **options)
     M = config.partition_dim ** config.num_partitions
     for layer in range(config.num_hidden_layers):

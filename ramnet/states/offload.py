@@ -64,6 +64,11 @@ DEFAULT_POLICY = "lru"
 # and the offloaded step ran at 0.34x the dense step's tokens/s at B=1 against 0.83x at 10% (16 ways;
 # benchmarks/results/offload_graph_h100_75643be.md).
 MAX_DEFAULT_WAYS = 16
+# Warps of each plan_fill_kernel program (one (sequence, head) row: its 2K lanes' [2K, d_v + 1] rows and [2K, W, W]
+# ranking). 4 is Triton's default, the only value measured so far; at B=16 the kernel took 40.6 us a layer against
+# about 27 us for the bus to bring its missed rows (benchmarks/results/README.md, offload.md and host_rows_h100.md):
+# `benchmarks/profile_offload.py --plan-warps` times others.
+PLAN_WARPS = 4
 
 
 class OffloadState(SlotStore):
@@ -271,7 +276,7 @@ class OffloadState(SlotStore):
             slots, self._tags_flat, self._last_flat, self._count_flat if lfu else self._last_flat,
             self._dirty_flat.view(torch.uint8), self._counts, self._data_flat, self.host, table, line, host_row, flags,
             self.clock, self.memory_slots, N=n, N_PAD=pad(n), SETS=self.sets, W=self.ways,
-            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width),
+            W_PAD=max(2, pad(self.ways)), LFU=lfu, ROW=width, COLS=pad(width), num_warps=PLAN_WARPS,
         )
         self._moves = (line, host_row, flags)
         return table
