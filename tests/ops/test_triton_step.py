@@ -256,3 +256,26 @@ def test_the_dense_layouts_warps_shrink_as_the_batch_grows_and_can_be_fixed(monk
     assert step.dense_warps(4096) == 8
     assert step.fused_step_constants(20, 5, 8, 64, True, warps=1)["num_warps"] == 1
     assert step.fused_step_constants(20, 5, 8, 64, True)["num_warps"] == 8  # sized by the [M, 2] tile
+
+
+@pytest.mark.parametrize("num_partitions, d_p, topk", [(3, 4, 5), (5, 4, 8)])
+def test_the_beam_and_dense_decoders_give_the_same_bits(num_partitions, d_p, topk):
+    """The fused layout (beam search, log weights summed from partition 0 at the winners' digits) and the dense
+    one (every slot scored, the same sums) must agree bit for bit on random inputs, not only to a tolerance:
+    a store's step (ramnet/states) decodes with one and the dense state may step with the other, and a bf16
+    model's greedy tokens drift apart on a last-bit difference."""
+    gen = torch.Generator().manual_seed(num_partitions * 10 + topk)
+    batch, heads, d_v, d_k, slots = 2, 3, 8, num_partitions * d_p, d_p**num_partitions
+    q, k = (torch.randn(batch, heads, d_k, generator=gen) * 2 for _ in range(2))
+    v = torch.randn(batch, heads, d_v, generator=gen)
+    spec = decode_spec(heads, d_k, num_partitions=num_partitions, topk=topk, gamma=torch.tensor([1.0, 0.5, 2.0]),
+                       cape=torch.tensor([True, False, True]), tau=0.7, device=DEVICE)
+    start = RAMState(torch.randn(batch, heads, slots, d_v, generator=gen),
+                     torch.rand(batch, heads, slots, generator=gen) + 0.1, torch.tensor([3, 5000]))
+    outs = []
+    for layout in ("fused", "dense"):
+        state = RAMState(*(x.clone().to(DEVICE) for x in start))
+        o = ram_decode_step(*(x.to(DEVICE) for x in (q, k, v)), state, spec, layout=layout)
+        outs.append((o, state.S, state.z))
+    for beam, dense in zip(*outs):
+        assert torch.equal(beam, dense)
