@@ -4,12 +4,18 @@ with every flag off and every flag on; prints one line per kernel.
 Run by ``test_kernels_compile.py`` in a fresh process: under ``TRITON_INTERPRET=1`` the kernels
 are interpreted functions and cannot be compiled. The interpreter runs Python, so it accepts code
 that does not lower (a type mismatch, a non-constexpr where a constexpr is needed); this catches it
-on a machine without a GPU.
+on a machine without a GPU. Each line also gives the kernel's stack frame, where registers spill (the
+address decoder's forward spilled 344 bytes a thread at the paper's shape from 3bc9c1f until 412912c).
 """
 
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
+import triton.backends.nvidia
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -99,6 +105,19 @@ def cases():
                                                  num_warps=fused["num_warps"])
 
 
+# cuobjdump ships with Triton's NVIDIA backend (beside its ptxas).
+CUOBJDUMP = Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump"
+
+
+def stack_bytes(cubin: bytes) -> int:
+    """The kernel's per-thread stack frame (``cuobjdump -res-usage``'s STACK): where registers spill."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     for fn, constexprs in cases():
@@ -106,7 +125,8 @@ def main() -> int:
         warps = constexprs.pop("num_warps", 1)  # a launch option, not an argument (1: the kernels' default)
         compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, constexprs), constexprs=constexprs),
                                   target=target, options=dict(num_warps=warps))
-        print(f"{fn.__name__} {constexprs}: {len(compiled.asm['cubin'])} bytes of cubin")
+        cubin = compiled.asm["cubin"]
+        print(f"{fn.__name__} {constexprs}: {len(cubin)} bytes of cubin, stack {stack_bytes(cubin)} bytes")
     return 0
 
 

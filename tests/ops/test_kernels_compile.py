@@ -18,3 +18,6 @@ def test_training_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("bytes of cubin") == 34, done.stdout  # every case compiled (compile_kernels.cases)
+    # The decoder's forward at the paper's shape (U 5, d_p 4, K 8) keeps its beams in registers: no spill stack.
+    forward = [line for line in done.stdout.splitlines() if line.startswith("beam_topk_fwd_kernel {'U': 5")]
+    assert len(forward) == 1 and forward[0].endswith("stack 0 bytes"), forward
