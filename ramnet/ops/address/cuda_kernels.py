@@ -6,8 +6,9 @@ what this forward leaves.
 Why CUDA C. Per row the work is small (at the paper's U 5, d_p 4, K 8: 20 logits, 5 log-softmaxes of 4
 values, then 4 beam stages keeping 8 of 32 candidates), but the Triton kernel spends it on tiles,
 one-hot takes and layout conversions: 1.57 ms for 524,288 rows on an H100 (B8 T2048 H16, bf16;
-torch 2.11, Triton 3.6), a quarter of the whole op's forward and backward. Here one thread decodes one
-row, everything in registers: fixed-size arrays sized by the constants, every loop over them unrolled.
+torch 2.11, Triton 3.6), a quarter of the whole op's forward and backward (measured while the Triton
+forward spilled; since 412912c it does not: docs/kernels.md). Here one thread decodes one row, everything
+in registers: fixed-size arrays sized by the constants, every loop over them unrolled.
 
 Per row (``beam_topk_fwd``): partition u's d_p entries ``x`` are loaded (fp32, bf16, fp16 or fp64,
 converted to fp32 by hand: the source includes no header), and its log-softmax at temperature tau is
