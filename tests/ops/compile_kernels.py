@@ -26,7 +26,7 @@ from ramnet.ops.pdma import triton_kernels as kernels
 from ramnet.ops.pdma.triton import GROUP
 from ramnet.ops.ram import step_kernels
 from ramnet.ops.ram.step import fused_step_constants
-from ramnet.states import offload_kernels
+from ramnet.states import offload, offload_kernels
 
 FLOAT_ARGS = {"empty_z", "eps", "tau"}
 POINTER_TYPES = {"perm_ptr": "*i32", "start_ptr": "*i8", "sidx_ptr": "*i64", "v_ptr": "*bf16", "grad_o_ptr": "*bf16",
@@ -97,7 +97,8 @@ def cases():
     yield step_kernels.decode_pairs_kernel, dict(constants, DENSE=False, MB=1, TOP=1)
     # The host-resident state's fill and store (2K = 16 lanes, rows of d_v + 1 = 65 floats).
     for lfu in (False, True):  # 10% of M = 1024: 6 sets of 16 ways
-        yield offload_kernels.plan_fill_kernel, dict(N=16, N_PAD=16, SETS=6, W=16, W_PAD=16, LFU=lfu, ROW=65, COLS=128)
+        yield offload_kernels.plan_fill_kernel, dict(N=16, N_PAD=16, SETS=6, W=16, W_PAD=16, LFU=lfu, ROW=65, COLS=128,
+                                                     num_warps=offload.PLAN_WARPS)  # as launched (1 warp spills)
     yield offload_kernels.step_store_kernel, dict(K=8, K_PAD=8, D_V=64, BLOCK_DV=64, COLS=128, num_warps=2)
     # ... and as a store's step runs it (step_addresses): one pair per program, the dense decoder at M 1024.
     fused = fused_step_constants(20, 5, 8, 64, True)
