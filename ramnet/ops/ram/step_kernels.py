@@ -67,7 +67,7 @@ on the same stream (so after every program has read z_old), stores them into z a
 import triton
 import triton.language as tl
 
-from ..address.triton_kernels import _partition, beam_topk_rows, cape_shift_slots
+from ..address.triton_kernels import _log_weights, beam_topk_rows, cape_shift_slots
 
 
 ARRIVAL = tl.constexpr(1 << 40)  # _arrive's unit: positions stay below it (10**12 tokens)
@@ -255,23 +255,8 @@ def dense_topk_rows(row_ptr, row_mask, tau, U: tl.constexpr, DP: tl.constexpr, D
         best = tl.max(key, axis=0)
         index = tl.where(picks == j, (M - 1 - best.to(tl.int32))[None, :], index)  # the low word
         key = tl.where(key == best[None, :], low, key)
-    # Log weights: the beam's per-partition log-softmax terms at the winners' digits, same order.
-    cols = tl.arange(0, DP_PAD)[None, :, None]
-    rem = index
-    place = TOP
-    log_w = tl.zeros([KB, BLOCK_N], tl.float32)
-    for u in tl.static_range(U):
-        if u > 0:
-            rem = rem - digit * place
-            place = place // DP
-        digit = rem // place
-        logp = _partition(row_ptr, row_mask, tau, u, DP, DP_PAD)[1]
-        term = tl.sum(tl.where(digit[:, None, :] == cols, logp[None, :, :], 0.0), axis=1)
-        if u == 0:
-            log_w = term
-        else:
-            log_w = log_w + term
-    return log_w, index
+    # Log weights: the beam's, from the winners' digits (int32 slots: M <= DENSE_MAX_SLOTS).
+    return _log_weights(row_ptr, row_mask, tau, index, U, DP, DP_PAD, False, True), index
 
 
 @triton.jit
